@@ -1,0 +1,51 @@
+"""Trace-time checks of a rule's arguments, so bad input fails with the rule's own words.
+
+Every message starts with the rule's name and names the argument and the shapes or dtypes it
+expected and received, e.g. ``dense: x has 5 features but w expects 4 (x: (32, 5), w: (4, 10))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class RuleInputError(ValueError):
+    """An argument of a rule has the wrong shape or value."""
+
+
+class RuleDTypeError(TypeError):
+    """An argument of a rule has the wrong dtype."""
+
+
+def floating(rule: str, name: str, x: Any) -> None:
+    """Integer and boolean inputs are refused rather than silently promoted."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise RuleDTypeError(
+            f"{rule}: {name} must be a floating-point array, got {dtype} with shape "
+            f"{np.shape(x)}; cast it first, e.g. {name}.astype(jnp.float32)"
+        )
+
+
+def same_dtype(rule: str, **arrays: Any) -> None:
+    dtypes = {name: jnp.result_type(a) for name, a in arrays.items()}
+    if len(set(dtypes.values())) > 1:
+        given = ", ".join(f"{name}: {d}" for name, d in dtypes.items())
+        raise RuleDTypeError(f"{rule}: arguments must share one dtype, got {given}")
+
+
+def min_rank(rule: str, name: str, x: Any, rank: int, layout: str) -> None:
+    if np.ndim(x) < rank:
+        raise RuleInputError(
+            f"{rule}: {name} must have at least {rank} axes {layout}, got shape {np.shape(x)}"
+        )
+
+
+def same_shape(rule: str, **arrays: Any) -> None:
+    shapes = {name: np.shape(a) for name, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        given = ", ".join(f"{name}: {s}" for name, s in shapes.items())
+        raise RuleInputError(f"{rule}: arguments must have the same shape, got {given}")
