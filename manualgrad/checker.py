@@ -81,6 +81,8 @@ class Finding:
         head = f"{self.rule}, argument {self.argument}, sample {self.sample!r}, {self.check} ({self.dtype})"
         if self.passed:
             return f"{head}: ok, worst relative error {self.max_rel_error:.1e}"
+        if self.where == "evaluation":
+            return f"{head}: {self.note}"
         return (
             f"{head}: {self.mismatches} of {self.size} entries differ beyond {self.tolerance:.0e}; "
             f"worst at {self.where}: expected {self.expected:.6g}, received {self.received:.6g} "
@@ -175,7 +177,10 @@ def check(
             rule_key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(rule.name.encode()))
             sample_key, check_key = jax.random.split(rule_key)
             for i, sample in enumerate(rule.sample_inputs(sample_key, jnp.dtype(dtype))):
-                findings += _check_sample(rule, sample, dtype, checks, jax.random.fold_in(check_key, i))
+                try:
+                    findings += _check_sample(rule, sample, dtype, checks, jax.random.fold_in(check_key, i))
+                except Exception as error:  # a broken rule is a finding, not a crash of the checker
+                    findings.append(_error_finding(rule.name, sample.label, dtype, error))
     return Report(dtype, findings, time.perf_counter() - start)
 
 
@@ -242,17 +247,17 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key) -> list[F
     def second(fn, p):
         return jax.grad(lambda p: _vdot(pull(fn)(p, u), v))(p)
 
-    @jax.jit
-    def compiled(p, c, pb, cb):
-        return {
-            "forward": (hand(*p), ref(*p)),
-            "jit": (pull(hand)(p, c), pull(ref)(p, c)),
-            "vmap": (jax.vmap(pull(hand))(pb, cb), jax.vmap(pull(ref))(pb, cb)),
-            "grad_of_grad": (second(hand, p), second(ref, p)),
-        }
-
+    programs = {
+        "forward": lambda p, c, pb, cb: (hand(*p), ref(*p)),
+        "jit": lambda p, c, pb, cb: (pull(hand)(p, c), pull(ref)(p, c)),
+        "vmap": lambda p, c, pb, cb: (jax.vmap(pull(hand))(pb, cb), jax.vmap(pull(ref))(pb, cb)),
+        "grad_of_grad": lambda p, c, pb, cb: (second(hand, p), second(ref, p)),
+    }
+    wanted = [c for c in programs if c in checks or (c == "jit" and "vjp" in checks)]
+    compiled = jax.jit(lambda *a: {c: programs[c](*a) for c in wanted})
     values = compiled(primals, u, batched, batched_u)
-    values["vjp"] = (pull(hand)(primals, u), values["jit"][1])
+    if "vjp" in checks:
+        values["vjp"] = (pull(hand)(primals, u), values["jit"][1])
     tol = TOLERANCES[dtype]
     results: list[Finding] = []
     for check in CHECKS:
@@ -266,6 +271,12 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key) -> list[F
     if "finite_diff" in checks:
         results += _finite_differences(rule, sample, diff, names, key, tol["finite_diff"], dtype)
     return results
+
+
+def _error_finding(rule: str, label: str, dtype: str, error: Exception) -> Finding:
+    message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return Finding(rule, "vjp", dtype, label, "(all)", np.inf, np.inf, TOLERANCES[dtype]["vjp"], 1, 1,
+                   "evaluation", note=f"raised {message}")
 
 
 def _closure(fn, args, diff):

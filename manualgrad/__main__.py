@@ -1,0 +1,5 @@
+import sys
+
+from manualgrad.cli import main
+
+sys.exit(main())

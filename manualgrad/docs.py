@@ -1,0 +1,24 @@
+"""The README's table of rules, generated from the registry (``python -m manualgrad.docs``)."""
+
+from __future__ import annotations
+
+import inspect
+
+from manualgrad import registry
+
+
+def rules_table() -> str:
+    """A Markdown table: rule, signature, module, seeds and sections."""
+    lines = ["| rule | signature | module | seed (section) |", "|---|---|---|---|"]
+    for rule in registry.rules():
+        params = inspect.signature(rule.fn).parameters.values()
+        shown = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params)
+        signature = f"`{rule.name}({shown})`"
+        module = inspect.getmodule(rule.reference).__name__.replace(".", "/") + ".py"
+        seeds = "<br>".join(f"{registry.SEED_FILES[s]} ({section})" for s, section in rule.seeds)
+        lines.append(f"| `{rule.name}` | {signature} | [{module}]({module}) | {seeds} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(rules_table())

@@ -1,0 +1,93 @@
+"""Deliberately wrong backward rules, one list per registered rule: the mistakes people make.
+
+Each mutation keeps the rule's own forward and replaces its VJP. ``test_checker.py`` checks
+that the cross-checker reports every one as failing and names the rule and the argument.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import manualgrad
+from manualgrad import activations, linear, losses
+
+
+class Mutation(NamedTuple):
+    rule: str
+    mistake: str
+    argument: str  # the argument the checker must name
+    vjp: object  # wrong (residuals, g) -> cotangents; with nondiff args: (static, residuals, g)
+
+
+def _dense_w_transposed(res, g):
+    x, w = res
+    return linear.dense_backward(g, w), jnp.reshape(linear.dense_gradient(g, x), w.shape)
+
+
+def _dense_x_doubled(res, g):
+    x, w = res
+    return 2 * linear.dense_backward(g, w), linear.dense_gradient(x, g)
+
+
+def _dense_w_averaged(res, g):
+    x, w = res
+    return linear.dense_backward(g, w), linear.dense_gradient(x, g) / x.shape[0]
+
+
+def _softmax_missing_mean(res, g):
+    log_p, labels = res
+    d_logits, d_labels = losses.softmax_cross_entropy_backward(log_p, labels, g)
+    m = d_logits.size // d_logits.shape[-1]
+    return d_logits * m, d_labels
+
+
+def _softmax_labels_zero(res, g):
+    d_logits, d_labels = losses.softmax_cross_entropy_backward(*res, g)
+    return d_logits, d_labels if d_labels.dtype == jax.dtypes.float0 else jnp.zeros_like(d_labels)
+
+
+MUTATIONS = [
+    Mutation("dense", "dw transposed and reshaped", "w", _dense_w_transposed),
+    Mutation("dense", "dx scaled by 2", "x", _dense_x_doubled),
+    Mutation("dense", "dw averaged over the batch instead of summed", "w", _dense_w_averaged),
+    Mutation("bias_add", "db averaged instead of summed over broadcast axes", "b",
+             lambda res, g: (g, jnp.mean(g, axis=tuple(range(g.ndim - 1))))),
+    Mutation("bias_add", "dz sign flipped", "z", lambda res, g: (-g, linear.bias_add_gradient(g))),
+    Mutation("sigmoid", "missing σ' factor", "z", lambda f, g: (g,)),
+    Mutation("sigmoid", "σ' = F instead of F(1 − F)", "z", lambda f, g: (g * f,)),
+    Mutation("tanh", "σ' = 1 − F instead of 1 − F²", "z", lambda f, g: (g * (1 - f),)),
+    Mutation("relu", "mask F ≥ 0, which every output passes", "z", lambda f, g: (jnp.where(f >= 0, g, 0.0),)),
+    Mutation("relu", "mask taken from the cotangent", "z", lambda f, g: (jnp.where(g > 0, g, 0.0),)),
+    Mutation("leaky_relu", "slope forgotten", "z", lambda slope, f, g: (jnp.where(f > 0, g, 0.0),)),
+    Mutation("softplus", "σ' evaluated at the output", "z", lambda f, g: (g * jax.nn.sigmoid(f),)),
+    Mutation("identity", "sign flipped", "z", lambda res, g: (-g,)),
+    Mutation("mse", "missing 1/batch in d pred", "pred", lambda r, g: (g * r, -g * r / r.shape[0])),
+    Mutation("mse", "target gradient silently zero", "target",
+             lambda r, g: (g * r / r.shape[0], jnp.zeros_like(r))),
+    Mutation("softmax_cross_entropy", "missing 1/batch", "logits", _softmax_missing_mean),
+    Mutation("softmax_cross_entropy", "labels gradient silently zero", "labels", _softmax_labels_zero),
+    Mutation("l2_penalty", "λ forgotten in dW", "params",
+             lambda res, g: (jax.tree_util.tree_map(lambda w: g * w, res[0]), g * res[2])),
+    Mutation("l2_penalty", "λ gradient silently zero", "lam",
+             lambda res, g: (jax.tree_util.tree_map(lambda w: g * res[1] * w, res[0]), jnp.zeros_like(res[1]))),
+]
+
+_FORWARDS = {name: getattr(module, f"{name}_forward")
+             for module in (activations, linear, losses)
+             for name in dir(module) if hasattr(module, f"{name}_forward")}
+_NONDIFF = {"leaky_relu": (1,)}
+
+
+def mutant(mutation: Mutation) -> manualgrad.Rule:
+    """The registered rule with its VJP replaced by the mutation's."""
+    rule = manualgrad.get(mutation.rule)
+
+    @functools.wraps(rule.fn)
+    def fn(*args):
+        return rule.fn(*args)
+
+    wrong = jax.custom_vjp(fn, nondiff_argnums=_NONDIFF.get(rule.name, ()))
+    wrong.defvjp(_FORWARDS[rule.name], mutation.vjp)
+    return rule.__class__(**{**rule.__dict__, "fn": wrong, "name": f"{rule.name} ({mutation.mistake})"})

@@ -1,0 +1,93 @@
+"""The checker is itself tested: every planted mistake must be reported, with its rule and argument."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import manualgrad
+from mutations import MUTATIONS, mutant
+
+
+def test_every_rule_has_a_mutation():
+    assert {r.name for r in manualgrad.rules()} <= {m.rule for m in MUTATIONS}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: f"{m.rule}: {m.mistake}")
+def test_checker_catches_mutation(mutation):
+    wrong = mutant(mutation)
+    report = manualgrad.check(wrong, checks=("vjp", "finite_diff"))
+    failures = report.failures()
+    assert failures, f"{mutation} went unnoticed"
+    # Named with the rule and the right argument, by both the reference and finite differences.
+    assert all(f.rule == wrong.name for f in failures)
+    assert {f.argument.split("[")[0] for f in failures} == {mutation.argument}
+    assert {f.check for f in failures} == {"vjp", "finite_diff"}
+    assert "differ beyond" in failures[0].describe()
+
+
+def test_failure_is_localised():
+    wrong = mutant(next(m for m in MUTATIONS if m.mistake == "dx scaled by 2"))
+    report = manualgrad.check(wrong, checks=("vjp",))
+    f = report.failures()[0]
+    assert f.argument == "x" and f.where.startswith("x[")
+    assert np.isclose(f.received, 2 * f.expected)
+    assert f.mismatches == f.size
+
+
+def test_broken_rule_is_a_finding_not_a_crash():
+    wrong = mutant(next(m for m in MUTATIONS if m.rule == "dense")._replace(
+        vjp=lambda res, g: (g, g)))  # wrong shapes: JAX refuses them
+    report = manualgrad.check(wrong, checks=("vjp",))
+    assert not report.passed
+    assert "raised" in report.failures()[0].describe()
+
+
+def test_user_function_built_from_rules():
+    def layer(x, w, b):
+        return manualgrad.sigmoid(manualgrad.bias_add(manualgrad.dense(x, w), b))
+
+    def reference(x, w, b):
+        return 1 / (1 + jnp.exp(-(x @ w + b[None, :])))
+
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    args = (jax.random.normal(k[0], (4, 3)), jax.random.normal(k[1], (3, 2)), jax.random.normal(k[2], (2,)))
+    report = manualgrad.check(layer, reference=reference, args=args)
+    assert report.passed, report.table()
+    assert {f.argument for f in report.findings} >= {"x", "w", "b"}
+
+
+def test_random_direction_mode_for_large_arguments():
+    args = (jax.random.normal(jax.random.PRNGKey(1), (16, 40)), jax.random.normal(jax.random.PRNGKey(2), (40, 8)))
+    report = manualgrad.check(manualgrad.dense, reference=lambda x, w: x @ w, args=args, checks=("finite_diff",))
+    assert report.passed
+    notes = {f.argument: f.note for f in report.findings}
+    assert "random directions" in notes["x"] and "random directions" in notes["w"]
+
+    wrong = mutant(next(m for m in MUTATIONS if m.mistake == "dx scaled by 2"))
+    report = manualgrad.check(wrong.fn, reference=lambda x, w: x @ w, args=args, checks=("finite_diff",))
+    assert [f.argument for f in report.failures()] == ["x"]
+
+
+def test_kink_is_not_a_false_alarm():
+    z = jnp.array([[-1.0, 0.0, 0.5], [0.0, 2.0, -3.0]])
+    report = manualgrad.check(manualgrad.relu, reference=lambda z: jnp.where(z > 0, z, 0.0), args=(z,))
+    assert report.passed
+    fd = next(f for f in report.findings if f.check == "finite_diff")
+    assert fd.note == "2 input entries at a kink left out"
+
+
+def test_wrong_reference_fails_forward():
+    report = manualgrad.check(manualgrad.tanh, reference=lambda z: z, args=(jnp.ones(3),), checks=("forward",))
+    assert [f.check for f in report.failures()] == ["forward"]
+
+
+def test_bad_arguments_to_check():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        manualgrad.check("dense", dtype="float16")
+    with pytest.raises(ValueError, match="unknown checks"):
+        manualgrad.check("dense", checks=("jvp",))
+    with pytest.raises(KeyError, match="no rule named 'densse'"):
+        manualgrad.check("densse")
+    with pytest.raises(TypeError, match="reference= and args="):
+        manualgrad.check(lambda x: x)

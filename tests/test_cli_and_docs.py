@@ -1,0 +1,69 @@
+"""The command line and the README, both driven from the registry."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import manualgrad
+from manualgrad import cli, docs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_check_prints_table_and_passes(capsys):
+    assert cli.main(["check", "dense", "relu", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "dtype float32" in out
+    for column in ("forward", "vjp", "finite_diff", "jit", "vmap", "grad_of_grad"):
+        assert column in out
+    assert out.splitlines()[-1].startswith("12 passed, 0 failed")
+
+
+def test_check_json_has_one_record_per_rule_and_check(capsys):
+    assert cli.main(["check", "mse", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["check"] for r in records) == sorted(manualgrad.checker.CHECKS)
+    assert all(r["rule"] == "mse" and r["passed"] and r["dtype"] == "float64" for r in records)
+    assert all(r["max_rel_error"] <= r["tolerance"] for r in records)
+
+
+def test_check_unknown_rule_exits_2(capsys):
+    assert cli.main(["check", "nope"]) == 2
+    assert "unknown rule(s) nope" in capsys.readouterr().err
+
+
+def test_console_script_exits_1_on_failure(tmp_path):
+    """A failing check makes the process exit 1 (run as a subprocess, like a user would)."""
+    script = tmp_path / "broken.py"
+    script.write_text(
+        "import sys, jax\n"
+        "import manualgrad\n"
+        "from manualgrad import activations, cli\n"
+        "activations.sigmoid.defvjp(activations.sigmoid_forward, lambda f, g: (g,))\n"
+        "sys.exit(cli.main(['check', 'sigmoid']))\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert "FAIL sigmoid, argument z" in result.stdout
+
+
+def test_readme_table_is_generated_from_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    assert docs.rules_table() in readme
+
+
+def test_readme_quickstart_matches_ci():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_command = "python3 -m pytest -q"
+    assert test_command in readme and test_command in ci
+
+
+def test_readme_python_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert set(namespace["grads"]) == {"w1", "b1", "w2"}
+    assert namespace["report"].passed
