@@ -6,6 +6,7 @@ them against ``jax.grad`` of plain-``jnp`` references and against finite differe
 
 from manualgrad.activations import identity, leaky_relu, relu, sigmoid, softplus, tanh
 from manualgrad.checker import Report, check
+from manualgrad.convolution import conv1d, conv2d
 from manualgrad.linear import bias_add, dense
 from manualgrad.losses import l2_penalty, mse, softmax_cross_entropy
 from manualgrad.registry import Rule, Sample, get, register, rules
@@ -19,6 +20,8 @@ __all__ = [
     "Sample",
     "bias_add",
     "check",
+    "conv1d",
+    "conv2d",
     "dense",
     "get",
     "identity",

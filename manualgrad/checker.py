@@ -40,6 +40,7 @@ from jax.flatten_util import ravel_pytree
 
 from manualgrad import registry
 from manualgrad.registry import Rule, Sample
+from manualgrad.samples import generator
 
 CHECKS = ("forward", "vjp", "finite_diff", "jit", "vmap", "grad_of_grad")
 TOLERANCES = {
@@ -336,10 +337,10 @@ def _random_directions(rule, label, dtype, name, f, pullback, flat, key, tol) ->
     f, pullback = jax.jit(f), jax.jit(pullback)
     f0 = np.asarray(f(flat))
     received, expected, kinks = [], [], 0
-    for k in jax.random.split(key, FAST_DIRECTIONS):
-        kv, ku = jax.random.split(k)
-        v = jax.random.normal(kv, flat.shape, flat.dtype)
-        u = np.asarray(jax.random.normal(ku, f0.shape, flat.dtype))
+    rng = generator(key)
+    for _ in range(FAST_DIRECTIONS):
+        v = jnp.asarray(rng.standard_normal(flat.shape), flat.dtype)
+        u = rng.standard_normal(f0.shape)
         plus, minus = np.asarray(f(flat + FD_STEP * v)), np.asarray(f(flat - FD_STEP * v))
         if abs(np.vdot(u, (plus - f0) - (f0 - minus))) / FD_STEP > KINK_JUMP * max(1.0, np.abs(u).sum()):
             kinks += 1
@@ -391,15 +392,16 @@ def _locate(tree, flat_index: int, prefix: str) -> str:
 
 
 def _random_like(key, tree):
+    """Standard normal draws shaped like ``tree``'s leaves (drawn on the host: no compile)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten([jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)])
+    rng = generator(key)
+    return treedef.unflatten([jnp.asarray(rng.standard_normal(jnp.shape(x)), jnp.result_type(x)) for x in leaves])
 
 
 def _stack_perturbed(key, tree):
     """A batch of two: ``tree`` and ``tree`` plus noise, stacked on a new leading axis."""
-    other = jax.tree_util.tree_map(lambda x, n: x + 0.5 * n, tree, _random_like(key, tree))
-    return jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), tree, other)
+    noise = _random_like(key, tree)
+    return jax.tree_util.tree_map(lambda x, n: jnp.asarray(np.stack([x, x + 0.5 * n])), tree, noise)
 
 
 def _vdot(a, b):

@@ -38,6 +38,21 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from manualgrad import bench
+
+    result = bench.cnn_gradient(batch=args.batch, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(result["benchmark"] + f", median of {result['repeats']} interleaved steps on {result['machine']}")
+    print(f"  hand rules   {result['manual_ms']:8.2f} ms   compile {result['compile_s_manual']:.2f} s")
+    print(f"  jax.grad     {result['jax_grad_ms']:8.2f} ms   compile {result['compile_s_jax_grad']:.2f} s")
+    print(f"  ratio_manual_over_jax_grad {result['ratio_manual_over_jax_grad']:.3f}"
+          f"   (gradients agree to {result['max_gradient_difference_relative']:.1e} relative)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manualgrad", description=manualgrad.__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
     check.add_argument("--json", action="store_true", help="one JSON record per rule and check")
     check.set_defaults(run=_check)
+    bench = commands.add_parser("bench", help="time the jitted CNN gradient: hand rules vs jax.grad")
+    bench.add_argument("--batch", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=30)
+    bench.add_argument("--json", action="store_true", help="one JSON document")
+    bench.set_defaults(run=_bench)
     return parser
 
 

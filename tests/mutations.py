@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 
 import manualgrad
-from manualgrad import activations, linear, losses
+from jax import lax
+
+from manualgrad import activations, convolution, linear, losses
 
 
 class Mutation(NamedTuple):
@@ -48,6 +50,45 @@ def _softmax_labels_zero(res, g):
     return d_logits, d_labels if d_labels.dtype == jax.dtypes.float0 else jnp.zeros_like(d_labels)
 
 
+def _conv_geometry(rule, stride, padding, dilation, x, w):
+    return convolution._geometry(rule, x.shape, w.shape, stride, padding, dilation)
+
+
+def _conv_input_adjoint(g, w, geo, flip=True, dilate=True, shift=0):
+    """``C†`` with the classic mistakes available: kernel not flipped, ``g`` repeated instead
+    of dilated by the stride, padding shifted by one."""
+    n = len(geo.window)
+    kernel = jnp.flip(w, axis=tuple(range(n))) if flip else w
+    kernel = jnp.swapaxes(kernel, n, n + 1)
+    if not dilate:  # upsample by repetition, cropped to the dilated length
+        for axis, s in enumerate(geo.strides, start=1):
+            g = lax.slice_in_dim(jnp.repeat(g, s, axis=axis), 0, (g.shape[axis] - 1) * s + 1, axis=axis)
+    pads = [(e - 1 - lo + shift, e - 1 - hi + r - shift)
+            for e, (lo, hi), r in zip(geo.effective_window, geo.pads, geo.leftover)]
+    return lax.conv_general_dilated(g, kernel, (1,) * n, pads, lhs_dilation=(1,) * n if not dilate else geo.strides,
+                                    rhs_dilation=geo.dilation, dimension_numbers=convolution._numbers(n, "C"))
+
+
+def _conv_mutation(rule, **mistake):
+    def vjp(stride, padding, dilation, res, g):
+        x, w = res
+        geo = _conv_geometry(rule, stride, padding, dilation, x, w)
+        return _conv_input_adjoint(g, w, geo, **mistake), convolution._weight_adjoint(x, g, geo)
+
+    return vjp
+
+
+def _conv_gradient_taps_flipped(rule):
+    def vjp(stride, padding, dilation, res, g):
+        x, w = res
+        geo = _conv_geometry(rule, stride, padding, dilation, x, w)
+        n = len(geo.window)
+        dw = jnp.flip(convolution._weight_adjoint(x, g, geo), axis=tuple(range(n)))
+        return convolution._input_adjoint(g, w, geo), dw
+
+    return vjp
+
+
 MUTATIONS = [
     Mutation("dense", "dw transposed and reshaped", "w", _dense_w_transposed),
     Mutation("dense", "dx scaled by 2", "x", _dense_x_doubled),
@@ -68,6 +109,12 @@ MUTATIONS = [
              lambda r, g: (g * r / r.shape[0], jnp.zeros_like(r))),
     Mutation("softmax_cross_entropy", "missing 1/batch", "logits", _softmax_missing_mean),
     Mutation("softmax_cross_entropy", "labels gradient silently zero", "labels", _softmax_labels_zero),
+    *(Mutation(rule, mistake, "x", _conv_mutation(rule, **kwargs))
+      for rule in ("conv2d", "conv1d")
+      for mistake, kwargs in (("kernel not flipped in C†", {"flip": False}),
+                              ("g repeated instead of dilated by the stride", {"dilate": False}),
+                              ("C† padding off by one", {"shift": 1}))),
+    *(Mutation(rule, "kernel taps flipped in C††", "w", _conv_gradient_taps_flipped(rule)) for rule in ("conv2d", "conv1d")),
     Mutation("l2_penalty", "λ forgotten in dW", "params",
              lambda res, g: (jax.tree_util.tree_map(lambda w: g * w, res[0]), g * res[2])),
     Mutation("l2_penalty", "λ gradient silently zero", "lam",
@@ -75,9 +122,8 @@ MUTATIONS = [
 ]
 
 _FORWARDS = {name: getattr(module, f"{name}_forward")
-             for module in (activations, linear, losses)
+             for module in (activations, convolution, linear, losses)
              for name in dir(module) if hasattr(module, f"{name}_forward")}
-_NONDIFF = {"leaky_relu": (1,)}
 
 
 def mutant(mutation: Mutation) -> manualgrad.Rule:
@@ -88,6 +134,6 @@ def mutant(mutation: Mutation) -> manualgrad.Rule:
     def fn(*args):
         return rule.fn(*args)
 
-    wrong = jax.custom_vjp(fn, nondiff_argnums=_NONDIFF.get(rule.name, ()))
+    wrong = jax.custom_vjp(fn, nondiff_argnums=rule.fn.nondiff_argnums)
     wrong.defvjp(_FORWARDS[rule.name], mutation.vjp)
     return rule.__class__(**{**rule.__dict__, "fn": wrong, "name": f"{rule.name} ({mutation.mistake})"})

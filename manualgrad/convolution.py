@@ -1,0 +1,287 @@
+"""Multi-channel convolution layers, channels last: seed 002's bilinear ``C(x, W)`` and its adjoints.
+
+Seed 002 §4 writes a layer as ``σ(C(x, W) + ι(b))`` with ``C`` bilinear and needs two
+adjoints: ``C†(y, W)`` with respect to the input and ``C††(x, y)`` with respect to the
+weights, defined by
+
+    ⟨C(h, W), y⟩ = ⟨h, C†(y, W)⟩        ⟨C(x, H), y⟩ = ⟨H, C††(x, y)⟩.
+
+For a convolution with stride ``s``, dilation ``d``, padding ``(lo, hi)`` and ``n`` spatial
+axes (1 or 2; one index ``o``, ``k``, ``p`` stands for all of them):
+
+    C(x, W)[b, o, co] = Σ_{k, ci} x[b, o·s + k·d − lo, ci] · W[k, ci, co]     (x = 0 off the image)
+
+Both adjoints follow by collecting the terms of ``⟨C(x, W), y⟩`` differently:
+
+* by input position ``p = o·s + k·d − lo``: ``C†(y, W)[b, p, ci] = Σ_{o, k : p} Σ_co y[b, o, co] W[k, ci, co]``
+  — a *transposed convolution*: spread ``y`` onto a grid ``s`` times finer (``s − 1`` zeros
+  between entries), pad it by ``e − 1 − lo`` before and ``e − 1 − hi + r`` after (``e`` the
+  dilated kernel extent, ``r`` the leftover input rows that no window reaches), and correlate
+  with the kernel flipped in space and with ``ci``/``co`` swapped. The leftover rows only meet
+  the padding zeros, so their gradient is exactly 0.
+* by kernel tap ``k``: ``C††(x, y)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] · y[b, o, co]``
+  — a *correlation of the input with* ``y``: ``y`` plays the kernel (dilated by ``s``), the
+  window steps by ``d`` over ``x``, and the batch axis is the contracted one, so batch and
+  channels trade places in the dimension numbers.
+
+Each is one ``lax.conv_general_dilated`` call; nothing here calls ``jax.vjp``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from manualgrad import validation, windows
+from manualgrad.registry import Rule, Sample, register
+from manualgrad.samples import keys, normal
+from manualgrad.windows import Geometry, Padding
+
+_SPATIAL = {1: "W", 2: "HW"}
+
+
+def _numbers(n: int, roles: str) -> tuple[str, str, str]:
+    """Dimension numbers for ``n`` spatial axes: the forward's, or the weight adjoint's (``roles="C††"``)."""
+    s = _SPATIAL[n]
+    return (f"C{s}N", f"I{s}O", f"{s}NC") if roles == "C††" else (f"N{s}C", f"{s}IO", f"N{s}C")
+
+
+def _geometry(rule: str, x_shape, w_shape, stride, padding, dilation) -> Geometry:
+    n = len(w_shape) - 2
+    shapes = f"(x: {tuple(x_shape)}, w: {tuple(w_shape)})"
+    return windows.geometry(rule, x_shape[1:-1], w_shape[:n], stride, padding, dilation, shapes)
+
+
+def _validate(rule: str, x, w, n: int, layout: str, kernel_layout: str) -> None:
+    validation.floating(rule, "x", x)
+    validation.floating(rule, "w", w)
+    if jnp.ndim(x) != n + 2:
+        raise validation.RuleInputError(f"{rule}: x must have shape {layout}, got {jnp.shape(x)}")
+    if jnp.ndim(w) != n + 2 or 0 in jnp.shape(w):
+        raise validation.RuleInputError(f"{rule}: w must have shape {kernel_layout} with no empty axis, got {jnp.shape(w)}")
+    if jnp.shape(x)[-1] != jnp.shape(w)[-2]:
+        raise validation.RuleInputError(
+            f"{rule}: x has {jnp.shape(x)[-1]} channels but w expects {jnp.shape(w)[-2]} "
+            f"(x: {jnp.shape(x)}, w: {jnp.shape(w)})"
+        )
+    validation.same_dtype(rule, x=x, w=w)
+
+
+def _convolve(x, w, geo: Geometry):
+    """``C(x, W)``."""
+    n = len(geo.window)
+    return lax.conv_general_dilated(
+        x, w, geo.strides, geo.pads, rhs_dilation=geo.dilation, dimension_numbers=_numbers(n, "C")
+    )
+
+
+def _input_adjoint(g, w, geo: Geometry):
+    """``C†(g, W)``: dilate ``g`` by the stride, pad, correlate with the flipped, channel-swapped kernel."""
+    n = len(geo.window)
+    flipped = jnp.swapaxes(jnp.flip(w, axis=tuple(range(n))), n, n + 1)
+    pads = [(e - 1 - lo, e - 1 - hi + r) for e, (lo, hi), r in zip(geo.effective_window, geo.pads, geo.leftover)]
+    return lax.conv_general_dilated(
+        g, flipped, (1,) * n, pads, lhs_dilation=geo.strides, rhs_dilation=geo.dilation,
+        dimension_numbers=_numbers(n, "C"),
+    )
+
+
+def _weight_adjoint(x, g, geo: Geometry):
+    """``C††(x, g)``: correlate the input with ``g`` (dilated by the stride), summing over the batch."""
+    n = len(geo.window)
+    pads = [(lo, hi - r) for (lo, hi), r in zip(geo.pads, geo.leftover)]
+    return lax.conv_general_dilated(
+        x, g, geo.dilation, pads, rhs_dilation=geo.strides, dimension_numbers=_numbers(n, "C††")
+    )
+
+
+# --------------------------------------------------------------------------- conv2d
+
+
+def conv2d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
+    geo = _geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
+    (kh, kw), (sh, sw), (dh, dw) = geo.window, geo.strides, geo.dilation
+    (oh, ow) = geo.output
+    out = 0
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw, :]
+            out = out + jnp.einsum("bhwc,cd->bhwd", patch, w[i, j])
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dilation=1) -> jax.Array:
+    """2-D convolution (cross-correlation, as in every deep-learning library), NHWC × HWIO → NHWC.
+
+    ``x`` (N, H, W, C_in), ``w`` (KH, KW, C_in, C_out); ``stride`` and ``dilation`` an int or a
+    pair; ``padding`` ``"VALID"``, ``"SAME"``, an int, or ``((lo, hi), (lo, hi))``. Equal to
+    ``lax.conv_general_dilated(x, w, stride, padding, rhs_dilation=dilation,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"))``.
+
+    Derivation (seed 002 §4, Theorem 10 and Algorithm 2: ``C†`` and ``C††``). With
+    ``o = (o_1, o_2)``, ``k = (k_1, k_2)`` and ``x`` zero off the image,
+
+        C(x, W)[b, o, co] = Σ_{k, ci} x[b, o·s + k·d − lo, ci] W[k, ci, co]
+
+    is linear in each argument. Collect ``⟨C(h, W), y⟩`` by input pixel ``p = o·s + k·d − lo``:
+
+        C†(y, W)[b, p, ci] = Σ_{(o, k) : o·s + k·d − lo = p} Σ_co y[b, o, co] W[k, ci, co]
+
+    which is a correlation of ``y`` — first spread ``s`` times finer, padded by ``e − 1 − lo``
+    and ``e − 1 − hi + r`` — with ``W`` flipped in both spatial axes and ``ci``, ``co``
+    swapped (``e = (K − 1)d + 1``, ``r`` the leftover rows no window reaches, whose gradient
+    is then exactly 0). Collect it by kernel tap instead:
+
+        C††(x, y)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] y[b, o, co]
+
+    a correlation of ``x`` with ``y`` (``y`` dilated by ``s``, stepping ``d``) that sums over
+    the batch. The backward pass is ``dx = C†(G, W)``, the gradient pass ``dW = C††(x, G)``;
+    the per-channel bias is ``bias_add``'s ``ι``, whose ``ι*`` sums ``G`` over N, H and W.
+    Residuals: ``(x, W)``.
+    """
+    return conv2d_forward(x, w, stride, padding, dilation)[0]
+
+
+def conv2d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
+    _validate("conv2d", x, w, 2, "(N, H, W, C_in)", "(KH, KW, C_in, C_out)")
+    geo = _geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return _convolve(x, w, geo), (x, w)
+
+
+def conv2d_backward(g, w, geo: Geometry):
+    """Backward pass ``dx = C†(G, W)``, a transposed convolution."""
+    return _input_adjoint(g, w, geo)
+
+
+def conv2d_gradient(x, g, geo: Geometry):
+    """Gradient pass ``dW = C††(x, G)``, a correlation of the input with ``G``."""
+    return _weight_adjoint(x, g, geo)
+
+
+def _conv2d_vjp(stride, padding, dilation, residuals, g):
+    x, w = residuals
+    geo = _geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return conv2d_backward(g, w, geo), conv2d_gradient(x, g, geo)
+
+
+conv2d.defvjp(conv2d_forward, _conv2d_vjp)
+
+
+def _conv2d_samples(key, dtype):
+    k = keys(key)
+    configs = [
+        ((2, 6, 5, 3), (3, 2, 3, 4), 1, "VALID", 1, "non-square image and kernel, C_in ≠ C_out"),
+        ((1, 5, 4, 2), (5, 4, 2, 3), 1, "VALID", 1, "batch 1, kernel = input"),
+        ((2, 6, 6, 2), (2, 2, 2, 3), 1, "SAME", 1, "even kernel, SAME"),
+        ((2, 8, 8, 1), (3, 3, 1, 2), 2, "VALID", 1, "stride 2, leftover row"),
+        ((1, 7, 9, 2), (3, 3, 2, 2), 1, ((1, 2), (0, 1)), 2, "dilation 2, explicit padding"),
+        ((2, 4, 5, 3), (1, 1, 3, 5), 1, "VALID", 1, "1×1 kernel"),
+        ((2, 7, 6, 2), (3, 2, 2, 3), (2, 3), 1, 1, "stride (2, 3), padding 1"),
+        ((1, 5, 5, 2), (3, 3, 2, 2), 2, "SAME", (1, 2), "SAME, stride 2, dilation (1, 2)"),
+    ]
+    return [
+        Sample((normal(next(k), xs, dtype), normal(next(k), ws, dtype, 1 / math.sqrt(math.prod(ws[:3]))), s, p, d), label)
+        for xs, ws, s, p, d, label in configs
+    ]
+
+
+register(
+    Rule(
+        name="conv2d",
+        fn=conv2d,
+        reference=conv2d_reference,
+        sample_inputs=_conv2d_samples,
+        differentiable=(0, 1),
+        seeds=(("002", "§4 Theorem 10, Algorithm 2: C† and C††"),),
+    )
+)
+
+# --------------------------------------------------------------------------- conv1d
+
+
+def conv1d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
+    geo = _geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
+    (k,), (s,), (d,), (o,) = geo.window, geo.strides, geo.dilation, geo.output
+    taps = [xp[:, i * d : i * d + (o - 1) * s + 1 : s, :] for i in range(k)]
+    return jnp.einsum("kbwc,kcd->bwd", jnp.stack(taps), w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv1d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dilation=1) -> jax.Array:
+    """1-D multi-channel convolution (cross-correlation), NWC × WIO → NWC.
+
+    ``x`` (N, W, C_in), ``w`` (K, C_in, C_out); ``stride``/``dilation`` an int, ``padding``
+    ``"VALID"``, ``"SAME"``, an int or ``((lo, hi),)``.
+
+    Derivation (seed 002 §4, ``C†`` and ``C††``; seed 000 §7 for one channel). The 2-D
+    derivation of ``conv2d`` with one spatial axis:
+
+        C(x, W)[b, o, co]    = Σ_{k, ci} x[b, o·s + k·d − lo, ci] W[k, ci, co]
+        C†(y, W)[b, p, ci]   = Σ_{(o, k) : o·s + k·d − lo = p} Σ_co y[b, o, co] W[k, ci, co]
+        C††(x, y)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] y[b, o, co]
+
+    With one channel, stride 1 and no padding these are seed 000's Correlation1D rules:
+    ``dx = dy ∗ w`` (``C†`` correlates with the flipped kernel, i.e. convolves) and
+    ``dw = x ⋆ dy``. Residuals: ``(x, W)``.
+    """
+    return conv1d_forward(x, w, stride, padding, dilation)[0]
+
+
+def conv1d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
+    _validate("conv1d", x, w, 1, "(N, W, C_in)", "(K, C_in, C_out)")
+    geo = _geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return _convolve(x, w, geo), (x, w)
+
+
+def conv1d_backward(g, w, geo: Geometry):
+    """Backward pass ``dx = C†(G, W)``, a transposed convolution."""
+    return _input_adjoint(g, w, geo)
+
+
+def conv1d_gradient(x, g, geo: Geometry):
+    """Gradient pass ``dW = C††(x, G)``, a correlation of the input with ``G``."""
+    return _weight_adjoint(x, g, geo)
+
+
+def _conv1d_vjp(stride, padding, dilation, residuals, g):
+    x, w = residuals
+    geo = _geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return conv1d_backward(g, w, geo), conv1d_gradient(x, g, geo)
+
+
+conv1d.defvjp(conv1d_forward, _conv1d_vjp)
+
+
+def _conv1d_samples(key, dtype):
+    k = keys(key)
+    configs = [
+        ((2, 9, 3), (3, 3, 4), 1, "VALID", 1, "C_in ≠ C_out"),
+        ((1, 5, 2), (5, 2, 1), 1, "VALID", 1, "batch 1, kernel = input"),
+        ((2, 8, 2), (4, 2, 3), 1, "SAME", 1, "even kernel, SAME"),
+        ((2, 8, 1), (3, 1, 2), 2, "VALID", 1, "stride 2, leftover row"),
+        ((1, 11, 2), (3, 2, 2), 3, ((2, 1),), 2, "stride 3, dilation 2, explicit padding"),
+        ((3, 6, 2), (1, 2, 3), 1, 1, 1, "1-tap kernel, padding 1"),
+    ]
+    return [
+        Sample((normal(next(k), xs, dtype), normal(next(k), ws, dtype, 1 / math.sqrt(math.prod(ws[:2]))), s, p, d), label)
+        for xs, ws, s, p, d, label in configs
+    ]
+
+
+register(
+    Rule(
+        name="conv1d",
+        fn=conv1d,
+        reference=conv1d_reference,
+        sample_inputs=_conv1d_samples,
+        differentiable=(0, 1),
+        seeds=(("002", "§4 C† and C††"), ("000", "§7 Correlation1D")),
+    )
+)
