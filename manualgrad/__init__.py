@@ -4,11 +4,14 @@ Every public rule is registered in :mod:`manualgrad.registry`; :func:`check` cro
 them against ``jax.grad`` of plain-``jnp`` references and against finite differences.
 """
 
-from manualgrad.activations import identity, leaky_relu, relu, sigmoid, softplus, tanh
+# Importing a family registers its rules; this order is the order of the registry and the README.
+from manualgrad.linear import bias_add, dense  # isort: skip
+from manualgrad.activations import identity, leaky_relu, relu, sigmoid, softplus, tanh  # isort: skip
+from manualgrad.losses import l2_penalty, mse, softmax_cross_entropy  # isort: skip
+from manualgrad.signal import convolve1d, correlate1d  # isort: skip
+from manualgrad.convolution import conv1d, conv2d  # isort: skip
+from manualgrad.pooling import avg_pool2d, flatten, max_pool2d  # isort: skip
 from manualgrad.checker import Report, check
-from manualgrad.convolution import conv1d, conv2d
-from manualgrad.linear import bias_add, dense
-from manualgrad.losses import l2_penalty, mse, softmax_cross_entropy
 from manualgrad.registry import Rule, Sample, get, register, rules
 from manualgrad.validation import RuleDTypeError, RuleInputError
 
@@ -18,15 +21,20 @@ __all__ = [
     "RuleDTypeError",
     "RuleInputError",
     "Sample",
+    "avg_pool2d",
     "bias_add",
     "check",
     "conv1d",
     "conv2d",
+    "convolve1d",
+    "correlate1d",
     "dense",
+    "flatten",
     "get",
     "identity",
     "l2_penalty",
     "leaky_relu",
+    "max_pool2d",
     "mse",
     "register",
     "relu",

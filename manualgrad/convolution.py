@@ -107,12 +107,15 @@ def conv2d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
     xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
     (kh, kw), (sh, sw), (dh, dw) = geo.window, geo.strides, geo.dilation
     (oh, ow) = geo.output
-    out = 0
-    for i in range(kh):
-        for j in range(kw):
-            patch = xp[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw, :]
-            out = out + jnp.einsum("bhwc,cd->bhwd", patch, w[i, j])
-    return out
+    patches = jnp.stack(
+        [
+            xp[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw, :]
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=3,
+    )
+    return jnp.einsum("bhwkc,kcd->bhwd", patches, jnp.reshape(w, (kh * kw, *jnp.shape(w)[2:])))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

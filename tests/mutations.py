@@ -5,22 +5,14 @@ that the cross-checker reports every one as failing and names the rule and the a
 """
 
 import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 import manualgrad
+from mutation import Mutation
 from jax import lax
 
-from manualgrad import activations, convolution, linear, losses
-
-
-class Mutation(NamedTuple):
-    rule: str
-    mistake: str
-    argument: str  # the argument the checker must name
-    vjp: object  # wrong (residuals, g) -> cotangents; with nondiff args: (static, residuals, g)
+from manualgrad import activations, convolution, linear, losses, pooling, signal
 
 
 def _dense_w_transposed(res, g):
@@ -122,7 +114,7 @@ MUTATIONS = [
 ]
 
 _FORWARDS = {name: getattr(module, f"{name}_forward")
-             for module in (activations, convolution, linear, losses)
+             for module in (activations, convolution, linear, losses, pooling, signal)
              for name in dir(module) if hasattr(module, f"{name}_forward")}
 
 
@@ -137,3 +129,10 @@ def mutant(mutation: Mutation) -> manualgrad.Rule:
     wrong = jax.custom_vjp(fn, nondiff_argnums=rule.fn.nondiff_argnums)
     wrong.defvjp(_FORWARDS[rule.name], mutation.vjp)
     return rule.__class__(**{**rule.__dict__, "fn": wrong, "name": f"{rule.name} ({mutation.mistake})"})
+
+
+# The families written in their own files.
+from mutations_pooling import MUTATIONS as _POOLING  # noqa: E402
+from mutations_signal import MUTATIONS as _SIGNAL  # noqa: E402
+
+MUTATIONS += _POOLING + _SIGNAL

@@ -67,3 +67,12 @@ def test_readme_python_example_runs():
     exec(compile(code, "README.md", "exec"), namespace)
     assert set(namespace["grads"]) == {"w1", "b1", "w2"}
     assert namespace["report"].passed
+
+
+def test_bench_reports_interleaved_ratio(capsys):
+    assert cli.main(["bench", "--batch", "4", "--repeats", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ratio_manual_over_jax_grad"] > 0
+    assert result["manual_ms"] > 0 and result["jax_grad_ms"] > 0
+    # Same network, same data: the hand-rule gradient equals jax.grad's to float32 round-off.
+    assert result["max_gradient_difference_relative"] < 1e-5

@@ -1,0 +1,13 @@
+"""The record of a planted mistake, shared by ``mutations.py`` and the family files it gathers."""
+
+from typing import NamedTuple
+
+
+class Mutation(NamedTuple):
+    rule: str
+    mistake: str
+    argument: str  # the argument the checker must name
+    vjp: object  # wrong (residuals, g) -> cotangents; with nondiff args: (*static, residuals, g)
+    # The checks that must fail. A wrong tie-break in max pooling sits at a kink, which finite
+    # differences rightly leave out, so only the comparison with the reference can see it.
+    caught_by: tuple[str, ...] = ("vjp", "finite_diff")

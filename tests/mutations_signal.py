@@ -1,0 +1,73 @@
+"""Deliberately wrong backward rules for the signal rules (``manualgrad/signal.py``).
+
+Same format as ``tests/mutations.py``, which appends these to its list. ``mode`` is a nondiff
+argument of both rules, so every wrong VJP takes ``(mode, residuals, g)``.
+"""
+
+import jax.numpy as jnp
+
+from manualgrad import signal
+from mutation import Mutation
+
+
+def _corr_kernel_not_flipped(mode, res, g):
+    x, w = res
+    n, k = x.shape[-1], w.shape[0]
+    # flipping w before correlate1d_backward flips it back: dx = valid(ğ ⋆ w), a correlation
+    return signal.correlate1d_backward(g, jnp.flip(w), n, mode), signal.correlate1d_gradient(x, g, k, mode)
+
+
+def _corr_dx_padding_off_by_one(mode, res, g):
+    x, w = res
+    n, k = x.shape[-1], w.shape[0]
+    lo, hi = signal._padding("correlate1d", n, k, mode).g_pads
+    dx = signal._correlate_valid(signal._pad(g, (lo + 1, hi - 1)), jnp.flip(w))
+    return dx, signal.correlate1d_gradient(x, g, k, mode)
+
+
+def _corr_dw_padding_off_by_one(mode, res, g):
+    x, w = res
+    n, k = x.shape[-1], w.shape[0]
+    lo, hi = signal._padding("correlate1d", n, k, mode).x_pads
+    dw = signal._correlate_valid_summed(signal._pad(x, (lo - 1, hi + 1)), g)
+    return signal.correlate1d_backward(g, w, n, mode), dw
+
+
+def _corr_dw_averaged(mode, res, g):
+    x, w = res
+    n, k = x.shape[-1], w.shape[0]
+    batch = x.shape[0] if x.ndim == 2 else 1
+    return signal.correlate1d_backward(g, w, n, mode), signal.correlate1d_gradient(x, g, k, mode) / batch
+
+
+def _conv_correlation_adjoint(mode, res, g):
+    x, w = res
+    n, k = x.shape[-1], w.shape[0]
+    # dx = dy ∗ w (the adjoint of correlation) instead of dy ⋆ w
+    return signal.correlate1d_backward(g, w, n, mode), signal.convolve1d_gradient(x, g, k, mode)
+
+
+def _conv_dw_not_reversed(mode, res, g):
+    x, w = res
+    n, k = x.shape[-1], w.shape[0]
+    return signal.convolve1d_backward(g, w, n, mode), jnp.flip(signal.convolve1d_gradient(x, g, k, mode))
+
+
+def _conv_correlate_window(mode, res, g):
+    x, w = res
+    n, k = x.shape[-1], w.shape[0]
+    # numpy.correlate's window instead of numpy.convolve's: differs for 'same' with K > N, N even
+    dx = signal._correlate_valid(signal._pad(g, signal._padding("correlate1d", n, k, mode).g_pads), w)
+    return dx, signal.convolve1d_gradient(x, g, k, mode)
+
+
+MUTATIONS = [
+    Mutation("correlate1d", "kernel not flipped in the backward pass", "x", _corr_kernel_not_flipped),
+    Mutation("correlate1d", "cotangent padding off by one in the backward pass", "x", _corr_dx_padding_off_by_one),
+    Mutation("correlate1d", "input padding off by one in the gradient pass", "w", _corr_dw_padding_off_by_one),
+    Mutation("correlate1d", "dw averaged over the batch instead of summed", "w", _corr_dw_averaged),
+    Mutation("convolve1d", "wrong adjoint: dx = dy ∗ w, the correlation's rule", "x", _conv_correlation_adjoint),
+    Mutation("convolve1d", "dw not reversed", "w", _conv_dw_not_reversed),
+    Mutation("convolve1d", "numpy.correlate's 'same' window in the backward pass", "x", _conv_correlate_window),
+]
+
