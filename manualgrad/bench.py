@@ -47,9 +47,11 @@ def cnn_loss_manual(params, x, labels):
 
 def cnn_loss_lax(params, x, labels):
     """The same CNN in plain ``lax``/``jnp``, for ``jax.grad``."""
-    h = jax.nn.relu(lax.conv_general_dilated(x, params["w1"], (1, 1), "VALID", dimension_numbers=_NHWC) + params["b1"])
-    h = jax.nn.relu(lax.conv_general_dilated(h, params["w2"], (2, 2), "VALID", dimension_numbers=_NHWC) + params["b2"])
-    logits = h.reshape(h.shape[0], -1) @ params["w3"] + params["b3"]
+    h = lax.conv_general_dilated(x, params["w1"], (1, 1), "VALID", dimension_numbers=_NHWC)
+    h = jax.nn.relu(h + params["b1"][None, None, None, :])
+    h = lax.conv_general_dilated(h, params["w2"], (2, 2), "VALID", dimension_numbers=_NHWC)
+    h = jax.nn.relu(h + params["b2"][None, None, None, :])
+    logits = h.reshape(h.shape[0], -1) @ params["w3"] + params["b3"][None, :]
     log_p = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
 

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_check_prints_table_and_passes(capsys):
-    assert cli.main(["check", "dense", "relu", "--dtype", "float32"]) == 0
+    assert cli.main(["check", "identity", "relu", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "dtype float32" in out
     for column in ("forward", "vjp", "finite_diff", "jit", "vmap", "grad_of_grad"):
