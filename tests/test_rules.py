@@ -53,5 +53,5 @@ def test_rule_module_order(name):
 def test_no_rule_uses_autodiff_inside():
     for module in {inspect.getmodule(rule.reference) for rule in manualgrad.rules()}:
         source = inspect.getsource(module)
-        for banned in ("jax.vjp", "jax.grad", "jax.jvp", "jax.linearize"):
+        for banned in ("jax.vjp(", "jax.grad(", "jax.jvp(", "jax.linearize("):
             assert banned not in source, f"{module.__name__} calls {banned}"
