@@ -50,7 +50,8 @@ def _numbers(n: int, roles: str) -> tuple[str, str, str]:
     return (f"C{s}N", f"I{s}O", f"{s}NC") if roles == "C††" else (f"N{s}C", f"{s}IO", f"N{s}C")
 
 
-def _geometry(rule: str, x_shape, w_shape, stride, padding, dilation) -> Geometry:
+def geometry(rule: str, x_shape, w_shape, stride, padding, dilation) -> Geometry:
+    """The window geometry of ``rule`` (``"conv1d"`` or ``"conv2d"``) for these shapes, validated."""
     n = len(w_shape) - 2
     shapes = f"(x: {tuple(x_shape)}, w: {tuple(w_shape)})"
     return windows.geometry(rule, x_shape[1:-1], w_shape[:n], stride, padding, dilation, shapes)
@@ -103,7 +104,7 @@ def _weight_adjoint(x, g, geo: Geometry):
 
 
 def conv2d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
-    geo = _geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
     xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
     (kh, kw), (sh, sw), (dh, dw) = geo.window, geo.strides, geo.dilation
     (oh, ow) = geo.output
@@ -153,7 +154,7 @@ def conv2d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
 
 def conv2d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
     _validate("conv2d", x, w, 2, "(N, H, W, C_in)", "(KH, KW, C_in, C_out)")
-    geo = _geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
     return _convolve(x, w, geo), (x, w)
 
 
@@ -169,7 +170,7 @@ def conv2d_gradient(x, g, geo: Geometry):
 
 def _conv2d_vjp(stride, padding, dilation, residuals, g):
     x, w = residuals
-    geo = _geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
     return conv2d_backward(g, w, geo), conv2d_gradient(x, g, geo)
 
 
@@ -209,7 +210,7 @@ register(
 
 
 def conv1d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
-    geo = _geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
     xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
     (k,), (s,), (d,), (o,) = geo.window, geo.strides, geo.dilation, geo.output
     taps = [xp[:, i * d : i * d + (o - 1) * s + 1 : s, :] for i in range(k)]
@@ -239,7 +240,7 @@ def conv1d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
 
 def conv1d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
     _validate("conv1d", x, w, 1, "(N, W, C_in)", "(K, C_in, C_out)")
-    geo = _geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
     return _convolve(x, w, geo), (x, w)
 
 
@@ -255,7 +256,7 @@ def conv1d_gradient(x, g, geo: Geometry):
 
 def _conv1d_vjp(stride, padding, dilation, residuals, g):
     x, w = residuals
-    geo = _geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
     return conv1d_backward(g, w, geo), conv1d_gradient(x, g, geo)
 
 

@@ -43,7 +43,7 @@ def _softmax_labels_zero(res, g):
 
 
 def _conv_geometry(rule, stride, padding, dilation, x, w):
-    return convolution._geometry(rule, x.shape, w.shape, stride, padding, dilation)
+    return convolution.geometry(rule, x.shape, w.shape, stride, padding, dilation)
 
 
 def _conv_input_adjoint(g, w, geo, flip=True, dilate=True, shift=0):
