@@ -232,8 +232,11 @@ def gradients(
 
 
 def stored_bytes(network: Sequence[Layer], params: Params, x: jax.Array, store: Store = "F") -> int:
-    """Bytes of the tape that ``store`` keeps between the forward and the backward pass."""
-    tape = jax.eval_shape(lambda p, x: forward(network, p, x, store)[1], params, x)
+    """Bytes of the tape that ``store`` keeps between the forward and the backward pass.
+
+    The input ``x = F_0`` is not counted: the caller holds it anyway.
+    """
+    tape = jax.eval_shape(lambda p, x: forward(network, p, x, store)[1][1:], params, x)
     return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tape))
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import manualgrad as mg
+from manualgrad import backprop
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -99,3 +100,46 @@ def cnn_gradient(batch: int = 128, repeats: int = 30, seed: int = 0) -> dict[str
         "repeats": repeats,
         "machine": f"{platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, jax {jax.__version__}",
     }
+
+
+def compiled_bytes(fn: Callable[..., Any], *args: Any, donate_argnums: tuple[int, ...] = ()) -> int:
+    """The compiled footprint of ``jax.jit(fn)(*args)``: temporaries + arguments + outputs − aliased bytes."""
+    memory = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile().memory_analysis()
+    return int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+               + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+
+
+def residual_bytes(loss: Callable[..., Any], params: Any, *args: Any) -> int:
+    """Bytes that reverse mode keeps between forward and backward for ``loss(params, *args)``.
+
+    The residuals are the leaves of the function ``jax.vjp`` returns; leaves that are the
+    arguments themselves cost nothing new and are not counted.
+    """
+    given = {id(leaf) for leaf in jax.tree_util.tree_leaves((params, args))}
+    _, pullback = jax.vjp(lambda p: loss(p, *args), params)
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(pullback) if id(leaf) not in given)
+
+
+def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256, seed: int = 0) -> dict[str, Any]:
+    """Remark 8's storage choices for Algorithm 1 on a ReLU MLP, against ``jax.grad`` (float32).
+
+    For each ``store`` of :func:`manualgrad.backprop.gradients`: the bytes its tape keeps
+    and the compiled footprint of the jitted algorithm; for ``jax.grad`` of the custom_vjp
+    composition and of the references: the residual bytes and the compiled footprint.
+    """
+    network = [backprop.Layer("dense", "relu")] * (len(widths) - 2) + [backprop.Layer("dense")]
+    kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = backprop.init(kp, network, widths[:1], widths[1:])
+    x = jax.random.normal(kx, (batch, widths[0]))
+    labels = jax.random.randint(ky, (batch,), 0, widths[-1])
+    loss = "softmax_cross_entropy"
+    result: dict[str, Any] = {"network": f"MLP {'-'.join(map(str, widths))} ReLU, batch {batch}, float32"}
+    for store in backprop.STORES:
+        result[f"algorithm_{store}_tape_bytes"] = backprop.stored_bytes(network, params, x, store)
+        result[f"algorithm_{store}_compiled_bytes"] = compiled_bytes(
+            lambda p, x, y, store=store: backprop.gradients(network, p, x, y, loss, store), params, x, labels)
+    for name, reference in (("custom_vjp", False), ("jax_grad", True)):
+        fn = lambda p, x, y, reference=reference: backprop.loss(network, p, x, y, loss, reference=reference)  # noqa: E731
+        result[f"{name}_residual_bytes"] = residual_bytes(fn, params, x, labels)
+        result[f"{name}_compiled_bytes"] = compiled_bytes(jax.value_and_grad(fn), params, x, labels)
+    return result

@@ -2,6 +2,7 @@
 
 ``manualgrad check [RULE ...] [--dtype float32|float64] [--json]`` cross-checks the registered
 rules and exits 1 if any check fails (2 for a bad command line, as argparse does).
+``manualgrad explain RULE`` prints a rule's derivation and checks it live; ``--list`` lists rules.
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from manualgrad import explain
+
+    if args.list:
+        print(explain.rule_list())
+        return 0
+    if args.rule is None:
+        print("manualgrad explain: give a RULE or --list", file=sys.stderr)
+        return 2
+    if args.rule not in {r.name for r in registry.rules()}:
+        known = ", ".join(r.name for r in registry.rules())
+        print(f"manualgrad explain: unknown rule {args.rule}; registered: {known}", file=sys.stderr)
+        return 2
+    print(explain.explain(args.rule))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manualgrad", description=manualgrad.__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
     check.add_argument("--json", action="store_true", help="one JSON record per rule and check")
     check.set_defaults(run=_check)
+    explain = commands.add_parser("explain", help="a rule's derivation, its seed, and a live numeric check")
+    explain.add_argument("rule", nargs="?", metavar="RULE", help="the rule to explain")
+    explain.add_argument("--list", action="store_true", help="list the rules")
+    explain.set_defaults(run=_explain)
     bench = commands.add_parser("bench", help="time the jitted CNN gradient: hand rules vs jax.grad")
     bench.add_argument("--batch", type=int, default=128)
     bench.add_argument("--repeats", type=int, default=30)

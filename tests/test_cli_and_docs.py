@@ -60,13 +60,16 @@ def test_readme_quickstart_matches_ci():
     assert test_command in readme and test_command in ci
 
 
-def test_readme_python_example_runs():
+def test_readme_python_examples_run():
     readme = (ROOT / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert set(namespace["grads"]) == {"w1", "b1", "w2"}
-    assert namespace["report"].passed
+    blocks = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]]
+    namespaces = [{} for _ in blocks]
+    for code, namespace in zip(blocks, namespaces):
+        exec(compile(code, "README.md", "exec"), namespace)
+    quickstart, backprop_example = namespaces
+    assert set(quickstart["grads"]) == {"w1", "b1", "w2"}
+    assert quickstart["report"].passed
+    assert [g[0].shape for g in backprop_example["grads"]] == [(3, 3, 1, 8), (3, 3, 8, 16), (2304, 10)]
 
 
 def test_bench_reports_interleaved_ratio(capsys):
