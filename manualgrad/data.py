@@ -1,0 +1,289 @@
+"""Datasets for ``manualgrad train``, all available offline, and the order they are fed in.
+
+Images are float32 NHWC with values in ``[0, 1]``, points are float32 ``(N, d)`` rows, and
+labels are int32 class indices. ``load("digits" | "xor" | "spirals" | "moons" | "idx:PATH")``
+picks one; ``idx:PATH`` reads MNIST-format IDX files (e.g. Fashion-MNIST) from a directory.
+
+Every random choice depends only on an explicit seed: the train/test split on the dataset's
+seed, and the order of an epoch on ``(seed, epoch)`` alone (:func:`epoch_order`), so a run
+resumed at any epoch sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+SPECS = ("digits", "xor", "spirals", "moons", "idx:PATH")
+
+# IDX type code -> big-endian element type.
+IDX_TYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+IDX_FILES = {
+    "train images": "train-images-idx3-ubyte",
+    "train labels": "train-labels-idx1-ubyte",
+    "test images": "t10k-images-idx3-ubyte",
+    "test labels": "t10k-labels-idx1-ubyte",
+}
+
+
+class DataError(ValueError):
+    """A dataset cannot be loaded or batched as asked."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A train/test split; ``x`` is float32 (images NHWC in ``[0, 1]``, points ``(N, d)``),
+    ``y`` int32 class indices below ``classes``."""
+
+    name: str
+    x_train: np.ndarray = dataclasses.field(repr=False)
+    y_train: np.ndarray = dataclasses.field(repr=False)
+    x_test: np.ndarray = dataclasses.field(repr=False)
+    y_test: np.ndarray = dataclasses.field(repr=False)
+    classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one sample, e.g. ``(8, 8, 1)`` or ``(2,)``."""
+        return self.x_train.shape[1:]
+
+    @property
+    def is_image(self) -> bool:
+        return self.x_train.ndim == 4
+
+
+def load(spec: str, seed: int = 0) -> Dataset:
+    """The dataset named by ``spec``: one of :data:`SPECS`; ``seed`` picks the split of the
+    built-in datasets (IDX files come split already)."""
+    if spec.startswith("idx:") and len(spec) > len("idx:"):
+        return idx(spec[len("idx:"):])
+    builders = {"digits": digits, "xor": xor, "spirals": spirals, "moons": moons}
+    if spec not in builders:
+        raise DataError(f"unknown dataset {spec!r}; expected one of: {', '.join(SPECS)}")
+    return builders[spec](seed=seed)
+
+
+def _split(name: str, x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float, classes: int) -> Dataset:
+    """A stratified split holding out ``round(test_fraction · N)`` samples, chosen by ``seed``.
+
+    The samples are shuffled, grouped by class (stable, so the shuffle survives within each
+    class), and every ``1 / test_fraction``-th one is held out: each class gives its share to
+    within one sample. Both parts keep the original order of ``x``.
+    """
+    n = len(x)
+    n_test = round(test_fraction * n) if 0 < test_fraction < 1 else 0
+    if not 0 < n_test < n:
+        raise DataError(
+            f"{name}: test_fraction must leave at least one sample on each side of the split, "
+            f"got {test_fraction} of {n} samples"
+        )
+    shuffled = np.random.default_rng(seed).permutation(n)
+    grouped = shuffled[np.argsort(y[shuffled], kind="stable")]
+    held_out = np.zeros(n, bool)
+    held_out[grouped[((np.arange(n_test) + 0.5) * n / n_test).astype(int)]] = True
+    return Dataset(
+        name=name,
+        x_train=np.asarray(x[~held_out], np.float32),
+        y_train=np.asarray(y[~held_out], np.int32),
+        x_test=np.asarray(x[held_out], np.float32),
+        y_test=np.asarray(y[held_out], np.int32),
+        classes=classes,
+    )
+
+
+def digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's bundled 8×8 handwritten digits (1797 images, no download), ``(N, 8, 8, 1)``."""
+    from sklearn.datasets import load_digits  # here: importing scikit-learn takes a while
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0)[..., None]
+    return _split("digits", x, bunch.target, seed, test_fraction, classes=10)
+
+
+def xor(seed: int = 0, n: int = 1000, test_fraction: float = 0.2) -> Dataset:
+    """Points uniform in ``[-1, 1]²``, class 1 where ``x0 · x1 > 0`` (first and third quadrants)."""
+    x = np.random.default_rng(seed).uniform(-1.0, 1.0, (n, 2))
+    y = (x[:, 0] * x[:, 1] > 0).astype(np.int32)
+    return _split("xor", x, y, seed, test_fraction, classes=2)
+
+
+def spirals(seed: int = 0, n: int = 1000, noise: float = 0.05, test_fraction: float = 0.2) -> Dataset:
+    """Two interleaved spirals of 1.5 turns, radius 0.1 to 1, plus Gaussian noise of std ``noise``.
+
+    A point of class ``k`` at radius ``r`` sits at angle ``3π r + π k``, so the arms are
+    ``1/3`` apart radially; classes have ``n // 2`` and ``n - n // 2`` points.
+    """
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(n) % 2).astype(np.int32)
+    r = np.sqrt(rng.uniform(0.01, 1.0, n))  # uniform in area between radii 0.1 and 1
+    angle = 3 * np.pi * r + np.pi * y
+    x = r[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    x = x + noise * rng.standard_normal((n, 2))
+    return _split("spirals", x, y, seed, test_fraction, classes=2)
+
+
+def moons(seed: int = 0, n: int = 1000, noise: float = 0.1, test_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's two interleaving half circles, centred on the origin (``make_moons - (0.5, 0.25)``)."""
+    from sklearn.datasets import make_moons  # here: importing scikit-learn takes a while
+
+    x, y = make_moons(n, noise=noise, random_state=seed)
+    return _split("moons", x - np.array([0.5, 0.25]), y, seed, test_fraction, classes=2)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """The array stored in an IDX file, raw or gzip-compressed (recognised by its content).
+
+    The format: two zero bytes, a type code (:data:`IDX_TYPES`), the number of dimensions,
+    each dimension as a big-endian int32, then the elements in C order, big-endian.
+    """
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a readable gzip file ({e})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_TYPES:
+        raise DataError(
+            f"{path}: not an IDX file: bad magic number {raw[:4].hex(' ') or '(empty file)'}, expected "
+            f"00 00 <type> <ndim> with type one of {', '.join(f'{t:02x}' for t in IDX_TYPES)}"
+        )
+    dtype, ndim = IDX_TYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header: {ndim} dimensions need {header} bytes, the file has {len(raw)}")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", ndim, 4))
+    expected = header + math.prod(dims) * dtype.itemsize
+    if len(raw) != expected:
+        state = "truncated" if len(raw) < expected else "too long"
+        raise DataError(
+            f"{path}: {state}: the header says {dtype.newbyteorder('=')} of shape {dims}, which is "
+            f"{expected} bytes with the header, but the file has {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes ``array`` as an IDX file, gzip-compressed when ``path`` ends in ``.gz``."""
+    array = np.asarray(array)
+    types = {dtype.newbyteorder("="): code for code, dtype in IDX_TYPES.items()}
+    if array.dtype not in types or not 1 <= array.ndim <= 255:
+        raise DataError(
+            f"write_idx: IDX holds arrays of 1 to 255 dimensions of {', '.join(str(t) for t in types)}; "
+            f"got {array.dtype} of shape {array.shape}"
+        )
+    code = types[array.dtype]
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
+    content = header + np.ascontiguousarray(array, IDX_TYPES[code]).tobytes()
+    if os.fspath(path).endswith(".gz"):
+        content = gzip.compress(content, mtime=0)
+    Path(path).write_bytes(content)
+
+
+def idx(path: str | os.PathLike) -> Dataset:
+    """MNIST-format IDX files in the directory ``path`` (:data:`IDX_FILES`, each raw or ``.gz``; ``~`` expanded).
+
+    Images of shape ``(N, H, W)`` gain a channel axis; uint8 images are scaled by ``1/255``,
+    floating ones kept as they are. ``classes`` is the largest label plus one, at least 2.
+    """
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise DataError(f"idx: {os.fspath(path)!r} is not a directory")
+    present = sorted(p.name for p in directory.iterdir())
+    arrays = {}
+    for role, stem in IDX_FILES.items():
+        name = next((n for n in (stem, stem + ".gz") if n in present), None)
+        if name is None:
+            expected = ", ".join(f"{s}[.gz]" for s in IDX_FILES.values())
+            raise DataError(
+                f"idx: {directory} has no {role} file {stem}[.gz]; expected {expected}; "
+                f"found {', '.join(present) or 'nothing'}"
+            )
+        arrays[role] = (directory / name, read_idx(directory / name))
+    x_train, y_train = _idx_pair(*arrays["train images"], *arrays["train labels"])
+    x_test, y_test = _idx_pair(*arrays["test images"], *arrays["test labels"])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"idx: train images are {x_train.shape[1:]} but test images are {x_test.shape[1:]} "
+            "(height, width, channels)"
+        )
+    classes = max(2, int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1)
+    return Dataset(f"idx:{os.fspath(path)}", x_train, y_train, x_test, y_test, classes)
+
+
+def _idx_pair(
+    image_path: Path, images: np.ndarray, label_path: Path, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Checks and converts one images file and its labels file to NHWC float32 and int32."""
+    if images.ndim not in (3, 4):
+        raise DataError(f"{image_path}: images must have shape (N, H, W) or (N, H, W, C), got {images.shape}")
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255
+    elif not np.issubdtype(images.dtype, np.floating):
+        raise DataError(f"{image_path}: images must be uint8 (0..255) or floating point, got {images.dtype}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{label_path}: labels must be one axis of integers, got {labels.dtype} of shape {labels.shape}"
+        )
+    if len(images) != len(labels):
+        raise DataError(f"{image_path.name} has {len(images)} images but {label_path.name} has {len(labels)} labels")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{label_path}: labels must be class indices ≥ 0, found {labels.min()}")
+    x = images if images.ndim == 4 else images[..., None]
+    return np.asarray(x, np.float32), labels.astype(np.int32)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The permutation of ``n`` training samples for ``epoch``: a function of ``(seed, epoch)`` only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches in an epoch of ``n`` samples (the remainder is dropped)."""
+    _check_batch_size(batch_size, n)
+    return n // batch_size
+
+
+def batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, order: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Full batches of ``(x, y)`` taken in ``order``; the last ``len(order) % batch_size``
+    samples are dropped so that every batch has the same shape (one compilation under jit).
+    A bad ``batch_size`` is refused here, not at the first batch."""
+    _same_length(x, y)
+    _check_batch_size(batch_size, len(x))
+    order = np.asarray(order)
+    starts = range(0, len(order) - batch_size + 1, batch_size)
+    return ((x[order[i:i + batch_size]], y[order[i:i + batch_size]]) for i in starts)
+
+
+def evaluation_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every sample exactly once, in order; the last batch may be smaller."""
+    _same_length(x, y)
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
+
+
+def _check_batch_size(batch_size: int, n: int) -> None:
+    if not 1 <= batch_size <= n:
+        raise DataError(f"batch size must be between 1 and the number of training samples ({n}), got {batch_size}")
+
+
+def _same_length(x: np.ndarray, y: np.ndarray) -> None:
+    if len(x) != len(y):
+        raise DataError(f"x has {len(x)} samples but y has {len(y)}")
