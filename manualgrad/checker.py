@@ -23,14 +23,21 @@ finite-difference check and counted in the finding's note.
 
 All checks run with ``jax_numpy_rank_promotion="raise"`` so that a backward rule that
 broadcasts silently fails loudly.
+
+The run time is compile time: every sample's checks but the eager one are fused into one
+program (built with :data:`FAST_COMPILE` on CPU), and samples are checked :data:`WORKERS` at
+a time, so that one sample's compile overlaps another's tracing and eager dispatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -53,6 +60,13 @@ FD_ATOL = 1e-8
 KINK_JUMP = 1e-3
 EXACT_JACOBIAN_MAX = 64
 FAST_DIRECTIONS = 3
+# XLA:CPU builds the sample programs about five times faster without LLVM's optimisation
+# passes and with its older loop emitters. Only code generation changes: the computation,
+# and so every check, is the same; results may differ from a default build by round-off.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+# Two threads per core: XLA compiles without holding the GIL, and a small program's compile
+# leaves a core idle that another sample's tracing or eager dispatch can use.
+WORKERS = min(8, 2 * (os.cpu_count() or 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +178,10 @@ def check(
     ``target`` is ``None`` (every registered rule), a rule name, a :class:`Rule`, a list of
     those, or any function built from rules, given with its ``reference`` and ``args``
     (and optionally ``argnums``, the arguments to differentiate; default every floating one).
+
+    Samples are checked in :data:`WORKERS` threads, which do not see JAX configuration
+    contexts entered by the caller (``jax.default_device`` and the like): set those with
+    ``jax.config.update``, or set ``WORKERS = 1`` to check in the calling thread.
     """
     if dtype not in TOLERANCES:
         raise ValueError(f"check: dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
@@ -172,17 +190,41 @@ def check(
         raise ValueError(f"check: unknown checks {sorted(unknown)}; choose from {CHECKS}")
     selected = _select(target, reference, args, argnums)
     start = time.perf_counter()
-    findings: list[Finding] = []
+    jobs = []
     with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
         for rule in selected:
             rule_key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(rule.name.encode()))
             sample_key, check_key = jax.random.split(rule_key)
             for i, sample in enumerate(rule.sample_inputs(sample_key, jnp.dtype(dtype))):
-                try:
-                    findings += _check_sample(rule, sample, dtype, checks, jax.random.fold_in(check_key, i))
-                except Exception as error:  # a broken rule is a finding, not a crash of the checker
-                    findings.append(_error_finding(rule.name, sample.label, dtype, error))
-    return Report(dtype, findings, time.perf_counter() - start)
+                jobs.append((rule, sample, jax.random.fold_in(check_key, i)))
+    options = _compiler_options()
+    if WORKERS == 1:
+        results = [_check_job(*job, dtype, checks, options) for job in jobs]
+    else:
+        with ThreadPoolExecutor(WORKERS) as pool:
+            results = list(pool.map(lambda job: _check_job(*job, dtype, checks, options), jobs))
+    return Report(dtype, [f for result in results for f in result], time.perf_counter() - start)
+
+
+def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> list[Finding]:
+    """:func:`_check_sample` under the checker's JAX configuration, which is per thread."""
+    with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
+        try:
+            return _check_sample(rule, sample, dtype, checks, key, options)
+        except Exception as error:  # a broken rule is a finding, not a crash of the checker
+            return [_error_finding(rule.name, sample.label, dtype, error)]
+
+
+@functools.cache
+def _compiler_options() -> dict[str, Any] | None:
+    """:data:`FAST_COMPILE` on the CPU backend where this jaxlib knows those options, else ``None``."""
+    if jax.default_backend() != "cpu":
+        return None
+    try:
+        jax.jit(jnp.sin, compiler_options=FAST_COMPILE).lower(0.0).compile()
+    except jax.errors.JaxRuntimeError:
+        return None
+    return FAST_COMPILE
 
 
 def _select(target, reference, args, argnums) -> list[Rule]:
@@ -225,11 +267,13 @@ def _argname(rule: Rule, i: int) -> str:
     return names[i] if i < len(names) else f"args[{i}]"
 
 
-def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key) -> list[Finding]:
+def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) -> list[Finding]:
     """Every requested check on one sample.
 
-    Only the ``vjp`` check's hand VJP runs eagerly; the rest is compiled as one program per
-    sample, because eager dispatch compiles every small op on its own and is far slower here.
+    Only the ``vjp`` check's hand VJP runs eagerly; everything else, the finite-difference
+    evaluations included, is compiled as one program per sample, with the XLA ``options``.
+    Compiling dominates the run time, and every separate program, or eager op on a new
+    shape, is one more compile.
     """
     args = sample.args
     diff = [i for i in rule.differentiable if _is_float_tree(args[i])]
@@ -255,8 +299,14 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key) -> list[F
         "grad_of_grad": lambda p, c, pb, cb: (second(hand, p), second(ref, p)),
     }
     wanted = [c for c in programs if c in checks or (c == "jit" and "vjp" in checks)]
-    compiled = jax.jit(lambda *a: {c: programs[c](*a) for c in wanted})
-    values = compiled(primals, u, batched, batched_u)
+    differences = _finite_differences(rule, sample, diff, names, key) if "finite_diff" in checks else []
+
+    def program(inputs, fd_inputs):
+        return {c: programs[c](*inputs) for c in wanted}, [d.evaluate(*x) for d, x in zip(differences, fd_inputs)]
+
+    values, fd_values = jax.jit(program, compiler_options=options)(
+        (primals, u, batched, batched_u), [d.inputs for d in differences]
+    )
     if "vjp" in checks:
         values["vjp"] = (pull(hand)(primals, u), values["jit"][1])
     tol = TOLERANCES[dtype]
@@ -269,8 +319,10 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key) -> list[F
         results += [
             _compare(rule.name, check, dtype, sample.label, n, r, e, tol[check], ATOL[dtype]) for n, r, e in pairs
         ]
-    if "finite_diff" in checks:
-        results += _finite_differences(rule, sample, diff, names, key, tol["finite_diff"], dtype)
+    results += [
+        d.finding(rule.name, sample.label, dtype, tol["finite_diff"], np.asarray(f), np.asarray(h))
+        for d, (f, h) in zip(differences, fd_values)
+    ]
     return results
 
 
@@ -290,66 +342,92 @@ def _closure(fn, args, diff):
     return f
 
 
-def _finite_differences(rule, sample, diff, names, key, tol, dtype) -> list[Finding]:
-    """Central differences in float64, per differentiable argument."""
-    args = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if _is_float(a) else a, sample.args)
+@dataclasses.dataclass(frozen=True)
+class _Differences:
+    """Central differences in float64 for one argument, evaluated inside the sample's program.
+
+    ``fn`` maps the argument to the rule's output, every other argument fixed. The exact
+    Jacobian (``directions`` and ``cotangents`` ``None``: unit vectors) or ``uᵀ J v`` along
+    :data:`FAST_DIRECTIONS` random directions ``v`` (rows of ``directions``) and cotangents
+    ``u`` (rows of ``cotangents``).
+    """
+
+    name: str
+    fn: Callable[[Any], Any]
+    arg: Any
+    directions: np.ndarray | None
+    cotangents: np.ndarray | None
+
+    @property
+    def inputs(self) -> tuple[Any, np.ndarray | None, np.ndarray | None]:
+        return self.arg, self.directions, self.cotangents
+
+    def evaluate(self, arg, directions, cotangents):
+        """Traced: ``f`` at ``x + h·d`` and ``x − h·d`` for every direction ``d``, then at
+        ``x``; and the hand VJP of every cotangent, one row each."""
+        flat, unravel = ravel_pytree(arg)
+
+        def f(x):
+            return ravel_pytree(self.fn(unravel(x)))[0]
+
+        out, pullback = jax.vjp(f, flat)
+        if directions is None:
+            directions, cotangents = jnp.eye(flat.size, dtype=flat.dtype), jnp.eye(out.size, dtype=out.dtype)
+        points = jnp.concatenate([flat[None] + FD_STEP * directions, flat[None] - FD_STEP * directions, flat[None]])
+        return jax.vmap(f)(points), jax.vmap(lambda c: pullback(c)[0])(cotangents)
+
+    def finding(self, rule: str, label: str, dtype: str, tol: float, values: np.ndarray, hand: np.ndarray) -> Finding:
+        """Compares ``hand`` with the differences of ``values``, as returned by :meth:`evaluate`."""
+        k = (len(values) - 1) // 2
+        plus, minus, f0 = values[:k], values[k : 2 * k], values[2 * k]
+        if self.directions is None:
+            return self._exact_jacobian(rule, label, dtype, tol, plus, minus, f0, hand)
+        return self._random_directions(rule, label, dtype, tol, plus, minus, f0, hand)
+
+    def _exact_jacobian(self, rule, label, dtype, tol, plus, minus, f0, hand) -> Finding:
+        central = ((plus - minus) / (2 * FD_STEP)).T
+        jump = np.max(np.abs((plus - f0) - (f0 - minus)) / FD_STEP, axis=1, initial=0.0)
+        kinks = jump > KINK_JUMP * np.maximum(1.0, np.max(np.abs(central), axis=0, initial=0.0))
+        keep = ~kinks
+        note = f"{int(kinks.sum())} input entries at a kink left out" if kinks.any() else ""
+
+        def locate(index):
+            o, j = np.unravel_index(index, (hand.shape[0], int(keep.sum())))
+            return f"d output[{o}] / d {_locate(self.arg, int(np.flatnonzero(keep)[j]), self.name)}"
+
+        return _compare(
+            rule, "finite_diff", dtype, label, self.name, hand[:, keep], central[:, keep], tol, FD_ATOL, note, locate
+        )
+
+    def _random_directions(self, rule, label, dtype, tol, plus, minus, f0, hand) -> Finding:
+        received, expected, kinks = [], [], 0
+        for u, v, p, m, h in zip(self.cotangents, self.directions, plus, minus, hand):
+            if abs(np.vdot(u, (p - f0) - (f0 - m))) / FD_STEP > KINK_JUMP * max(1.0, np.abs(u).sum()):
+                kinks += 1
+                continue
+            expected.append(np.vdot(u, (p - m) / (2 * FD_STEP)))
+            received.append(np.vdot(h, v))
+        note = f"uᵀJv along {FAST_DIRECTIONS} random directions"
+        note += f", {kinks} crossing a kink left out" if kinks else ""
+        return _compare(rule, "finite_diff", dtype, label, self.name, np.array(received), np.array(expected), tol,
+                        FD_ATOL, note, lambda index: f"direction {index}")
+
+
+def _finite_differences(rule, sample, diff, names, key) -> list[_Differences]:
+    """The finite-difference checks of a sample, one per differentiable argument, in float64."""
+    args = jax.tree_util.tree_map(lambda a: _host(a, np.float64) if _is_float(a) else a, sample.args)
     out = []
     for k, (i, name) in zip(jax.random.split(key, len(diff)), zip(diff, names)):
-        flat, unravel = ravel_pytree(args[i])
-        f0 = _closure(rule.fn, args, [i])
-
-        def f(v, f0=f0, unravel=unravel):
-            return ravel_pytree(f0(unravel(v)))[0]
-
-        def pullback(c, f=f, flat=flat):
-            return jax.vjp(f, flat)[1](c)[0]
-
-        if flat.size <= EXACT_JACOBIAN_MAX:
-            out.append(_exact_jacobian(rule.name, sample.label, dtype, name, args[i], f, pullback, flat, tol))
-        else:
-            out.append(_random_directions(rule.name, sample.label, dtype, name, f, pullback, flat, k, tol))
-    return out
-
-
-def _exact_jacobian(rule, label, dtype, name, arg, f, pullback, flat, tol) -> Finding:
-    n = flat.size
-    step = FD_STEP * jnp.eye(n, dtype=flat.dtype)
-    points = jnp.concatenate([flat[None] + step, flat[None] - step, flat[None]])
-    values = np.asarray(jax.jit(jax.vmap(f))(points))
-    plus, minus, f0 = values[:n], values[n : 2 * n], values[2 * n :]
-    central = ((plus - minus) / (2 * FD_STEP)).T
-    jump = np.max(np.abs((plus - f0) - (f0 - minus)) / FD_STEP, axis=1, initial=0.0)
-    kinks = jump > KINK_JUMP * np.maximum(1.0, np.max(np.abs(central), axis=0, initial=0.0))
-    hand = np.asarray(jax.jit(jax.vmap(pullback))(jnp.eye(f0.size, dtype=flat.dtype)))
-    keep = ~kinks
-    note = f"{int(kinks.sum())} input entries at a kink left out" if kinks.any() else ""
-
-    def locate(index):
-        o, j = np.unravel_index(index, (hand.shape[0], int(keep.sum())))
-        return f"d output[{o}] / d {_locate(arg, int(np.flatnonzero(keep)[j]), name)}"
-
-    return _compare(
-        rule, "finite_diff", dtype, label, name, hand[:, keep], central[:, keep], tol, FD_ATOL, note, locate
-    )
-
-
-def _random_directions(rule, label, dtype, name, f, pullback, flat, key, tol) -> Finding:
-    f, pullback = jax.jit(f), jax.jit(pullback)
-    f0 = np.asarray(f(flat))
-    received, expected, kinks = [], [], 0
-    rng = generator(key)
-    for _ in range(FAST_DIRECTIONS):
-        v = jnp.asarray(rng.standard_normal(flat.shape), flat.dtype)
-        u = rng.standard_normal(f0.shape)
-        plus, minus = np.asarray(f(flat + FD_STEP * v)), np.asarray(f(flat - FD_STEP * v))
-        if abs(np.vdot(u, (plus - f0) - (f0 - minus))) / FD_STEP > KINK_JUMP * max(1.0, np.abs(u).sum()):
-            kinks += 1
+        fn = _closure(rule.fn, args, [i])
+        n = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(args[i]))
+        if n <= EXACT_JACOBIAN_MAX:
+            out.append(_Differences(name, fn, args[i], None, None))
             continue
-        expected.append(np.vdot(u, (plus - minus) / (2 * FD_STEP)))
-        received.append(np.vdot(np.asarray(pullback(jnp.asarray(u))), np.asarray(v)))
-    note = f"uᵀJv along {FAST_DIRECTIONS} random directions" + (f", {kinks} crossing a kink left out" if kinks else "")
-    return _compare(rule, "finite_diff", dtype, label, name, np.array(received), np.array(expected), tol,
-                    FD_ATOL, note, lambda index: f"direction {index}")
+        m = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(jax.eval_shape(fn, args[i])))
+        rng = generator(k)
+        draws = [(rng.standard_normal(n), rng.standard_normal(m)) for _ in range(FAST_DIRECTIONS)]
+        out.append(_Differences(name, fn, args[i], np.stack([d for d, _ in draws]), np.stack([c for _, c in draws])))
+    return out
 
 
 def _compare(rule, check, dtype, label, argument, received, expected, tol, atol, note="", locate=None) -> Finding:
@@ -360,8 +438,7 @@ def _compare(rule, check, dtype, label, argument, received, expected, tol, atol,
     come out as 1e-17 are not failures). The reported relative error is the largest over the
     entries larger than ``atol``; NaN anywhere is a mismatch.
     """
-    a = np.asarray(ravel_pytree(received)[0], dtype=np.float64)
-    n = np.asarray(ravel_pytree(expected)[0], dtype=np.float64)
+    a, n = _flat(received), _flat(expected)
     if a.shape != n.shape:
         return Finding(rule, check, dtype, label, argument, np.inf, np.inf, tol, max(a.size, n.size), n.size,
                        "shape", note=f"received {a.size} entries, expected {n.size}")
@@ -379,6 +456,12 @@ def _compare(rule, check, dtype, label, argument, received, expected, tol, atol,
                    int(mismatch.sum()), int(n.size), where, float(n[worst]), float(a[worst]), note)
 
 
+def _flat(tree) -> np.ndarray:
+    """A pytree's leaves raveled and concatenated in float64, on the host (no compile)."""
+    leaves = [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(tree)]
+    return np.concatenate(leaves) if leaves else np.zeros(0)
+
+
 def _locate(tree, flat_index: int, prefix: str) -> str:
     """Names entry ``flat_index`` of a raveled pytree, e.g. ``params[0]['w'][2, 1]``."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -391,17 +474,28 @@ def _locate(tree, flat_index: int, prefix: str) -> str:
     return prefix
 
 
+def _host(x, dtype) -> jax.Array:
+    """``x`` as a device array of ``dtype``, converted on the host: an eager cast or ``jnp.asarray``
+    of a NumPy array compiles a small program for every new shape."""
+    return jax.device_put(np.asarray(x, dtype))
+
+
 def _random_like(key, tree):
     """Standard normal draws shaped like ``tree``'s leaves (drawn on the host: no compile)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     rng = generator(key)
-    return treedef.unflatten([jnp.asarray(rng.standard_normal(jnp.shape(x)), jnp.result_type(x)) for x in leaves])
+    return treedef.unflatten([_host(rng.standard_normal(jnp.shape(x)), jnp.result_type(x)) for x in leaves])
 
 
 def _stack_perturbed(key, tree):
     """A batch of two: ``tree`` and ``tree`` plus noise, stacked on a new leading axis."""
     noise = _random_like(key, tree)
-    return jax.tree_util.tree_map(lambda x, n: jnp.asarray(np.stack([x, x + 0.5 * n])), tree, noise)
+
+    def stack(x, n):
+        x = np.asarray(x)
+        return _host(np.stack([x, x + 0.5 * np.asarray(n)]), x.dtype)
+
+    return jax.tree_util.tree_map(stack, tree, noise)
 
 
 def _vdot(a, b):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import manualgrad
+from manualgrad import checker
 from mutations import MUTATIONS, mutant
 
 
@@ -80,6 +81,23 @@ def test_kink_is_not_a_false_alarm():
 def test_wrong_reference_fails_forward():
     report = manualgrad.check(manualgrad.tanh, reference=lambda z: z, args=(jnp.ones(3),), checks=("forward",))
     assert [f.check for f in report.failures()] == ["forward"]
+
+
+def test_threads_and_fast_compile_change_no_verdict(monkeypatch):
+    """Worker threads report exactly what the calling thread does; XLA's default build
+    (instead of :data:`checker.FAST_COMPILE`) differs by round-off only."""
+    if jax.default_backend() == "cpu":
+        assert checker._compiler_options() == checker.FAST_COMPILE
+    threaded = manualgrad.check("softmax_cross_entropy")
+    monkeypatch.setattr(checker, "WORKERS", 1)
+    assert manualgrad.check("softmax_cross_entropy").findings == threaded.findings
+    monkeypatch.setattr(checker, "_compiler_options", lambda: None)
+    default_build = manualgrad.check("softmax_cross_entropy")
+    assert default_build.passed and threaded.passed
+    for fast, default in zip(threaded.findings, default_build.findings, strict=True):
+        assert (fast.check, fast.sample, fast.argument) == (default.check, default.sample, default.argument)
+        round_off = checker.FD_ATOL if fast.check == "finite_diff" else checker.ATOL["float64"]
+        assert abs(fast.max_abs_error - default.max_abs_error) <= round_off
 
 
 def test_bad_arguments_to_check():
