@@ -273,14 +273,18 @@ def loss(network: Sequence[Layer], params: Params, x: jax.Array, y: jax.Array, l
     return registry.get(loss).fn(output(network, params, x), y)
 
 
-def init(key: jax.Array, network: Sequence[Layer], input_shape: Sequence[int], widths: Sequence[int], dtype: Any = jnp.float32) -> Params:
+def init(key: jax.Array, network: Sequence[Layer], input_shape: Sequence[int], widths: Sequence[int], dtype: Any = None) -> Params:
     """He-scaled normal weights and small normal biases for ``network``.
+
+    ``dtype`` defaults to JAX's default float (float64 when x64 is enabled), as for
+    ``jax.random.normal``, so ``params`` match an input drawn the same way.
 
     ``input_shape`` is one sample's shape (``(d_0,)`` or ``(H, W, C)``); ``widths[k]`` is layer
     ``k``'s output features, and for ``"conv2d"`` layers a ``(KH, KW, C_out)`` triple.
     """
     if len(widths) != len(network):
         raise RuleInputError(f"backprop.init: one width per layer: {len(network)} layers, {len(widths)} widths")
+    dtype = jnp.result_type(float) if dtype is None else dtype
     shape = jax.ShapeDtypeStruct((1, *input_shape), dtype)
     params: Params = []
     for layer, width, k in zip(network, widths, jax.random.split(key, len(network))):
