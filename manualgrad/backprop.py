@@ -45,7 +45,6 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from manualgrad import activations, convolution, linear, losses, pooling, registry
 from manualgrad.validation import RuleInputError
@@ -217,8 +216,10 @@ def gradients(
 
     Returns:
       ``(ℓ, [(G_1, g_1), …, (G_n, g_n)])``. Jits (the network is static; close over it).
-      The tape passes through ``lax.optimization_barrier``, so a jitted program keeps exactly
-      what ``store`` says and XLA cannot merge a backward recomputation into the forward pass.
+      Under one ``jax.jit`` the choice of ``store`` does not bind XLA: it sees the whole
+      program and keeps what it likes (on CPU, ``"F"`` and ``"a_and_F"`` compile to the same program).
+      The tape is what :func:`forward` hands to :func:`backward` when they run as separate
+      programs or eagerly; ``comparisons/remark8_memory.py`` measures both.
     """
     _validate(network, params, store, loss)
     loss_forward, loss_derivative = _LOSSES[loss]
@@ -227,7 +228,6 @@ def gradients(
         value, residuals = loss_forward(f_n, y)
     except (RuleInputError, TypeError) as error:
         raise type(error)(f"backprop loss: {error}") from error
-    tape, residuals = lax.optimization_barrier((tape, residuals))
     return value, backward(network, params, tape, loss_derivative(residuals), store)
 
 

@@ -51,6 +51,11 @@ def test_remark_8_memory_small_batch(capsys):
     # The hand rules save F_k too: their residuals are exactly Remark 8's tape.
     assert result["custom_vjp_residual_bytes"] == result["algorithm_F_tape_bytes"]
     assert result["jax_grad_residual_bytes"] > result["custom_vjp_residual_bytes"]
+    # Compiled alone, the backward pass takes the tape as arguments: the choice binds XLA there,
+    # and Algorithm 1 as printed costs at least the extra tape (the a_k it keeps besides F_k).
+    extra_tape = result["algorithm_a_and_F_tape_bytes"] - result["algorithm_F_tape_bytes"]
+    backward = {store: result[f"algorithm_{store}_backward_program_bytes"] for store in ("F", "a_and_F")}
+    assert backward["a_and_F"] - backward["F"] >= extra_tape - result["algorithm_F_tape_bytes"] // 3
     assert "Remark 8" in capsys.readouterr().out
 
 
