@@ -96,7 +96,11 @@ def avg_pool2d(x: jax.Array, window, stride=None, padding: Padding = "VALID") ->
         C(x)[b, o, c] = 1/|K| Σ_{k ∈ K} x[b, o·s + k − lo, c]
 
     is linear in ``x`` (a convolution with the constant kernel ``1/|K|``, one channel at a
-    time, and no weights to learn). Seed 002's Equation (3) reads ``C†`` off entry by entry:
+    time, and no weights to learn).
+
+    Result:
+
+    Seed 002's Equation (3) reads ``C†`` off entry by entry:
 
         C†(y)[b, p, c] = ⟨y, C e_{b,p,c}⟩ = 1/|K| Σ_{(o, k) : o·s + k − lo = p} y[b, o, c]
 
@@ -161,6 +165,7 @@ register(
         sample_inputs=_pool_samples,
         differentiable=(0,),
         seeds=_SEEDS,
+        linear_in=((0,),),
     )
 )
 
@@ -190,6 +195,8 @@ def max_pool2d(x: jax.Array, window, stride=None, padding: Padding = "VALID") ->
     equal to −∞ off the image,
 
         M(x)[b, o, c] = max_{k ∈ K} x[b, o·s + k − lo, c].
+
+    Result:
 
     Where every window has a unique arg-max ``k*(b, o, c)``, a small enough perturbation does
     not move it, so near ``x`` the layer is the linear selection ``S_x h[b, o, c] =
@@ -306,7 +313,11 @@ def flatten(x: jax.Array) -> jax.Array:
 
     Derivation (seed 002 §4 and Equation (3)). ``F(x)[b, q] = x[b, π(q)]`` with ``π`` the
     row-major (C-order) bijection from flat indices to ``(i_1, ..., i_m)``: a linear map that
-    only renames entries. Equation (3) gives its adjoint entry by entry,
+    only renames entries.
+
+    Result:
+
+    Equation (3) gives its adjoint entry by entry,
 
         F†(y)[b, π(q)] = ⟨y, F e_{b,π(q)}⟩ = y[b, q]
 
@@ -355,5 +366,6 @@ register(
         sample_inputs=_flatten_samples,
         differentiable=(0,),
         seeds=_SEEDS,
+        linear_in=((0,),),
     )
 )

@@ -166,7 +166,9 @@ def correlate1d(x: jax.Array, w: jax.Array, mode: str = "valid") -> jax.Array:
     Derivation (seed 000 §6 "Convolution with infinite dimension input", §7 "Correlation1D").
 
     For signals indexed by all of ℤ seed 000 perturbs one argument at a time, with
-    ``dy := dL/dy``:
+    ``dy := dL/dy``, and moves the shift across the inner product (§6.2's identities).
+
+    Result:
 
         backward pass   ΔL = ⟨dy, Δx ⋆ w⟩ = ⟨Δx, dy ∗ w⟩   (§6.2 identity 3)  ⇒  dx = dy ∗ w
         gradient pass   ΔL = ⟨dy, x ⋆ Δw⟩ = ⟨Δw, x ⋆ dy⟩   (§6.2 identity 1)  ⇒  dw = x ⋆ dy
@@ -270,6 +272,7 @@ register(
         sample_inputs=_signal_samples,
         differentiable=(0, 1),
         seeds=(("000", "§6–7 correlation/convolution, Correlation1D"),),
+        linear_in=((0,), (1,)),
     )
 )
 
@@ -289,7 +292,9 @@ def convolve1d(x: jax.Array, w: jax.Array, mode: str = "valid") -> jax.Array:
     Shapes and modes as for :func:`correlate1d`.
 
     Derivation (seed 000 §6.2, identities 4 and 2; the Correlation1D argument of §7 with
-    ``∗`` and ``⋆`` exchanged). For signals indexed by all of ℤ:
+    ``∗`` and ``⋆`` exchanged). For signals indexed by all of ℤ, perturb one argument at a time.
+
+    Result:
 
         backward pass   ΔL = ⟨dy, Δx ∗ w⟩ = ⟨Δx, dy ⋆ w⟩   (identity 4)  ⇒  dx = dy ⋆ w
         gradient pass   ΔL = ⟨dy, x ∗ Δw⟩ = ⟨Δw, dy ⋆ x⟩   (identity 2)  ⇒  dw = dy ⋆ x,
@@ -352,5 +357,6 @@ register(
         sample_inputs=_signal_samples,
         differentiable=(0, 1),
         seeds=(("000", "§6–7 correlation/convolution, Correlation1D"),),
+        linear_in=((0,), (1,)),
     )
 )
