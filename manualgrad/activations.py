@@ -15,7 +15,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from manualgrad import validation
+from manualgrad import mistakes, validation
 from manualgrad.registry import Rule, Sample, register
 from manualgrad.samples import keys, normal
 
@@ -86,6 +86,7 @@ register(
         sample_inputs=_activation_samples(2.0),
         differentiable=(0,),
         seeds=(("002", "Remark 8: σ' = F(1 − F)"), ("001", "① σ'(x) = σ(x)(1 − σ(x))")),
+        mistakes=mistakes.elementwise(sigmoid_reference, lambda f: jnp.log(f) - jnp.log1p(-f)),
     )
 )
 
@@ -136,6 +137,7 @@ register(
         sample_inputs=_activation_samples(1.5),
         differentiable=(0,),
         seeds=(("002", "Remark 8: σ' = 1 − F²"),),
+        mistakes=mistakes.elementwise(tanh_reference, jnp.arctanh),
     )
 )
 
@@ -192,6 +194,7 @@ register(
         sample_inputs=_relu_samples,
         differentiable=(0,),
         seeds=(("002", "Remark 8: σ' = [F > 0]"),),
+        mistakes=mistakes.elementwise(relu_reference),
     )
 )
 
@@ -261,6 +264,7 @@ register(
         sample_inputs=_leaky_relu_samples,
         differentiable=(0,),
         seeds=(("002", "Remark 8, with slope α for z < 0"),),
+        mistakes=mistakes.elementwise(leaky_relu_reference),
     )
 )
 
@@ -313,6 +317,7 @@ register(
         sample_inputs=_activation_samples(2.0),
         differentiable=(0,),
         seeds=(("002", "Remark 8: σ' = 1 − e^{−F}"),),
+        mistakes=mistakes.elementwise(softplus_reference, lambda f: jnp.log(jnp.expm1(f))),
     )
 )
 

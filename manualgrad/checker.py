@@ -97,6 +97,7 @@ class Finding:
     expected: float = 0.0
     received: float = 0.0
     note: str = ""
+    diagnosis: str = ""  # for a failing vjp check: the usual mistake that explains it (manualgrad.diagnose)
 
     @property
     def passed(self) -> bool:
@@ -107,7 +108,7 @@ class Finding:
         if self.passed:
             return f"{head}: ok, worst relative error {self.max_rel_error:.1e}"
         if self.where == "evaluation":
-            return f"{head}: {self.note}"
+            return f"{head}: {self.note}" + (f"; {self.diagnosis}" if self.diagnosis else "")
         if self.check == "adjoint":
             return (f"{head}: ⟨C(u), y⟩ = {self.expected:.6g} but Σ ⟨u, C†(y)⟩ = {self.received:.6g}, "
                     f"mismatch {self.max_rel_error:.2e} > {self.tolerance:.0e}")
@@ -115,6 +116,7 @@ class Finding:
             f"{head}: {self.mismatches} of {self.size} entries differ beyond {self.tolerance:.0e}; "
             f"worst at {self.where}: expected {self.expected:.6g}, received {self.received:.6g} "
             f"(relative error {self.max_rel_error:.2e})" + (f"; {self.note}" if self.note else "")
+            + (f"; {self.diagnosis}" if self.diagnosis else "")
         )
 
 
@@ -132,6 +134,20 @@ class Report:
 
     def failures(self) -> list[Finding]:
         return [f for f in self.findings if not f.passed]
+
+    def diagnoses(self) -> list[str]:
+        """One line per (rule, argument) with a diagnosed failure, e.g. ``dense, argument w: your
+        gradient equals the right one transposed``; samples are named where they disagree."""
+        by_argument: dict[tuple[str, str], dict[str, list[str]]] = {}
+        for f in self.failures():
+            if f.diagnosis:
+                by_argument.setdefault((f.rule, f.argument), {}).setdefault(f.diagnosis, []).append(f.sample)
+        lines = []
+        for (rule, argument), texts in by_argument.items():
+            for text, samples in texts.items():
+                where = f" (samples {', '.join(map(repr, samples))})" if len(texts) > 1 else ""
+                lines.append(f"{rule}, argument {argument}: {text}{where}")
+        return lines
 
     def worst(self) -> dict[tuple[str, str], Finding]:
         """The worst finding per (rule, check): a failing one first, then the largest error."""
@@ -225,7 +241,7 @@ def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> 
         try:
             return _check_sample(rule, sample, dtype, checks, key, options)
         except Exception as error:  # a broken rule is a finding, not a crash of the checker
-            return [_error_finding(rule.name, sample.label, dtype, error)]
+            return _error_findings(rule, sample, dtype, error, key)
 
 
 @functools.cache
@@ -327,6 +343,7 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) 
         values["vjp"] = (pull(hand)(primals, u), values["jit"][1])
     tol = TOLERANCES[dtype]
     results: list[Finding] = []
+    received_vjp = dict(zip(names, values["vjp"][0])) if "vjp" in values else {}
     for check in CHECKS:
         if check not in checks or check in ("finite_diff", "adjoint"):
             continue
@@ -335,6 +352,8 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) 
         results += [
             _compare(rule.name, check, dtype, sample.label, n, r, e, tol[check], ATOL[dtype]) for n, r, e in pairs
         ]
+    results = [_diagnosed(f, rule, args, diff[names.index(f.argument)], received_vjp[f.argument], u, dtype)
+               if f.check == "vjp" and not f.passed else f for f in results]
     results += [
         d.finding(rule.name, sample.label, dtype, tol["finite_diff"], np.asarray(f), np.asarray(h))
         for d, (f, h) in zip(differences, fd_values)
@@ -346,6 +365,12 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) 
                                mismatch, tol["adjoint"], int(not mismatch <= tol["adjoint"]), 1,
                                "⟨C(u), y⟩ against Σ ⟨u, C†(y)⟩", forward_side, backward_side))
     return results
+
+
+def _diagnosed(finding: Finding, rule: Rule, args, argument: int, received, g, dtype: str) -> Finding:
+    from manualgrad import diagnose
+
+    return dataclasses.replace(finding, diagnosis=diagnose.diagnose(rule, args, argument, received, g, dtype))
 
 
 def _linear_groups(rule: Rule, args, diff) -> list[tuple[int, ...]]:
@@ -384,10 +409,20 @@ def adjoint_mismatch(u, y, out, back) -> tuple[float, float, float]:
     return float(lhs), float(rhs), float(mismatch if np.isfinite(lhs - rhs) else np.inf)
 
 
-def _error_finding(rule: str, label: str, dtype: str, error: Exception) -> Finding:
+def _error_findings(rule: Rule, sample: Sample, dtype: str, error: Exception, key) -> list[Finding]:
+    """The error as a finding; for a backward that returned a cotangent of the wrong shape
+    (``custom_vjp`` refuses it), one per such argument, diagnosed from the raw backward."""
+    from manualgrad import diagnose
+
     message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return Finding(rule, "vjp", dtype, label, "(all)", np.inf, np.inf, TOLERANCES[dtype]["vjp"], 1, 1,
-                   "evaluation", note=f"raised {message}")
+    finding = Finding(rule.name, "vjp", dtype, sample.label, "(all)", np.inf, np.inf, TOLERANCES[dtype]["vjp"], 1, 1,
+                      "evaluation", note=f"raised {message}")
+    try:
+        g = _random_like(key, jax.eval_shape(rule.fn, *sample.args))
+    except Exception:  # the forward itself fails: nothing to pull back
+        return [finding]
+    raw = diagnose.diagnose_raw(rule, sample.args, g, dtype)
+    return [dataclasses.replace(finding, argument=_argname(rule, i), diagnosis=text) for i, text in raw.items()] or [finding]
 
 
 def _closure(fn, args, diff):

@@ -1,7 +1,8 @@
 """The ``manualgrad`` command line.
 
 ``manualgrad check [RULE ...] [--dtype float32|float64] [--json]`` cross-checks the registered
-rules and exits 1 if any check fails (2 for a bad command line, as argparse does).
+rules, names the usual mistake behind a failure (``DIAGNOSIS`` lines) and exits 1 if any
+check fails (2 for a bad command line, as argparse does).
 ``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``).
 ``manualgrad explain RULE`` prints a rule's derivation and checks it live; ``--list`` lists rules.
 """
@@ -35,6 +36,8 @@ def _check(args: argparse.Namespace) -> int:
     failures = report.failures()
     for f in failures:
         print("FAIL " + f.describe())
+    for line in report.diagnoses():
+        print("DIAGNOSIS " + line)
     checks = len(report.worst())
     failed = len({(f.rule, f.check) for f in failures})
     print(f"{checks - failed} passed, {failed} failed in {report.seconds:.1f} s")

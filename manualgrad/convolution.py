@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad import validation, windows
+from manualgrad import mistakes, validation, windows
 from manualgrad.registry import Rule, Sample, register
 from manualgrad.samples import keys, normal
 from manualgrad.windows import Geometry, Padding
@@ -98,6 +98,20 @@ def _weight_adjoint(x, g, geo: Geometry):
     return lax.conv_general_dilated(
         x, g, geo.dilation, pads, rhs_dilation=geo.strides, dimension_numbers=_numbers(n, "C††")
     )
+
+
+def _conv_mistakes(rule: str, reference, spatial: tuple[int, ...]):
+    """The kernel not flipped in ``C†`` (or its taps reversed in ``C††``), padding off by one,
+    and the stride not dilated into ``G``."""
+
+    def geo(args):
+        x, w, stride, padding, dilation = args
+        return geometry(rule, jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+
+    def rebuild(args, x, stride, padding):
+        return (x, args[1], stride, padding, args[4])
+
+    return (*mistakes.kernel_flipped(reference, spatial), *mistakes.windowed(reference, geo, rebuild, (0, 1)))
 
 
 # --------------------------------------------------------------------------- conv2d
@@ -209,6 +223,7 @@ register(
         differentiable=(0, 1),
         seeds=(("002", "§4 Theorem 10, Algorithm 2: C† and C††"),),
         linear_in=((0,), (1,)),
+        mistakes=_conv_mistakes("conv2d", conv2d_reference, (0, 1)),
     )
 )
 
@@ -297,5 +312,6 @@ register(
         differentiable=(0, 1),
         seeds=(("002", "§4 C† and C††"), ("000", "§7 Correlation1D")),
         linear_in=((0,), (1,)),
+        mistakes=_conv_mistakes("conv1d", conv1d_reference, (0,)),
     )
 )

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad import validation
+from manualgrad import mistakes, validation
+from manualgrad.registry import Mistake
 from manualgrad.registry import Rule, Sample, register
 from manualgrad.samples import keys, normal
 
@@ -248,6 +249,11 @@ def _l2_penalty_samples(key, dtype):
     ]
 
 
+def _lambda_left_out(vjp, args, g):
+    right = mistakes.reference_vjp(l2_penalty_reference, args, 0, g, vjp)
+    yield "the right one without the factor λ", jax.tree_util.tree_map(lambda e: e / args[1], right)
+
+
 register(
     Rule(
         name="l2_penalty",
@@ -257,5 +263,6 @@ register(
         differentiable=(0, 1),
         seeds=(("004", "Adding regularization: λ ∇_W Ω(θ)"),),
         linear_in=((1,),),
+        mistakes=(Mistake(0, _lambda_left_out),),
     )
 )

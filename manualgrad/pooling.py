@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from manualgrad import validation, windows
-from manualgrad.registry import Rule, Sample, register
+from manualgrad import mistakes, validation, windows
+from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad.samples import keys, normal
 from manualgrad.windows import Geometry, Padding
 
@@ -157,6 +157,22 @@ def _pool_samples(key, dtype):
     return [Sample((normal(next(k), xs, dtype), w, s, p), label) for xs, w, s, p, label in _POOL_CONFIGS]
 
 
+def _avg_pool_geometry(args) -> Geometry:
+    x, window, stride, padding = args
+    return _geometry("avg_pool2d", jnp.shape(x), window, stride, padding)
+
+
+def _not_divided(vjp, args, g):
+    size = math.prod(_avg_pool_geometry(args).window)
+    right = mistakes.reference_vjp(avg_pool2d_reference, args, 0, g, vjp)
+    yield f"|K| = {size} × the right one: not divided by the window size", size * right
+
+
+_AVG_POOL_MISTAKES = (
+    Mistake(0, _not_divided),
+    *mistakes.windowed(avg_pool2d_reference, _avg_pool_geometry, lambda args, x, s, p: (x, args[1], s, p), (0,)),
+)
+
 register(
     Rule(
         name="avg_pool2d",
@@ -166,6 +182,7 @@ register(
         differentiable=(0,),
         seeds=_SEEDS,
         linear_in=((0,),),
+        mistakes=_AVG_POOL_MISTAKES,
     )
 )
 

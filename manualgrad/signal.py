@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad import validation
-from manualgrad.registry import Rule, Sample, register
+from manualgrad import mistakes, validation
+from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad.samples import keys, normal
 
 MODES = ("valid", "same", "full")
@@ -129,6 +129,36 @@ def _check_cotangent(rule: str, g, lead: tuple[int, ...], length: int, mode: str
         raise validation.RuleInputError(
             f"{rule}: the cotangent must have shape {(*lead, length)} for mode {mode!r}, got {jnp.shape(g)}"
         )
+
+
+def _window_reference(x: jax.Array, w: jax.Array, offset: int, length: int) -> jax.Array:
+    """``y_i = Σ_j x_{i+offset+j} w_j`` for ``0 ≤ i < length``, ``x`` zero outside ``0 … N−1``:
+    the correlation on any window of shifts (plain ``jnp``, for the diagnoses)."""
+    n, k = jnp.shape(x)[-1], jnp.shape(w)[0]
+    lo, hi = max(0, -offset), max(0, length + offset + k - 1 - n)
+    xp = jnp.pad(x, [(0, 0)] * (jnp.ndim(x) - 1) + [(lo, hi)])
+    index = jnp.arange(length)[:, None] + jnp.arange(k)[None, :] + offset + lo
+    return jnp.take(xp, index, axis=-1) @ w
+
+
+def _signal_mistakes(rule: str, reference, flip: bool) -> tuple[Mistake, ...]:
+    """The kernel flipped the wrong way, and the mode's window of shifts off by one (the padding
+    of ``x`` or of ``dy`` off by one), for ``x`` and for ``w``."""
+
+    def window_shifted(i: int) -> Mistake:
+        def candidates(vjp, args, g):
+            x, w, mode = args
+            pad = _padding(rule, jnp.shape(x)[-1], jnp.shape(w)[0], mode)
+            for shift in (-1, 1):
+                def f(a, shift=shift):
+                    xx, ww, _ = mistakes.replace(args, i, a)
+                    return _window_reference(xx, jnp.flip(ww) if flip else ww, pad.offset + shift, pad.length)
+
+                yield f"the right one with the padding off by one (window shifted by {shift})", vjp(f, args[i], g)
+
+        return Mistake(i, candidates)
+
+    return (*mistakes.kernel_flipped(reference, (0,)), window_shifted(0), window_shifted(1))
 
 
 # --------------------------------------------------------------------------- correlate1d
@@ -273,6 +303,7 @@ register(
         differentiable=(0, 1),
         seeds=(("000", "§6–7 correlation/convolution, Correlation1D"),),
         linear_in=((0,), (1,)),
+        mistakes=_signal_mistakes("correlate1d", correlate1d_reference, flip=False),
     )
 )
 
@@ -358,5 +389,6 @@ register(
         differentiable=(0, 1),
         seeds=(("000", "§6–7 correlation/convolution, Correlation1D"),),
         linear_in=((0,), (1,)),
+        mistakes=_signal_mistakes("convolve1d", convolve1d_reference, flip=True),
     )
 )

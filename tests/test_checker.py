@@ -30,6 +30,11 @@ def test_checker_catches_mutation(mutation):
     assert all(mutation.argument in f.argument.split(", ") for f in failures if f.check == "adjoint")
     assert {f.check for f in failures} == set(mutation.caught_by) | ({"adjoint"} if mutation.argument in linear else set())
     assert "differ beyond" in failures[0].describe()
+    # Diagnosed: every failing sample's comparison with the reference names the mistake.
+    if mutation.diagnosis:
+        diagnoses = [f.diagnosis for f in failures if f.check == "vjp"]
+        assert diagnoses and all(mutation.diagnosis in d for d in diagnoses), diagnoses
+        assert mutation.diagnosis in report.diagnoses()[0] and report.diagnoses()[0].startswith(f"{wrong.name}, argument ")
 
 
 def test_failure_is_localised():

@@ -50,6 +50,8 @@ def test_console_script_exits_1_on_failure(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert "FAIL sigmoid, argument z" in result.stdout
+    assert "DIAGNOSIS sigmoid, argument z: your gradient equals the cotangent G itself: the factor σ' is missing" \
+        in result.stdout.splitlines()
 
 
 def test_readme_table_is_generated_from_the_registry():
