@@ -35,9 +35,8 @@ MIN_FITTED_SIZE = 3
 
 
 def vjp(fn, primal, g):
-    """``fn``'s VJP for ``primal`` under ``g``: JAX's autodiff, applied to references only, as
-    one compiled program (built like the checker's) rather than many eager operations."""
-    return jax.jit(lambda p, c: jax.vjp(fn, p)[1](c)[0], compiler_options=checker._compiler_options())(primal, g)
+    """``fn``'s VJP for ``primal`` under ``g``: JAX's autodiff, applied to references only."""
+    return jax.vjp(fn, primal)[1](g)[0]
 
 
 def diagnose(rule: Rule, args: tuple[Any, ...], argument: int, received: Any, g: Any, dtype: str) -> str:
@@ -45,14 +44,8 @@ def diagnose(rule: Rule, args: tuple[Any, ...], argument: int, received: Any, g:
     ``g``, is: ``"your gradient equals ..."`` for every usual mistake that explains it, or
     :data:`NO_EXPLANATION`."""
     tol = _tolerance(dtype)
-    right = mistakes.reference_vjp(rule.reference, args, argument, g, vjp)
-    found = []
-    for text, candidate in _candidates(rule, args, argument, right, g):
-        try:
-            if _explains(candidate, received, tol) and not _explains(candidate, right, tol):
-                found.append(text)
-        except (ValueError, TypeError):  # a candidate that does not apply to this sample's shapes
-            continue
+    right, candidates = _evaluate(rule, args, argument, g)
+    found = [text for text, c in candidates if _explains(c, received, tol) and not _explains(c, right, tol)]
     if not found:
         fitted = _fitted_constant(right, received, tol)
         found = [fitted] if fitted else []
@@ -87,10 +80,39 @@ def diagnose_raw(rule: Rule, args: tuple[Any, ...], g: Any, dtype: str) -> dict[
     return out
 
 
+def _evaluate(rule: Rule, args, argument: int, g) -> tuple[Any, list[tuple[str, Any]]]:
+    """The right answer and every candidate, computed in one compiled program (one compile
+    instead of one per candidate); the arrays of ``args`` are traced, everything else static."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    traced = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))]
+    texts: list[str] = []
+
+    def program(arrays, g):
+        full = list(leaves)
+        for i, a in zip(traced, arrays):
+            full[i] = a
+        a = jax.tree_util.tree_unflatten(treedef, full)
+        right = mistakes.reference_vjp(rule.reference, a, argument, g, vjp)
+        pairs = list(_candidates(rule, a, argument, right, g))
+        texts[:] = [text for text, _ in pairs]
+        return right, [c for _, c in pairs]
+
+    compiled = jax.jit(program, compiler_options=checker._compiler_options())
+    right, values = compiled([leaves[i] for i in traced], g)
+    return right, list(zip(texts, values))
+
+
 def _candidates(rule: Rule, args, argument: int, right, g) -> Iterator[tuple[str, Any]]:
     for mistake in rule.mistakes:
         if mistake.argument == argument:
-            yield from mistake.candidates(vjp, args, g)
+            produced = iter(mistake.candidates(vjp, args, g))
+            while True:
+                try:
+                    yield next(produced)
+                except StopIteration:
+                    break
+                except (ValueError, TypeError):  # a candidate that does not apply to this sample's shapes
+                    continue
     leaves = jax.tree_util.tree_leaves(right)
     if len(leaves) == 1 and jnp.ndim(leaves[0]) >= 2:
         transposed = jnp.transpose(leaves[0])
