@@ -15,7 +15,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from manualgrad import validation
+from manualgrad import mistakes, validation
 from manualgrad.registry import Rule, Sample, register
 from manualgrad.samples import keys, normal
 
@@ -46,7 +46,10 @@ def sigmoid_reference(z: jax.Array) -> jax.Array:
 def sigmoid(z: jax.Array) -> jax.Array:
     """Logistic sigmoid ``F = 1 / (1 + e^{-z})``, backward from the saved output.
 
-    Derivation (seed 001 ① "find σ'(x) in terms of σ(x)"; seed 002 Remark 8).
+    Derivation (seed 001 ① "find σ'(x) in terms of σ(x)"; seed 002 Remark 8). The forward
+    saves only the output ``F``, so ``σ'`` must be written in terms of ``F``.
+
+    Result:
 
         σ'(z) = e^{-z} / (1 + e^{-z})² = σ(z) · (1 − σ(z))  ⇒  dz = G ⊙ F ⊙ (1 − F)
 
@@ -83,6 +86,7 @@ register(
         sample_inputs=_activation_samples(2.0),
         differentiable=(0,),
         seeds=(("002", "Remark 8: σ' = F(1 − F)"), ("001", "① σ'(x) = σ(x)(1 − σ(x))")),
+        mistakes=mistakes.elementwise(sigmoid_reference, lambda f: jnp.log(f) - jnp.log1p(-f)),
     )
 )
 
@@ -97,7 +101,9 @@ def tanh_reference(z: jax.Array) -> jax.Array:
 def tanh(z: jax.Array) -> jax.Array:
     """Hyperbolic tangent ``F = tanh z``, backward from the saved output.
 
-    Derivation (seed 002 Remark 8).
+    Derivation (seed 002 Remark 8). The forward saves only the output ``F``.
+
+    Result:
 
         tanh'(z) = 1 / cosh² z = 1 − tanh² z  ⇒  dz = G ⊙ (1 − F²)
 
@@ -131,6 +137,7 @@ register(
         sample_inputs=_activation_samples(1.5),
         differentiable=(0,),
         seeds=(("002", "Remark 8: σ' = 1 − F²"),),
+        mistakes=mistakes.elementwise(tanh_reference, jnp.arctanh),
     )
 )
 
@@ -145,7 +152,9 @@ def relu_reference(z: jax.Array) -> jax.Array:
 def relu(z: jax.Array) -> jax.Array:
     """Rectified linear unit ``F = max(z, 0)``, backward from the saved output.
 
-    Derivation (seed 002 Remark 8).
+    Derivation (seed 002 Remark 8). The forward saves only the output ``F``.
+
+    Result:
 
         relu'(z) = 1 if z > 0, 0 if z < 0   and   z > 0 ⇔ F > 0  ⇒  dz = G ⊙ [F > 0]
 
@@ -185,6 +194,7 @@ register(
         sample_inputs=_relu_samples,
         differentiable=(0,),
         seeds=(("002", "Remark 8: σ' = [F > 0]"),),
+        mistakes=mistakes.elementwise(relu_reference),
     )
 )
 
@@ -199,7 +209,9 @@ def leaky_relu_reference(z: jax.Array, negative_slope: float = 0.01) -> jax.Arra
 def leaky_relu(z: jax.Array, negative_slope: float = 0.01) -> jax.Array:
     """Leaky ReLU ``F = z if z > 0 else α z``, backward from the saved output.
 
-    Derivation (seed 002 Remark 8, extended).
+    Derivation (seed 002 Remark 8, extended). The forward saves only the output ``F``.
+
+    Result:
 
         σ'(z) = 1 if z > 0, α if z < 0   and, for α ≥ 0,  z > 0 ⇔ F > 0
         ⇒  dz = G ⊙ (1 if F > 0 else α)
@@ -252,6 +264,7 @@ register(
         sample_inputs=_leaky_relu_samples,
         differentiable=(0,),
         seeds=(("002", "Remark 8, with slope α for z < 0"),),
+        mistakes=mistakes.elementwise(leaky_relu_reference),
     )
 )
 
@@ -266,7 +279,9 @@ def softplus_reference(z: jax.Array) -> jax.Array:
 def softplus(z: jax.Array) -> jax.Array:
     """Softplus ``F = log(1 + e^z)``, backward from the saved output.
 
-    Derivation (seed 002 Remark 8, applied to softplus).
+    Derivation (seed 002 Remark 8, applied to softplus). The forward saves only the output ``F``.
+
+    Result:
 
         softplus'(z) = e^z / (1 + e^z) = 1 − e^{−F}     since e^{−F} = 1 / (1 + e^z)
         ⇒  dz = G ⊙ (1 − e^{−F}) = −G ⊙ expm1(−F)
@@ -302,6 +317,7 @@ register(
         sample_inputs=_activation_samples(2.0),
         differentiable=(0,),
         seeds=(("002", "Remark 8: σ' = 1 − e^{−F}"),),
+        mistakes=mistakes.elementwise(softplus_reference, lambda f: jnp.log(jnp.expm1(f))),
     )
 )
 
@@ -316,7 +332,11 @@ def identity_reference(z: jax.Array) -> jax.Array:
 def identity(z: jax.Array) -> jax.Array:
     """The identity ``F = z``: seed 002's ``σ_0 := id`` for the input layer.
 
-    Derivation (seed 002 Algorithm 1, σ_0 = id): ``σ' = 1`` so ``dz = G``; no residual.
+    Derivation (seed 002 Algorithm 1, σ_0 = id).
+
+    Result:
+
+    ``σ' = 1`` so ``dz = G``; no residual.
     """
     return identity_forward(z)[0]
 
@@ -346,5 +366,6 @@ register(
         sample_inputs=_activation_samples(1.0),
         differentiable=(0,),
         seeds=(("002", "Algorithm 1: σ_0 := id"),),
+        linear_in=((0,),),
     )
 )

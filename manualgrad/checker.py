@@ -7,6 +7,11 @@ For every sample of every rule (or for any function the user builds from rules) 
 * ``finite_diff``   the hand VJP against central finite differences, always in float64: the
                     exact Jacobian for arguments of at most 64 entries, else ``uᵀ J v`` along
                     random directions (like ``torch.autograd.gradcheck``'s fast mode);
+* ``adjoint``       seed 002's dot-product test, for every group of arguments the rule is
+                    linear in (``Rule.linear_in``): with random ``u`` (those arguments, the
+                    others fixed at the sample) and random ``y``, the hand backward ``C†``
+                    must satisfy ``⟨C(u), y⟩ = Σ_i ⟨u_i, C†_i(y)⟩`` (:func:`adjoint_mismatch`).
+                    No autodiff and no reference is involved;
 * ``jit``           the VJP again under ``jax.jit``;
 * ``vmap``          the VJP again under ``jax.vmap`` over a batch of two different samples;
 * ``grad_of_grad``  reverse-over-reverse: the gradient of ``⟨VJP(u), v⟩``. A ``custom_vjp``
@@ -49,10 +54,15 @@ from manualgrad import registry
 from manualgrad.registry import Rule, Sample
 from manualgrad.samples import generator
 
-CHECKS = ("forward", "vjp", "finite_diff", "jit", "vmap", "grad_of_grad")
+CHECKS = ("forward", "vjp", "finite_diff", "adjoint", "jit", "vmap", "grad_of_grad")
+# The adjoint mismatch is normalised by the Cauchy–Schwarz bound of its terms (see
+# adjoint_mismatch), so its round-off is a small multiple of the dtype's epsilon whatever the
+# cancellation: 1e-13 is 450 ulps of float64; 1e-6 is 8 ulps of float32.
 TOLERANCES = {
-    "float64": {"forward": 1e-12, "vjp": 1e-12, "finite_diff": 1e-6, "jit": 1e-12, "vmap": 1e-12, "grad_of_grad": 1e-12},
-    "float32": {"forward": 1e-5, "vjp": 1e-5, "finite_diff": 1e-6, "jit": 1e-5, "vmap": 1e-5, "grad_of_grad": 1e-5},
+    "float64": {"forward": 1e-12, "vjp": 1e-12, "finite_diff": 1e-6, "adjoint": 1e-13, "jit": 1e-12, "vmap": 1e-12,
+                "grad_of_grad": 1e-12},
+    "float32": {"forward": 1e-5, "vjp": 1e-5, "finite_diff": 1e-6, "adjoint": 1e-6, "jit": 1e-5, "vmap": 1e-5,
+                "grad_of_grad": 1e-5},
 }
 FD_STEP = 1e-5
 ATOL = {"float64": 10 * float(np.finfo(np.float64).eps), "float32": 10 * float(np.finfo(np.float32).eps)}
@@ -87,6 +97,7 @@ class Finding:
     expected: float = 0.0
     received: float = 0.0
     note: str = ""
+    diagnosis: str = ""  # for a failing vjp check: the usual mistake that explains it (manualgrad.diagnose)
 
     @property
     def passed(self) -> bool:
@@ -97,11 +108,15 @@ class Finding:
         if self.passed:
             return f"{head}: ok, worst relative error {self.max_rel_error:.1e}"
         if self.where == "evaluation":
-            return f"{head}: {self.note}"
+            return f"{head}: {self.note}" + (f"; {self.diagnosis}" if self.diagnosis else "")
+        if self.check == "adjoint":
+            return (f"{head}: ⟨C(u), y⟩ = {self.expected:.6g} but Σ ⟨u, C†(y)⟩ = {self.received:.6g}, "
+                    f"mismatch {self.max_rel_error:.2e} > {self.tolerance:.0e}")
         return (
             f"{head}: {self.mismatches} of {self.size} entries differ beyond {self.tolerance:.0e}; "
             f"worst at {self.where}: expected {self.expected:.6g}, received {self.received:.6g} "
             f"(relative error {self.max_rel_error:.2e})" + (f"; {self.note}" if self.note else "")
+            + (f"; {self.diagnosis}" if self.diagnosis else "")
         )
 
 
@@ -119,6 +134,20 @@ class Report:
 
     def failures(self) -> list[Finding]:
         return [f for f in self.findings if not f.passed]
+
+    def diagnoses(self) -> list[str]:
+        """One line per (rule, argument) with a diagnosed failure, e.g. ``dense, argument w: your
+        gradient equals the right one transposed``; samples are named where they disagree."""
+        by_argument: dict[tuple[str, str], dict[str, list[str]]] = {}
+        for f in self.failures():
+            if f.diagnosis:
+                by_argument.setdefault((f.rule, f.argument), {}).setdefault(f.diagnosis, []).append(f.sample)
+        lines = []
+        for (rule, argument), texts in by_argument.items():
+            for text, samples in texts.items():
+                where = f" (samples {', '.join(map(repr, samples))})" if len(texts) > 1 else ""
+                lines.append(f"{rule}, argument {argument}: {text}{where}")
+        return lines
 
     def worst(self) -> dict[tuple[str, str], Finding]:
         """The worst finding per (rule, check): a failing one first, then the largest error."""
@@ -158,7 +187,7 @@ class Report:
             cells = []
             for c in checks:
                 f = worst.get((name, c))
-                cells.append(f"{'':>13}" if f is None else f"{f.max_rel_error:>9.1e} {'ok' if f.passed else 'FAIL':>3}")
+                cells.append(f"{'-':>13}" if f is None else f"{f.max_rel_error:>9.1e} {'ok' if f.passed else 'FAIL':>3}")
             lines.append(f"{name:<{width}}  " + "  ".join(cells))
         return "\n".join(lines)
 
@@ -212,7 +241,7 @@ def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> 
         try:
             return _check_sample(rule, sample, dtype, checks, key, options)
         except Exception as error:  # a broken rule is a finding, not a crash of the checker
-            return [_error_finding(rule.name, sample.label, dtype, error)]
+            return _error_findings(rule, sample, dtype, error, key)
 
 
 @functools.cache
@@ -280,11 +309,13 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) 
     names = [_argname(rule, i) for i in diff]
     hand, ref = _closure(rule.fn, args, diff), _closure(rule.reference, args, diff)
     primals = [args[i] for i in diff]
-    ku, kv, kb = jax.random.split(key, 3)
+    ku, kv, kb, ka = jax.random.split(key, 4)
     u = _random_like(ku, jax.eval_shape(hand, *primals))
     v = [_random_like(k, p) for k, p in zip(jax.random.split(kv, len(primals)), primals)]
     batched = [_stack_perturbed(k, p) for k, p in zip(jax.random.split(kb, len(primals)), primals)]
     batched_u = _stack_perturbed(ku, u)
+    groups = _linear_groups(rule, args, diff) if "adjoint" in checks else []
+    adjoint_inputs = [_adjoint_draws(k, args, group, u) for k, group in zip(jax.random.split(ka, len(groups)), groups)]
 
     def pull(fn):
         return lambda p, c: jax.vjp(fn, *p)[1](c)
@@ -301,35 +332,97 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) 
     wanted = [c for c in programs if c in checks or (c == "jit" and "vjp" in checks)]
     differences = _finite_differences(rule, sample, diff, names, key) if "finite_diff" in checks else []
 
-    def program(inputs, fd_inputs):
-        return {c: programs[c](*inputs) for c in wanted}, [d.evaluate(*x) for d, x in zip(differences, fd_inputs)]
+    def program(inputs, fd_inputs, adjoint_inputs):
+        adjoint = [_adjoint_pair(rule.fn, args, group, *draws) for group, draws in zip(groups, adjoint_inputs)]
+        return {c: programs[c](*inputs) for c in wanted}, [d.evaluate(*x) for d, x in zip(differences, fd_inputs)], adjoint
 
-    values, fd_values = jax.jit(program, compiler_options=options)(
-        (primals, u, batched, batched_u), [d.inputs for d in differences]
+    values, fd_values, adjoint_values = jax.jit(program, compiler_options=options)(
+        (primals, u, batched, batched_u), [d.inputs for d in differences], adjoint_inputs
     )
     if "vjp" in checks:
         values["vjp"] = (pull(hand)(primals, u), values["jit"][1])
     tol = TOLERANCES[dtype]
     results: list[Finding] = []
+    received_vjp = dict(zip(names, values["vjp"][0])) if "vjp" in values else {}
     for check in CHECKS:
-        if check not in checks or check == "finite_diff":
+        if check not in checks or check in ("finite_diff", "adjoint"):
             continue
         received, expected = values[check]
         pairs = [("output", received, expected)] if check == "forward" else zip(names, received, expected)
         results += [
             _compare(rule.name, check, dtype, sample.label, n, r, e, tol[check], ATOL[dtype]) for n, r, e in pairs
         ]
+    results = [_diagnosed(f, rule, args, diff[names.index(f.argument)], received_vjp[f.argument], u, dtype)
+               if f.check == "vjp" and not f.passed else f for f in results]
     results += [
         d.finding(rule.name, sample.label, dtype, tol["finite_diff"], np.asarray(f), np.asarray(h))
         for d, (f, h) in zip(differences, fd_values)
     ]
+    for group, draws, (out, back) in zip(groups, adjoint_inputs, adjoint_values):
+        forward_side, backward_side, mismatch = adjoint_mismatch(draws[0], draws[1], out, back)
+        argument = ", ".join(_argname(rule, i) for i in group)
+        results.append(Finding(rule.name, "adjoint", dtype, sample.label, argument, abs(forward_side - backward_side),
+                               mismatch, tol["adjoint"], int(not mismatch <= tol["adjoint"]), 1,
+                               "⟨C(u), y⟩ against Σ ⟨u, C†(y)⟩", forward_side, backward_side))
     return results
 
 
-def _error_finding(rule: str, label: str, dtype: str, error: Exception) -> Finding:
+def _diagnosed(finding: Finding, rule: Rule, args, argument: int, received, g, dtype: str) -> Finding:
+    from manualgrad import diagnose
+
+    return dataclasses.replace(finding, diagnosis=diagnose.diagnose(rule, args, argument, received, g, dtype))
+
+
+def _linear_groups(rule: Rule, args, diff) -> list[tuple[int, ...]]:
+    """The rule's groups of linear arguments that are floating in this sample (integer labels are not)."""
+    return [group for group in rule.linear_in if all(i in diff for i in group)]
+
+
+def _adjoint_draws(key, args, group, output):
+    """Random ``u`` (one per argument of the group) and ``y`` (shaped like ``output``), on the host."""
+    ku, ky = jax.random.split(key)
+    u = [_random_like(k, args[i]) for k, i in zip(jax.random.split(ku, len(group)), group)]
+    return u, _random_like(ky, output)
+
+
+def _adjoint_pair(fn, args, group, u, y):
+    """Traced: ``C(u)`` with the other arguments fixed at the sample, and the hand backward ``C†(y)``."""
+    out, pullback = jax.vjp(_closure(fn, args, group), *u)
+    return out, pullback(y)
+
+
+def adjoint_mismatch(u, y, out, back) -> tuple[float, float, float]:
+    """Seed 002's dot-product test: ``(⟨C(u), y⟩, Σ_i ⟨u_i, C†_i(y)⟩, relative mismatch)``.
+
+    The inner products are taken on the host in float64, so only the rule's own round-off
+    remains. The mismatch is normalised by the Cauchy–Schwarz bound of the terms,
+    ``‖C(u)‖ ‖y‖ + Σ_i ‖u_i‖ ‖C†_i(y)‖``: the inner products of random vectors cancel, and
+    dividing by their values instead would turn round-off into an arbitrarily large ratio at
+    an unlucky draw. A wrong ``C†`` gives a mismatch of order ``1/√size``, far above it.
+    """
+    leaves = lambda t: [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(t)]  # noqa: E731
+    lhs = sum(np.vdot(a, b) for a, b in zip(leaves(out), leaves(y)))
+    rhs = sum(np.vdot(a, b) for a, b in zip(leaves(u), leaves(back)))
+    norm = lambda t: np.sqrt(sum(np.vdot(a, a) for a in leaves(t)))  # noqa: E731
+    scale = norm(out) * norm(y) + sum(norm(a) * norm(b) for a, b in zip(u, back))
+    mismatch = abs(lhs - rhs) / scale if scale > 0 else 0.0
+    return float(lhs), float(rhs), float(mismatch if np.isfinite(lhs - rhs) else np.inf)
+
+
+def _error_findings(rule: Rule, sample: Sample, dtype: str, error: Exception, key) -> list[Finding]:
+    """The error as a finding; for a backward that returned a cotangent of the wrong shape
+    (``custom_vjp`` refuses it), one per such argument, diagnosed from the raw backward."""
+    from manualgrad import diagnose
+
     message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return Finding(rule, "vjp", dtype, label, "(all)", np.inf, np.inf, TOLERANCES[dtype]["vjp"], 1, 1,
-                   "evaluation", note=f"raised {message}")
+    finding = Finding(rule.name, "vjp", dtype, sample.label, "(all)", np.inf, np.inf, TOLERANCES[dtype]["vjp"], 1, 1,
+                      "evaluation", note=f"raised {message}")
+    try:
+        g = _random_like(key, jax.eval_shape(rule.fn, *sample.args))
+    except Exception:  # the forward itself fails: nothing to pull back
+        return [finding]
+    raw = diagnose.diagnose_raw(rule, sample.args, g, dtype)
+    return [dataclasses.replace(finding, argument=_argname(rule, i), diagnosis=text) for i, text in raw.items()] or [finding]
 
 
 def _closure(fn, args, diff):

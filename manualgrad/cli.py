@@ -1,9 +1,13 @@
 """The ``manualgrad`` command line.
 
 ``manualgrad check [RULE ...] [--dtype float32|float64] [--json]`` cross-checks the registered
-rules and exits 1 if any check fails (2 for a bad command line, as argparse does).
+rules, names the usual mistake behind a failure (``DIAGNOSIS`` lines) and exits 1 if any
+check fails (2 for a bad command line, as argparse does).
 ``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``).
 ``manualgrad explain RULE`` prints a rule's derivation and checks it live; ``--list`` lists rules.
+``manualgrad exercise RULE [--out FILE]`` writes a rule's exercise (forward, derivation up to the
+result, an empty backward); ``manualgrad grade FILE`` grades it: exit 0 if every check passes,
+1 if some fail, 2 for a file that cannot be graded.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +40,8 @@ def _check(args: argparse.Namespace) -> int:
     failures = report.failures()
     for f in failures:
         print("FAIL " + f.describe())
+    for line in report.diagnoses():
+        print("DIAGNOSIS " + line)
     checks = len(report.worst())
     failed = len({(f.rule, f.check) for f in failures})
     print(f"{checks - failed} passed, {failed} failed in {report.seconds:.1f} s")
@@ -73,6 +80,38 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exercise(args: argparse.Namespace) -> int:
+    from manualgrad import exercise
+
+    if args.rule not in {r.name for r in registry.rules()}:
+        known = ", ".join(r.name for r in registry.rules())
+        print(f"manualgrad exercise: unknown rule {args.rule}; registered: {known}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out or f"{args.rule}_exercise.py")
+    if out.exists():
+        print(f"manualgrad exercise: {out} exists; remove it or choose another --out FILE", file=sys.stderr)
+        return 2
+    try:
+        out.write_text(exercise.exercise(args.rule))
+    except OSError as error:
+        print(f"manualgrad exercise: cannot write {out}: {error.strerror}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: write its backward, then run `manualgrad grade {out}`")
+    return 0
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from manualgrad import exercise
+
+    try:
+        text, passed = exercise.grade(args.file, dtype=args.dtype)
+    except exercise.ExerciseError as error:
+        print(f"manualgrad grade: {error}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0 if passed else 1
+
+
 def _train(args: argparse.Namespace) -> int:
     from manualgrad import checkpoint, data, train
 
@@ -102,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("rule", nargs="?", metavar="RULE", help="the rule to explain")
     explain.add_argument("--list", action="store_true", help="list the rules")
     explain.set_defaults(run=_explain)
+    ex = commands.add_parser("exercise", help="write a rule's exercise: forward, derivation up to the result, empty backward")
+    ex.add_argument("rule", metavar="RULE", help="the rule to practise")
+    ex.add_argument("--out", metavar="FILE", default=None, help="where to write it (default: RULE_exercise.py)")
+    ex.set_defaults(run=_exercise)
+    gr = commands.add_parser("grade", help="grade an exercise file's backward with every check, and diagnose it")
+    gr.add_argument("file", metavar="FILE", help="a file written by `manualgrad exercise`")
+    gr.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
+    gr.set_defaults(run=_grade)
     tr = commands.add_parser("train", help="train a model on the hand rules (jitted, optax, checkpoints, many devices)")
     tr.add_argument("--model", choices=("cnn", "mlp"), default="cnn")
     tr.add_argument("--dataset", default="digits", metavar="digits|xor|spirals|idx:PATH")

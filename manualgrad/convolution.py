@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad import validation, windows
+from manualgrad import mistakes, validation, windows
 from manualgrad.registry import Rule, Sample, register
 from manualgrad.samples import keys, normal
 from manualgrad.windows import Geometry, Padding
@@ -100,6 +100,20 @@ def _weight_adjoint(x, g, geo: Geometry):
     )
 
 
+def _conv_mistakes(rule: str, reference, spatial: tuple[int, ...]):
+    """The kernel not flipped in ``C†`` (or its taps reversed in ``C††``), padding off by one,
+    and the stride not dilated into ``G``."""
+
+    def geo(args):
+        x, w, stride, padding, dilation = args
+        return geometry(rule, jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+
+    def rebuild(args, x, stride, padding):
+        return (x, args[1], stride, padding, args[4])
+
+    return (*mistakes.kernel_flipped(reference, spatial), *mistakes.windowed(reference, geo, rebuild, (0, 1)))
+
+
 # --------------------------------------------------------------------------- conv2d
 
 
@@ -133,7 +147,12 @@ def conv2d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
 
         C(x, W)[b, o, co] = Σ_{k, ci} x[b, o·s + k·d − lo, ci] W[k, ci, co]
 
-    is linear in each argument. Collect ``⟨C(h, W), y⟩`` by input pixel ``p = o·s + k·d − lo``:
+    is linear in each argument. Its backward pass is the adjoint ``C†`` of ``h ↦ C(h, W)`` and
+    its gradient pass the adjoint ``C††`` of ``W ↦ C(x, W)``.
+
+    Result:
+
+    Collect ``⟨C(h, W), y⟩`` by input pixel ``p = o·s + k·d − lo``:
 
         C†(y, W)[b, p, ci] = Σ_{(o, k) : o·s + k·d − lo = p} Σ_co y[b, o, co] W[k, ci, co]
 
@@ -203,6 +222,8 @@ register(
         sample_inputs=_conv2d_samples,
         differentiable=(0, 1),
         seeds=(("002", "§4 Theorem 10, Algorithm 2: C† and C††"),),
+        linear_in=((0,), (1,)),
+        mistakes=_conv_mistakes("conv2d", conv2d_reference, (0, 1)),
     )
 )
 
@@ -228,6 +249,9 @@ def conv1d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
     derivation of ``conv2d`` with one spatial axis:
 
         C(x, W)[b, o, co]    = Σ_{k, ci} x[b, o·s + k·d − lo, ci] W[k, ci, co]
+
+    Result:
+
         C†(y, W)[b, p, ci]   = Σ_{(o, k) : o·s + k·d − lo = p} Σ_co y[b, o, co] W[k, ci, co]
         C††(x, y)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] y[b, o, co]
 
@@ -287,5 +311,7 @@ register(
         sample_inputs=_conv1d_samples,
         differentiable=(0, 1),
         seeds=(("002", "§4 C† and C††"), ("000", "§7 Correlation1D")),
+        linear_in=((0,), (1,)),
+        mistakes=_conv_mistakes("conv1d", conv1d_reference, (0,)),
     )
 )

@@ -24,7 +24,9 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     Derivation (seed 000 §4 "Linear"; seed 004 "Backprop"; seed 001 matrix form).
 
     Seed 000 writes one sample as a column, ``y = w x`` with ``w ∈ R^{m×n}``, and perturbs
-    one argument at a time, with ``dy := dL/dy``:
+    one argument at a time, with ``dy := dL/dy``, and reads the adjoint off ``ΔL = ⟨dy, Δy⟩``.
+
+    Result:
 
         backward pass   ΔL = ⟨dy, w Δx⟩ = dyᵀ w Δx = ⟨wᵀ dy, Δx⟩        ⇒  dx = wᵀ dy
         gradient pass   ΔL = ⟨dy, Δw x⟩ = tr(dyᵀ Δw x) = tr(x dyᵀ Δw)
@@ -98,6 +100,7 @@ register(
         sample_inputs=_dense_samples,
         differentiable=(0, 1),
         seeds=(("004", "Backprop: ∇_W = Oᵀ G, ∇_O = G Wᵀ"), ("000", "§4 Linear"), ("001", "matrix form")),
+        linear_in=((0,), (1,)),
     )
 )
 
@@ -113,6 +116,10 @@ def bias_add(z: jax.Array, b: jax.Array) -> jax.Array:
     """Bias add ``y = z + ι(b)``: ``b`` of shape ``(features,)`` added along the last axis.
 
     Derivation (seed 000 §5 "Add"; seed 004 "For bias"; seed 002 §4, the map ``ι``).
+    A batch shares one bias: the same ``b`` is added to every row (and, for NHWC images, to
+    every pixel).
+
+    Result:
 
     Seed 000 adds two vectors of one size, ``y = x + w``; both partial derivatives are the
     identity, so ``dx = dy`` and ``dw = dy``. A batch shares one bias, which seed 004 writes
@@ -178,5 +185,6 @@ register(
         sample_inputs=_bias_add_samples,
         differentiable=(0, 1),
         seeds=(("000", "§5 Add"), ("004", "For bias: ∇_b = 1ᵀ G"), ("002", "§4 ι and ι*")),
+        linear_in=((0, 1),),
     )
 )

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad import validation
+from manualgrad import mistakes, validation
+from manualgrad.registry import Mistake
 from manualgrad.registry import Rule, Sample, register
 from manualgrad.samples import keys, normal
 
@@ -27,7 +28,9 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
 
     Derivation (seed 000 §3 "mse"; seed 001 loss ½(a_2 − y)²).
 
-    Seed 000 expands one sample, ``y = ½‖x − y*‖²``:
+    Seed 000 expands one sample, ``y = ½‖x − y*‖²``, to first order in ``Δx``.
+
+    Result:
 
         Δy = ½(x + Δx − y*)ᵀ(x + Δx − y*) − ½(x − y*)ᵀ(x − y*)
            = ⟨x − y*, Δx⟩ + ½‖Δx‖²                  ⇒  dx = dy · (x − y*)
@@ -98,7 +101,9 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     sample's loss NaN rather than a silent wrong number.
 
     Derivation (seed 003, the external gradient ``df = ⟨g, dx⟩``; seed 004 ``G`` for the
-    output layer). With ``p = softmax(z)`` and ``s = Σ_c y_c``:
+    output layer). With ``p = softmax(z)`` and ``s = Σ_c y_c``, differentiate one row's loss.
+
+    Result:
 
         ℓ = −Σ_c y_c z_c + s · log Σ_c e^{z_c}
         dℓ = −⟨y, dz⟩ + s ⟨p, dz⟩                     ⇒  dz = s p − y
@@ -182,6 +187,7 @@ register(
         sample_inputs=_softmax_cross_entropy_samples,
         differentiable=(0, 1),
         seeds=(("003", "external gradient df = ⟨g, dx⟩"), ("004", "G of the output layer")),
+        linear_in=((1,),),
     )
 )
 
@@ -197,6 +203,8 @@ def l2_penalty(params: Any, lam: jax.Array) -> jax.Array:
     """The weight penalty ``λ Ω(θ)`` with ``Ω(θ) = ½ Σ_W ‖W‖²`` over every leaf of ``params``.
 
     Derivation (seed 004 "Adding regularization": ``∇_W J = Oᵀ G + λ ∇_W Ω(θ)``).
+
+    Result:
 
         ΔΩ = Σ_W ⟨W, ΔW⟩ + O(‖ΔW‖²)   ⇒  ∇_W (λ Ω) = λ W,   ∂(λ Ω)/∂λ = Ω
 
@@ -241,6 +249,11 @@ def _l2_penalty_samples(key, dtype):
     ]
 
 
+def _lambda_left_out(vjp, args, g):
+    right = mistakes.reference_vjp(l2_penalty_reference, args, 0, g, vjp)
+    yield "the right one without the factor λ", jax.tree_util.tree_map(lambda e: e / args[1], right)
+
+
 register(
     Rule(
         name="l2_penalty",
@@ -249,5 +262,7 @@ register(
         sample_inputs=_l2_penalty_samples,
         differentiable=(0, 1),
         seeds=(("004", "Adding regularization: λ ∇_W Ω(θ)"),),
+        linear_in=((1,),),
+        mistakes=(Mistake(0, _lambda_left_out),),
     )
 )

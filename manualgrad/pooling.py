@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from manualgrad import validation, windows
-from manualgrad.registry import Rule, Sample, register
+from manualgrad import mistakes, validation, windows
+from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad.samples import keys, normal
 from manualgrad.windows import Geometry, Padding
 
@@ -96,7 +96,11 @@ def avg_pool2d(x: jax.Array, window, stride=None, padding: Padding = "VALID") ->
         C(x)[b, o, c] = 1/|K| Σ_{k ∈ K} x[b, o·s + k − lo, c]
 
     is linear in ``x`` (a convolution with the constant kernel ``1/|K|``, one channel at a
-    time, and no weights to learn). Seed 002's Equation (3) reads ``C†`` off entry by entry:
+    time, and no weights to learn).
+
+    Result:
+
+    Seed 002's Equation (3) reads ``C†`` off entry by entry:
 
         C†(y)[b, p, c] = ⟨y, C e_{b,p,c}⟩ = 1/|K| Σ_{(o, k) : o·s + k − lo = p} y[b, o, c]
 
@@ -153,6 +157,22 @@ def _pool_samples(key, dtype):
     return [Sample((normal(next(k), xs, dtype), w, s, p), label) for xs, w, s, p, label in _POOL_CONFIGS]
 
 
+def _avg_pool_geometry(args) -> Geometry:
+    x, window, stride, padding = args
+    return _geometry("avg_pool2d", jnp.shape(x), window, stride, padding)
+
+
+def _not_divided(vjp, args, g):
+    size = math.prod(_avg_pool_geometry(args).window)
+    right = mistakes.reference_vjp(avg_pool2d_reference, args, 0, g, vjp)
+    yield f"|K| = {size} × the right one: not divided by the window size", size * right
+
+
+_AVG_POOL_MISTAKES = (
+    Mistake(0, _not_divided),
+    *mistakes.windowed(avg_pool2d_reference, _avg_pool_geometry, lambda args, x, s, p: (x, args[1], s, p), (0,)),
+)
+
 register(
     Rule(
         name="avg_pool2d",
@@ -161,6 +181,8 @@ register(
         sample_inputs=_pool_samples,
         differentiable=(0,),
         seeds=_SEEDS,
+        linear_in=((0,),),
+        mistakes=_AVG_POOL_MISTAKES,
     )
 )
 
@@ -190,6 +212,8 @@ def max_pool2d(x: jax.Array, window, stride=None, padding: Padding = "VALID") ->
     equal to −∞ off the image,
 
         M(x)[b, o, c] = max_{k ∈ K} x[b, o·s + k − lo, c].
+
+    Result:
 
     Where every window has a unique arg-max ``k*(b, o, c)``, a small enough perturbation does
     not move it, so near ``x`` the layer is the linear selection ``S_x h[b, o, c] =
@@ -306,7 +330,11 @@ def flatten(x: jax.Array) -> jax.Array:
 
     Derivation (seed 002 §4 and Equation (3)). ``F(x)[b, q] = x[b, π(q)]`` with ``π`` the
     row-major (C-order) bijection from flat indices to ``(i_1, ..., i_m)``: a linear map that
-    only renames entries. Equation (3) gives its adjoint entry by entry,
+    only renames entries.
+
+    Result:
+
+    Equation (3) gives its adjoint entry by entry,
 
         F†(y)[b, π(q)] = ⟨y, F e_{b,π(q)}⟩ = y[b, q]
 
@@ -355,5 +383,6 @@ register(
         sample_inputs=_flatten_samples,
         differentiable=(0,),
         seeds=_SEEDS,
+        linear_in=((0,),),
     )
 )

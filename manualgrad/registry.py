@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -32,6 +32,26 @@ class Sample:
 
 
 SampleInputs = Callable[[jax.Array, Any], Sequence[Sample]]
+# vjp(fn, primal, g): the cotangent of ``primal`` for ``fn`` under ``g``, by JAX's autodiff of ``fn``.
+VJP = Callable[[Callable[[Any], Any], Any, Any], Any]
+
+RESULT_MARKER = "Result:"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mistake:
+    """A usual mistake in the backward of one argument, given as the wrong answers it produces.
+
+    ``candidates(vjp, args, g)`` yields ``(text, wrong cotangent)`` pairs for the sample
+    ``args`` and the output cotangent ``g``. They are derived from the rule's *reference*
+    (``vjp`` differentiates a plain-``jnp`` function, e.g. the reference with the kernel
+    flipped or the padding shifted) or from the right answer, never from a hand backward,
+    so a diagnosis does not presuppose the mistake it finds. ``text`` completes
+    "your gradient equals ...", e.g. ``"the right one for the kernel not flipped"``.
+    """
+
+    argument: int
+    candidates: Callable[[VJP, tuple[Any, ...], Any], Iterable[tuple[str, Any]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +67,13 @@ class Rule:
       differentiable: positional indices of the arguments the rule differentiates; an
         argument listed here that is an integer array in a sample (class labels) is skipped.
       seeds: ``(seed id, section)`` pairs, e.g. ``(("000", "§4 Linear"),)``.
+      linear_in: groups of positional indices in which the rule is linear, each group held
+        jointly with every other argument fixed: ``dense`` is linear in ``x`` and in ``w``
+        (``((0,), (1,))``), ``bias_add`` jointly in ``(z, b)`` (``((0, 1),)``). The checker's
+        ``adjoint`` check runs seed 002's dot-product test ``⟨C(u), y⟩ = ⟨u, C†(y)⟩`` on each.
+      mistakes: the usual mistakes of this rule's backward (:class:`Mistake`), beyond the
+        ones every rule can make (transposed, a constant factor, the sign, an axis not summed),
+        which :mod:`manualgrad.diagnose` tries when a hand VJP is wrong.
     """
 
     name: str
@@ -55,6 +82,8 @@ class Rule:
     sample_inputs: SampleInputs
     differentiable: tuple[int, ...]
     seeds: tuple[tuple[str, str], ...]
+    linear_in: tuple[tuple[int, ...], ...] = ()
+    mistakes: tuple[Mistake, ...] = ()
 
     @property
     def argnames(self) -> tuple[str, ...]:
@@ -63,6 +92,13 @@ class Rule:
     @property
     def derivation(self) -> str:
         return inspect.getdoc(self.fn) or ""
+
+    @property
+    def derivation_setup(self) -> str:
+        """The derivation up to its result: the docstring before its ``Result:`` line."""
+        lines = self.derivation.splitlines()
+        cut = next((i for i, line in enumerate(lines) if line.strip() == RESULT_MARKER), len(lines))
+        return "\n".join(lines[:cut]).rstrip()
 
     @property
     def seed_text(self) -> str:
@@ -91,6 +127,20 @@ def register(rule: Rule) -> Rule:
     bad = [i for i in rule.differentiable if not 0 <= i < len(rule.argnames)]
     if bad:
         raise ValueError(f"register: {rule.name} has no positional arguments {bad}")
+    if [line.strip() for line in rule.derivation.splitlines()].count(RESULT_MARKER) != 1:
+        raise ValueError(
+            f"register: {rule.name}'s docstring must have one line {RESULT_MARKER!r} where the derivation's "
+            "result begins (exercises show the derivation up to it)"
+        )
+    linear = [i for group in rule.linear_in for i in group]
+    if any(not group for group in rule.linear_in) or len(linear) != len(set(linear)):
+        raise ValueError(f"register: {rule.name}.linear_in must be disjoint, non-empty groups, got {rule.linear_in}")
+    if not set(linear) <= set(rule.differentiable):
+        raise ValueError(
+            f"register: {rule.name}.linear_in {rule.linear_in} names arguments outside differentiable {rule.differentiable}"
+        )
+    if not {m.argument for m in rule.mistakes} <= set(rule.differentiable):
+        raise ValueError(f"register: {rule.name}.mistakes name arguments outside differentiable {rule.differentiable}")
     _RULES[rule.name] = rule
     return rule
 

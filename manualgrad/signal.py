@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad import validation
-from manualgrad.registry import Rule, Sample, register
+from manualgrad import mistakes, validation
+from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad.samples import keys, normal
 
 MODES = ("valid", "same", "full")
@@ -131,6 +131,36 @@ def _check_cotangent(rule: str, g, lead: tuple[int, ...], length: int, mode: str
         )
 
 
+def _window_reference(x: jax.Array, w: jax.Array, offset: int, length: int) -> jax.Array:
+    """``y_i = Σ_j x_{i+offset+j} w_j`` for ``0 ≤ i < length``, ``x`` zero outside ``0 … N−1``:
+    the correlation on any window of shifts (plain ``jnp``, for the diagnoses)."""
+    n, k = jnp.shape(x)[-1], jnp.shape(w)[0]
+    lo, hi = max(0, -offset), max(0, length + offset + k - 1 - n)
+    xp = jnp.pad(x, [(0, 0)] * (jnp.ndim(x) - 1) + [(lo, hi)])
+    index = jnp.arange(length)[:, None] + jnp.arange(k)[None, :] + offset + lo
+    return jnp.take(xp, index, axis=-1) @ w
+
+
+def _signal_mistakes(rule: str, reference, flip: bool) -> tuple[Mistake, ...]:
+    """The kernel flipped the wrong way, and the mode's window of shifts off by one (the padding
+    of ``x`` or of ``dy`` off by one), for ``x`` and for ``w``."""
+
+    def window_shifted(i: int) -> Mistake:
+        def candidates(vjp, args, g):
+            x, w, mode = args
+            pad = _padding(rule, jnp.shape(x)[-1], jnp.shape(w)[0], mode)
+            for shift in (-1, 1):
+                def f(a, shift=shift):
+                    xx, ww, _ = mistakes.replace(args, i, a)
+                    return _window_reference(xx, jnp.flip(ww) if flip else ww, pad.offset + shift, pad.length)
+
+                yield f"the right one with the padding off by one (window shifted by {shift})", vjp(f, args[i], g)
+
+        return Mistake(i, candidates)
+
+    return (*mistakes.kernel_flipped(reference, (0,)), window_shifted(0), window_shifted(1))
+
+
 # --------------------------------------------------------------------------- correlate1d
 
 
@@ -166,7 +196,9 @@ def correlate1d(x: jax.Array, w: jax.Array, mode: str = "valid") -> jax.Array:
     Derivation (seed 000 §6 "Convolution with infinite dimension input", §7 "Correlation1D").
 
     For signals indexed by all of ℤ seed 000 perturbs one argument at a time, with
-    ``dy := dL/dy``:
+    ``dy := dL/dy``, and moves the shift across the inner product (§6.2's identities).
+
+    Result:
 
         backward pass   ΔL = ⟨dy, Δx ⋆ w⟩ = ⟨Δx, dy ∗ w⟩   (§6.2 identity 3)  ⇒  dx = dy ∗ w
         gradient pass   ΔL = ⟨dy, x ⋆ Δw⟩ = ⟨Δw, x ⋆ dy⟩   (§6.2 identity 1)  ⇒  dw = x ⋆ dy
@@ -270,6 +302,8 @@ register(
         sample_inputs=_signal_samples,
         differentiable=(0, 1),
         seeds=(("000", "§6–7 correlation/convolution, Correlation1D"),),
+        linear_in=((0,), (1,)),
+        mistakes=_signal_mistakes("correlate1d", correlate1d_reference, flip=False),
     )
 )
 
@@ -289,7 +323,9 @@ def convolve1d(x: jax.Array, w: jax.Array, mode: str = "valid") -> jax.Array:
     Shapes and modes as for :func:`correlate1d`.
 
     Derivation (seed 000 §6.2, identities 4 and 2; the Correlation1D argument of §7 with
-    ``∗`` and ``⋆`` exchanged). For signals indexed by all of ℤ:
+    ``∗`` and ``⋆`` exchanged). For signals indexed by all of ℤ, perturb one argument at a time.
+
+    Result:
 
         backward pass   ΔL = ⟨dy, Δx ∗ w⟩ = ⟨Δx, dy ⋆ w⟩   (identity 4)  ⇒  dx = dy ⋆ w
         gradient pass   ΔL = ⟨dy, x ∗ Δw⟩ = ⟨Δw, dy ⋆ x⟩   (identity 2)  ⇒  dw = dy ⋆ x,
@@ -352,5 +388,7 @@ register(
         sample_inputs=_signal_samples,
         differentiable=(0, 1),
         seeds=(("000", "§6–7 correlation/convolution, Correlation1D"),),
+        linear_in=((0,), (1,)),
+        mistakes=_signal_mistakes("convolve1d", convolve1d_reference, flip=True),
     )
 )

@@ -1,5 +1,7 @@
 """The checker is itself tested: every planted mistake must be reported, with its rule and argument."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,14 +19,22 @@ def test_every_rule_has_a_mutation():
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: f"{m.rule}: {m.mistake}")
 def test_checker_catches_mutation(mutation):
     wrong = mutant(mutation)
-    report = manualgrad.check(wrong, checks=("vjp", "finite_diff"))
+    report = manualgrad.check(wrong, checks=("vjp", "finite_diff", "adjoint"))
     failures = report.failures()
     assert failures, f"{mutation} went unnoticed"
-    # Named with the rule and the right argument, by the reference and by finite differences.
+    # Named with the rule and the right argument, by the reference and by finite differences,
+    # and, for an argument the rule is linear in, by the dot-product test (no autodiff at all).
     assert all(f.rule == wrong.name for f in failures)
-    assert {f.argument.split("[")[0] for f in failures} == {mutation.argument}
-    assert {f.check for f in failures} == set(mutation.caught_by)
+    linear = {wrong.argnames[i] for group in wrong.linear_in for i in group}
+    assert {f.argument.split("[")[0] for f in failures if f.check != "adjoint"} == {mutation.argument}
+    assert all(mutation.argument in f.argument.split(", ") for f in failures if f.check == "adjoint")
+    assert {f.check for f in failures} == set(mutation.caught_by) | ({"adjoint"} if mutation.argument in linear else set())
     assert "differ beyond" in failures[0].describe()
+    # Diagnosed: every failing sample's comparison with the reference names the mistake.
+    if mutation.diagnosis:
+        diagnoses = [f.diagnosis for f in failures if f.check == "vjp"]
+        assert diagnoses and all(mutation.diagnosis in d for d in diagnoses), diagnoses
+        assert mutation.diagnosis in report.diagnoses()[0] and report.diagnoses()[0].startswith(f"{wrong.name}, argument ")
 
 
 def test_failure_is_localised():
@@ -109,3 +119,32 @@ def test_bad_arguments_to_check():
         manualgrad.check("densse")
     with pytest.raises(TypeError, match="reference= and args="):
         manualgrad.check(lambda x: x)
+
+
+def test_adjoint_mismatch_is_normalised_by_the_cauchy_schwarz_bound():
+    u, y = [np.array([1.0, 2.0])], np.array([3.0, -1.0])
+    out, back = np.array([1.0, 1.0]), [np.array([2.0, 0.5])]  # ⟨out, y⟩ = 2, ⟨u, back⟩ = 3
+    lhs, rhs, mismatch = checker.adjoint_mismatch(u, y, out, back)
+    assert (lhs, rhs) == (2.0, 3.0)
+    assert np.isclose(mismatch, 1 / (np.sqrt(2) * np.sqrt(10) + np.sqrt(5) * np.sqrt(4.25)))
+
+
+def test_adjoint_check_fails_a_wrong_transpose_and_names_the_group():
+    wrong = mutant(next(m for m in MUTATIONS if m.mistake == "dz sign flipped"))  # bias_add, jointly linear in (z, b)
+    report = manualgrad.check(wrong, checks=("adjoint",))
+    failures = report.failures()
+    assert failures and {f.argument for f in failures} == {"z, b"}
+    assert "⟨C(u), y⟩ = " in failures[0].describe() and "Σ ⟨u, C†(y)⟩" in failures[0].describe()
+
+
+def test_register_validates_linear_groups_and_the_result_marker():
+    rule = manualgrad.get("dense")
+    for groups in [((0,), (0, 1)), ((),), ((2,),)]:
+        with pytest.raises(ValueError, match="linear_in"):
+            manualgrad.register(dataclasses.replace(rule, name="dense2", linear_in=groups))
+    undocumented = jax.custom_vjp(lambda x, w: x @ w)
+    undocumented.__doc__ = "seed 004, seed 000, seed 001: a derivation without a marker"
+    undocumented.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+    with pytest.raises(ValueError, match="Result:"):
+        manualgrad.register(dataclasses.replace(rule, name="dense3", fn=undocumented))
+    assert "dense2" not in {r.name for r in manualgrad.rules()}

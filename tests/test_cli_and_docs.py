@@ -15,15 +15,19 @@ def test_check_prints_table_and_passes(capsys):
     assert cli.main(["check", "identity", "relu", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "dtype float32" in out
-    for column in ("forward", "vjp", "finite_diff", "jit", "vmap", "grad_of_grad"):
+    for column in ("forward", "vjp", "finite_diff", "adjoint", "jit", "vmap", "grad_of_grad"):
         assert column in out
-    assert out.splitlines()[-1].startswith("12 passed, 0 failed")
+    # relu is not linear: its adjoint cell is a dash, not a pass
+    relu_row = next(line for line in out.splitlines() if line.startswith("relu "))
+    assert relu_row.split()[7] == "-" and relu_row.count("ok") == 6
+    assert out.splitlines()[-1].startswith("13 passed, 0 failed")
 
 
 def test_check_json_has_one_record_per_rule_and_check(capsys):
     assert cli.main(["check", "mse", "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert sorted(r["check"] for r in records) == sorted(manualgrad.checker.CHECKS)
+    # mse is not linear in any argument: no adjoint record
+    assert sorted(r["check"] for r in records) == sorted(set(manualgrad.checker.CHECKS) - {"adjoint"})
     assert all(r["rule"] == "mse" and r["passed"] and r["dtype"] == "float64" for r in records)
     assert all(r["max_rel_error"] <= r["tolerance"] for r in records)
 
@@ -46,6 +50,8 @@ def test_console_script_exits_1_on_failure(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert "FAIL sigmoid, argument z" in result.stdout
+    assert "DIAGNOSIS sigmoid, argument z: your gradient equals the cotangent G itself: the factor σ' is missing" \
+        in result.stdout.splitlines()
 
 
 def test_readme_table_is_generated_from_the_registry():
