@@ -193,12 +193,14 @@ def _stepper(compiled: Any, params: Any, x: jax.Array, labels: jax.Array) -> Cal
 
 
 def _relative(a: Sequence[Any], b: Sequence[Any]) -> float:
-    return max(float(np.max(np.abs(np.asarray(p) - np.asarray(q))) / max(float(np.max(np.abs(np.asarray(q)))), 1e-30))
-               for p, q in zip(a, b))
+    """``‖a − b‖ / ‖b‖`` over all leaves together: round-off, not the odd ReLU that flips at its kink."""
+    diff = sum(float(np.sum((np.asarray(p, np.float64) - np.asarray(q, np.float64)) ** 2)) for p, q in zip(a, b))
+    return (diff / max(sum(float(np.sum(np.asarray(q, np.float64) ** 2)) for q in b), 1e-300)) ** 0.5
 
 
-def _peer_contenders(params: Any, x: jax.Array, labels: jax.Array, manual_grads: list) -> tuple[dict, list[Record], str | None]:
-    """The NumPy and (when importable) PyTorch steps, and how far their gradients are from the hand rules'."""
+def _peer_contenders(params: Any, x: jax.Array, labels: jax.Array, manual_grads: list,
+                     n: int) -> tuple[dict, list[Record], str | None]:
+    """The NumPy and (when importable) PyTorch steps and PyTorch's ``n × n`` matmul; how far their gradients are from the hand rules'."""
     host_x, host_labels = np.asarray(x), np.asarray(labels)
     weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
     numpy_peer = peers.NumpyMLP(weights, LEARNING_RATE)
@@ -210,10 +212,11 @@ def _peer_contenders(params: Any, x: jax.Array, labels: jax.Array, manual_grads:
         torch_peer = peers.TorchMLP(weights, LEARNING_RATE, device)
         tx, tl = torch_peer.inputs(host_x, host_labels)
         out["torch"] = lambda: torch_peer.step(tx, tl)
+        out["torch_matmul"] = torch_peer.matmul(n)
         checks.append(("torch", torch_peer.gradients(tx, tl)[1]))
     flat_manual = [a for pair in manual_grads for a in pair]
     records = [record(f"gradient_difference_{name}_vs_manual", _relative([a for pair in grads for a in pair], flat_manual),
-                      "max relative") for name, grads in checks]
+                      "relative L2") for name, grads in checks]
     return out, records, reason
 
 
@@ -236,7 +239,7 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
     grads = {side: jax.jit(jax.grad(fn))(params, x, labels) for side, fn in loss.items()}
     records.append(record("gradient_difference_jax_grad_vs_manual",
                           _relative(jax.tree_util.tree_leaves(grads["jax_grad"]), jax.tree_util.tree_leaves(grads["manual"])),
-                          "max relative"))
+                          "relative L2"))
     nbytes = {side: footprint(c) for side, c in compiled.items()}
     if None in nbytes.values():
         records.append(record("compiled_bytes", None, "bytes", skipped="memory_analysis() reports nothing on this backend"))
@@ -256,13 +259,14 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
         contenders["matmul"] = lambda: matmul(a, a)
         if settings.peers:
             manual = [(g["w"], g["b"]) for g in grads["manual"] if isinstance(g, dict)]
-            more, checks, torch_reason = _peer_contenders(params, x, labels, manual)
+            more, checks, torch_reason = _peer_contenders(params, x, labels, manual, n)
             contenders.update(more)
             records += checks
     times = interleaved(contenders, settings.repeats, settings.warmup, settings.sample_seconds)
-    records += [record(f"step_ms_{side}", 1e3 * statistics.median(times[side]), "ms") for side in times if side != "matmul"]
+    steps = [side for side in times if not side.endswith("matmul")]
+    records += [record(f"step_ms_{side}", 1e3 * statistics.median(times[side]), "ms") for side in steps]
     records += [record(f"step_ratio_manual_over_{side}", median_ratio(times, "manual", side), "ratio")
-                for side in times if side not in ("manual", "matmul")]
+                for side in steps if side != "manual"]
     if model.mlp and settings.peers and torch_reason is not None:
         records.append(record("step_ratio_manual_over_torch", None, "ratio", skipped=torch_reason))
     if model.mlp:
@@ -272,10 +276,12 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
             record("flops_per_s_manual", flops / statistics.median(times["manual"]), "FLOP/s"),
             record("matmul_flops_per_s", peak_flops / statistics.median(times["matmul"]), "FLOP/s",
                    matmul=f"{settings.matmul_n()}x{settings.matmul_n()} float32"),
-            record("flops_fraction_manual_of_matmul",
-                   statistics.median(flops / m / (peak_flops / p) for m, p in zip(times["manual"], times["matmul"])),
+            record("flops_fraction_manual_of_matmul", median_ratio(times, "matmul", "manual") * flops / peak_flops,
                    "fraction"),
         ]
+        if "torch_matmul" in times:
+            records.append(record("torch_matmul_flops_per_s", peak_flops / statistics.median(times["torch_matmul"]),
+                                  "FLOP/s", matmul=f"{settings.matmul_n()}x{settings.matmul_n()} float32, torch.mm"))
     for rec in records:
         rec["model"] = name
     return records
@@ -402,7 +408,7 @@ def _value(rec: Record) -> str:
         return f"{v / 1e9:.4g} G{unit}"
     if unit in ("ratio", "fraction"):
         return f"{v:.3f}"
-    if unit == "max relative":
+    if unit == "relative L2":
         return f"{v:.1e}"
     return f"{v:.2f} {unit}"
 

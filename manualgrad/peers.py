@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -171,6 +171,18 @@ class TorchMLP:
         """``(x, labels)`` as tensors on this peer's device."""
         return (self.torch.tensor(np.asarray(x), device=self.device),
                 self.torch.tensor(np.asarray(labels, np.int64), device=self.device))
+
+    def matmul(self, n: int) -> Callable[[], Any]:
+        """A closure that multiplies two ``n × n`` float32 matrices with PyTorch on this peer's device and threads."""
+        a = self.torch.randn(n, n, device=self.device)
+
+        def run():
+            c = a @ a
+            if self.device != "cpu":
+                self.torch.cuda.synchronize()
+            return c
+
+        return run
 
     def gradients(self, x: Any, labels: Any) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
         """The loss and ``[(∇W_k, ∇b_k)]`` (no update)."""

@@ -8,7 +8,9 @@ the residual bytes are what the model implies.
 
 import json
 import math
+import pathlib
 import re
+import runpy
 
 import jax
 import numpy as np
@@ -112,3 +114,12 @@ def test_bench_rejects_unknown_model(capsys):
     assert cli.main(["bench", "--models", "mlp_1024,resnet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("manualgrad bench: --models: unknown model(s) resnet") and "\n" not in err
+
+
+def test_comparisons_script_runs_the_same_bench(capsys):
+    script = pathlib.Path(__file__).resolve().parents[1] / "comparisons" / "performance.py"
+    result = runpy.run_path(str(script))["main"](["--models", "digits_mlp", "--repeats", "1", "--compile-repeats", "1",
+                                                   "--no-peers", "--no-check", "--matmul-size", "64"])
+    assert result["settings"]["models"] == ["digits_mlp"]
+    assert {r["figure"] for r in result["records"]} >= {"step_ratio_manual_over_jax_grad", "flops_fraction_manual_of_matmul"}
+    assert "step_ratio_manual_over_jax_grad" in capsys.readouterr().out
