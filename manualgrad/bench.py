@@ -414,20 +414,39 @@ def _value(rec: Record) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    """The records as a text table, with the machine and settings above it."""
+    """The records as a text table — one row per figure, one column per model — under the machine and settings.
+
+    A value that misses its goal is marked ``✗``, one that meets it ``✓``; reasons for skipped
+    figures follow the table.
+    """
     m, s = result["machine"], result["settings"]
     lines = [f"manualgrad bench on {m['cpu']} ({m['cores']} cores), backend {m['backend']} ({m['device']}), "
-             f"jax {m['jax']}, torch {m['torch'] or 'not installed'}",
-             f"{s['dtype']}, {s['optimizer']}, median of {s['repeats']} interleaved repetitions; "
-             f"matmul peak from {s['matmul_size']}x{s['matmul_size']}; {s['seconds']:.0f} s in all", ""]
+             f"jax {m['jax']}, numpy {m['numpy']}, torch {m['torch'] or 'not installed'}",
+             f"{s['dtype']}, {s['optimizer']}, median of {s['repeats']} interleaved repetitions "
+             f"(compile: {s['compile_repeats']}); matmul peak from {s['matmul_size']}x{s['matmul_size']}; "
+             f"{s['seconds']:.0f} s in all", ""]
     lines += [f"{name:11} {text}" for name, text in result["models"].items()] + [""]
-    rows = [("model", "figure", "value", "goal", "")]
+    models = [name for name in result["models"]]
+    cells: dict[str, dict[str | None, str]] = {}
+    goals: dict[str, str] = {}
+    notes = []
     for rec in result["records"]:
-        met = "" if "meets_goal" not in rec else ("ok" if rec["meets_goal"] else "MISSED")
-        rows.append((rec["model"] or "-", rec["figure"], _value(rec), rec.get("goal", ""), met or rec.get("skipped", "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else "") for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+        mark = "" if "meets_goal" not in rec else (" ✓" if rec["meets_goal"] else " ✗")
+        cells.setdefault(rec["figure"], {})[rec["model"]] = _value(rec) + mark
+        goals.setdefault(rec["figure"], rec.get("goal", ""))
+        if "skipped" in rec:
+            notes.append(f"{rec['model'] or '-'} {rec['figure']} skipped: {rec['skipped']}")
+    per_model = [f for f in cells if None not in cells[f]]
+    rows = [("figure", *models, "goal")]
+    rows += [(f, *(cells[f].get(name, "") for name in models), goals[f]) for f in per_model]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for f in cells:
+        if None in cells[f]:
+            rec = next(r for r in result["records"] if r["figure"] == f)
+            extra = ", ".join(f"{k} {v}" for k, v in rec.items() if k not in ("figure", "model", "value", "unit", "goal", "meets_goal"))
+            lines.append(f"{f}: {cells[f][None]}" + (f" (goal {goals[f]})" if goals[f] else "") + (f"; {extra}" if extra else ""))
+    return "\n".join(lines + notes)
 
 
 def to_json(result: dict[str, Any]) -> str:
