@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -77,7 +76,7 @@ class Settings:
     sample_seconds: float = 0.02
     matmul_size: int | None = None
     peers: bool = True
-    check_rules: tuple[str, ...] | None = ()
+    check_rules: tuple[str, ...] | None = ()  # rules for `manualgrad check`: () all of them, None no check
     seed: int = 0
 
     def matmul_n(self) -> int:
@@ -208,8 +207,7 @@ def _peer_contenders(params: Any, x: jax.Array, labels: jax.Array, manual_grads:
     checks = [("numpy", numpy_peer.gradients(host_x, host_labels)[1])]
     reason = peers.torch_reason()
     if reason is None:
-        device = "cuda" if jax.default_backend() == "gpu" and __import__("torch").cuda.is_available() else "cpu"
-        torch_peer = peers.TorchMLP(weights, LEARNING_RATE, device)
+        torch_peer = peers.TorchMLP(weights, LEARNING_RATE, peers.torch_device(jax.default_backend()))
         tx, tl = torch_peer.inputs(host_x, host_labels)
         out["torch"] = lambda: torch_peer.step(tx, tl)
         out["torch_matmul"] = torch_peer.matmul(n)
@@ -355,7 +353,7 @@ def machine() -> dict[str, Any]:
     device = jax.devices()[0]
     return {
         "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": peers.cores(),
         "backend": jax.default_backend(),
         "device": device.device_kind,
         "devices": jax.device_count(),

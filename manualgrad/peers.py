@@ -93,6 +93,18 @@ def torch_reason() -> str | None:
     return None
 
 
+def cores() -> int:
+    """The CPU cores this process may run on: PyTorch's thread count for the peer."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def torch_device(backend: str) -> str:
+    """``cuda`` when JAX runs on a GPU and PyTorch sees one, else ``cpu``."""
+    import torch
+
+    return "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 @functools.cache
 def _torch_functions():
     """The three ``torch.autograd.Function``s with hand backward: dense with bias, ReLU, softmax cross-entropy."""
@@ -151,8 +163,7 @@ class TorchMLP:
     def __init__(self, weights: Weights, lr: float, device: str = "cpu") -> None:
         import torch
 
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(threads or 1)
+        torch.set_num_threads(cores())
         self.torch, self.device = torch, device
         self.params = [torch.tensor(np.asarray(a), device=device, requires_grad=True) for pair in weights for a in pair]
         self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(B1, B2), eps=EPS)
