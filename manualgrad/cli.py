@@ -4,6 +4,7 @@
 rules, names the usual mistake behind a failure (``DIAGNOSIS`` lines) and exits 1 if any
 check fails (2 for a bad command line, as argparse does).
 ``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``).
+``manualgrad bench [...]`` measures the hand rules against ``jax.grad``, NumPy and PyTorch.
 ``manualgrad explain RULE`` prints a rule's derivation and checks it live; ``--list`` lists rules.
 ``manualgrad exercise RULE [--out FILE]`` writes a rule's exercise (forward, derivation up to the
 result, an empty backward); ``manualgrad grade FILE`` grades it: exit 0 if every check passes,
@@ -51,15 +52,33 @@ def _check(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from manualgrad import bench
 
-    result = bench.cnn_gradient(batch=args.batch, repeats=args.repeats)
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(result["benchmark"] + f", median of {result['repeats']} interleaved steps on {result['machine']}")
-    print(f"  hand rules   {result['manual_ms']:8.2f} ms   compile {result['compile_s_manual']:.2f} s")
-    print(f"  jax.grad     {result['jax_grad_ms']:8.2f} ms   compile {result['compile_s_jax_grad']:.2f} s")
-    print(f"  ratio_manual_over_jax_grad {result['ratio_manual_over_jax_grad']:.3f}"
-          f"   (gradients agree to {result['max_gradient_difference_relative']:.1e} relative)")
+    settings = bench.QUICK if args.quick else bench.Settings()
+    chosen = {"repeats": args.repeats, "compile_repeats": args.compile_repeats, "matmul_size": args.matmul_size}
+    settings = dataclasses.replace(settings, **{k: v for k, v in chosen.items() if v is not None})
+    if args.models:
+        settings = dataclasses.replace(settings, models=tuple(m for m in args.models.split(",") if m))
+    if args.no_peers:
+        settings = dataclasses.replace(settings, peers=False)
+    if args.check_rules is not None:
+        settings = dataclasses.replace(settings, check_rules=tuple(args.check_rules))
+    if args.no_check:
+        settings = dataclasses.replace(settings, check_rules=None)
+    unknown = [m for m in settings.models if m not in bench.MODELS]
+    rules = {r.name for r in registry.rules()}
+    if unknown or not settings.models:
+        print(f"manualgrad bench: --models: unknown model(s) {', '.join(unknown) or '(none given)'}; "
+              f"known: {', '.join(bench.MODELS)}", file=sys.stderr)
+        return 2
+    if settings.check_rules and set(settings.check_rules) - rules:
+        print(f"manualgrad bench: --check-rules: unknown rule(s) {', '.join(sorted(set(settings.check_rules) - rules))}; "
+              f"registered: {', '.join(sorted(rules))}", file=sys.stderr)
+        return 2
+    if min(settings.repeats, settings.compile_repeats, settings.matmul_n()) < 1:
+        print("manualgrad bench: --repeats, --compile-repeats and --matmul-size must be ≥ 1", file=sys.stderr)
+        return 2
+    progress = None if args.json else (lambda line: print(f"  measuring {line}", file=sys.stderr, flush=True))
+    result = bench.run(settings, progress)
+    print(bench.to_json(result) if args.json else bench.table(result))
     return 0
 
 
@@ -169,10 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--cross-check-batches", type=int, default=3, metavar="N",
                     help="batches for the final hand-rule vs jax.grad check")
     tr.set_defaults(run=_train)
-    bench = commands.add_parser("bench", help="time the jitted CNN gradient: hand rules vs jax.grad")
-    bench.add_argument("--batch", type=int, default=128)
-    bench.add_argument("--repeats", type=int, default=30)
-    bench.add_argument("--json", action="store_true", help="one JSON document")
+    bench = commands.add_parser(
+        "bench", help="hand rules vs jax.grad, NumPy and PyTorch: step time, compile time, memory, FLOP/s, check time")
+    bench.add_argument("--models", default=None, metavar="M1,M2",
+                       help="comma-separated, from: digits_mlp, mlp_1024, mlp_large, digits_cnn, cnn_28 (default: all)")
+    bench.add_argument("--repeats", type=int, default=None, help="interleaved timed repetitions per model (10)")
+    bench.add_argument("--compile-repeats", type=int, default=None, help="interleaved compilations per side (3)")
+    bench.add_argument("--matmul-size", type=int, default=None, metavar="N",
+                       help="side of the float32 matmul that measures the peak (2048 on CPU, 8192 on accelerators)")
+    bench.add_argument("--no-peers", action="store_true", help="leave out the NumPy and PyTorch peers")
+    bench.add_argument("--check-rules", nargs="*", default=None, metavar="RULE",
+                       help="time `manualgrad check --dtype float64` on these rules (default: all)")
+    bench.add_argument("--no-check", action="store_true", help="leave out the check's wall time")
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke run in seconds: digits models, 3 repeats, 256 matmul, check of relu only (not a measurement)")
+    bench.add_argument("--json", action="store_true", help="one JSON document: machine, settings, one record per figure")
     bench.set_defaults(run=_bench)
     return parser
 

@@ -58,7 +58,7 @@ def _conv_input_adjoint(g, w, geo, flip=True, dilate=True, shift=0):
     pads = [(e - 1 - lo + shift, e - 1 - hi + r - shift)
             for e, (lo, hi), r in zip(geo.effective_window, geo.pads, geo.leftover)]
     return lax.conv_general_dilated(g, kernel, (1,) * n, pads, lhs_dilation=(1,) * n if not dilate else geo.strides,
-                                    rhs_dilation=geo.dilation, dimension_numbers=convolution._numbers(n, "C"))
+                                    rhs_dilation=geo.dilation, dimension_numbers=convolution._numbers(n))
 
 
 def _conv_mutation(rule, **mistake):
