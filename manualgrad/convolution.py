@@ -14,17 +14,20 @@ axes (1 or 2; one index ``o``, ``k``, ``p`` stands for all of them):
 Both adjoints follow by collecting the terms of ``⟨C(x, W), y⟩`` differently:
 
 * by input position ``p = o·s + k·d − lo``: ``C†(y, W)[b, p, ci] = Σ_{o, k : p} Σ_co y[b, o, co] W[k, ci, co]``
-  — a *transposed convolution*: spread ``y`` onto a grid ``s`` times finer (``s − 1`` zeros
-  between entries), pad it by ``e − 1 − lo`` before and ``e − 1 − hi + r`` after (``e`` the
-  dilated kernel extent, ``r`` the leftover input rows that no window reaches), and correlate
-  with the kernel flipped in space and with ``ci``/``co`` swapped. The leftover rows only meet
-  the padding zeros, so their gradient is exactly 0.
-* by kernel tap ``k``: ``C††(x, y)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] · y[b, o, co]``
-  — for each tap ``k`` the input shifted by ``k·d`` and sampled every ``s`` (one strided
-  slice, zero off the image) times ``y``, summed over batch and positions: with the taps
-  side by side, one matrix product ``Pᵀ y`` of the patch matrix ``P`` with ``y``.
+  — a *transposed convolution*: spread ``y`` onto a grid ``s`` times finer, pad it, and
+  correlate with the kernel flipped in space and with ``ci``/``co`` swapped. The leftover
+  rows that no window reaches get exactly 0.
+* by kernel tap ``k``: write ``P_k(x)[b, o, ci] = x[b, o·s + k·d − lo, ci]`` (one strided
+  slice of ``x``, zero off the image) and the taps side by side as the patch matrix ``P``.
+  Then ``C(x, W) = P(x) W`` is a dense layer on the patches (seed 004's ``Z = O W``), and its
+  two rules give the adjoints: ``C††(x, y) = P(x)ᵀ y`` and ``C†(y, W) = Σ_k P_k*(y W_kᵀ)``,
+  where ``P_k*``, the adjoint of a strided slice, puts each entry back at the pixel it was
+  read from (a strided scatter; rows no tap reads stay 0).
 
-``C`` and ``C†`` are each one ``lax.conv_general_dilated`` call, ``C††`` one ``dot_general``;
+The two collections are the same sums. The code computes both adjoints in the tap form —
+one ``dot_general`` each plus slices and pads, which XLA runs at matmul speed — except
+``C††`` for a narrow patch matrix, which is the correlation ``x ⋆ y`` (seed 000's
+``dw = x ⋆ dy``, batch and channels swapping roles). ``C`` is one ``lax.conv_general_dilated``;
 nothing here calls ``jax.vjp``.
 """
 
@@ -82,55 +85,91 @@ def _convolve(x, w, geo: Geometry):
     )
 
 
-def _input_adjoint(g, w, geo: Geometry):
-    """``C†(g, W)``: dilate ``g`` by the stride, pad, correlate with the flipped, channel-swapped kernel."""
-    n = len(geo.window)
-    flipped = jnp.swapaxes(jnp.flip(w, axis=tuple(range(n))), n, n + 1)
-    pads = [(e - 1 - lo, e - 1 - hi + r) for e, (lo, hi), r in zip(geo.effective_window, geo.pads, geo.leftover)]
-    return lax.conv_general_dilated(
-        g, flipped, (1,) * n, pads, lhs_dilation=geo.strides, rhs_dilation=geo.dilation,
-        dimension_numbers=_numbers(n),
-    )
+def _spans(k: tuple[int, ...], geo: Geometry):
+    """Per spatial axis, where tap ``k`` reads the input: ``(t_lo, t_hi, start, limit)``, or None.
 
-
-def _tap(x, k: tuple[int, ...], geo: Geometry):
-    """``x[b, o·s + k·d − lo, ci]`` for every output position ``o`` (0 off the image), shape ``(N, *output, C_in)``.
-
-    Per axis, the output positions whose input index falls on the image are
-    ``t_lo ≤ o < t_hi``: those are one strided slice of ``x``, the rest is zero padding.
-    Padding only the slice, never the whole image, keeps this one pass over ``x``.
+    Input index ``o·s + k·d − lo`` falls on the image for the output positions
+    ``t_lo ≤ o < t_hi``; those read the strided slice ``start : limit : s`` of ``x``. None if
+    the tap never reads the image (it lies in the padding for every output position).
     """
-    starts, limits, pads = [0], [jnp.shape(x)[0]], [(0, 0, 0)]
+    spans = []
     for ki, d, s, (lo, _), o, size in zip(k, geo.dilation, geo.strides, geo.pads, geo.output, geo.input):
         first = ki * d - lo
         t_lo, t_hi = max(0, -(first // s)), min(o, (size - 1 - first) // s + 1)
         if t_hi <= t_lo:
-            return jnp.zeros((jnp.shape(x)[0], *geo.output, jnp.shape(x)[-1]), x.dtype)
-        starts.append(first + t_lo * s)
-        limits.append(first + (t_hi - 1) * s + 1)
-        pads.append((t_lo, o - t_hi, 0))
-    starts.append(0)
-    limits.append(jnp.shape(x)[-1])
-    pads.append((0, 0, 0))
-    strides = (1, *geo.strides, 1)
-    return lax.pad(lax.slice(x, starts, limits, strides), jnp.zeros((), x.dtype), pads)
+            return None
+        spans.append((t_lo, t_hi, first + t_lo * s, first + (t_hi - 1) * s + 1))
+    return spans
+
+
+def _taps(geo: Geometry) -> list[tuple[int, ...]]:
+    return list(itertools.product(*map(range, geo.window)))
+
+
+def _tap(x, k: tuple[int, ...], geo: Geometry):
+    """``P_k(x)[b, o, ci] = x[b, o·s + k·d − lo, ci]`` (0 off the image), shape ``(N, *output, C_in)``.
+
+    One strided slice of ``x``, padded with zeros where the tap lies off the image; padding
+    only the slice, never the whole image, keeps this one pass over ``x``.
+    """
+    spans = _spans(k, geo)
+    if spans is None:
+        return jnp.zeros((jnp.shape(x)[0], *geo.output, jnp.shape(x)[-1]), x.dtype)
+    n, c = jnp.shape(x)[0], jnp.shape(x)[-1]
+    sliced = lax.slice(x, (0, *(a for _, _, a, _ in spans), 0), (n, *(b for _, _, _, b in spans), c),
+                       (1, *geo.strides, 1))
+    pads = [(0, 0, 0), *((t_lo, o - t_hi, 0) for (t_lo, t_hi, _, _), o in zip(spans, geo.output)), (0, 0, 0)]
+    return lax.pad(sliced, jnp.zeros((), x.dtype), pads)
+
+
+def _tap_adjoint(v, k: tuple[int, ...], geo: Geometry):
+    """``P_k*``, the adjoint of :func:`_tap`: ``v`` (N, *output, C_in) put back at the input pixels it was read from.
+
+    The adjoint of a strided slice is a strided scatter: crop the zero padding that ``_tap``
+    added, then pad with ``s − 1`` zeros between entries and the rows the slice skipped.
+    """
+    spans = _spans(k, geo)
+    n, c = jnp.shape(v)[0], jnp.shape(v)[-1]
+    if spans is None:
+        return jnp.zeros((n, *geo.input, c), v.dtype)
+    cropped = lax.slice(v, (0, *(t_lo for t_lo, _, _, _ in spans), 0), (n, *(t_hi for _, t_hi, _, _ in spans), c))
+    pads = [(0, 0, 0), *((a, size - b, s - 1) for (_, _, a, b), size, s in zip(spans, geo.input, geo.strides)),
+            (0, 0, 0)]
+    return lax.pad(cropped, jnp.zeros((), v.dtype), pads)
+
+
+def _input_adjoint(g, w, geo: Geometry):
+    """``C†(g, W) = Σ_k P_k*(g W_kᵀ)``: one product with every tap's ``W_kᵀ``, then each tap put back."""
+    n, taps = len(geo.window), _taps(geo)
+    per_tap = jnp.reshape(w, (len(taps), *jnp.shape(w)[n:]))  # (taps, C_in, C_out)
+    products = lax.dot_general(g, per_tap, (((n + 1,), (2,)), ((), ())))  # (N, *output, taps, C_in)
+    return sum(_tap_adjoint(products[..., i, :], k, geo) for i, k in enumerate(taps))
+
+
+# Below this many patch-matrix columns (taps × C_in), ``Pᵀ g`` is too thin a product for the
+# matmul kernels and the correlation form of ``C††`` is faster (``manualgrad bench``, XLA:CPU).
+_NARROW_PATCHES = 64
 
 
 def _weight_adjoint(x, g, geo: Geometry):
-    """``C††(x, g)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] g[b, o, co]``, one matrix product.
+    """``C††(x, g)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] g[b, o, co]``.
 
-    The taps of ``x`` stacked side by side are the patch matrix ``P`` (rows ``(b, o)``,
-    columns ``(k, ci)``) and ``C†† = Pᵀ g``. It is computed as ``gᵀ P`` and transposed
-    afterwards (``C_out × taps·C_in``, small), so the big ``P`` is read in the layout it
-    was written in. A convolution with batch and channels swapped computes the same sum,
-    but on XLA:CPU it first transposes the whole input and then runs several times slower
-    than the product (``manualgrad bench``: the CNN's step 1.43× ``jax.grad``'s with it).
+    With the taps side by side as the patch matrix ``P`` (rows ``(b, o)``, columns
+    ``(k, ci)``) this is ``Pᵀ g``, computed as ``gᵀ P`` and transposed afterwards
+    (``C_out × taps·C_in``, small) so the big ``P`` is read in the layout it was written in.
+    For a narrow ``P`` the same sum is a correlation of ``x`` with ``g`` (seed 000's
+    ``dw = x ⋆ dy``): batch and channels swap roles, ``g`` is the kernel, dilated by the stride.
     """
-    n = len(geo.window)
-    patches = jnp.stack([_tap(x, k, geo) for k in itertools.product(*map(range, geo.window))], axis=-2)
+    n, c_in = len(geo.window), jnp.shape(x)[-1]
+    if math.prod(geo.window) * c_in < _NARROW_PATCHES:
+        s = _SPATIAL[n]
+        pads = [(lo, hi - r) for (lo, hi), r in zip(geo.pads, geo.leftover)]
+        return lax.conv_general_dilated(x, g, geo.dilation, pads, rhs_dilation=geo.strides,
+                                        dimension_numbers=(f"C{s}N", f"I{s}O", f"{s}NC"))
+    patches = jnp.stack([_tap(x, k, geo) for k in _taps(geo)], axis=-2)
     lead = tuple(range(n + 1))
     dw = lax.dot_general(g, patches, ((lead, lead), ((), ())))  # (C_out, taps, C_in)
-    return jnp.reshape(jnp.moveaxis(dw, 0, -1), (*geo.window, jnp.shape(x)[-1], jnp.shape(g)[-1]))
+    return jnp.reshape(jnp.moveaxis(dw, 0, -1), (*geo.window, c_in, jnp.shape(g)[-1]))
 
 
 def _conv_mistakes(rule: str, reference, spatial: tuple[int, ...]):
@@ -196,9 +235,13 @@ def conv2d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
 
         C††(x, y)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] y[b, o, co]
 
-    for each tap ``k`` a strided slice of ``x`` times ``y``, summed over the batch and the
-    positions: one product ``Pᵀ y`` of the patch matrix ``P`` (taps side by side) with ``y``. The backward pass is ``dx = C†(G, W)``, the gradient pass ``dW = C††(x, G)``;
-    the per-channel bias is ``bias_add``'s ``ι``, whose ``ι*`` sums ``G`` over N, H and W.
+    for each tap ``k`` a strided slice ``P_k(x)`` of ``x`` times ``y``, summed over the batch
+    and the positions: one product ``Pᵀ y`` of the patch matrix ``P`` (taps side by side)
+    with ``y``. ``C(x, W) = P(x) W`` is seed 004's dense layer on the patches, so by tap
+    ``C†(y, W) = Σ_k P_k*(y W_kᵀ)``: the dense layer's ``G Wᵀ``, each tap's columns put back
+    at the pixels they were read from. The backward pass is ``dx = C†(G, W)``, the gradient
+    pass ``dW = C††(x, G)``; the per-channel bias is ``bias_add``'s ``ι``, whose ``ι*`` sums
+    ``G`` over N, H and W.
     Residuals: ``(x, W)``.
     """
     return conv2d_forward(x, w, stride, padding, dilation)[0]
@@ -211,7 +254,7 @@ def conv2d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
 
 
 def conv2d_backward(g, w, geo: Geometry):
-    """Backward pass ``dx = C†(G, W)``, a transposed convolution."""
+    """Backward pass ``dx = C†(G, W) = Σ_k P_k*(G W_kᵀ)``, a transposed convolution."""
     return _input_adjoint(g, w, geo)
 
 
@@ -239,6 +282,7 @@ def _conv2d_samples(key, dtype):
         ((1, 7, 9, 2), (3, 3, 2, 2), 1, ((1, 2), (0, 1)), 2, "dilation 2, explicit padding"),
         ((2, 4, 5, 3), (1, 1, 3, 5), 1, "VALID", 1, "1×1 kernel"),
         ((2, 7, 6, 2), (3, 2, 2, 3), (2, 3), 1, 1, "stride (2, 3), padding 1"),
+        ((2, 6, 5, 8), (3, 3, 8, 3), 2, "SAME", 1, "wide patch matrix (taps × C_in ≥ 64), SAME, stride 2"),
         ((1, 5, 5, 2), (3, 3, 2, 2), 2, "SAME", (1, 2), "SAME, stride 2, dilation (1, 2)"),
     ]
     return [
@@ -302,7 +346,7 @@ def conv1d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
 
 
 def conv1d_backward(g, w, geo: Geometry):
-    """Backward pass ``dx = C†(G, W)``, a transposed convolution."""
+    """Backward pass ``dx = C†(G, W) = Σ_k P_k*(G W_kᵀ)``, a transposed convolution."""
     return _input_adjoint(g, w, geo)
 
 
@@ -329,6 +373,7 @@ def _conv1d_samples(key, dtype):
         ((2, 8, 1), (3, 1, 2), 2, "VALID", 1, "stride 2, leftover row"),
         ((1, 11, 2), (3, 2, 2), 3, ((2, 1),), 2, "stride 3, dilation 2, explicit padding"),
         ((3, 6, 2), (1, 2, 3), 1, 1, 1, "1-tap kernel, padding 1"),
+        ((2, 9, 24), (3, 24, 2), 2, "SAME", 1, "wide patch matrix (taps × C_in ≥ 64), SAME, stride 2"),
     ]
     return [
         Sample((normal(next(k), xs, dtype), normal(next(k), ws, dtype, 1 / math.sqrt(math.prod(ws[:2]))), s, p, d), label)
