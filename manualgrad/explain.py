@@ -38,8 +38,8 @@ def _live(rule: registry.Rule) -> str:
         return text.replace("\n", "\n" + " " * 18)
 
     for i, h, r in zip(diff, hand, reference):
-        name = rule.argnames[i]
-        error = float(jnp.max(jnp.abs(h - r))) / max(float(jnp.max(jnp.abs(r))), np.finfo(np.float64).tiny)
+        name, h, r = rule.argnames[i], np.asarray(h), np.asarray(r)  # float64 on the host, outside enable_x64
+        error = float(np.max(np.abs(h - r))) / max(float(np.max(np.abs(r))), np.finfo(np.float64).tiny)
         if np.size(h) <= 12:
             lines += [f"  d{name}, hand rule:  {show(h)}", f"  d{name}, jax.grad:   {show(r)}"]
         lines.append(f"  d{name}: max relative difference {error:.1e}")
