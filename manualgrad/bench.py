@@ -256,8 +256,7 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
         matmul = jax.jit(jnp.matmul)
         contenders["matmul"] = lambda: matmul(a, a)
         if settings.peers:
-            manual = [(g["w"], g["b"]) for g in grads["manual"] if isinstance(g, dict)]
-            more, checks, torch_reason = _peer_contenders(params, x, labels, manual, n)
+            more, checks, torch_reason = _peer_contenders(params, x, labels, peers.dense_weights(grads["manual"]), n)
             contenders.update(more)
             records += checks
     times = interleaved(contenders, settings.repeats, settings.warmup, settings.sample_seconds)

@@ -24,12 +24,18 @@ import manualgrad
 from manualgrad import checker, registry
 
 
+def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule") -> bool:
+    """Prints ``manualgrad COMMAND: unknown WHAT NAMES; registered: ...`` and returns True if a name is not registered."""
+    known = [r.name for r in registry.rules()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"manualgrad {command}: unknown {what} {', '.join(unknown)}; registered: {', '.join(known)}", file=sys.stderr)
+    return bool(unknown)
+
+
 def _check(args: argparse.Namespace) -> int:
     names = args.rules or [r.name for r in registry.rules()]
-    unknown = [n for n in names if n not in {r.name for r in registry.rules()}]
-    if unknown:
-        known = ", ".join(r.name for r in registry.rules())
-        print(f"manualgrad check: unknown rule(s) {', '.join(unknown)}; registered: {known}", file=sys.stderr)
+    if _refuse_unknown_rules("check", names, "rule(s)"):
         return 2
     report = manualgrad.check(names, dtype=args.dtype)
     if args.json:
@@ -64,14 +70,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.no_check:
         settings = dataclasses.replace(settings, check_rules=None)
     unknown = [m for m in settings.models if m not in bench.MODELS]
-    rules = {r.name for r in registry.rules()}
     if unknown or not settings.models:
         print(f"manualgrad bench: --models: unknown model(s) {', '.join(unknown) or '(none given)'}; "
               f"known: {', '.join(bench.MODELS)}", file=sys.stderr)
         return 2
-    if settings.check_rules and set(settings.check_rules) - rules:
-        print(f"manualgrad bench: --check-rules: unknown rule(s) {', '.join(sorted(set(settings.check_rules) - rules))}; "
-              f"registered: {', '.join(sorted(rules))}", file=sys.stderr)
+    if settings.check_rules and _refuse_unknown_rules("bench: --check-rules", settings.check_rules, "rule(s)"):
         return 2
     if min(settings.repeats, settings.compile_repeats, settings.matmul_n()) < 1:
         print("manualgrad bench: --repeats, --compile-repeats and --matmul-size must be ≥ 1", file=sys.stderr)
@@ -91,9 +94,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.rule is None:
         print("manualgrad explain: give a RULE or --list", file=sys.stderr)
         return 2
-    if args.rule not in {r.name for r in registry.rules()}:
-        known = ", ".join(r.name for r in registry.rules())
-        print(f"manualgrad explain: unknown rule {args.rule}; registered: {known}", file=sys.stderr)
+    if _refuse_unknown_rules("explain", [args.rule]):
         return 2
     print(explain.explain(args.rule))
     return 0
@@ -102,9 +103,7 @@ def _explain(args: argparse.Namespace) -> int:
 def _exercise(args: argparse.Namespace) -> int:
     from manualgrad import exercise
 
-    if args.rule not in {r.name for r in registry.rules()}:
-        known = ", ".join(r.name for r in registry.rules())
-        print(f"manualgrad exercise: unknown rule {args.rule}; registered: {known}", file=sys.stderr)
+    if _refuse_unknown_rules("exercise", [args.rule]):
         return 2
     out = pathlib.Path(args.out or f"{args.rule}_exercise.py")
     if out.exists():

@@ -49,10 +49,11 @@ from manualgrad.windows import Geometry, Padding
 _SPATIAL = {1: "W", 2: "HW"}
 
 
-def _numbers(n: int) -> tuple[str, str, str]:
-    """Dimension numbers for ``n`` spatial axes, channels last: ``NHWC``, ``HWIO``, ``NHWC`` (``NWC``… for 1-D)."""
+def _numbers(n: int, roles: str = "C") -> tuple[str, str, str]:
+    """Dimension numbers for ``n`` spatial axes, channels last: the forward's ``NHWC``, ``HWIO``,
+    ``NHWC`` (``NWC``… for 1-D), or the weight adjoint's (``roles="C††"``: batch and channels swapped)."""
     s = _SPATIAL[n]
-    return (f"N{s}C", f"{s}IO", f"N{s}C")
+    return (f"C{s}N", f"I{s}O", f"{s}NC") if roles == "C††" else (f"N{s}C", f"{s}IO", f"N{s}C")
 
 
 def geometry(rule: str, x_shape, w_shape, stride, padding, dilation) -> Geometry:
@@ -162,10 +163,9 @@ def _weight_adjoint(x, g, geo: Geometry):
     """
     n, c_in = len(geo.window), jnp.shape(x)[-1]
     if math.prod(geo.window) * c_in < _NARROW_PATCHES:
-        s = _SPATIAL[n]
         pads = [(lo, hi - r) for (lo, hi), r in zip(geo.pads, geo.leftover)]
         return lax.conv_general_dilated(x, g, geo.dilation, pads, rhs_dilation=geo.strides,
-                                        dimension_numbers=(f"C{s}N", f"I{s}O", f"{s}NC"))
+                                        dimension_numbers=_numbers(n, "C††"))
     patches = jnp.stack([_tap(x, k, geo) for k in _taps(geo)], axis=-2)
     lead = tuple(range(n + 1))
     dw = lax.dot_general(g, patches, ((lead, lead), ((), ())))  # (C_out, taps, C_in)

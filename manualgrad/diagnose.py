@@ -105,14 +105,10 @@ def _evaluate(rule: Rule, args, argument: int, g) -> tuple[Any, list[tuple[str, 
 def _candidates(rule: Rule, args, argument: int, right, g) -> Iterator[tuple[str, Any]]:
     for mistake in rule.mistakes:
         if mistake.argument == argument:
-            produced = iter(mistake.candidates(vjp, args, g))
-            while True:
-                try:
-                    yield next(produced)
-                except StopIteration:
-                    break
-                except (ValueError, TypeError):  # a candidate that does not apply to this sample's shapes
-                    continue
+            try:
+                yield from mistake.candidates(vjp, args, g)
+            except (ValueError, TypeError):  # candidates that do not apply to this sample's shapes: none further
+                pass
     leaves = jax.tree_util.tree_leaves(right)
     if len(leaves) == 1 and jnp.ndim(leaves[0]) >= 2:
         transposed = jnp.transpose(leaves[0])

@@ -91,7 +91,6 @@ def windowed(
     def padding_candidates(i: int):
         def candidates(vjp: VJP, args, g):
             geo = geometry(args)
-            x = args[0]
             margin = ((0, 0), *((lo + 1, hi + 1) for lo, hi in geo.pads), (0, 0))
             spatial = [n + lo + hi for n, (lo, hi) in zip(geo.input, geo.pads)]
             for shift in itertools.product((-1, 0, 1), repeat=len(spatial)):
