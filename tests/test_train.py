@@ -104,8 +104,13 @@ def test_manual_and_autodiff_runs_agree(tmp_path):
     assert (tmp_path / "manual_vs_autodiff.png").exists()
 
 
-def _cli(*args, env=None):
+def _cli(*args):
     return [sys.executable, "-m", "manualgrad", "train", *args]
+
+
+XOR = ("--model", "mlp", "--dataset", "xor")
+LONG = (*XOR, "--epochs", "40", "--checkpoint-every", "7")  # 1000 steps: long enough to be stopped mid-run
+LONG_TOTAL = 40 * data.steps_per_epoch(800, 32)
 
 
 def _final_params(directory):
@@ -116,45 +121,236 @@ def _final_params(directory):
     return state["params"], meta, warnings
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
-    run = ["--model", "mlp", "--dataset", "xor", "--epochs", "40", "--checkpoint-every", "7"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    subprocess.run(_cli(*run, "--out", str(whole)), check=True, capture_output=True)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The LONG run from start to end, for the stopped-and-resumed runs to be compared with."""
+    whole = tmp_path_factory.mktemp("whole")
+    subprocess.run(_cli(*LONG, "--out", str(whole)), check=True, capture_output=True)
+    return whole
 
-    process = subprocess.Popen(_cli(*run, "--out", str(cut)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+def _start_then(signal_number, out, checkpoints=1):
+    """Starts the LONG run in ``out``, sends ``signal_number`` once ``checkpoints`` checkpoints exist."""
+    process = subprocess.Popen(_cli(*LONG, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not checkpoint.checkpoints(cut) and time.time() < deadline and process.poll() is None:
+    while len(checkpoint.checkpoints(out)) < checkpoints and time.time() < deadline and process.poll() is None:
         time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    total = 40 * data.steps_per_epoch(800, 32)
-    killed_at = _final_params(cut)[1]["step"]
-    assert 0 < killed_at < total, "the run finished before it could be killed"
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate()
+    return process.returncode, stdout, stderr
 
-    # Damage the newest checkpoint too: resume must say so and fall back to the one before.
-    newest = checkpoint.checkpoints(cut)[-1]
-    if len(checkpoint.checkpoints(cut)) > 1:
-        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    resumed = subprocess.run(_cli(*run, "--out", str(cut), "--resume", str(cut)), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    if len(checkpoint.checkpoints(cut)) > 2:
-        assert newest.name in resumed.stderr
 
-    expected, meta_whole, _ = _final_params(whole)
-    received, meta_cut, _ = _final_params(cut)
-    assert meta_cut["step"] == meta_whole["step"] == total
+def _assert_same_run(received_dir, expected_dir):
+    expected, meta_whole, _ = _final_params(expected_dir)
+    received, meta_cut, _ = _final_params(received_dir)
+    assert meta_cut["step"] == meta_whole["step"] == LONG_TOTAL
     for a, b in zip(jax.tree_util.tree_leaves(received), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_array_equal(a, b)  # bit for bit
-    assert train.read_metrics(cut / "metrics.csv") == train.read_metrics(whole / "metrics.csv")
+    assert train.read_metrics(received_dir / "metrics.csv") == train.read_metrics(expected_dir / "metrics.csv")
 
 
-def test_resume_refuses_a_different_run(tmp_path):
-    subprocess.run(_cli("--model", "mlp", "--dataset", "xor", "--epochs", "1", "--out", str(tmp_path)),
-                   check=True, capture_output=True)
-    result = subprocess.run(_cli("--model", "mlp", "--dataset", "xor", "--epochs", "2", "--lr", "0.5",
-                                 "--out", str(tmp_path), "--resume", str(tmp_path)), capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "holds a different run: --lr None (saved) vs 0.5 (now)" in result.stderr
+def test_sigkill_then_resume_is_bit_identical_and_skips_a_damaged_checkpoint(tmp_path, uninterrupted):
+    cut = tmp_path / "cut"
+    _start_then(signal.SIGKILL, cut, checkpoints=2)
+    killed_at = _final_params(cut)[1]["step"]
+    assert 0 < killed_at < LONG_TOTAL, "the run finished before it could be killed"
+
+    # Damage the newest checkpoint too: resume must say so and fall back to the one before.
+    before, newest = checkpoint.checkpoints(cut)[-2:]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    resumed = subprocess.run(_cli(*LONG, "--out", str(cut), "--resume", str(cut)), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{newest} is truncated or corrupt" in resumed.stderr
+    assert f"skipped it and loaded {before.name} instead" in resumed.stderr
+    assert f"resuming from step {checkpoint.read_meta(before)['step']} " in resumed.stdout
+    _assert_same_run(cut, uninterrupted)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_ends_the_same(tmp_path, uninterrupted):
+    cut = tmp_path / "cut"
+    returncode, _, stderr = _start_then(signal.SIGINT, cut)
+    assert returncode == 130, stderr
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if "interrupted" in line]
+    step = _final_params(cut)[1]["step"]
+    assert 0 < step < LONG_TOTAL, "the run finished before it could be interrupted"
+    saved = cut / f"checkpoint-{step:08d}.npz"
+    assert line.startswith(f"manualgrad train: interrupted at step {step}; checkpoint saved to {saved}; "
+                           f"resume with --resume {cut}")
+    resumed = subprocess.run(_cli(*LONG, "--resume", str(cut)), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {step} (epoch {step // 25 + 1})" in resumed.stdout
+    _assert_same_run(cut, uninterrupted)
+
+
+def _train(*args):
+    from manualgrad import cli
+
+    return cli.main(["train", *XOR, *args])
+
+
+def _train_digits(*args):
+    from manualgrad import cli
+
+    return cli.main(["train", "--epochs", "1", "--cross-check-batches", "0", *args])
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_out_holding_a_run_is_refused_untouched_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train("--epochs", "2", "--out", str(out)) == 0
+    before = _snapshot(out)
+    assert {"metrics.csv", "curves.png", "checkpoint-00000050.npz"} <= set(before)
+    capsys.readouterr()
+    assert _train("--epochs", "1", "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"manualgrad train: --out {out} already holds a run (metrics.csv, curves.png, checkpoint-")
+    assert f"--resume {out}" in err and "--overwrite" in err
+    assert _snapshot(out) == before
+
+    assert _train("--epochs", "1", "--out", str(out), "--overwrite") == 0
+    out_text = capsys.readouterr().out
+    # the old run's later checkpoint is gone, and the one reported written is this run's
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["checkpoint-00000025.npz"]
+    assert f"wrote {out / 'metrics.csv'}, {out / 'curves.png'}, {out / 'checkpoint-00000025.npz'}" in out_text
+    assert len(train.read_metrics(out / "metrics.csv")) == 1
+
+
+def test_without_out_every_run_gets_a_folder_and_latest_names_the_newest(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    folders = []
+    for _ in range(2):
+        assert _train("--epochs", "1") == 0
+        lines = capsys.readouterr().out.splitlines()
+        folder = pathlib.Path(lines[0].split()[2])
+        assert lines[0] == f"run folder {folder} (runs/latest names it)"
+        assert folder.parent == pathlib.Path("runs") and (folder / "metrics.csv").is_file()
+        assert f"runs/latest names {folder}" in lines[-1]
+        folders.append(folder)
+    assert folders[0] != folders[1]
+    assert sorted(p.name for p in pathlib.Path("runs").iterdir()) == sorted([folders[0].name, folders[1].name, "latest"])
+    assert os.readlink("runs/latest") == folders[1].name
+    assert checkpoint.checkpoints(folders[0]) and checkpoint.checkpoints(folders[1])
+
+
+def test_run_folders_never_collide_and_latest_falls_back_to_a_text_file(tmp_path, monkeypatch):
+    import datetime
+
+    now = datetime.datetime(2026, 12, 1, 8, 42, 11)
+    names = [train.new_run_folder(tmp_path, now).name for _ in range(3)]
+    assert names == ["2026-12-01T08-42-11", "2026-12-01T08-42-11-2", "2026-12-01T08-42-11-3"]
+    assert train.point_latest(tmp_path / names[0]) is None
+    assert train.followed(tmp_path / "latest") == tmp_path / names[0]
+
+    def no_symlinks(*args, **kwargs):
+        raise OSError("symbolic links are not supported here")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    assert train.point_latest(tmp_path / names[2]) is None
+    assert (tmp_path / "latest").read_text() == names[2] + "\n" and not (tmp_path / "latest").is_symlink()
+    assert train.followed(tmp_path / "latest") == tmp_path / names[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "latest"])  # no temporary left
+
+
+def test_a_latest_folder_of_an_older_version_is_left_alone(tmp_path):
+    (tmp_path / "latest").mkdir()
+    (tmp_path / "latest" / "metrics.csv").write_text("old run")
+    warning = train.point_latest(train.new_run_folder(tmp_path, None))
+    assert warning.startswith(f"{tmp_path / 'latest'} is a folder of its own")
+    assert (tmp_path / "latest" / "metrics.csv").read_text() == "old run"
+
+
+def test_resume_continues_in_its_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert _train("--epochs", "1", "--out", str(run)) == 0
+    capsys.readouterr()
+    assert _train("--epochs", "2", "--resume", str(run)) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"resuming from step 25 (epoch 2) in {run}"
+    assert [r["epoch"] for r in train.read_metrics(run / "metrics.csv")] == [1, 2]
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["checkpoint-00000025.npz", "checkpoint-00000050.npz"]
+    assert not (tmp_path / "runs").exists()
+
+    assert _train("--epochs", "3", "--out", str(tmp_path / "elsewhere"), "--resume", str(run)) == 2
+    assert capsys.readouterr().err == (
+        f"manualgrad train: --resume {run} continues the run in {run}, but --out {tmp_path / 'elsewhere'} names "
+        f"another folder: drop --out (or give --out {run})\n")
+    assert not (tmp_path / "elsewhere").exists()
+    assert _train("--epochs", "2", "--resume", str(run), "--overwrite") == 2
+    assert "--overwrite and --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, saved, asked", [
+    (("--lr", "0.5"), "--lr 0.003", "--lr 0.5"),
+    (("--optimizer", "sgd"), "--optimizer adam --lr 0.003", "--optimizer sgd --lr 0.1"),
+    (("--seed", "1", "--batch-size", "16"), "--batch-size 32 --seed 0", "--batch-size 16 --seed 1"),
+])
+def test_resume_refuses_a_different_run_in_the_users_words(tmp_path, capsys, args, saved, asked):
+    assert _train("--epochs", "1", "--out", str(tmp_path)) == 0
+    capsys.readouterr()
+    assert _train("--epochs", "2", "--resume", str(tmp_path), *args) == 2
+    assert capsys.readouterr().err == (
+        f"manualgrad train: --resume {tmp_path} holds another run: it was trained with {saved}, this command asks "
+        f"for {asked}; give the run's own arguments to resume it, or start a new run without --resume\n")
+
+
+def test_resume_with_another_model_names_the_model_not_the_leaves(tmp_path, capsys):
+    assert _train_digits("--model", "mlp", "--out", str(tmp_path)) == 0
+    capsys.readouterr()
+    assert _train_digits("--model", "cnn", "--resume", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "it was trained with --model mlp, this command asks for --model cnn" in err and "['params']" not in err
+
+
+def test_explicit_default_lr_resumes_the_run(tmp_path, capsys):
+    assert _train("--epochs", "1", "--out", str(tmp_path)) == 0
+    assert _train("--epochs", "2", "--resume", str(tmp_path), "--lr", "0.003") == 0
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_finite_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train("--optimizer", "sgd", "--lr", "1e30", "--checkpoint-every", "1", "--out", str(run)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("manualgrad train: the loss became nan at step 2 (epoch 1); stopped")
+    assert f"the last finite checkpoint is {run / 'checkpoint-00000001.npz'}" in err
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["checkpoint-00000001.npz"]
+    state = checkpoint.load(run / "checkpoint-00000001.npz", _sgd_template())[0]
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state))
+
+
+def _sgd_template():
+    net = layers.mlp(2, hidden=(32, 32))
+    _, params = net.init(jax.random.PRNGKey(0), (-1, 2))
+    return {"params": params, "opt_state": optax.sgd(1.0).init(params)}
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--lr", "nan"), "--lr must be a finite number > 0, got nan"),
+    (("--lr", "inf"), "--lr must be a finite number > 0, got inf"),
+    (("--lr", "-0.1"), "--lr must be a finite number > 0, got -0.1"),
+    (("--lr", "0"), "--lr must be a finite number > 0, got 0"),
+    (("--seed", "-1"), "--seed must be an integer from 0 to 4294967295, got -1"),
+    (("--seed", str(2**32)), "--seed must be an integer from 0 to 4294967295, got 4294967296"),
+    (("--cross-check-batches", "-1"), "--cross-check-batches must be ≥ 0 (0: no cross-check), got -1"),
+    (("--overwrite",), "--overwrite needs --out DIR"),
+])
+def test_bad_values_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert _train("--epochs", "1", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"manualgrad train: {message}") and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_cross_check_with_zero_batches(tmp_path, capsys):
+    assert _train("--epochs", "1", "--cross-check-batches", "0", "--out", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "no cross-check of the hand-rule gradient (--cross-check-batches 0)" in out
+    assert "max relative error" not in out
 
 
 def test_bad_configurations_name_the_flag(tmp_path):
@@ -163,7 +359,8 @@ def test_bad_configurations_name_the_flag(tmp_path):
     with pytest.raises(train.TrainError, match="--devices must be between 1 and"):
         train.train(train.Config(model="mlp", dataset="xor", devices=999, out=str(tmp_path)))
     with pytest.raises(train.TrainError, match="no checkpoint there"):
-        train.train(train.Config(model="mlp", dataset="xor", resume=str(tmp_path), out=str(tmp_path)))
+        train.train(train.Config(model="mlp", dataset="xor", resume=str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_idx_dataset_trains(tmp_path):
@@ -175,9 +372,10 @@ def test_idx_dataset_trains(tmp_path):
     assert summary["steps"] == 2 and 0 <= summary["test_accuracy"] <= 1
 
 
-def test_eight_devices_give_the_one_device_gradient():
+def test_eight_devices_give_the_one_device_gradient(tmp_path):
     """Data parallelism on 8 virtual CPU devices: same gradient and same step as on one device."""
     script = textwrap.dedent("""
+        import sys
         import jax, jax.numpy as jnp, numpy as np, optax
         from jax.sharding import NamedSharding, PartitionSpec as P
         from manualgrad import layers, train
@@ -196,11 +394,11 @@ def test_eight_devices_give_the_one_device_gradient():
             results[n] = jax.device_get(grad(ps, xs, jax.device_put(y, NamedSharding(mesh, P("data")))))
         pairs = zip(jax.tree_util.tree_leaves(results[8]), jax.tree_util.tree_leaves(results[1]))
         print(max(float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in pairs))
-        summary = train.train(train.Config(model="mlp", epochs=1, devices=8, out="/tmp/manualgrad-8-devices"))
+        summary = train.train(train.Config(model="mlp", epochs=1, devices=8, out=sys.argv[1]))
         print(summary["devices"], summary["test_accuracy"])
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     difference, summary = lines[0], lines[-1]
