@@ -195,6 +195,12 @@ def _header(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]
     return {**meta, "step": step}
 
 
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta`` given to :func:`save` plus ``"step"``, without a template; the arrays are checked as by :func:`load`."""
+    path = pathlib.Path(path)
+    return _header(path, _read(path))
+
+
 def _spec(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a template leaf (an array, a ``jax.ShapeDtypeStruct`` or a Python scalar)."""
     if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):

@@ -139,11 +139,25 @@ def _train(args: argparse.Namespace) -> int:
     except (train.TrainError, data.DataError, checkpoint.CheckpointError) as error:
         print(f"manualgrad {error}" if str(error).startswith("train:") else f"manualgrad train: {error}", file=sys.stderr)
         return 2
+    except train.Diverged as error:
+        print(f"manualgrad {error}", file=sys.stderr)
+        return 1
+    except train.Interrupted as error:
+        print(f"manualgrad {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outside the training loop: loading, compiling, the final plot and cross-check
+        print("manualgrad train: interrupted outside the training steps; every checkpoint written is kept",
+              file=sys.stderr)
+        return 130
     print(f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f} after "
           f"{summary['epoch']} epochs ({summary['steps']} steps on {summary['devices']} device(s)) in {summary['seconds']:.1f} s")
-    print(f"hand-rule gradient vs jax.grad of the references on {config.cross_check_batches} batches: "
-          f"max relative error {summary['cross_check_max_relative_error']:.1e}")
-    print(f"wrote {summary['metrics']}, {summary['curves']}, {summary['checkpoint']}")
+    if summary["cross_check_max_relative_error"] is None:
+        print("no cross-check of the hand-rule gradient (--cross-check-batches 0)")
+    else:
+        print(f"hand-rule gradient vs jax.grad of the references on {summary['cross_check_batches']} batches: "
+              f"max relative error {summary['cross_check_max_relative_error']:.1e}")
+    latest = f"; {summary['latest']} names {summary['directory']}" if summary["latest"] else ""
+    print(f"wrote {summary['metrics']}, {summary['curves']}, {summary['checkpoint']}{latest}")
     return 0
 
 
@@ -178,14 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     tr.add_argument("--grad", choices=("manual", "autodiff"), default="manual",
                     help="hand rules, or jax.grad of the same model built from the references")
-    tr.add_argument("--out", default="runs/latest", metavar="DIR", help="metrics.csv, curves.png, checkpoints")
+    tr.add_argument("--out", default=None, metavar="DIR",
+                    help="metrics.csv, curves.png, checkpoints (default: a new folder runs/<start time>, "
+                         "named by runs/latest); refused if DIR holds a run, unless --overwrite or --resume DIR")
+    tr.add_argument("--overwrite", action="store_true", help="with --out DIR: delete the run DIR holds first")
     tr.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                     help="also checkpoint every N steps (always at the end of each epoch)")
-    tr.add_argument("--resume", default=None, metavar="DIR", help="continue the run checkpointed in DIR")
+    tr.add_argument("--resume", default=None, metavar="DIR",
+                    help="continue the run checkpointed in DIR, in DIR (give the run's arguments again)")
     tr.add_argument("--devices", type=int, default=None, metavar="N",
                     help="shard each batch over N local devices (default: all)")
     tr.add_argument("--cross-check-batches", type=int, default=3, metavar="N",
-                    help="batches for the final hand-rule vs jax.grad check")
+                    help="batches for the final hand-rule vs jax.grad check (0: none)")
     tr.set_defaults(run=_train)
     bench = commands.add_parser(
         "bench", help="hand rules vs jax.grad, NumPy and PyTorch: step time, compile time, memory, FLOP/s, check time")
