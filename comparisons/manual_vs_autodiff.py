@@ -27,7 +27,8 @@ def main(epochs: int = 5, model: str = "mlp", out: Path = Path("runs/manual_vs_a
     """Trains both ways; returns per epoch the relative differences of the metrics."""
     runs = {}
     for grad in ("manual", "autodiff"):
-        config = train.Config(model=model, epochs=epochs, grad=grad, out=str(out / grad))
+        # overwrite: the script's own output folder, rewritten on every run
+        config = train.Config(model=model, epochs=epochs, grad=grad, out=str(out / grad), overwrite=True)
         train.train(config)
         runs[grad] = list(train.read_metrics(out / grad / "metrics.csv"))
     differences = []

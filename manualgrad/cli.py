@@ -145,9 +145,8 @@ def _train(args: argparse.Namespace) -> int:
     except train.Interrupted as error:
         print(f"manualgrad {error}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:  # outside the training loop: loading, compiling, the final plot and cross-check
-        print("manualgrad train: interrupted outside the training steps; every checkpoint written is kept",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # outside the steps (loading, compiling, plot, cross-check) or a second Ctrl-C
+        print("manualgrad train: interrupted; the checkpoints written so far are kept", file=sys.stderr)
         return 130
     print(f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f} after "
           f"{summary['epoch']} epochs ({summary['steps']} steps on {summary['devices']} device(s)) in {summary['seconds']:.1f} s")

@@ -171,7 +171,7 @@ def _relative_error(a: Any, b: Any) -> float:
 
 
 def cross_check(net: layers.Layer, params: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
-    """Max relative difference between the hand-rule gradient and ``jax.grad`` of the references over ``batches`` (≥ 1)."""
+    """Max relative difference of the hand-rule gradient from ``jax.grad`` of the references over ``batches`` (≥ 1)."""
     manual = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y)[0]))
     auto = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y, reference=True)[0]))
     return max(_relative_error(manual(params, x, y), auto(params, x, y)) for x, y in batches)
@@ -248,7 +248,8 @@ def validate(config: Config) -> None:
     if not 0 <= config.seed < SEEDS:
         raise TrainError(f"train: --seed must be an integer from 0 to {SEEDS - 1}, got {config.seed}")
     if config.cross_check_batches < 0:
-        raise TrainError(f"train: --cross-check-batches must be ≥ 0 (0: no cross-check), got {config.cross_check_batches}")
+        raise TrainError("train: --cross-check-batches must be ≥ 0 (0: no cross-check), "
+                         f"got {config.cross_check_batches}")
 
 
 def followed(path: Path) -> Path:
@@ -300,7 +301,7 @@ def _directory(config: Config) -> Path | None:
 
 
 def _value(values: dict[str, Any], key: str) -> Any:
-    """The argument ``key`` of ``values`` (a :class:`Config` as a dict) as it acts: ``lr`` with its default filled in."""
+    """Argument ``key`` of ``values`` (a :class:`Config` as a dict) as it acts: ``lr`` with its default filled in."""
     if key == "lr" and values["lr"] is None:
         return DEFAULT_LR[values["optimizer"]]
     return values[key]
@@ -319,9 +320,12 @@ def _refuse_another_run(config: Config, directory: Path) -> None:
         raise TrainError(f"train: --resume {config.resume}: no checkpoint there")
     for path in reversed(paths):
         try:
-            saved = checkpoint.read_meta(path)["config"]
+            saved = checkpoint.read_meta(path).get("config")
         except checkpoint.CheckpointError:
             continue  # checkpoint.latest names it, or all of them
+        if not isinstance(saved, dict) or not set(RUN_DEFINING) <= set(saved):
+            raise TrainError(f"train: --resume {config.resume}: {path.name} was not written by manualgrad train "
+                             "(it does not record the run's arguments)")
         now = dataclasses.asdict(config)
         keys = [k for k in RUN_DEFINING if _value(saved, k) != _value(now, k)]
         if keys:
@@ -355,7 +359,8 @@ def point_latest(folder: Path) -> str | None:
     """
     latest = folder.parent / LATEST
     if latest.is_dir() and not latest.is_symlink():
-        return f"{latest} is a folder of its own (a run of an earlier manualgrad): left as it is, so it does not name {folder}"
+        return (f"{latest} is a folder of its own (a run of an earlier manualgrad): left as it is, "
+                f"so it does not name {folder}")
     temporary = folder.parent / f".{LATEST}-{secrets.token_hex(4)}"
     try:
         os.symlink(folder.name, temporary, target_is_directory=True)
@@ -491,7 +496,8 @@ def _stop_if_pressed(run: _Run, out: Path, progress: _Progress, pressed: threadi
 def _diverged(progress: _Progress, value: float, epoch: int) -> Diverged:
     what = f"the loss became {value}" if not math.isfinite(value) else \
         "the parameters or the optimizer state became infinite or NaN"
-    kept = f"the last finite checkpoint is {progress.checkpoint}" if progress.checkpoint else "no checkpoint was written"
+    kept = f"the last finite checkpoint is {progress.checkpoint}" if progress.checkpoint else \
+        "no checkpoint was written before it"
     return Diverged(f"train: {what} at step {progress.step + 1} (epoch {epoch + 1}); stopped, and {kept}; "
                     "try a smaller --lr")
 

@@ -126,6 +126,14 @@ def test_meta_round_trips_and_step_is_added(tmp_path):
     assert loaded == meta
 
 
+def test_read_meta_needs_no_template_and_still_checks_the_arrays(tmp_path):
+    path = checkpoint.save(tmp_path, 7, _state(), {"config": {"model": "mlp", "lr": None}})
+    assert checkpoint.read_meta(path) == {"config": {"model": "mlp", "lr": None}, "step": 7}
+    _rewrite(path, **{"['params']['dense']['b']": np.ones(3, np.float32)})  # valid zip, wrong digest
+    with pytest.raises(CheckpointError, match="do not match the SHA-256 digest"):
+        checkpoint.read_meta(path)
+
+
 def test_file_is_a_plain_npz_that_numpy_reads(tmp_path):
     state = _state()
     path = checkpoint.save(tmp_path, 1, state, {"epoch": 1})
