@@ -15,8 +15,9 @@ For every sample of every rule (or for any function the user builds from rules) 
 * ``jit``           the VJP again under ``jax.jit``;
 * ``vmap``          the VJP again under ``jax.vmap`` over a batch of two different samples;
 * ``grad_of_grad``  reverse-over-reverse: the gradient of ``⟨VJP(u), v⟩``. A ``custom_vjp``
-                    function has no forward mode (``jax.jvp``/``jax.jacfwd`` raise), so the
-                    second order is taken in reverse mode only.
+                    function has no forward mode (``jax.jvp``/``jax.jacfwd`` of a rule raise);
+                    forward over reverse (``jax.hessian``, ``jax.jvp`` of ``jax.grad``) works,
+                    its outer pass differentiating the hand backward, as this check does.
 
 Errors are relative, entry by entry: ``|a − n| / max(|a|, |n|)``, 0 where both are 0. An
 entry fails when that exceeds the dtype's tolerance (:data:`TOLERANCES`) *and* its absolute
