@@ -102,9 +102,9 @@ def output_path(argv: Sequence[str] | None = None) -> Path:
 def main(out: Path, rules: list[str] | None = None) -> Path:
     values = errors(rules)
     path = figure(values, out)
-    for check, dtype in SERIES:
-        rule, worst = max(values[(check, dtype)].items(), key=lambda kv: kv[1])
-        print(f"{SERIES[(check, dtype)]:<45} worst error / allowed {worst:.1e} ({rule})")
+    for series, label in SERIES.items():
+        rule, worst = max(values[series].items(), key=lambda kv: kv[1])
+        print(f"{label:<45} worst error / allowed {worst:.1e} ({rule})")
     print(f"wrote {path} ({len(registry.rules()) if rules is None else len(rules)} rules)")
     return path
 

@@ -14,10 +14,12 @@ from typing import Any
 
 import jax
 
+
 @dataclasses.dataclass(frozen=True)
 class Seed:
     """A seed document. The documents are not part of a clone: they are cited by author and
-    title, and ``file`` (the name of its text in the seed collection) is only a secondary key."""
+    title, and ``file`` (the name of its text in the seed collection) is only a secondary key.
+    ``author`` is empty where the document names none; ``note`` is its year or what it is."""
 
     author: str
     title: str
