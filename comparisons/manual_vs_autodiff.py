@@ -22,17 +22,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from manualgrad import train  # noqa: E402
 
+GRADIENTS = {"manual": "the hand rules (custom_vjp)", "autodiff": "jax.grad of the plain-jnp references"}
+
 
 def main(epochs: int = 5, model: str = "mlp", out: Path = Path("runs/manual_vs_autodiff")) -> list[dict[str, float]]:
     """Trains both ways; returns per epoch the relative differences of the metrics."""
     runs = {}
     for grad in ("manual", "autodiff"):
+        print(f"--grad {grad}: {model} trained on {GRADIENTS[grad]}, into {out / grad}")
         # overwrite: the script's own output folder, rewritten on every run
         config = train.Config(model=model, epochs=epochs, grad=grad, out=str(out / grad), overwrite=True)
         train.train(config)
         runs[grad] = list(train.read_metrics(out / grad / "metrics.csv"))
     differences = []
-    print(f"{model} on digits, {epochs} epochs, seed 0: relative difference, hand rules vs jax.grad")
+    print(f"both runs, {model} on digits, {epochs} epochs, seed 0: relative difference, hand rules vs jax.grad")
     for m, a in zip(runs["manual"], runs["autodiff"]):
         row = {k: abs(m[k] - a[k]) / max(abs(a[k]), 1e-30) for k in train.METRICS if k != "epoch"}
         differences.append(row)

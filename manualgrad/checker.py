@@ -15,8 +15,9 @@ For every sample of every rule (or for any function the user builds from rules) 
 * ``jit``           the VJP again under ``jax.jit``;
 * ``vmap``          the VJP again under ``jax.vmap`` over a batch of two different samples;
 * ``grad_of_grad``  reverse-over-reverse: the gradient of ``⟨VJP(u), v⟩``. A ``custom_vjp``
-                    function has no forward mode (``jax.jvp``/``jax.jacfwd`` raise), so the
-                    second order is taken in reverse mode only.
+                    function has no forward mode (``jax.jvp``/``jax.jacfwd`` of a rule raise);
+                    forward over reverse (``jax.hessian``, ``jax.jvp`` of ``jax.grad``) works,
+                    its outer pass differentiating the hand backward, as this check does.
 
 Errors are relative, entry by entry: ``|a − n| / max(|a|, |n|)``, 0 where both are 0. An
 entry fails when that exceeds the dtype's tolerance (:data:`TOLERANCES`) *and* its absolute
@@ -98,6 +99,9 @@ class Finding:
     received: float = 0.0
     note: str = ""
     diagnosis: str = ""  # for a failing vjp check: the usual mistake that explains it (manualgrad.diagnose)
+    # Entry-by-entry comparisons (_compare): the worst entry's error over the error allowed it,
+    # min(relative / tolerance, absolute / atol); above 1 exactly where an entry fails. NaN elsewhere.
+    error_over_allowed: float = np.nan
 
     @property
     def passed(self) -> bool:
@@ -534,19 +538,21 @@ def _compare(rule, check, dtype, label, argument, received, expected, tol, atol,
     a, n = _flat(received), _flat(expected)
     if a.shape != n.shape:
         return Finding(rule, check, dtype, label, argument, np.inf, np.inf, tol, max(a.size, n.size), n.size,
-                       "shape", note=f"received {a.size} entries, expected {n.size}")
+                       "shape", note=f"received {a.size} entries, expected {n.size}", error_over_allowed=np.inf)
     if a.size == 0:
-        return Finding(rule, check, dtype, label, argument, 0.0, 0.0, tol, 0, 0, note=note)
+        return Finding(rule, check, dtype, label, argument, 0.0, 0.0, tol, 0, 0, note=note, error_over_allowed=0.0)
     abs_err = np.abs(a - n)
     scale = np.maximum(np.abs(a), np.abs(n))
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = np.where(scale > atol, abs_err / scale, 0.0)
     rel = np.where(np.isnan(a) | np.isnan(n), np.inf, rel)
     mismatch = (rel > tol) & ~(abs_err <= atol)
+    over = np.where(np.isnan(abs_err), np.inf, np.minimum(rel / tol, abs_err / atol))  # > 1 exactly at a mismatch
     worst = int(np.argmax(np.where(mismatch, np.inf, rel))) if mismatch.any() else int(np.argmax(rel))
     where = locate(worst) if locate else _locate(expected, worst, argument)
     return Finding(rule, check, dtype, label, argument, float(np.nanmax(abs_err)), float(rel[worst]), tol,
-                   int(mismatch.sum()), int(n.size), where, float(n[worst]), float(a[worst]), note)
+                   int(mismatch.sum()), int(n.size), where, float(n[worst]), float(a[worst]), note,
+                   error_over_allowed=float(np.max(over)))
 
 
 def _flat(tree) -> np.ndarray:

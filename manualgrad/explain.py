@@ -11,12 +11,9 @@ from manualgrad.samples import generator
 
 
 def rule_list() -> str:
-    """One line per registered rule: name, module and seed sections."""
+    """One line per registered rule: name, module and its seeds (:func:`registry.cite`)."""
     width = max(len(r.name) for r in registry.rules())
-    return "\n".join(
-        f"{r.name:<{width}}  {r.fn.__module__}  {'; '.join(f'seed {s} {section}' for s, section in r.seeds)}"
-        for r in registry.rules()
-    )
+    return "\n".join(f"{r.name:<{width}}  {r.fn.__module__}  {r.seed_text}" for r in registry.rules())
 
 
 def _live(rule: registry.Rule) -> str:
@@ -52,7 +49,7 @@ def explain(name: str) -> str:
     report = checker.check(rule, checks=("vjp", "finite_diff"), dtype="float64")
     return "\n\n".join([
         f"{rule.name} — {rule.fn.__module__}",
-        f"Seeds: {rule.seed_text}  (in ../shared/seeds/)",
+        "Seeds:\n" + "\n".join(f"  {registry.cite(s, section)}" for s, section in rule.seeds),
         rule.derivation,
         _live(rule),
         "Every sample, hand VJP against jax.grad of the reference and against finite differences "

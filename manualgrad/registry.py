@@ -14,13 +14,41 @@ from typing import Any
 
 import jax
 
-SEED_FILES = {
-    "000": "000_a6d29114e988ce87.txt",
-    "001": "001_7b729a1ca2c075be.txt",
-    "002": "002_3df32e287afc1568.txt",
-    "003": "003_e1d91a315b6ad03d.txt",
-    "004": "004_392e797842596cf6.txt",
+
+@dataclasses.dataclass(frozen=True)
+class Seed:
+    """A seed document. The documents are not part of a clone: they are cited by author and
+    title, and ``file`` (the name of its text in the seed collection) is only a secondary key.
+    ``author`` is empty where the document names none; ``note`` is its year or what it is."""
+
+    author: str
+    title: str
+    note: str
+    file: str
+
+    @property
+    def work(self) -> str:
+        """Author, quoted title and note, e.g. ``N. Kumar, "Proofs for ..." (2020)``."""
+        return ", ".join(filter(None, (self.author, f'"{self.title}"'))) + (f" ({self.note})" if self.note else "")
+
+
+SEEDS = {
+    "000": Seed("N. Kumar", "Proofs for Neural Network Library", "2020", "000_a6d29114e988ce87.txt"),
+    "001": Seed("", "Neural network derivation for backpropagation", "handwritten notes, author not named",
+                "001_7b729a1ca2c075be.txt"),
+    "002": Seed("T. Hamm", "A Derivation of Feedforward Neural Network Gradients Using Fréchet Calculus", "",
+                "002_3df32e287afc1568.txt"),
+    "003": Seed("", "Tutorial 12: Deep Learning", "tutorial sheet, author not named", "003_e1d91a315b6ad03d.txt"),
+    "004": Seed("", "Basic Knowledge", "notes, author not named", "004_392e797842596cf6.txt"),
 }
+# The file names alone: manualgrad.exercise still shows these until it calls cite().
+SEED_FILES = {key: seed.file for key, seed in SEEDS.items()}
+
+
+def cite(seed: str, section: str) -> str:
+    """The one way a seed is shown to a user: ``seed 000: N. Kumar, "Proofs for Neural Network
+    Library" (2020), §4 Linear [000_a6d29114e988ce87.txt]`` — id, author, title, section, file."""
+    return f"seed {seed}: {SEEDS[seed].work}, {section} [{SEEDS[seed].file}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +130,8 @@ class Rule:
 
     @property
     def seed_text(self) -> str:
-        return "; ".join(f"{SEED_FILES[s]} {section}" for s, section in self.seeds)
+        """The rule's seeds as :func:`cite` writes them, joined by ``"; "``."""
+        return "; ".join(cite(s, section) for s, section in self.seeds)
 
 
 _RULES: dict[str, Rule] = {}
@@ -116,8 +145,8 @@ def register(rule: Rule) -> Rule:
         raise TypeError(f"register: {rule.name}.fn must be a jax.custom_vjp function")
     if not callable(rule.reference) or not callable(rule.sample_inputs):
         raise TypeError(f"register: {rule.name} needs a reference and a sample_inputs generator")
-    if not rule.seeds or any(s not in SEED_FILES for s, _ in rule.seeds):
-        raise ValueError(f"register: {rule.name} must name its seeds among {sorted(SEED_FILES)}")
+    if not rule.seeds or any(s not in SEEDS for s, _ in rule.seeds):
+        raise ValueError(f"register: {rule.name} must name its seeds among {sorted(SEEDS)}")
     missing = [s for s, _ in rule.seeds if f"seed {s}" not in rule.derivation]
     if missing:
         raise ValueError(

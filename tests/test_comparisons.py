@@ -77,3 +77,14 @@ def test_explain_list_and_unknown(capsys):
     assert cli.main(["explain", "nope"]) == 2
     assert "unknown rule nope" in capsys.readouterr().err
 
+
+
+def test_manual_vs_autodiff_labels_each_training_run(tmp_path, capsys):
+    """Each of the two runs' epoch lines comes under a line naming its --grad."""
+    runpy.run_path(str(COMPARISONS / "manual_vs_autodiff.py"))["main"](1, "mlp", tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith("--grad ")]
+    epochs = [i for i, line in enumerate(lines) if line.startswith("epoch   1  train loss")]
+    assert [lines[i].split()[1].rstrip(":") for i in heads] == ["manual", "autodiff"]
+    assert len(epochs) == 2 and heads[0] < epochs[0] < heads[1] < epochs[1]
+    assert "hand rules" in lines[heads[0]] and "jax.grad" in lines[heads[1]]
