@@ -89,10 +89,11 @@ def test_right_solution_passes(name, body, score, tmp_path, capsys):
     assert code == 0 and f"score: {score} checks passed" in out and "FAIL" not in out, out
 
 
-def test_unwritten_backward_scores_zero(tmp_path, capsys):
+def test_unwritten_backward_passes_only_the_forward(tmp_path, capsys):
     assert cli.main(["grade", str(_write(tmp_path, "relu"))]) == 1
     out = capsys.readouterr().out
-    assert "score: 0/6 checks passed" in out and "not written yet" in out
+    assert "score: 1/6 checks passed" in out and "not written yet" in out
+    assert _check_lines(out)["vjp"] == ("FAIL", "not run: the backward raised on 5 of 5 samples")
     assert "adjoint       -     relu is linear in no argument" in out
 
 
