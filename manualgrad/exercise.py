@@ -195,7 +195,10 @@ def autodiff_calls(path: str | pathlib.Path) -> list[str]:
     import vjp``, ``j.grad`` after ``import jax as j``, ``mg.linear.dense_backward``) is looked
     up, through the file's imports, as the object it names, and compared with those functions.
     """
-    rule, module = _module(path)
+    return _autodiff_calls(*_module(path), path)
+
+
+def _autodiff_calls(rule: Rule, module: types.ModuleType, path: str | pathlib.Path) -> list[str]:
     forbidden = _forbidden(rule)
     tree = ast.parse(pathlib.Path(path).read_text(errors="replace"))
     found = []
@@ -274,9 +277,9 @@ def _imported(node: ast.Import | ast.ImportFrom) -> dict[str, Any]:
                 out[alias.asname or top] = module if alias.asname else importlib.import_module(top)
             elif not node.level:
                 source = importlib.import_module(node.module)
-                out[alias.asname or alias.name] = getattr(source, alias.name, None) or importlib.import_module(
-                    f"{node.module}.{alias.name}")
-        except ImportError:
+                out[alias.asname or alias.name] = (getattr(source, alias.name) if hasattr(source, alias.name)
+                                                   else importlib.import_module(f"{node.module}.{alias.name}"))
+        except Exception:  # a module that cannot be imported names nothing
             continue
     return out
 
@@ -309,7 +312,7 @@ def grade(path: str | pathlib.Path, dtype: str = "float64") -> tuple[str, bool]:
     """The graded report of the exercise file at ``path`` and whether every check passed."""
     rule, module = _module(path)
     graded = [c for c in checker.CHECKS if c != "adjoint" or rule.linear_in]
-    calls = autodiff_calls(path)
+    calls = _autodiff_calls(rule, module, path)
     if calls:
         return "\n".join([
             f"grading your backward for {rule.name} ({path}), {dtype}: not a hand rule, not graded",
@@ -321,12 +324,11 @@ def grade(path: str | pathlib.Path, dtype: str = "float64") -> tuple[str, bool]:
     _, student = _student(rule, module)
     report = checker.check(student, dtype=dtype)
     failures = report.failures()
-    samples = list(dict.fromkeys(f.sample for f in report.findings))
-    lines = [f"grading your backward for {rule.name} ({path}), {dtype}, {len(samples)} samples"]
+    lines = [f"grading your backward for {rule.name} ({path}), {dtype}, {len({f.sample for f in report.findings})} samples"]
     forward_raised = {f.sample for f in report.findings if f.check == "forward" and f.where == checker.NOT_RUN}
     passed = 0
     for c in graded:
-        ok, detail = _verdict([f for f in report.findings if f.check == c], samples, forward_raised)
+        ok, detail = _verdict([f for f in report.findings if f.check == c], forward_raised)
         passed += ok
         lines.append(f"  {c:<13} {'ok' if ok else 'FAIL':<5} {detail}")
     if "adjoint" not in graded:
@@ -342,10 +344,13 @@ def grade(path: str | pathlib.Path, dtype: str = "float64") -> tuple[str, bool]:
     return "\n".join(lines), not failures
 
 
-def _verdict(mine: list[checker.Finding], samples: list[str], forward_raised: set[str]) -> tuple[bool, str]:
-    """Whether one check passed on every sample, and the detail: a sample without a finding, or
-    whose finding says the check could not run, is a failure of the check."""
-    not_run = {f.sample for f in mine if f.where == checker.NOT_RUN} | (set(samples) - {f.sample for f in mine})
+def _verdict(mine: list[checker.Finding], forward_raised: set[str]) -> tuple[bool, str]:
+    """Whether one check passed on every sample it applies to, and the detail: a sample on which
+    it could not run is a failure, said apart (the forward raised there, or else the backward)."""
+    samples = {f.sample for f in mine}
+    if not samples:
+        return False, "not run on any sample"
+    not_run = {f.sample for f in mine if f.where == checker.NOT_RUN}
     failed = {f.sample for f in mine if not f.passed} - not_run
     if not failed and not not_run:
         return True, f"worst relative error {max(f.max_rel_error for f in mine):.1e}"
@@ -364,7 +369,7 @@ def _why_not_run(raised: list[checker.Finding]) -> list[str]:
         return ["your backward is not written yet (it raises NotImplementedError)"]
     first = raised[0]
     note = f"your backward {first.note}" if first.note.startswith("raised ") else first.note
-    return [f"{note} (sample {first.sample!r})" if first.diagnosis else note]
+    return [note if len({f.note for f in raised}) == 1 else f"{note} (sample {first.sample!r})"]
 
 
 def _reread(rule: Rule) -> str:
