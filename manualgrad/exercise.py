@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import pathlib
+import sys
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -199,10 +200,11 @@ def autodiff_calls(path: str | pathlib.Path) -> list[str]:
 
 
 def _autodiff_calls(rule: Rule, module: types.ModuleType, path: str | pathlib.Path) -> list[str]:
-    forbidden = _forbidden(rule)
     tree = ast.parse(pathlib.Path(path).read_text(errors="replace"))
+    references = list(_references(tree, vars(module)))  # first: it imports what the file's functions import
+    forbidden = _forbidden(rule)
     found = []
-    for node, text, obj in _references(tree, vars(module)):
+    for node, text, obj in references:
         what = forbidden.get(id(obj))
         if what is not None and what[0] is obj:
             canonical = what[1]
@@ -213,17 +215,34 @@ def _autodiff_calls(rule: Rule, module: types.ModuleType, path: str | pathlib.Pa
 
 def _forbidden(rule: Rule) -> dict[int, tuple[Any, str, str]]:
     """``id → (object, its name, what it is)`` for what a hand backward of ``rule`` may not use:
-    JAX's autodiff, every registered rule, and every function that some rule's backward uses
-    but ``rule``'s forward does not (the forward's helpers, such as ``geometry``, stay allowed)."""
+    JAX's autodiff and manualgrad's functions that run it, every registered rule, and every
+    function that some rule's backward uses but ``rule``'s forward does not (the forward's
+    helpers, such as ``geometry``, stay allowed)."""
     out = {id(f): (f, f"jax.{name}", "JAX's autodiff") for name in AUTODIFF if (f := getattr(jax, name, None))}
     allowed = _reachable(rule.fn.fwd)
-    for other in registry.rules():
+    for module in [m for name, m in list(sys.modules.items()) if _in_manualgrad(name)]:
+        for f in vars(module).values():
+            if inspect.isfunction(f) and f.__module__ == module.__name__ and id(f) not in allowed and _runs_autodiff(f):
+                out[id(f)] = (f, f"{f.__module__}.{f.__qualname__}", "runs JAX's autodiff")
+    for other in [rule, *registry.rules()]:  # a helper of several backwards is named for this rule's
         fn = other.fn
         out[id(fn)] = (fn, f"{inspect.getmodule(fn.fwd).__name__}.{other.name}", "a manualgrad rule")
         for key, f in _reachable(fn.bwd).items():
             if key not in allowed:
-                out[key] = (f, f"{f.__module__}.{f.__qualname__}", f"manualgrad's own backward of {other.name}")
+                out.setdefault(key, (f, f"{f.__module__}.{f.__qualname__}", f"manualgrad's own backward of {other.name}"))
     return out
+
+
+def _in_manualgrad(module: str) -> bool:
+    return module == "manualgrad" or module.startswith("manualgrad.")
+
+
+def _runs_autodiff(f: Callable[..., Any]) -> bool:
+    """Whether ``f``'s code names one of :data:`AUTODIFF`, as ``jax.NAME`` or imported by name."""
+    names = _names_used(f.__code__)
+    named = [f.__globals__.get(n) for n in names]
+    return any(g is getattr(jax, n, None) for n, g in zip(names, named) if n in AUTODIFF) or (
+        any(g is jax for g in named) and bool(names & set(AUTODIFF)))
 
 
 @functools.cache
@@ -234,7 +253,7 @@ def _reachable(fn: Callable[..., Any]) -> dict[int, Callable[..., Any]]:
     todo = [fn]
     while todo:
         f = todo.pop()
-        if id(f) in out or not getattr(f, "__module__", "").startswith("manualgrad"):
+        if id(f) in out or not _in_manualgrad(getattr(f, "__module__", "") or ""):
             continue
         out[id(f)] = f
         code = getattr(f, "__code__", None)
@@ -244,7 +263,7 @@ def _reachable(fn: Callable[..., Any]) -> dict[int, Callable[..., Any]]:
         namespace = f.__globals__
         for name in names:
             value = namespace.get(name)
-            if isinstance(value, types.ModuleType) and value.__name__.startswith("manualgrad"):
+            if isinstance(value, types.ModuleType) and _in_manualgrad(value.__name__):
                 todo += [getattr(value, n) for n in names if inspect.isfunction(getattr(value, n, None))]
             elif inspect.isfunction(value):
                 todo.append(value)

@@ -98,8 +98,8 @@ def test_unwritten_backward_passes_only_the_forward(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name, body, diagnosis, reread", [
-    ("dense", "    x, w = residuals\n    dw = jnp.tensordot(x, g, axes=(tuple(range(x.ndim - 1)),) * 2)\n"
-              "    return g @ w.T, jnp.reshape(dw.T, dw.shape)\n",
+    ("dense", DENSE.replace("return g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))",
+                            "dw = jnp.tensordot(x, g, axes=(lead, lead))\n    return g @ w.T, jnp.reshape(dw.T, dw.shape)"),
      "diagnosis: dense, argument w: your gradient equals the right one transposed", "seed 004"),
     ("sigmoid", "    f = residuals\n    return (g * jax.nn.sigmoid(f) * (1 - jax.nn.sigmoid(f)),)\n",
      "diagnosis: sigmoid, argument z: your gradient equals the right one with σ' taken at the output", "Remark 8"),
@@ -169,15 +169,16 @@ SLIPS = {
                   "backward returned None: " + MUST + "(dx, dw)"),
     "a bare array": ("relu", "    return g * (residuals > 0)\n", None,
                      "backward returned an array, not a tuple: " + MUST + "(dz,)"),
-    "a list": ("dense", "    x, w = residuals\n    return [g @ w.T, x.T @ g]\n", None,
+    "a list": ("dense", DENSE.replace("return g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))",
+                                      "return [g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))]"), None,
                "backward returned a list: " + MUST + "(dx, dw)"),
     "one cotangent short": ("dense", "    x, w = residuals\n    return (g @ w.T,)\n", None,
                             "backward returned a tuple of 1 cotangent: " + MUST + "(dx, dw)"),
     "wrong number of arguments": ("dense", None, "def backward(g):\n    return g, g\n",
-                                  "backward is defined as backward(g) but is called with 2 arguments: "
-                                  "write it as backward(residuals, g)"),
-    "numpy on a traced array": ("dense", "    x, w = residuals\n    x = np.asarray(x)\n    return g @ w.T, x.T @ g\n",
-                                None, "use jax.numpy (jnp), not numpy, inside backward: its inputs are traced arrays"),
+                                  ("backward is defined as backward(g) but is called with 2 arguments: "
+                                   "write it as backward(residuals, g)")),
+    "numpy on a traced array": ("dense", DENSE.replace("    lead", "    x = np.asarray(x)\n    lead"), None,
+                                "use jax.numpy (jnp), not numpy, inside backward: its inputs are traced arrays"),
 }
 
 
@@ -196,15 +197,15 @@ AUTODIFF = {
     "jax.vjp": ("    x, w = residuals\n    return jax.vjp(lambda a, b: a @ b, x, w)[1](g)\n", "jax.vjp"),
     "from jax import": ("    from jax import vjp\n    x, w = residuals\n    return vjp(jnp.matmul, x, w)[1](g)\n",
                         "vjp, that is jax.vjp"),
-    "import jax as j": ("    import jax as j\n    x, w = residuals\n"
-                        "    return j.grad(lambda a, b: jnp.vdot(a @ b, g), argnums=(0, 1))(x, w)\n",
+    "import jax as j": (("    import jax as j\n    x, w = residuals\n"
+                         "    return j.grad(lambda a, b: jnp.vdot(a @ b, g), argnums=(0, 1))(x, w)\n"),
                         "j.grad, that is jax.grad"),
     "jax.jacrev": ("    x, w = residuals\n    return jax.jacrev(jnp.matmul)(x, w), x\n", "jax.jacrev"),
-    "dense_backward": ("    import manualgrad.linear\n    x, w = residuals\n"
-                       "    return manualgrad.linear.dense_backward(g, w), x.T @ g\n",
+    "dense_backward": (("    import manualgrad.linear\n    x, w = residuals\n"
+                        "    return manualgrad.linear.dense_backward(g, w), x.T @ g\n"),
                        "manualgrad.linear.dense_backward"),
-    "mg.dense": ("    import manualgrad as mg\n    x, w = residuals\n"
-                 "    return jax.linear_transpose(lambda a: mg.dense(a, w), x)(g)[0], x.T @ g\n",
+    "mg.dense": (("    import manualgrad as mg\n    x, w = residuals\n"
+                  "    return jax.linear_transpose(lambda a: mg.dense(a, w), x)(g)[0], x.T @ g\n"),
                  "mg.dense, that is manualgrad.linear.dense"),
 }
 
