@@ -78,6 +78,13 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitter
 # Two threads per core: XLA compiles without holding the GIL, and a small program's compile
 # leaves a core idle that another sample's tracing or eager dispatch can use.
 WORKERS = min(8, 2 * (os.cpu_count() or 1))
+# Finding.where of a check that could not run on a sample (it raised): a failure of that check.
+NOT_RUN = "not run"
+
+
+class BackwardError(Exception):
+    """A hand backward broke its contract with ``custom_vjp`` in a way one plain sentence can say
+    (it returned ``None``, used NumPy on a traced array, ...): reported as that sentence."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +118,8 @@ class Finding:
         head = f"{self.rule}, argument {self.argument}, sample {self.sample!r}, {self.check} ({self.dtype})"
         if self.passed:
             return f"{head}: ok, worst relative error {self.max_rel_error:.1e}"
-        if self.where == "evaluation":
-            return f"{head}: {self.note}" + (f"; {self.diagnosis}" if self.diagnosis else "")
+        if self.where == NOT_RUN:
+            return f"{head}: not run: {self.note}" + (f"; {self.diagnosis}" if self.diagnosis else "")
         if self.check == "adjoint":
             return (f"{head}: ⟨C(u), y⟩ = {self.expected:.6g} but Σ ⟨u, C†(y)⟩ = {self.received:.6g}, "
                     f"mismatch {self.max_rel_error:.2e} > {self.tolerance:.0e}")
@@ -240,12 +247,24 @@ def check(
 
 
 def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> list[Finding]:
-    """:func:`_check_sample` under the checker's JAX configuration, which is per thread."""
+    """:func:`_check_sample` under the checker's JAX configuration, which is per thread.
+
+    When the sample's program cannot be built (something raised), each check is run alone, so
+    that the checks which can run still count and each one that cannot is a failure on this
+    sample: a backward that raises never leaves the forward, or any check, unjudged.
+    """
     with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
         try:
             return _check_sample(rule, sample, dtype, checks, key, options)
-        except Exception as error:  # a broken rule is a finding, not a crash of the checker
-            return _error_findings(rule, sample, dtype, error, key)
+        except Exception:  # which check raised is found out one check at a time
+            return [f for check in CHECKS if check in checks for f in _check_alone(rule, sample, dtype, check, key, options)]
+
+
+def _check_alone(rule: Rule, sample: Sample, dtype: str, check: str, key, options) -> list[Finding]:
+    try:
+        return _check_sample(rule, sample, dtype, (check,), key, options)
+    except Exception as error:  # a broken rule is a finding, not a crash of the checker
+        return _error_findings(rule, sample, dtype, check, error, key)
 
 
 @functools.cache
@@ -413,20 +432,28 @@ def adjoint_mismatch(u, y, out, back) -> tuple[float, float, float]:
     return float(lhs), float(rhs), float(mismatch if np.isfinite(lhs - rhs) else np.inf)
 
 
-def _error_findings(rule: Rule, sample: Sample, dtype: str, error: Exception, key) -> list[Finding]:
-    """The error as a finding; for a backward that returned a cotangent of the wrong shape
-    (``custom_vjp`` refuses it), one per such argument, diagnosed from the raw backward."""
+def _error_findings(rule: Rule, sample: Sample, dtype: str, check: str, error: Exception, key) -> list[Finding]:
+    """``check`` not run on ``sample`` because of ``error``: a failure. Its note is the error's
+    sentence for a :class:`BackwardError`, else ``raised TYPE: first line``. For the ``vjp``
+    check of a backward that returned a cotangent of the wrong shape (``custom_vjp`` refuses
+    it), one finding per such argument, diagnosed from the raw backward."""
     from manualgrad import diagnose
 
-    message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    finding = Finding(rule.name, "vjp", dtype, sample.label, "(all)", np.inf, np.inf, TOLERANCES[dtype]["vjp"], 1, 1,
-                      "evaluation", note=f"raised {message}")
-    try:
-        g = _random_like(key, jax.eval_shape(rule.fn, *sample.args))
-    except Exception:  # the forward itself fails: nothing to pull back
+    first = str(error).splitlines()[0] if str(error) else ""
+    note = first if isinstance(error, BackwardError) else f"raised {type(error).__name__}: {first}"
+    finding = Finding(rule.name, check, dtype, sample.label, "(all)", np.inf, np.inf, TOLERANCES[dtype][check], 1, 1,
+                      NOT_RUN, note=note)
+    if check != "vjp":
         return [finding]
-    raw = diagnose.diagnose_raw(rule, sample.args, g, dtype)
-    return [dataclasses.replace(finding, argument=_argname(rule, i), diagnosis=text) for i, text in raw.items()] or [finding]
+    try:
+        g = _random_like(key, jax.eval_shape(lambda: rule.fn(*sample.args)))  # static arguments stay Python values
+        raw = diagnose.diagnose_raw(rule, sample.args, g, dtype)
+    except Exception:  # the forward itself fails, or the diagnosis does: the error stands alone
+        return [finding]
+    return [dataclasses.replace(finding, argument=_argname(rule, i), diagnosis=shape.diagnosis,
+                                note=f"backward returned a cotangent of shape {shape.received} for {_argname(rule, i)}, "
+                                     f"of shape {shape.expected}")
+            for i, shape in raw.items()] or [finding]
 
 
 def _closure(fn, args, diff):

@@ -8,7 +8,8 @@ the numbers to round-off (the checker's ``vjp`` tolerance) while the right answe
   (``−1`` the sign, ``2`` a missing ½ in the loss, ``½``, the batch size ``m`` a missing
   mean over the batch, ``1/m`` an average where a sum belongs, ``0`` a dropped gradient, or
   else the constant fitted by least squares); and, for a backward whose output has the wrong
-  shape (:func:`diagnose_raw`), a broadcast axis not summed;
+  shape (:func:`diagnose_raw`), a broadcast axis not summed, ``E`` transposed or its axes
+  permuted, and ``E`` reshaped with its axes in the wrong order;
 * from the rule's reference at transformed inputs, per rule: ``Rule.mistakes``
   (:mod:`manualgrad.mistakes`: ``σ'`` at the output, the kernel not flipped, padding off by
   one, the stride not dilated into ``G``, ...).
@@ -18,9 +19,10 @@ A random error is explained by none of them: "no known mistake explains it".
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,32 +54,57 @@ def diagnose(rule: Rule, args: tuple[Any, ...], argument: int, received: Any, g:
     return "your gradient equals " + "; or ".join(found) if found else NO_EXPLANATION
 
 
-def diagnose_raw(rule: Rule, args: tuple[Any, ...], g: Any, dtype: str) -> dict[int, str]:
+class WrongShape(NamedTuple):
+    """A raw cotangent of the wrong shape, and what it is."""
+
+    received: tuple[int, ...]
+    expected: tuple[int, ...]
+    diagnosis: str
+
+
+def diagnose_raw(rule: Rule, args: tuple[Any, ...], g: Any, dtype: str) -> dict[int, WrongShape]:
     """Runs the rule's backward directly, outside ``custom_vjp`` (which rejects a cotangent of
     the wrong shape before anyone sees it), and diagnoses each argument whose raw cotangent
-    has the wrong shape: a broadcast axis not summed, or :data:`NO_EXPLANATION`."""
+    has the wrong shape (:func:`_shape_mistakes`), or says :data:`NO_EXPLANATION`."""
     fn = rule.fn
-    nondiff = [args[i] for i in getattr(fn, "nondiff_argnums", ())]
+    nondiff = getattr(fn, "nondiff_argnums", ())
     try:
         _, residuals = fn.fwd(*args)
-        raw = fn.bwd(*nondiff, residuals, g)
+        raw = fn.bwd(*[args[i] for i in nondiff], residuals, g)
     except Exception:  # a backward that cannot run at all has nothing to diagnose
         return {}
-    primal = [j for j in range(len(args)) if j not in getattr(fn, "nondiff_argnums", ())]
+    if not isinstance(raw, (tuple, list)):
+        return {}
+    primal = [j for j in range(len(args)) if j not in nondiff]
     out = {}
+    tol = _tolerance(dtype)
     for i, cotangent in zip(primal, raw):
         if i not in rule.differentiable or not hasattr(cotangent, "shape") or jnp.shape(cotangent) == jnp.shape(args[i]):
             continue
         right = np.asarray(mistakes.reference_vjp(rule.reference, args, i, g, vjp))
-        summed = _unsummed_axes(np.asarray(cotangent), right.shape)
-        if summed is not None and _explains(np.sum(np.asarray(cotangent), axis=summed).reshape(right.shape), right,
-                                            _tolerance(dtype)):
-            out[i] = (f"your gradient equals the right one with axis {summed if len(summed) > 1 else summed[0]} "
-                      f"not summed: a broadcast axis left in (shape {tuple(jnp.shape(cotangent))}, "
-                      f"expected {right.shape})")
-        else:
-            out[i] = NO_EXPLANATION + f" (shape {tuple(jnp.shape(cotangent))}, expected {right.shape})"
+        received = np.asarray(cotangent)
+        found = next((text for text, fixed in _shape_mistakes(received, right.shape) if _explains(fixed, right, tol)),
+                     NO_EXPLANATION)
+        out[i] = WrongShape(received.shape, right.shape, found if found == NO_EXPLANATION else "your gradient equals " + found)
     return out
+
+
+def _shape_mistakes(raw: np.ndarray, shape: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(what raw is, raw undone to shape)`` for each shape-changing mistake that fits the shapes."""
+    summed = _unsummed_axes(raw, shape)
+    if summed is not None:
+        shown = summed if len(summed) > 1 else summed[0]
+        yield (f"the right one with axis {shown} not summed: a broadcast axis left in "
+               f"(shape {raw.shape}, expected {shape})"), np.sum(raw, axis=summed).reshape(shape)
+    if raw.ndim == len(shape):
+        for order in itertools.permutations(range(raw.ndim)):
+            if order != tuple(range(raw.ndim)) and tuple(raw.shape[a] for a in order) == shape:
+                text = ("the right one transposed" if order == tuple(reversed(range(raw.ndim))) else
+                        f"the right one with its axes in the wrong order: transpose it by {order}")
+                yield text, np.transpose(raw, order)
+    if raw.size == math.prod(shape):
+        yield (f"the right one reshaped to {raw.shape} instead of {shape}: a reshape with its axes in the "
+               "wrong order"), np.reshape(raw, shape)
 
 
 def _evaluate(rule: Rule, args, argument: int, g) -> tuple[Any, list[tuple[str, Any]]]:

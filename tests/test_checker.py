@@ -51,7 +51,26 @@ def test_broken_rule_is_a_finding_not_a_crash():
         vjp=lambda res, g: (g, g)))  # wrong shapes: JAX refuses them
     report = manualgrad.check(wrong, checks=("vjp",))
     assert not report.passed
-    assert "raised" in report.failures()[0].describe()
+    assert "not run: backward returned a cotangent of shape" in report.failures()[0].describe()
+
+
+def test_every_check_counts_every_sample():
+    # dw transposed: custom_vjp refuses it wherever w is not square ('width 1', 1 × 1, passes).
+    def transposed(res, g):
+        x, w = res
+        lead = tuple(range(x.ndim - 1))
+        return g @ w.T, jnp.tensordot(g, x, axes=(lead, lead))
+
+    wrong = mutant(next(m for m in MUTATIONS if m.rule == "dense")._replace(vjp=transposed))
+    report = manualgrad.check(wrong)
+    samples = {f.sample for f in report.findings}
+    assert len(samples) == 5
+    for check in checker.CHECKS:
+        mine = [f for f in report.findings if f.check == check]
+        assert {f.sample for f in mine} == samples, check  # no sample dropped
+        failed = {f.sample for f in mine if not f.passed}
+        assert failed == (set() if check == "forward" else samples - {"width 1"}), check
+        assert all(f.where == checker.NOT_RUN for f in mine if not f.passed)
 
 
 def test_user_function_built_from_rules():

@@ -49,7 +49,31 @@ def test_broadcast_axis_not_summed_is_found_in_the_raw_backward():
     by_sample = {f.sample: f.diagnosis for f in failures}
     assert "axis 0 not summed: a broadcast axis left in (shape (4, 3), expected (3,))" in by_sample["batch 4"]
     assert "axis (0, 1, 2) not summed" in by_sample["NHWC, per channel"]
-    assert "raised" in failures[0].describe() and "not summed" in failures[0].describe()
+    assert "not run: backward returned a cotangent of shape (4, 3) for b, of shape (3,)" in failures[0].describe()
+    assert "not summed" in failures[0].describe()
+
+
+def _conv2d_dw_channels_first(*args):
+    dx, dw = manualgrad.get("conv2d").fn.bwd(*args)
+    return dx, jnp.moveaxis(dw, -1, 0)
+
+
+@pytest.mark.parametrize("name, bwd, sample, diagnosis", [
+    # dw as (out, in), the right one transposed.
+    ("dense", lambda res, g: (g @ res[1].T, g.T @ res[0]), "batch 4", "the right one transposed"),
+    # dx of flatten reshaped to (N, C, H, W): the axes of the reshape in the wrong order.
+    ("flatten", lambda empty, g: (jnp.reshape(g, (g.shape[0], empty.shape[3], *empty.shape[1:3])),), "NHWC",
+     "the right one reshaped to (2, 2, 3, 4) instead of (2, 3, 4, 2): a reshape with its axes in the wrong order"),
+    # dW of conv2d as (C_out, KH, KW, C_in): its axes permuted.
+    ("conv2d", _conv2d_dw_channels_first, "non-square image and kernel, C_in ≠ C_out",
+     "the right one with its axes in the wrong order: transpose it by (1, 2, 3, 0)"),
+])
+def test_a_wrong_shape_cotangent_is_diagnosed_from_the_raw_backward(name, bwd, sample, diagnosis):
+    rule = manualgrad.get(name)
+    samples = [s for s in rule.sample_inputs(jax.random.PRNGKey(0), jnp.float64) if s.label == sample]
+    report = manualgrad.check(_planted(name, rule.fn.fwd, bwd, samples or None), checks=("vjp",))
+    failures = report.failures()
+    assert failures and all(diagnosis in f.diagnosis for f in failures), [f.diagnosis for f in failures]
 
 
 def _noise(c):
