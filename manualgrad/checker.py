@@ -4,9 +4,10 @@ For every sample of every rule (or for any function the user builds from rules) 
 
 * ``forward``       the rule's output against its plain-``jnp`` reference;
 * ``vjp``           the hand VJP against ``jax.vjp`` of the reference, under a random cotangent;
-* ``finite_diff``   the hand VJP against central finite differences, always in float64: the
-                    exact Jacobian for arguments of at most 64 entries, else ``uᵀ J v`` along
-                    random directions (like ``torch.autograd.gradcheck``'s fast mode);
+* ``finite_diff``   the hand VJP against finite differences (steps ±h and ±2h, Richardson's
+                    extrapolation), always in float64: the exact Jacobian for arguments of at
+                    most 64 entries, else ``uᵀ J v`` along random unit directions (like
+                    ``torch.autograd.gradcheck``'s fast mode);
 * ``adjoint``       seed 002's dot-product test, for every group of arguments the rule is
                     linear in (``Rule.linear_in``): with random ``u`` (those arguments, the
                     others fixed at the sample) and random ``y``, the hand backward ``C†``
@@ -20,14 +21,20 @@ For every sample of every rule (or for any function the user builds from rules) 
 
 Errors are relative, entry by entry: ``|a − n| / max(|a|, |n|)``, 0 where both are 0. An
 entry fails when that exceeds the dtype's tolerance (:data:`TOLERANCES`) *and* its absolute
-error exceeds round-off (:data:`ATOL`, ten ulps of 1; :data:`FD_ATOL` for finite
-differences, whose own absolute error is about ``1e-11 · |f|``): the sample inputs are of
-order one, so an entry that should be 0 and comes out as 1e-17 is not a failure. Columns
-whose one-sided differences disagree (a kink, such as ReLU at 0) are left out of the
-finite-difference check and counted in the finding's note.
+error exceeds round-off (:data:`ATOL`, ten ulps of 1; for finite differences their own
+round-off, 80 ulps of the values differenced per step ``h``, at most :data:`FD_ATOL`): the
+sample inputs are of order one, so an entry that should be 0 and comes out as 1e-17 is not a
+failure. Input entries and directions along which the differences straddle a kink (ReLU at 0,
+a max-pooling tie: the one-sided differences disagree at the scale of the step, or the
+extrapolation does not converge, :func:`_richardson`) are left out of the finite-difference
+check and counted in the finding's note; a kink that is not detected moves the estimate by
+less than the tolerance.
 
 All checks run with ``jax_numpy_rank_promotion="raise"`` so that a backward rule that
-broadcasts silently fails loudly.
+broadcasts silently fails loudly. A user's own function and reference (``check(fn,
+reference=..., args=...)``) run under the caller's setting; the backward passes of the hand
+rules inside the function still run under ``"raise"``. A reference that raises fails every
+check of its sample, with a note that names the reference.
 
 The run time is compile time: every sample's checks but the eager one are fused into one
 program (built with :data:`FAST_COMPILE` on CPU), and samples are checked :data:`WORKERS` at
@@ -218,6 +225,7 @@ def check(
     ``target`` is ``None`` (every registered rule), a rule name, a :class:`Rule`, a list of
     those, or any function built from rules, given with its ``reference`` and ``args``
     (and optionally ``argnums``, the arguments to differentiate; default every floating one).
+    Such a function and its reference run under the caller's ``jax_numpy_rank_promotion``.
 
     Samples are checked in :data:`WORKERS` threads, which do not see JAX configuration
     contexts entered by the caller (``jax.default_device`` and the like): set those with
