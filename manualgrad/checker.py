@@ -4,9 +4,10 @@ For every sample of every rule (or for any function the user builds from rules) 
 
 * ``forward``       the rule's output against its plain-``jnp`` reference;
 * ``vjp``           the hand VJP against ``jax.vjp`` of the reference, under a random cotangent;
-* ``finite_diff``   the hand VJP against central finite differences, always in float64: the
-                    exact Jacobian for arguments of at most 64 entries, else ``uᵀ J v`` along
-                    random directions (like ``torch.autograd.gradcheck``'s fast mode);
+* ``finite_diff``   the hand VJP against finite differences (steps ±h and ±2h, Richardson's
+                    extrapolation), always in float64: the exact Jacobian for arguments of at
+                    most 64 entries, else ``uᵀ J v`` along random unit directions (like
+                    ``torch.autograd.gradcheck``'s fast mode);
 * ``adjoint``       seed 002's dot-product test, for every group of arguments the rule is
                     linear in (``Rule.linear_in``): with random ``u`` (those arguments, the
                     others fixed at the sample) and random ``y``, the hand backward ``C†``
@@ -21,14 +22,20 @@ For every sample of every rule (or for any function the user builds from rules) 
 
 Errors are relative, entry by entry: ``|a − n| / max(|a|, |n|)``, 0 where both are 0. An
 entry fails when that exceeds the dtype's tolerance (:data:`TOLERANCES`) *and* its absolute
-error exceeds round-off (:data:`ATOL`, ten ulps of 1; :data:`FD_ATOL` for finite
-differences, whose own absolute error is about ``1e-11 · |f|``): the sample inputs are of
-order one, so an entry that should be 0 and comes out as 1e-17 is not a failure. Columns
-whose one-sided differences disagree (a kink, such as ReLU at 0) are left out of the
-finite-difference check and counted in the finding's note.
+error exceeds round-off (:data:`ATOL`, ten ulps of 1; for finite differences their own
+round-off, 80 ulps of the values differenced per step ``h``, at most :data:`FD_ATOL`): the
+sample inputs are of order one, so an entry that should be 0 and comes out as 1e-17 is not a
+failure. Input entries and directions along which the differences straddle a kink (ReLU at 0,
+a max-pooling tie: the one-sided differences disagree at the scale of the step, or the
+extrapolation does not converge, :func:`_richardson`) are left out of the finite-difference
+check and counted in the finding's note; a kink that is not detected moves the estimate by
+less than the tolerance.
 
 All checks run with ``jax_numpy_rank_promotion="raise"`` so that a backward rule that
-broadcasts silently fails loudly.
+broadcasts silently fails loudly. A user's own function and reference (``check(fn,
+reference=..., args=...)``) run under the caller's setting; the backward passes of the hand
+rules inside the function still run under ``"raise"``. A reference that raises fails every
+check of its sample, with a note that names the reference.
 
 The run time is compile time: every sample's checks but the eager one are fused into one
 program (built with :data:`FAST_COMPILE` on CPU), and samples are checked :data:`WORKERS` at
@@ -65,10 +72,21 @@ TOLERANCES = {
     "float32": {"forward": 1e-5, "vjp": 1e-5, "finite_diff": 1e-6, "adjoint": 1e-6, "jit": 1e-5, "vmap": 1e-5,
                 "grad_of_grad": 1e-5},
 }
-FD_STEP = 1e-5
 ATOL = {"float64": 10 * float(np.finfo(np.float64).eps), "float32": 10 * float(np.finfo(np.float32).eps)}
 FD_ATOL = 1e-8
-KINK_JUMP = 1e-3
+# Finite differences step by ±h and ±2h, h the distance moved (directions are unit vectors).
+FD_STEP = 1e-5
+FD_STEPS = (1, -1, 2, -2)
+# The round-off ρ of the kink statistic κ (_richardson), per unit of the magnitude of the values
+# differenced: each value f(x + s·h·d) carries a few ulps of it (say 4), and κ combines them
+# with weights summing to at most 5/h (|T_2h − T_h|): ρ = 20 ulps / h, 4.4e-10 for values of
+# order one. The estimate's own round-off is at most 1.5 · 4 ulps / h, under a third of ρ.
+KAPPA_ROUNDING = 20 * float(np.finfo(np.float64).eps) / FD_STEP
+# A kink left in moves the Richardson estimate by at most 5/3 κ. With kinks declared above
+# κ = KINK_SHARE · tol · |estimate| + ρ and an absolute floor of ρ / KINK_SHARE, one left in
+# (with the round-off) costs at most 5/3 · 1/4 of tol · |estimate| plus (5/3 + 1/3) ρ, half the
+# floor: less than what fails an entry, while the floor stays under FD_ATOL (values below 5.7).
+KINK_SHARE = 0.25
 EXACT_JACOBIAN_MAX = 64
 FAST_DIRECTIONS = 3
 # XLA:CPU builds the sample programs about five times faster without LLVM's optimisation
@@ -218,6 +236,7 @@ def check(
     ``target`` is ``None`` (every registered rule), a rule name, a :class:`Rule`, a list of
     those, or any function built from rules, given with its ``reference`` and ``args``
     (and optionally ``argnums``, the arguments to differentiate; default every floating one).
+    Such a function and its reference run under the caller's ``jax_numpy_rank_promotion``.
 
     Samples are checked in :data:`WORKERS` threads, which do not see JAX configuration
     contexts entered by the caller (``jax.default_device`` and the like): set those with
@@ -256,6 +275,9 @@ def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> 
     with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
         try:
             return _check_sample(rule, sample, dtype, checks, key, options)
+        except ReferenceFailed as error:  # nothing to compare with: every check failed, the reference named
+            return [Finding(rule.name, c, dtype, sample.label, "(all)", np.inf, np.inf, TOLERANCES[dtype][c], 1, 1,
+                            NOT_RUN, note=str(error)) for c in CHECKS if c in checks]
         except Exception:  # which check raised is found out one check at a time
             return [f for check in CHECKS if check in checks for f in _check_alone(rule, sample, dtype, check, key, options)]
 
@@ -293,7 +315,35 @@ def _select(target, reference, args, argnums) -> list[Rule]:
     return [t if isinstance(t, Rule) else registry.get(t) for t in target]
 
 
+class ReferenceFailed(Exception):
+    """A user's reference raised while being checked against; the message names it and the error."""
+
+
 def _user_rule(fn, reference, args, argnums) -> Rule:
+    """A user's function and reference as a :class:`Rule`, both run under the caller's
+    ``jax_numpy_rank_promotion``: the checker's ``"raise"`` is for the hand rules, whose
+    backward passes are traced outside them. A reference that raises raises
+    :class:`ReferenceFailed`."""
+    promotion = jax.config.jax_numpy_rank_promotion
+
+    def users(f):
+        @functools.wraps(f)
+        def run(*a):
+            with jax.numpy_rank_promotion(promotion):
+                return f(*a)
+
+        return run
+
+    @functools.wraps(reference)
+    def named_reference(*a):
+        try:
+            return reference(*a)
+        except Exception as error:
+            name = getattr(reference, "__name__", "<lambda>")
+            who = "the reference" if name == "<lambda>" else f"the reference {name}"
+            text = str(error).splitlines()[0] if str(error) else ""
+            raise ReferenceFailed(f"{who} raised {type(error).__name__}: {text}") from error
+
     def samples(key, dtype):
         del key
         cast = jax.tree_util.tree_map(lambda a: a.astype(dtype) if _is_float(a) else a, args)
@@ -302,7 +352,7 @@ def _user_rule(fn, reference, args, argnums) -> Rule:
     if argnums is None:
         argnums = tuple(i for i, a in enumerate(args) if _is_float_tree(a))
     name = getattr(fn, "__name__", "function")
-    return Rule(name, fn, reference, samples, tuple(argnums), ())
+    return Rule(name, users(fn), users(named_reference), samples, tuple(argnums), ())
 
 
 def _is_float(a) -> bool:
@@ -468,12 +518,14 @@ def _closure(fn, args, diff):
 
 @dataclasses.dataclass(frozen=True)
 class _Differences:
-    """Central differences in float64 for one argument, evaluated inside the sample's program.
+    """Finite differences in float64 for one argument, evaluated inside the sample's program.
 
     ``fn`` maps the argument to the rule's output, every other argument fixed. The exact
     Jacobian (``directions`` and ``cotangents`` ``None``: unit vectors) or ``uᵀ J v`` along
-    :data:`FAST_DIRECTIONS` random directions ``v`` (rows of ``directions``) and cotangents
-    ``u`` (rows of ``cotangents``).
+    :data:`FAST_DIRECTIONS` random unit directions ``v`` (rows of ``directions``) and
+    cotangents ``u`` (rows of ``cotangents``). Each derivative is the Richardson estimate of
+    :func:`_richardson`; an input entry or a direction along which the differences straddle a
+    kink is left out and counted.
     """
 
     name: str
@@ -487,8 +539,8 @@ class _Differences:
         return self.arg, self.directions, self.cotangents
 
     def evaluate(self, arg, directions, cotangents):
-        """Traced: ``f`` at ``x + h·d`` and ``x − h·d`` for every direction ``d``, then at
-        ``x``; and the hand VJP of every cotangent, one row each."""
+        """Traced: ``f`` at ``x + s·h·d`` for every ``s`` in :data:`FD_STEPS` and every direction
+        ``d``, then at ``x``; and the hand VJP of every cotangent, one row each."""
         flat, unravel = ravel_pytree(arg)
 
         def f(x):
@@ -497,21 +549,21 @@ class _Differences:
         out, pullback = jax.vjp(f, flat)
         if directions is None:
             directions, cotangents = jnp.eye(flat.size, dtype=flat.dtype), jnp.eye(out.size, dtype=out.dtype)
-        points = jnp.concatenate([flat[None] + FD_STEP * directions, flat[None] - FD_STEP * directions, flat[None]])
-        return jax.vmap(f)(points), jax.vmap(lambda c: pullback(c)[0])(cotangents)
+        points = [flat[None] + s * FD_STEP * directions for s in FD_STEPS]
+        return jax.vmap(f)(jnp.concatenate([*points, flat[None]])), jax.vmap(lambda c: pullback(c)[0])(cotangents)
 
     def finding(self, rule: str, label: str, dtype: str, tol: float, values: np.ndarray, hand: np.ndarray) -> Finding:
         """Compares ``hand`` with the differences of ``values``, as returned by :meth:`evaluate`."""
-        k = (len(values) - 1) // 2
-        plus, minus, f0 = values[:k], values[k : 2 * k], values[2 * k]
+        k = (len(values) - 1) // len(FD_STEPS)
+        steps, f0 = values[:-1].reshape(len(FD_STEPS), k, values.shape[-1]), values[-1]
         if self.directions is None:
-            return self._exact_jacobian(rule, label, dtype, tol, plus, minus, f0, hand)
-        return self._random_directions(rule, label, dtype, tol, plus, minus, f0, hand)
+            return self._exact_jacobian(rule, label, dtype, tol, steps, f0, hand)
+        return self._random_directions(rule, label, dtype, tol, steps, f0, hand)
 
-    def _exact_jacobian(self, rule, label, dtype, tol, plus, minus, f0, hand) -> Finding:
-        central = ((plus - minus) / (2 * FD_STEP)).T
-        jump = np.max(np.abs((plus - f0) - (f0 - minus)) / FD_STEP, axis=1, initial=0.0)
-        kinks = jump > KINK_JUMP * np.maximum(1.0, np.max(np.abs(central), axis=0, initial=0.0))
+    def _exact_jacobian(self, rule, label, dtype, tol, steps, f0, hand) -> Finding:
+        magnitude = np.maximum(np.max(np.abs(steps), axis=0), np.abs(f0))
+        estimate, straddles, atol = _richardson(steps, f0, magnitude, tol)
+        kinks = np.any(straddles, axis=1)
         keep = ~kinks
         note = f"{int(kinks.sum())} input entries at a kink left out" if kinks.any() else ""
 
@@ -519,22 +571,47 @@ class _Differences:
             o, j = np.unravel_index(index, (hand.shape[0], int(keep.sum())))
             return f"d output[{o}] / d {_locate(self.arg, int(np.flatnonzero(keep)[j]), self.name)}"
 
-        return _compare(
-            rule, "finite_diff", dtype, label, self.name, hand[:, keep], central[:, keep], tol, FD_ATOL, note, locate
-        )
+        return _compare(rule, "finite_diff", dtype, label, self.name, hand[:, keep], estimate.T[:, keep], tol,
+                        np.ravel(atol.T[:, keep]), note, locate)
 
-    def _random_directions(self, rule, label, dtype, tol, plus, minus, f0, hand) -> Finding:
-        received, expected, kinks = [], [], 0
-        for u, v, p, m, h in zip(self.cotangents, self.directions, plus, minus, hand):
-            if abs(np.vdot(u, (p - f0) - (f0 - m))) / FD_STEP > KINK_JUMP * max(1.0, np.abs(u).sum()):
-                kinks += 1
-                continue
-            expected.append(np.vdot(u, (p - m) / (2 * FD_STEP)))
-            received.append(np.vdot(h, v))
+    def _random_directions(self, rule, label, dtype, tol, steps, f0, hand) -> Finding:
+        u = self.cotangents
+        magnitude = np.abs(u) @ np.maximum(np.max(np.abs(steps), axis=(0, 1)), np.abs(f0))
+        estimate, kinks, atol = _richardson(np.einsum("skm,km->sk", steps, u), u @ f0, magnitude, tol)
+        keep = np.flatnonzero(~kinks)
         note = f"uᵀJv along {FAST_DIRECTIONS} random directions"
-        note += f", {kinks} crossing a kink left out" if kinks else ""
-        return _compare(rule, "finite_diff", dtype, label, self.name, np.array(received), np.array(expected), tol,
-                        FD_ATOL, note, lambda index: f"direction {index}")
+        note += f", {int(kinks.sum())} crossing a kink left out" if kinks.any() else ""
+        received = np.einsum("km,km->k", hand, self.directions)
+        return _compare(rule, "finite_diff", dtype, label, self.name, received[keep], estimate[keep], tol, atol[keep],
+                        note, lambda index: f"direction {int(keep[index])}")
+
+
+def _richardson(steps, f0, magnitude, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Derivatives ``g'(0)`` of functions ``g`` sampled at ``s·h`` (``steps``, one ``s`` of
+    :data:`FD_STEPS` per row) and at 0 (``f0``); whether each straddles a kink; and the
+    absolute error each may have, from the ``magnitude`` of its values.
+
+    With the central differences ``D_h = (g(h) − g(−h)) / 2h`` and ``D_2h``, the estimate is
+    Richardson's ``(4 D_h − D_2h) / 3 = g'(0) + O(h⁴)``. Along a smooth ``g`` the
+    extrapolation converges and the one-sided differences agree to second order:
+
+        κ = max(|D_h − D_2h|, |T_2h − T_h|) = |g⁽³⁾| h² / 2 + O(h³),  about 5e-11 · |g⁽³⁾|,
+
+    where ``T_h = (g(h) − g(0)) / h − (g(0) − g(−h)) / h`` (``h g''`` for a smooth ``g``) and
+    ``T_2h = (g(2h) − 2g(0) + g(−2h)) / 4h``. A kink at ``a`` where the slope jumps by ``Δ``
+    makes ``κ ≥ |Δ| / 8`` if ``|a| ≤ h`` (the first term vanishes at ``a = 0``, the second at
+    ``a = 2h/3``), and for any ``|a| < 2h`` moves the estimate by at most ``5/3 κ``. So a
+    kink is declared where ``κ > KINK_SHARE · tol · |estimate| + ρ``, ``ρ`` its round-off
+    (:data:`KAPPA_ROUNDING` times the magnitude), and the absolute error allowed is
+    ``ρ / KINK_SHARE``, at most :data:`FD_ATOL`: a kink left in costs less than what fails.
+    """
+    p1, m1, p2, m2 = steps
+    d1, d2 = (p1 - m1) / (2 * FD_STEP), (p2 - m2) / (4 * FD_STEP)
+    t1, t2 = (p1 - 2 * f0 + m1) / FD_STEP, (p2 - 2 * f0 + m2) / (4 * FD_STEP)
+    estimate = (4 * d1 - d2) / 3
+    kappa = np.maximum(np.abs(d1 - d2), np.abs(t2 - t1))
+    rounding = KAPPA_ROUNDING * magnitude
+    return estimate, kappa > KINK_SHARE * tol * np.abs(estimate) + rounding, np.minimum(FD_ATOL, rounding / KINK_SHARE)
 
 
 def _finite_differences(rule, sample, diff, names, key) -> list[_Differences]:
@@ -550,7 +627,8 @@ def _finite_differences(rule, sample, diff, names, key) -> list[_Differences]:
         m = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(jax.eval_shape(fn, args[i])))
         rng = generator(k)
         draws = [(rng.standard_normal(n), rng.standard_normal(m)) for _ in range(FAST_DIRECTIONS)]
-        out.append(_Differences(name, fn, args[i], np.stack([d for d, _ in draws]), np.stack([c for _, c in draws])))
+        directions = np.stack([d / np.linalg.norm(d) for d, _ in draws])
+        out.append(_Differences(name, fn, args[i], directions, np.stack([c for _, c in draws])))
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -223,9 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The status of a process killed by SIGPIPE (128 + 13), which is what a reader that stops early
+# (`manualgrad check --json | head -1`) expects, and not check's 1 for a failed check.
+BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        code = args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader is gone: stop quietly, and let the exit's flush write nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
+    return code
 
 
 if __name__ == "__main__":

@@ -220,7 +220,9 @@ def l2_penalty_forward(params: Any, lam: jax.Array):
     validation.floating("l2_penalty", "lam", lam)
     if jnp.ndim(lam) != 0:
         raise validation.RuleInputError(f"l2_penalty: lam must be a scalar, got shape {jnp.shape(lam)}")
-    omega = sum((0.5 * jnp.vdot(w, w) for w in jax.tree_util.tree_leaves(params)), jnp.zeros((), jnp.result_type(lam)))
+    # A Python scalar λ is weakly typed: like jnp, the result follows the weights' dtype.
+    dtype = jnp.result_type(lam, *jax.tree_util.tree_leaves(params))
+    omega = sum((0.5 * jnp.vdot(w, w) for w in jax.tree_util.tree_leaves(params)), jnp.zeros((), dtype))
     return lam * omega, (params, lam, omega)
 
 
