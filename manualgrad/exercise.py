@@ -75,7 +75,7 @@ def exercise(name: str) -> str:
     used = sorted(n for n in _names_used(forward.__code__) - given if n in vars(module) and not hasattr(builtins, n))
     params, returned = _backward_signature(rule)
     cotangents = _cotangents(returned)[1:-1]
-    seeds = "\n".join(f"    seed {s} ({registry.SEED_FILES[s]}): {section}" for s, section in rule.seeds)
+    seeds = "\n".join(f"    {registry.cite(s, section)}" for s, section in rule.seeds)
     derivation = "\n".join(("    " + line).rstrip() for line in rule.derivation_setup.splitlines())
     return f'''{HEADER}{rule.name}
 """Exercise: the backward rule of ``{rule.name}``.
@@ -392,4 +392,4 @@ def _why_not_run(raised: list[checker.Finding]) -> list[str]:
 
 
 def _reread(rule: Rule) -> str:
-    return "; ".join(f"seed {s} ({registry.SEED_FILES[s]}) {section}" for s, section in rule.seeds)
+    return rule.seed_text

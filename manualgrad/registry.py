@@ -41,8 +41,6 @@ SEEDS = {
     "003": Seed("", "Tutorial 12: Deep Learning", "tutorial sheet, author not named", "003_e1d91a315b6ad03d.txt"),
     "004": Seed("", "Basic Knowledge", "notes, author not named", "004_392e797842596cf6.txt"),
 }
-# The file names alone: manualgrad.exercise still shows these until it calls cite().
-SEED_FILES = {key: seed.file for key, seed in SEEDS.items()}
 
 
 def cite(seed: str, section: str) -> str:
