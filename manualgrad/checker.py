@@ -652,7 +652,9 @@ def _compare(rule, check, dtype, label, argument, received, expected, tol, atol,
         rel = np.where(scale > atol, abs_err / scale, 0.0)
     rel = np.where(np.isnan(a) | np.isnan(n), np.inf, rel)
     mismatch = (rel > tol) & ~(abs_err <= atol)
-    over = np.where(np.isnan(abs_err), np.inf, np.minimum(rel / tol, abs_err / atol))  # > 1 exactly at a mismatch
+    with np.errstate(divide="ignore", invalid="ignore"):  # atol may be 0; an exact entry is 0 over allowed
+        over = np.where(abs_err == 0, 0.0, np.minimum(rel / tol, abs_err / atol))  # > 1 exactly at a mismatch
+    over = np.where(np.isnan(abs_err), np.inf, over)
     worst = int(np.argmax(np.where(mismatch, np.inf, rel))) if mismatch.any() else int(np.argmax(rel))
     where = locate(worst) if locate else _locate(expected, worst, argument)
     return Finding(rule, check, dtype, label, argument, float(np.nanmax(abs_err)), float(rel[worst]), tol,
