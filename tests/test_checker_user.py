@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from mutations import MUTATIONS, mutant
 
 import manualgrad as mg
 from manualgrad import checker
-from mutations import MUTATIONS, mutant
 
 
 def _net(tanh=mg.tanh, sigmoid=mg.sigmoid):
