@@ -85,7 +85,7 @@ KAPPA_ROUNDING = 20 * float(np.finfo(np.float64).eps) / FD_STEP
 # A kink left in moves the Richardson estimate by at most 5/3 κ. With kinks declared above
 # κ = KINK_SHARE · tol · |estimate| + ρ and an absolute floor of ρ / KINK_SHARE, one left in
 # (with the round-off) costs at most 5/3 · 1/4 of tol · |estimate| plus (5/3 + 1/3) ρ, half the
-# floor: less than what fails an entry, while the floor stays under FD_ATOL (values below 5.7).
+# floor: less than what fails an entry, while the floor stays under FD_ATOL (magnitudes below 5.6).
 KINK_SHARE = 0.25
 EXACT_JACOBIAN_MAX = 64
 FAST_DIRECTIONS = 3
@@ -275,7 +275,7 @@ def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> 
     with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
         try:
             return _check_sample(rule, sample, dtype, checks, key, options)
-        except ReferenceFailed as error:  # nothing to compare with: every check failed, the reference named
+        except _ReferenceFailed as error:  # nothing to compare with: every check failed, the reference named
             return [Finding(rule.name, c, dtype, sample.label, "(all)", np.inf, np.inf, TOLERANCES[dtype][c], 1, 1,
                             NOT_RUN, note=str(error)) for c in CHECKS if c in checks]
         except Exception:  # which check raised is found out one check at a time
@@ -315,7 +315,7 @@ def _select(target, reference, args, argnums) -> list[Rule]:
     return [t if isinstance(t, Rule) else registry.get(t) for t in target]
 
 
-class ReferenceFailed(Exception):
+class _ReferenceFailed(Exception):
     """A user's reference raised while being checked against; the message names it and the error."""
 
 
@@ -323,7 +323,7 @@ def _user_rule(fn, reference, args, argnums) -> Rule:
     """A user's function and reference as a :class:`Rule`, both run under the caller's
     ``jax_numpy_rank_promotion``: the checker's ``"raise"`` is for the hand rules, whose
     backward passes are traced outside them. A reference that raises raises
-    :class:`ReferenceFailed`."""
+    :class:`_ReferenceFailed`."""
     promotion = jax.config.jax_numpy_rank_promotion
 
     def users(f):
@@ -342,7 +342,7 @@ def _user_rule(fn, reference, args, argnums) -> Rule:
             name = getattr(reference, "__name__", "<lambda>")
             who = "the reference" if name == "<lambda>" else f"the reference {name}"
             text = str(error).splitlines()[0] if str(error) else ""
-            raise ReferenceFailed(f"{who} raised {type(error).__name__}: {text}") from error
+            raise _ReferenceFailed(f"{who} raised {type(error).__name__}: {text}") from error
 
     def samples(key, dtype):
         del key

@@ -9,6 +9,8 @@ check fails (2 for a bad command line, as argparse does).
 ``manualgrad exercise RULE [--out FILE]`` writes a rule's exercise (forward, derivation up to the
 result, an empty backward); ``manualgrad grade FILE`` grades it: exit 0 if every check passes,
 1 if some fail, 2 for a file that cannot be graded.
+Output into a pipe its reader has closed (``manualgrad check --json | head -1``) ends the command
+quietly with status 141, as if killed by SIGPIPE.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from mutations import MUTATIONS, mutant
 
 import manualgrad as mg
 from manualgrad import checker
-from mutations import MUTATIONS, mutant
 
 
 def _net(tanh=mg.tanh, sigmoid=mg.sigmoid):
@@ -65,6 +65,31 @@ def test_correct_network_passes_finite_differences_for_every_seed():
 
 def _left_out(finding) -> int:
     return int(finding.note.split(", ")[1].split()[0]) if "crossing a kink" in finding.note else 0
+
+
+def _near_kink(random_directions: bool):
+    """ReLU inputs with one entry just short of the kink: 0.9999 h from it (exact Jacobian), or
+    1e-6 from it among 100 entries, where (seed 0) one random direction crosses the kink near
+    its edge, which the earlier filter missed (relative error 8e-3), and one squarely."""
+    if random_directions:
+        x = np.linspace(-1, 1, 100) + 0.005
+        x[0] = 1e-6
+        return jnp.asarray(x)
+    return jnp.array([[-1.0, 0.5, -(1 - 1e-4) * checker.FD_STEP], [2.0, -0.3, 0.7]])
+
+
+@pytest.mark.parametrize("random_directions", [False, True], ids=["exact Jacobian", "random directions"])
+def test_differences_straddling_a_kink_are_left_out_and_counted(random_directions):
+    z = _near_kink(random_directions)
+    report = mg.check(mg.relu, reference=jax.nn.relu, args=(z,), checks=("finite_diff",))
+    assert report.passed, report.failures()[0].describe()
+    finding = report.findings[0]
+    if random_directions:
+        assert finding.note.endswith("1 crossing a kink left out") and finding.size == 2
+    else:
+        assert finding.note == "1 input entries at a kink left out" and finding.size == 6 * 5
+    wrong = mutant(next(m for m in MUTATIONS if m.mistake == "mask taken from the cotangent"))
+    assert not mg.check(wrong.fn, reference=jax.nn.relu, args=(z,), checks=("finite_diff",)).passed
 
 
 @pytest.mark.parametrize("slope_jump", [1.0, -0.5, 1e-3])
