@@ -185,7 +185,7 @@ def _stepper(compiled: Any, params: Any, x: jax.Array, labels: jax.Array) -> Cal
     state = [jax.tree_util.tree_map(jnp.copy, params), tx.init(params)]
 
     def run():
-        state[0], state[1], loss, _ = compiled(state[0], state[1], x, labels)
+        state[0], state[1], loss, *_ = compiled(state[0], state[1], x, labels)
         return loss
 
     return run

@@ -91,7 +91,7 @@ def test_peers_take_the_same_adam_steps_as_the_jitted_step(peer):
     step = train.make_step(train.loss_fn(layers.mlp(10, (128,)), "manual"), tx)
     state = (params, tx.init(params))
     for _ in range(3):
-        *state, _, _ = step(*state, x, labels)
+        *state, _, _, _ = step(*state, x, labels)  # loss, correct, finite
     expected = [a for pair in peers.dense_weights(state[0]) for a in map(np.asarray, pair)]
     if peer == "torch":
         model = peers.TorchMLP(weights, bench.LEARNING_RATE)
