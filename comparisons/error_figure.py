@@ -23,7 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from manualgrad import checker, registry  # noqa: E402
+from manualgrad import registry  # noqa: E402
+from manualgrad.check import checker  # noqa: E402
 
 FLOOR = 1e-18  # an error of exactly 0 is drawn here, so it shows on the log scale
 SERIES = [("vjp", "float64"), ("vjp", "float32"), ("finite_diff", "float64"), ("finite_diff", "float32")]

@@ -20,20 +20,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from manualgrad import train  # noqa: E402
+from manualgrad.train import loop  # noqa: E402
 
 
 def main(epochs: int = 5, model: str = "mlp", out: Path = Path("runs/manual_vs_autodiff")) -> list[dict[str, float]]:
     """Trains both ways; returns per epoch the relative differences of the metrics."""
     runs = {}
     for grad in ("manual", "autodiff"):
-        config = train.Config(model=model, epochs=epochs, grad=grad, out=str(out / grad))
-        train.train(config)
-        runs[grad] = list(train.read_metrics(out / grad / "metrics.csv"))
+        config = loop.Config(model=model, epochs=epochs, grad=grad, out=str(out / grad))
+        loop.train(config)
+        runs[grad] = list(loop.read_metrics(out / grad / "metrics.csv"))
     differences = []
     print(f"{model} on digits, {epochs} epochs, seed 0: relative difference, hand rules vs jax.grad")
     for m, a in zip(runs["manual"], runs["autodiff"]):
-        row = {k: abs(m[k] - a[k]) / max(abs(a[k]), 1e-30) for k in train.METRICS if k != "epoch"}
+        row = {k: abs(m[k] - a[k]) / max(abs(a[k]), 1e-30) for k in loop.METRICS if k != "epoch"}
         differences.append(row)
         print(f"epoch {int(m['epoch']):2d}  " + "  ".join(f"{k} {v:.1e}" for k, v in row.items()))
     fig, ax = plt.subplots(figsize=(6, 4))

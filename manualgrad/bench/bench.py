@@ -6,9 +6,9 @@ are timed **interleaved** — hand rules, ``jax.grad``, the peers, a large matmu
 other, the order reversed every repetition — and a ratio is the median of the per-repetition
 ratios, hand rules first (``step_ratio_manual_over_jax_grad``).
 
-The step is :func:`manualgrad.train.make_step`: forward, backward and the optax update in one
+The step is :func:`manualgrad.train.loop.make_step`: forward, backward and the optax update in one
 jitted program with parameters and optimizer state donated. ``manual`` runs the registered hand
-rules; ``jax_grad`` is the same :mod:`manualgrad.layers` model built from the rules' plain-``jnp``
+rules; ``jax_grad`` is the same :mod:`manualgrad.nn.layers` model built from the rules' plain-``jnp``
 references and differentiated by JAX (``--grad autodiff`` of ``manualgrad train``).
 """
 
@@ -30,13 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from manualgrad import backprop, layers, peers, train
+from manualgrad.bench import peers
+from manualgrad.nn import backprop, layers
+from manualgrad.train import loop
 
 LEARNING_RATE = 3e-3
 
 
 class Model(NamedTuple):
-    """A benchmarked model: a :mod:`manualgrad.layers` network, its input shape (no batch) and batch size."""
+    """A benchmarked model: a :mod:`manualgrad.nn.layers` network, its input shape (no batch) and batch size."""
 
     description: str
     build: Callable[[], layers.Layer]
@@ -156,10 +158,10 @@ def _inputs(model: Model, seed: int) -> tuple[Any, jax.Array, jax.Array]:
 
 
 def compile_step(net: layers.Layer, grad: str, params: Any, x: jax.Array, labels: jax.Array) -> tuple[Any, float]:
-    """``train.make_step`` for ``grad`` (``manual`` or ``autodiff``), lowered and compiled; and the seconds that took."""
+    """``loop.make_step`` for ``grad`` (``manual`` or ``autodiff``), lowered and compiled; and the seconds that took."""
     tx = optax.adam(LEARNING_RATE)
     start = time.perf_counter()
-    compiled = train.make_step(train.loss_fn(net, grad), tx).lower(params, tx.init(params), x, labels).compile()
+    compiled = loop.make_step(loop.loss_fn(net, grad), tx).lower(params, tx.init(params), x, labels).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -306,7 +308,7 @@ def residual_bytes(loss: Callable[..., Any], params: Any, *args: Any) -> int:
 def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256, seed: int = 0) -> dict[str, Any]:
     """Remark 8's storage choices for Algorithm 1 on a ReLU MLP, against ``jax.grad`` (float32).
 
-    For each ``store`` of :func:`manualgrad.backprop.gradients`: the bytes its tape keeps
+    For each ``store`` of :func:`manualgrad.nn.backprop.gradients`: the bytes its tape keeps
     and the compiled footprint of the jitted algorithm; for ``jax.grad`` of the custom_vjp
     composition and of the references: the residual bytes and the compiled footprint.
     """

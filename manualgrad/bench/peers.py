@@ -5,10 +5,10 @@ keeps each layer's input ``O_k`` (for ReLU layers that is ``F_k = σ(a_k)``, Rem
 002), then ``G ← softmax(z) − onehot`` scaled by ``1/m``, and per layer from the top
 ``∇W = Oᵀ G``, ``∇b = 1ᵀ G``, ``G ← (G Wᵀ) ⊙ [F > 0]``. The update is Adam with optax's
 defaults (``b1 = 0.9``, ``b2 = 0.999``, ``eps = 1e-8``), so one step does the same arithmetic as
-``manualgrad.train.make_step`` with ``optax.adam``. The first layer's input needs no
+``manualgrad.train.loop.make_step`` with ``optax.adam``. The first layer's input needs no
 gradient and gets none, as in the jitted step.
 
-The model is :func:`manualgrad.layers.mlp`: ``[(W_1, b_1), …, (W_L, b_L)]`` with ReLU between
+The model is :func:`manualgrad.nn.layers.mlp`: ``[(W_1, b_1), …, (W_L, b_L)]`` with ReLU between
 the dense layers and logits out; inputs are flattened to ``(m, features)``.
 """
 
@@ -26,7 +26,7 @@ Weights = Sequence[tuple[Any, Any]]
 
 
 def dense_weights(params: Any) -> list[tuple[Any, Any]]:
-    """The ``(W, b)`` pairs of a :func:`manualgrad.layers.mlp`'s params, in order (parameterless layers skipped)."""
+    """The ``(W, b)`` pairs of a :func:`manualgrad.nn.layers.mlp`'s params, in order (parameterless layers skipped)."""
     return [(p["w"], p["b"]) for p in params if isinstance(p, dict)]
 
 

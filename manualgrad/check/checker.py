@@ -52,7 +52,7 @@ from jax.flatten_util import ravel_pytree
 
 from manualgrad import registry
 from manualgrad.registry import Rule, Sample
-from manualgrad.samples import generator
+from manualgrad.rules.samples import generator
 
 CHECKS = ("forward", "vjp", "finite_diff", "adjoint", "jit", "vmap", "grad_of_grad")
 # The adjoint mismatch is normalised by the Cauchy–Schwarz bound of its terms (see
@@ -97,7 +97,7 @@ class Finding:
     expected: float = 0.0
     received: float = 0.0
     note: str = ""
-    diagnosis: str = ""  # for a failing vjp check: the usual mistake that explains it (manualgrad.diagnose)
+    diagnosis: str = ""  # for a failing vjp check: the usual mistake that explains it (manualgrad.check.diagnose)
 
     @property
     def passed(self) -> bool:
@@ -368,7 +368,7 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) 
 
 
 def _diagnosed(finding: Finding, rule: Rule, args, argument: int, received, g, dtype: str) -> Finding:
-    from manualgrad import diagnose
+    from manualgrad.check import diagnose
 
     return dataclasses.replace(finding, diagnosis=diagnose.diagnose(rule, args, argument, received, g, dtype))
 
@@ -412,7 +412,7 @@ def adjoint_mismatch(u, y, out, back) -> tuple[float, float, float]:
 def _error_findings(rule: Rule, sample: Sample, dtype: str, error: Exception, key) -> list[Finding]:
     """The error as a finding; for a backward that returned a cotangent of the wrong shape
     (``custom_vjp`` refuses it), one per such argument, diagnosed from the raw backward."""
-    from manualgrad import diagnose
+    from manualgrad.check import diagnose
 
     message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     finding = Finding(rule.name, "vjp", dtype, sample.label, "(all)", np.inf, np.inf, TOLERANCES[dtype]["vjp"], 1, 1,

@@ -10,7 +10,7 @@ the numbers to round-off (the checker's ``vjp`` tolerance) while the right answe
   else the constant fitted by least squares); and, for a backward whose output has the wrong
   shape (:func:`diagnose_raw`), a broadcast axis not summed;
 * from the rule's reference at transformed inputs, per rule: ``Rule.mistakes``
-  (:mod:`manualgrad.mistakes`: ``σ'`` at the output, the kernel not flipped, padding off by
+  (:mod:`manualgrad.rules.mistakes`: ``σ'`` at the output, the kernel not flipped, padding off by
   one, the stride not dilated into ``G``, ...).
 
 A random error is explained by none of them: "no known mistake explains it".
@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad import checker, mistakes
+from manualgrad.check import checker
+from manualgrad.rules import mistakes
 from manualgrad.registry import Rule
 
 NO_EXPLANATION = "no known mistake explains it"

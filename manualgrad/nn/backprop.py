@@ -20,8 +20,8 @@ and ``ι_k`` the bias map (one bias per output feature, or per channel for image
 With every ``C_k`` dense this is Algorithm 1 (Theorem 7): ``C†(T, W) = T Wᵀ`` and
 ``C††(O, T) = Oᵀ T`` are seed 002's ``W_{k+1}ᵀ g_{k+1}`` and ``g_k σ(a_{k−1})ᵀ``, transposed
 into rows. ``C``, ``C†``, ``C††``, ``ι``, ``ι*`` and ``σ'`` are the rules' own forward,
-backward and gradient functions (:mod:`manualgrad.linear`, :mod:`manualgrad.convolution`,
-:mod:`manualgrad.activations`, :mod:`manualgrad.losses`): nothing is derived twice.
+backward and gradient functions (:mod:`manualgrad.rules.linear`, :mod:`manualgrad.rules.convolution`,
+:mod:`manualgrad.rules.activations`, :mod:`manualgrad.rules.losses`): nothing is derived twice.
 
 What the forward pass stores for the backward pass is Remark 8's choice (``store=``):
 
@@ -46,9 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad import activations, convolution, linear, losses, pooling, registry
-from manualgrad.validation import RuleInputError
-from manualgrad.windows import Padding
+from manualgrad import registry
+from manualgrad.rules import activations, convolution, linear, losses, pooling
+from manualgrad.rules.validation import RuleInputError
+from manualgrad.rules.windows import Padding
 
 Store = Literal["a_and_F", "a", "F"]
 STORES: tuple[Store, ...] = ("a_and_F", "a", "F")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from manualgrad import registry
-from manualgrad.windows import Padding
+from manualgrad.rules.windows import Padding
 
 Shape = tuple[int, ...]
 

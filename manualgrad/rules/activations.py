@@ -15,9 +15,9 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from manualgrad import mistakes, validation
+from manualgrad.rules import mistakes, validation
 from manualgrad.registry import Rule, Sample, register
-from manualgrad.samples import keys, normal
+from manualgrad.rules.samples import keys, normal
 
 
 def _activation_samples(scale: float):

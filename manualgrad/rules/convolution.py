@@ -41,10 +41,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad import mistakes, validation, windows
+from manualgrad.rules import mistakes, validation, windows
 from manualgrad.registry import Rule, Sample, register
-from manualgrad.samples import keys, normal
-from manualgrad.windows import Geometry, Padding
+from manualgrad.rules.samples import keys, normal
+from manualgrad.rules.windows import Geometry, Padding
 
 _SPATIAL = {1: "W", 2: "HW"}
 

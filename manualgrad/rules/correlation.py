@@ -9,7 +9,7 @@ Seed 000 writes correlation as ``x ⊙ w``, ``y_i = Σ_j x_{i+j} w_j``, and conv
 
 Identity 2 is printed garbled in the seed (``⟨A, B ∗ C⟩ = ⟨A, B ∗ A⟩``, "just interchanging
 correlation and convolution"); the correct statement, above, follows from 4) because
-convolution commutes. ``tests/test_signal.py`` checks all four on finite, zero-extended
+convolution commutes. ``tests/rules/test_correlation.py`` checks all four on finite, zero-extended
 signals with the rules below.
 
 Finite signals are cropped to a window of shifts by a ``mode``, exactly as
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad import mistakes, validation
+from manualgrad.rules import mistakes, validation
 from manualgrad.registry import Mistake, Rule, Sample, register
-from manualgrad.samples import keys, normal
+from manualgrad.rules.samples import keys, normal
 
 MODES = ("valid", "same", "full")
 

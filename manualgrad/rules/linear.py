@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad import validation
+from manualgrad.rules import validation
 from manualgrad.registry import Rule, Sample, register
-from manualgrad.samples import keys, normal
+from manualgrad.rules.samples import keys, normal
 
 # --------------------------------------------------------------------------- dense
 

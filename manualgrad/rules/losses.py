@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad import mistakes, validation
+from manualgrad.rules import mistakes, validation
 from manualgrad.registry import Mistake
 from manualgrad.registry import Rule, Sample, register
-from manualgrad.samples import keys, normal
+from manualgrad.rules.samples import keys, normal
 
 # --------------------------------------------------------------------------- mse
 

@@ -3,10 +3,10 @@
 Every wrong answer is computed from the rule's plain-``jnp`` reference — its VJP (by JAX) at
 transformed inputs: the kernel flipped, ``σ`` applied to ``z``, the padding shifted, the
 stride set to 1 — or from the right answer (the kernel taps reversed). None runs a hand
-backward, so :mod:`manualgrad.diagnose` finds a mistake without knowing how it was made.
+backward, so :mod:`manualgrad.check.diagnose` finds a mistake without knowing how it was made.
 The rule families attach these builders to their rules; the mistakes every rule can make
 (transposed, a constant factor, the sign, a broadcast axis not summed) live in
-:mod:`manualgrad.diagnose`.
+:mod:`manualgrad.check.diagnose`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from manualgrad.registry import VJP, Mistake
-from manualgrad.windows import Geometry
+from manualgrad.rules.windows import Geometry
 
 
 def replace(args: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:

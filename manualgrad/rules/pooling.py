@@ -12,7 +12,7 @@ and no ``b`` (``J = K = ∅``), so there is no gradient pass, only the backward 
   differentiable and the rule picks the sub-gradient JAX's own autodiff picks.
 
 All window arithmetic (window, stride and padding normalisation, output sizes, leftover
-rows, and the errors for a bad configuration) comes from :mod:`manualgrad.windows`.
+rows, and the errors for a bad configuration) comes from :mod:`manualgrad.rules.windows`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from manualgrad import mistakes, validation, windows
+from manualgrad.rules import mistakes, validation, windows
 from manualgrad.registry import Mistake, Rule, Sample, register
-from manualgrad.samples import keys, normal
-from manualgrad.windows import Geometry, Padding
+from manualgrad.rules.samples import keys, normal
+from manualgrad.rules.windows import Geometry, Padding
 
 _SEEDS = (("002", "§4 adjoints C†"),)
 
@@ -234,7 +234,7 @@ def max_pool2d(x: jax.Array, window, stride=None, padding: Padding = "VALID") ->
     holds on a tie. Verified against JAX's gradient on all-equal windows, on integer-valued
     inputs with stride 1 (overlapping windows, so one pixel can win some windows and lose
     others on ties) and with padding, in float32 and float64, eagerly and under ``jit``
-    (``tests/test_pooling.py`` keeps those checks).
+    (``tests/rules/test_pooling.py`` keeps those checks).
     (``jnp.max``'s own gradient would instead split the cotangent evenly between ties.)
     Entries equal to the max compare equal whatever their sign of zero; a window holding a
     NaN has a NaN max that no entry equals, so its cotangent is dropped.

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from jax import lax
 
-from manualgrad.validation import RuleInputError
+from manualgrad.rules.validation import RuleInputError
 
 Padding = str | int | Sequence[tuple[int, int]]
 

@@ -1,7 +1,7 @@
 """Side-by-side tables for ``comparisons/``: one gradient computed several ways.
 
 Each row is one quantity (``∂L/∂w_4``, ``∇_W``, …) as the seed's hand formula gives it, as
-manualgrad's custom_vjp rules give it, as seed 002's Algorithm 1/2 (:mod:`manualgrad.backprop`)
+manualgrad's custom_vjp rules give it, as seed 002's Algorithm 1/2 (:mod:`manualgrad.nn.backprop`)
 gives it, and as ``jax.grad`` of the plain-``jnp`` reference gives it. A column a row has no
 entry for shows ``—``. The last column is the largest entry-wise difference from the hand
 formula, relative to the hand formula's largest entry.

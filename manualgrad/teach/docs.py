@@ -1,4 +1,4 @@
-"""The README's table of rules, generated from the registry (``python -m manualgrad.docs``)."""
+"""The README's table of rules, generated from the registry (``python -m manualgrad.teach.docs``)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ import types
 
 import jax
 
-from manualgrad import checker, registry
+from manualgrad import registry
+from manualgrad.check import checker
 from manualgrad.registry import Rule
 
 HEADER = "# manualgrad exercise: "

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad import checker, registry
-from manualgrad.samples import generator
+from manualgrad import registry
+from manualgrad.check import checker
+from manualgrad.rules.samples import generator
 
 
 def rule_list() -> str:

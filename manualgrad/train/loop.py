@@ -11,9 +11,9 @@ optimizer state are replicated (``P()``). XLA inserts the all-reduce that the su
 batch in each gradient pass (``Oᵀ G``, ``1ᵀ G``) needs, so the step is the same program on one
 device or many.
 
-Checkpoints (:mod:`manualgrad.checkpoint`) hold the parameters, the optimizer state, the step,
+Checkpoints (:mod:`manualgrad.train.checkpoint`) hold the parameters, the optimizer state, the step,
 the running sums of the current epoch, every finished epoch's metrics and the arguments; the
-data order of epoch ``e`` is a pure function of ``(seed, e)`` (:func:`manualgrad.data.epoch_order`).
+data order of epoch ``e`` is a pure function of ``(seed, e)`` (:func:`manualgrad.train.data.epoch_order`).
 A run resumed from a checkpoint therefore repeats the uninterrupted run bit for bit.
 """
 
@@ -34,7 +34,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from manualgrad import checkpoint, data, layers
+from manualgrad.nn import layers
+from manualgrad.train import checkpoint, data
 
 METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 3e-3}

@@ -17,7 +17,10 @@ import numpy as np
 import optax
 import pytest
 
-from manualgrad import bench, cli, layers, peers, train
+from manualgrad import cli
+from manualgrad.bench import bench, peers
+from manualgrad.nn import layers
+from manualgrad.train import loop
 
 PER_MODEL = {"compile_s_manual", "compile_s_jax_grad", "compile_ratio_manual_over_jax_grad",
              "compiled_bytes_manual", "compiled_bytes_jax_grad", "memory_ratio_manual_over_jax_grad",
@@ -88,7 +91,7 @@ def test_peers_take_the_same_adam_steps_as_the_jitted_step(peer):
     params, x, labels = bench._inputs(bench.MODELS["digits_mlp"], 1)
     weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
     tx = optax.adam(bench.LEARNING_RATE)
-    step = train.make_step(train.loss_fn(layers.mlp(10, (128,)), "manual"), tx)
+    step = loop.make_step(loop.loss_fn(layers.mlp(10, (128,)), "manual"), tx)
     state = (params, tx.init(params))
     for _ in range(3):
         *state, _, _ = step(*state, x, labels)
@@ -121,7 +124,7 @@ def test_bench_rejects_unknown_model(capsys):
 
 
 def test_comparisons_script_runs_the_same_bench(capsys):
-    script = pathlib.Path(__file__).resolve().parents[1] / "comparisons" / "performance.py"
+    script = pathlib.Path(__file__).resolve().parents[2] / "comparisons" / "performance.py"
     result = runpy.run_path(str(script))["main"](["--models", "digits_mlp", "--repeats", "1", "--compile-repeats", "1",
                                                    "--no-peers", "--no-check", "--matmul-size", "64"])
     assert result["settings"]["models"] == ["digits_mlp"]

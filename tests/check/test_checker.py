@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import manualgrad
-from manualgrad import checker
+from manualgrad.check import checker
 from mutations import MUTATIONS, mutant
 
 

@@ -1,6 +1,6 @@
 """Diagnoses: a planted mistake of each kind is named; a random error is not explained.
 
-The planted mutations of ``mutations.py`` carry the phrase their diagnosis must contain
+The planted mutations of ``tests/mutations/`` carry the phrase their diagnosis must contain
 (checked in ``test_checker.py``); here are the kinds no mutation there produces (``σ'``
 written for the output but fed the input, a broadcast axis not summed) and random errors.
 """
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import manualgrad
-from manualgrad import activations, diagnose, linear
+from manualgrad.check import diagnose
+from manualgrad.rules import activations, linear
 from manualgrad.registry import Sample
 
 

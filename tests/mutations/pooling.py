@@ -1,6 +1,6 @@
-"""Deliberately wrong backward rules for the pooling rules (``manualgrad/pooling.py``).
+"""Deliberately wrong backward rules for the pooling rules (``manualgrad/rules/pooling.py``).
 
-Same format as ``tests/mutations.py``. ``window``, ``stride`` and ``padding`` are nondiff
+Same format as the other families of ``tests/mutations/``. ``window``, ``stride`` and ``padding`` are nondiff
 arguments of both pools, so their wrong VJPs take ``(window, stride, padding, residuals, g)``;
 ``flatten``'s take ``(residuals, g)``. The tie-breaking mistakes are caught by the ``vjp``
 check alone: finite differences leave the columns at a kink (a tie) out.
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from manualgrad import pooling
-from mutation import Mutation
+from manualgrad.rules import pooling
+from mutations.mutation import Mutation
 
 # --------------------------------------------------------------------------- avg_pool2d
 

@@ -1,4 +1,4 @@
-"""Seed 002's Algorithms 1 and 2 (``manualgrad/backprop.py``) against the custom_vjp composition and jax.grad.
+"""Seed 002's Algorithms 1 and 2 (``manualgrad/nn/backprop.py``) against the custom_vjp composition and jax.grad.
 
 float64 throughout (conftest enables x64), so agreement is asked to 1e-12 relative: the three
 computations evaluate the same products in a different order, which costs a few ulps.
@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from manualgrad import backprop
-from manualgrad.backprop import Layer
-from manualgrad.validation import RuleInputError
+from manualgrad.nn import backprop
+from manualgrad.nn.backprop import Layer
+from manualgrad.rules.validation import RuleInputError
 
 MLP = [Layer("dense", "sigmoid"), Layer("dense", "tanh"), Layer("dense", "relu"), Layer("dense", "softplus"), Layer("dense")]
 CNN = [Layer("conv2d", "relu"), Layer("conv2d", "tanh", stride=2, padding="SAME"), Layer("conv2d", "leaky_relu", dilation=2, padding=1), Layer("dense")]

@@ -1,6 +1,6 @@
-"""The signal rules (``manualgrad/signal.py``): numpy's semantics, the cross-checker, seed 000's
+"""The signal rules (``manualgrad/rules/correlation.py``): numpy's semantics, the cross-checker, seed 000's
 adjoint identities on finite signals, known values, bad input, and planted mistakes.
-Every check of the cross-checker runs on both rules in ``tests/test_rules.py``.
+Every check of the cross-checker runs on both rules in ``tests/rules/test_rules.py``.
 """
 
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import manualgrad
-from manualgrad import signal
+from manualgrad.rules import correlation
 
 NAMES = ("correlate1d", "convolve1d")
 MODES = ("valid", "same", "full")
@@ -18,7 +18,7 @@ MODES = ("valid", "same", "full")
 
 @pytest.fixture(scope="module")
 def sig():
-    return signal
+    return correlation
 
 
 def rule_fns(sig):

@@ -1,8 +1,8 @@
-"""The pooling rules (``manualgrad/pooling.py``): completeness, the forward
+"""The pooling rules (``manualgrad/rules/pooling.py``): completeness, the forward
 against ``lax.reduce_window``, max pooling's ties exactly as JAX's own gradient breaks them,
 exact zeros where no window reaches, known values and bad input. Every check of the
-cross-checker runs on these rules in ``tests/test_rules.py``, and their planted mistakes
-(``tests/mutations_pooling.py``) in ``tests/test_checker.py``.
+cross-checker runs on these rules in ``tests/rules/test_rules.py``, and their planted mistakes
+(``tests/mutations/pooling.py``) in ``tests/check/test_checker.py``.
 """
 
 
@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 
 import manualgrad
-from manualgrad import pooling
+from manualgrad.rules import pooling
 
 NAMES = ("avg_pool2d", "max_pool2d", "flatten")
 

@@ -1,7 +1,7 @@
 """Every registered rule through every check of the cross-checker, in float32 and float64.
 
 The checks (forward and VJP against the reference, finite differences, jit, vmap,
-grad-of-grad) and their tolerances are defined in ``manualgrad/checker.py``.
+grad-of-grad) and their tolerances are defined in ``manualgrad/check/checker.py``.
 """
 
 import inspect
@@ -10,7 +10,7 @@ import jax
 import pytest
 
 import manualgrad
-from manualgrad import checker
+from manualgrad.check import checker
 
 RULES = [rule.name for rule in manualgrad.rules()]
 

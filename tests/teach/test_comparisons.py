@@ -1,6 +1,6 @@
 """Every script in ``comparisons/`` runs and its hand formulas agree with the rules and jax.grad.
 
-Each script's ``main()`` asserts agreement itself (``manualgrad.compare.report``, 1e-12
+Each script's ``main()`` asserts agreement itself (``manualgrad.teach.compare.report``, 1e-12
 relative in float64) and returns the worst difference, which is checked again here.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import manualgrad
 from manualgrad import cli
 
-COMPARISONS = pathlib.Path(__file__).resolve().parents[1] / "comparisons"
+COMPARISONS = pathlib.Path(__file__).resolve().parents[2] / "comparisons"
 SEEDS = sorted(p.name for p in COMPARISONS.glob("seed_*.py"))
 
 

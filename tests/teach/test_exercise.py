@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import manualgrad
-from manualgrad import cli, exercise, registry
+from manualgrad import cli, registry
+from manualgrad.teach import exercise
 
 RULES = [rule.name for rule in manualgrad.rules()]
 
@@ -66,7 +67,7 @@ def test_unwritten_backward_scores_zero(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name, body, diagnosis, reread", [
-    ("dense", "    from manualgrad.linear import _dense_vjp\n    dx, dw = _dense_vjp(residuals, g)\n"
+    ("dense", "    from manualgrad.rules.linear import _dense_vjp\n    dx, dw = _dense_vjp(residuals, g)\n"
               "    return dx, jnp.reshape(dw.T, dw.shape)\n",
      "diagnosis: dense, argument w: your gradient equals the right one transposed", "seed 004"),
     ("sigmoid", "    f = residuals\n    return (g * jax.nn.sigmoid(f) * (1 - jax.nn.sigmoid(f)),)\n",

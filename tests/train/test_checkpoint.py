@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from manualgrad import checkpoint
-from manualgrad.checkpoint import CheckpointError, CheckpointMismatchError
+from manualgrad.train import checkpoint
+from manualgrad.train.checkpoint import CheckpointError, CheckpointMismatchError
 
 
 def _params(hidden=3):
@@ -223,7 +223,7 @@ def test_sigkill_while_saving_never_leaves_a_broken_checkpoint(tmp_path):
     """A process saving in a loop is killed at an arbitrary moment: every checkpoint-named file is intact."""
     script = (
         "import sys, numpy as np\n"
-        "from manualgrad import checkpoint\n"
+        "from manualgrad.train import checkpoint\n"
         "state = {'w': np.arange(2_000_000, dtype=np.float32)}\n"
         "for step in range(1, 10_000):\n"
         "    state['w'][0] = step\n"

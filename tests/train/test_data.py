@@ -1,4 +1,4 @@
-"""The datasets of ``manualgrad train`` (``manualgrad/data.py``): the built-in sets and their
+"""The datasets of ``manualgrad train`` (``manualgrad/train/data.py``): the built-in sets and their
 seeded splits, IDX reading and writing, every loading error, and the batch order.
 """
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from manualgrad import data
-from manualgrad.data import DataError
+from manualgrad.train import data
+from manualgrad.train.data import DataError
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"

@@ -14,9 +14,11 @@ import numpy as np
 import optax
 import pytest
 
-from manualgrad import activations, checkpoint, data, layers, train
+from manualgrad.nn import layers
+from manualgrad.rules import activations
+from manualgrad.train import checkpoint, data, loop
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _batch(shape=(16, 8, 8, 1), classes=10, seed=0):
@@ -64,7 +66,7 @@ def test_training_step_runs_the_registered_backward():
     tx = optax.sgd(0.1)
 
     def one_step(grad):
-        step = train.make_step(train.loss_fn(net, grad), tx)
+        step = loop.make_step(loop.loss_fn(net, grad), tx)
         p = jax.tree_util.tree_map(jnp.copy, params)
         return step(p, tx.init(p), x, y)[0]
 
@@ -83,12 +85,12 @@ def test_training_step_runs_the_registered_backward():
 
 
 def test_default_digits_cnn_reaches_97_percent(tmp_path):
-    summary = train.train(train.Config(out=str(tmp_path)))
+    summary = loop.train(loop.Config(out=str(tmp_path)))
     assert summary["test_accuracy"] >= 0.97
     assert summary["cross_check_max_relative_error"] <= 1e-4  # float32 gradients of a trained net
-    rows = train.read_metrics(tmp_path / "metrics.csv")
+    rows = loop.read_metrics(tmp_path / "metrics.csv")
     assert [r["epoch"] for r in rows] == list(range(1, 11))
-    assert set(rows[0]) == set(train.METRICS)
+    assert set(rows[0]) == set(loop.METRICS)
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -145,7 +147,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert meta_cut["step"] == meta_whole["step"] == total
     for a, b in zip(jax.tree_util.tree_leaves(received), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_array_equal(a, b)  # bit for bit
-    assert train.read_metrics(cut / "metrics.csv") == train.read_metrics(whole / "metrics.csv")
+    assert loop.read_metrics(cut / "metrics.csv") == loop.read_metrics(whole / "metrics.csv")
 
 
 def test_resume_refuses_a_different_run(tmp_path):
@@ -158,12 +160,12 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 
 def test_bad_configurations_name_the_flag(tmp_path):
-    with pytest.raises(train.TrainError, match="--model cnn needs images"):
-        train.train(train.Config(dataset="xor", out=str(tmp_path)))
-    with pytest.raises(train.TrainError, match="--devices must be between 1 and"):
-        train.train(train.Config(model="mlp", dataset="xor", devices=999, out=str(tmp_path)))
-    with pytest.raises(train.TrainError, match="no checkpoint there"):
-        train.train(train.Config(model="mlp", dataset="xor", resume=str(tmp_path), out=str(tmp_path)))
+    with pytest.raises(loop.TrainError, match="--model cnn needs images"):
+        loop.train(loop.Config(dataset="xor", out=str(tmp_path)))
+    with pytest.raises(loop.TrainError, match="--devices must be between 1 and"):
+        loop.train(loop.Config(model="mlp", dataset="xor", devices=999, out=str(tmp_path)))
+    with pytest.raises(loop.TrainError, match="no checkpoint there"):
+        loop.train(loop.Config(model="mlp", dataset="xor", resume=str(tmp_path), out=str(tmp_path)))
 
 
 def test_idx_dataset_trains(tmp_path):
@@ -171,7 +173,7 @@ def test_idx_dataset_trains(tmp_path):
     for split, n in (("train", 64), ("t10k", 32)):
         data.write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         data.write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
-    summary = train.train(train.Config(model="mlp", dataset=f"idx:{tmp_path}", epochs=1, out=str(tmp_path / "run")))
+    summary = loop.train(loop.Config(model="mlp", dataset=f"idx:{tmp_path}", epochs=1, out=str(tmp_path / "run")))
     assert summary["steps"] == 2 and 0 <= summary["test_accuracy"] <= 1
 
 
@@ -180,7 +182,8 @@ def test_eight_devices_give_the_one_device_gradient():
     script = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np, optax
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from manualgrad import layers, train
+        from manualgrad.nn import layers
+        from manualgrad.train import loop
         assert len(jax.devices()) == 8
         rng = np.random.default_rng(0)
         x, y = rng.random((32, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 32).astype(np.int32)
@@ -189,14 +192,14 @@ def test_eight_devices_give_the_one_device_gradient():
         grad = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y)[0]))
         results = {}
         for n in (1, 8):
-            mesh = train.mesh(n)
+            mesh = loop.mesh(n)
             xs = jax.device_put(x, NamedSharding(mesh, P("data")))
             assert len(xs.sharding.device_set) == n
             ps = jax.device_put(params, NamedSharding(mesh, P()))
             results[n] = jax.device_get(grad(ps, xs, jax.device_put(y, NamedSharding(mesh, P("data")))))
         pairs = zip(jax.tree_util.tree_leaves(results[8]), jax.tree_util.tree_leaves(results[1]))
         print(max(float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in pairs))
-        summary = train.train(train.Config(model="mlp", epochs=1, devices=8, out="/tmp/manualgrad-8-devices"))
+        summary = loop.train(loop.Config(model="mlp", epochs=1, devices=8, out="/tmp/manualgrad-8-devices"))
         print(summary["devices"], summary["test_accuracy"])
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
