@@ -33,7 +33,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from manualgrad import checker, registry  # noqa: E402
+from manualgrad import registry  # noqa: E402
+from manualgrad.check import checker  # noqa: E402
 
 COMMITTED = Path(__file__).with_name("errors.png")
 FLOOR = 1e-6  # an error of exactly 0 is drawn here, so it shows on the log scale

@@ -1,7 +1,7 @@
 """What the hand rules cost, printed side by side: ``manualgrad bench`` as a script.
 
 Times the jitted training step (forward, hand backward, optax Adam, parameters donated) of
-each model in :data:`manualgrad.bench.MODELS` against ``jax.grad`` of the same model built from
+each model in :data:`manualgrad.bench.bench.MODELS` against ``jax.grad`` of the same model built from
 the references, the MLPs also against hand-written NumPy and PyTorch backprop, interleaved so
 that the machine's drift cancels; and the compile time, compiled memory, residual bytes,
 FLOP/s against a measured matmul, and ``manualgrad check``'s wall time.
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
     if "--json" in argv:
         print(captured.getvalue())
     else:
-        from manualgrad import bench
+        from manualgrad.bench import bench
 
         print(bench.table(result))
     return result

@@ -5,7 +5,7 @@ keeps one of them: ``a_k`` with ``σ`` recomputed in the backward pass, or ``F_k
 alone, which for ReLU, sigmoid and tanh gives ``σ'`` without recomputing anything. The script
 prints, for an MLP 784-1024-1024-10 with ReLU at batch 256 (float32):
 
-- the bytes of each choice's tape (:func:`manualgrad.backprop.stored_bytes`) — what an
+- the bytes of each choice's tape (:func:`manualgrad.nn.backprop.stored_bytes`) — what an
   executor that runs the algorithm step by step (eager JAX, NumPy) keeps;
 - the compiled footprint of the jitted algorithm (``memory_analysis()``: temporaries +
   arguments + outputs − aliases), as one program, and of the backward pass compiled alone,
@@ -23,11 +23,12 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from manualgrad import backprop, bench
+from manualgrad.bench import bench
+from manualgrad.nn import backprop
 
 
 def backward_program_bytes(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256) -> dict[str, int]:
-    """Per ``store``: the compiled footprint of :func:`manualgrad.backprop.backward` alone (tape as arguments)."""
+    """Per ``store``: the compiled footprint of :func:`manualgrad.nn.backprop.backward` alone (tape as arguments)."""
     network = [backprop.Layer("dense", "relu")] * (len(widths) - 2) + [backprop.Layer("dense")]
     kp, kx = jax.random.split(jax.random.PRNGKey(0))
     params = backprop.init(kp, network, widths[:1], widths[1:], jnp.float32)

@@ -35,8 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import manualgrad as mg
-from manualgrad import backprop, compare, registry
-from manualgrad.backprop import Layer
+from manualgrad import registry
+from manualgrad.nn import backprop
+from manualgrad.teach import compare
+from manualgrad.nn.backprop import Layer
 
 jax.config.update("jax_enable_x64", True)
 

@@ -29,8 +29,9 @@ import functools
 import jax
 import numpy as np
 
-from manualgrad import backprop, compare
-from manualgrad.backprop import Layer
+from manualgrad.nn import backprop
+from manualgrad.teach import compare
+from manualgrad.nn.backprop import Layer
 
 jax.config.update("jax_enable_x64", True)
 

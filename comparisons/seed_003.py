@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import manualgrad as mg
-from manualgrad import backprop, compare
-from manualgrad.backprop import Layer
+from manualgrad.nn import backprop
+from manualgrad.teach import compare
+from manualgrad.nn.backprop import Layer
 
 jax.config.update("jax_enable_x64", True)
 

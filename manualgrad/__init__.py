@@ -4,16 +4,33 @@ Every public rule is registered in :mod:`manualgrad.registry`; :func:`check` cro
 them against ``jax.grad`` of plain-``jnp`` references and against finite differences.
 """
 
-# Importing a family registers its rules; this order is the order of the registry and the README.
-from manualgrad.linear import bias_add, dense  # isort: skip
-from manualgrad.activations import identity, leaky_relu, relu, sigmoid, softplus, tanh  # isort: skip
-from manualgrad.losses import l2_penalty, mse, softmax_cross_entropy  # isort: skip
-from manualgrad.signal import convolve1d, correlate1d  # isort: skip
-from manualgrad.convolution import conv1d, conv2d  # isort: skip
-from manualgrad.pooling import avg_pool2d, flatten, max_pool2d  # isort: skip
-from manualgrad.checker import Report, check
-from manualgrad.registry import Rule, Sample, get, register, rules
-from manualgrad.validation import RuleDTypeError, RuleInputError
+# Importing manualgrad.rules registers every family, in the order of the registry and the README.
+# The functions check and rules are imported after the subpackages of the same names: from here
+# on, mg.check and mg.rules are the functions (import the subpackages' modules with
+# ``from manualgrad.check import checker``, ``from manualgrad.rules import linear``).
+from manualgrad.rules import (  # isort: skip
+    avg_pool2d,
+    bias_add,
+    conv1d,
+    conv2d,
+    convolve1d,
+    correlate1d,
+    dense,
+    flatten,
+    identity,
+    l2_penalty,
+    leaky_relu,
+    max_pool2d,
+    mse,
+    relu,
+    sigmoid,
+    softmax_cross_entropy,
+    softplus,
+    tanh,
+)
+from manualgrad.check import Report, check  # isort: skip
+from manualgrad.registry import Rule, Sample, get, register, rules  # isort: skip
+from manualgrad.rules.validation import RuleDTypeError, RuleInputError  # isort: skip
 
 __all__ = [
     "Report",

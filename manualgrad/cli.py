@@ -24,7 +24,8 @@ import sys
 from collections.abc import Sequence
 
 import manualgrad
-from manualgrad import checker, registry
+from manualgrad import registry
+from manualgrad.check import checker
 
 
 def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule") -> bool:
@@ -59,7 +60,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from manualgrad import bench
+    from manualgrad.bench import bench
 
     settings = bench.QUICK if args.quick else bench.Settings()
     chosen = {"repeats": args.repeats, "compile_repeats": args.compile_repeats, "matmul_size": args.matmul_size}
@@ -89,7 +90,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from manualgrad import explain
+    from manualgrad.teach import explain
 
     if args.list:
         print(explain.rule_list())
@@ -104,7 +105,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _exercise(args: argparse.Namespace) -> int:
-    from manualgrad import exercise
+    from manualgrad.teach import exercise
 
     if _refuse_unknown_rules("exercise", [args.rule]):
         return 2
@@ -122,7 +123,7 @@ def _exercise(args: argparse.Namespace) -> int:
 
 
 def _grade(args: argparse.Namespace) -> int:
-    from manualgrad import exercise
+    from manualgrad.teach import exercise
 
     try:
         text, passed = exercise.grade(args.file, dtype=args.dtype)
@@ -134,18 +135,18 @@ def _grade(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from manualgrad import checkpoint, data, train
+    from manualgrad.train import checkpoint, data, loop
 
-    config = train.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(train.Config)})
+    config = loop.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(loop.Config)})
     try:
-        summary = train.train(config)
-    except (train.TrainError, data.DataError, checkpoint.CheckpointError) as error:
+        summary = loop.train(config)
+    except (loop.TrainError, data.DataError, checkpoint.CheckpointError) as error:
         print(f"manualgrad {error}" if str(error).startswith("train:") else f"manualgrad train: {error}", file=sys.stderr)
         return 2
-    except train.Diverged as error:
+    except loop.Diverged as error:
         print(f"manualgrad {error}", file=sys.stderr)
         return 1
-    except train.Interrupted as error:
+    except loop.Interrupted as error:
         print(f"manualgrad {error}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # outside the steps (loading, compiling, plot, cross-check) or a second Ctrl-C

@@ -99,7 +99,7 @@ class Rule:
         ``adjoint`` check runs seed 002's dot-product test ``⟨C(u), y⟩ = ⟨u, C†(y)⟩`` on each.
       mistakes: the usual mistakes of this rule's backward (:class:`Mistake`), beyond the
         ones every rule can make (transposed, a constant factor, the sign, an axis not summed),
-        which :mod:`manualgrad.diagnose` tries when a hand VJP is wrong.
+        which :mod:`manualgrad.check.diagnose` tries when a hand VJP is wrong.
     """
 
     name: str

@@ -5,8 +5,9 @@ import pathlib
 import subprocess
 import sys
 
-import manualgrad
-from manualgrad import cli, docs
+from manualgrad import cli
+from manualgrad.check import checker
+from manualgrad.teach import docs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def test_check_json_has_one_record_per_rule_and_check(capsys):
     assert cli.main(["check", "mse", "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     # mse is not linear in any argument: no adjoint record
-    assert sorted(r["check"] for r in records) == sorted(set(manualgrad.checker.CHECKS) - {"adjoint"})
+    assert sorted(r["check"] for r in records) == sorted(set(checker.CHECKS) - {"adjoint"})
     assert all(r["rule"] == "mse" and r["passed"] and r["dtype"] == "float64" for r in records)
     assert all(r["max_rel_error"] <= r["tolerance"] for r in records)
 
@@ -43,7 +44,8 @@ def test_console_script_exits_1_on_failure(tmp_path):
     script.write_text(
         "import sys, jax\n"
         "import manualgrad\n"
-        "from manualgrad import activations, cli\n"
+        "from manualgrad import cli\n"
+        "from manualgrad.rules import activations\n"
         "activations.sigmoid.defvjp(activations.sigmoid_forward, lambda f, g: (g,))\n"
         "sys.exit(cli.main(['check', 'sigmoid']))\n"
     )

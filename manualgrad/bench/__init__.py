@@ -1,0 +1,2 @@
+"""``manualgrad bench`` (:mod:`~manualgrad.bench.bench`) and its NumPy/PyTorch peers
+(:mod:`~manualgrad.bench.peers`)."""

@@ -1,0 +1,452 @@
+"""``manualgrad bench``: what do the hand rules cost against ``jax.grad``, NumPy and PyTorch?
+
+Every figure comes from one run on one machine. A machine whose speed drifts (a shared CPU can
+drift 2× over tens of seconds) makes single timings meaningless, so the contenders of a model
+are timed **interleaved** — hand rules, ``jax.grad``, the peers, a large matmul, one after the
+other, the order reversed every repetition — and a ratio is the median of the per-repetition
+ratios, hand rules first (``step_ratio_manual_over_jax_grad``).
+
+The step is :func:`manualgrad.train.loop.make_step`: forward, backward and the optax update in one
+jitted program with parameters and optimizer state donated. ``manual`` runs the registered hand
+rules; ``jax_grad`` is the same :mod:`manualgrad.nn.layers` model built from the rules' plain-``jnp``
+references and differentiated by JAX (``--grad autodiff`` of ``manualgrad train``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from manualgrad.bench import peers
+from manualgrad.nn import backprop, layers
+from manualgrad.train import loop
+
+LEARNING_RATE = 3e-3
+
+
+class Model(NamedTuple):
+    """A benchmarked model: a :mod:`manualgrad.nn.layers` network, its input shape (no batch) and batch size."""
+
+    description: str
+    build: Callable[[], layers.Layer]
+    input_shape: tuple[int, ...]
+    batch: int
+    mlp: bool
+
+
+MODELS: dict[str, Model] = {
+    "digits_mlp": Model("digits MLP 64-128-10 (train --model mlp), batch 32",
+                        lambda: layers.mlp(10, (128,)), (8, 8, 1), 32, True),
+    "mlp_1024": Model("MLP 784-1024-1024-10, batch 256", lambda: layers.mlp(10, (1024, 1024)), (784,), 256, True),
+    "mlp_large": Model("MLP 2048-2048-2048-10, batch 1024", lambda: layers.mlp(10, (2048, 2048)), (2048,), 1024, True),
+    "digits_cnn": Model("digits CNN 8x8x1 (train's default cnn), batch 32", lambda: layers.cnn(10), (8, 8, 1), 32, False),
+    "cnn_28": Model("CNN 28x28x1: conv3x3x32, conv3x3x64/2, dense 128, dense 10, batch 128",
+                    lambda: layers.cnn(10, (32, 64), 128), (28, 28, 1), 128, False),
+}
+# Goals of issue 7, per figure: (comparison, bound) — applied to every model unless keyed by one.
+GOALS: dict[str, tuple[str, float]] = {
+    "step_ratio_manual_over_jax_grad": ("<=", 1.0),
+    "memory_ratio_manual_over_jax_grad": ("<=", 1.0),
+    "step_ratio_manual_over_numpy": ("<=", 1.0),
+    "step_ratio_manual_over_torch": ("<=", 1.0),
+    "mlp_large/flops_fraction_manual_of_matmul": (">=", 0.90),
+    "check_seconds_float64": ("<", 30.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What ``manualgrad bench`` runs; ``--quick`` is a smoke test in seconds, not a measurement."""
+
+    models: tuple[str, ...] = tuple(MODELS)
+    repeats: int = 10
+    warmup: int = 2
+    compile_repeats: int = 3
+    sample_seconds: float = 0.02
+    matmul_size: int | None = None
+    peers: bool = True
+    check_rules: tuple[str, ...] | None = ()  # rules for `manualgrad check`: () all of them, None no check
+    seed: int = 0
+
+    def matmul_n(self) -> int:
+        """The side of the square float32 matmul that measures the peak: 2048 on CPU, 8192 on accelerators."""
+        if self.matmul_size is not None:
+            return self.matmul_size
+        return 2048 if jax.default_backend() == "cpu" else 8192
+
+
+QUICK = Settings(models=("digits_mlp", "digits_cnn"), repeats=3, warmup=1, compile_repeats=1,
+                 sample_seconds=0.0, matmul_size=256, check_rules=("relu",))
+
+
+Record = dict[str, Any]
+
+
+def record(figure: str, value: float | None, unit: str, **extra: Any) -> Record:
+    """One figure: ``figure``, ``model`` (None for whole-run figures), ``value``, ``unit``, and extras."""
+    return {"figure": figure, "model": None, "value": value, "unit": unit, **extra}
+
+
+def judge(rec: Record) -> Record:
+    """``rec`` with ``goal`` and ``meets_goal`` where issue 7 sets a goal for its figure."""
+    goal = GOALS.get(f"{rec['model']}/{rec['figure']}") or GOALS.get(rec["figure"])
+    if goal is None or rec["value"] is None:
+        return rec
+    op, bound = goal
+    met = {"<=": rec["value"] <= bound, ">=": rec["value"] >= bound, "<": rec["value"] < bound}[op]
+    return {**rec, "goal": f"{op} {bound:g}", "meets_goal": bool(met)}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                sample_seconds: float = 0.0) -> dict[str, list[float]]:
+    """Seconds per call of each contender, sampled in turn ``repeats`` times after ``warmup`` calls each.
+
+    The order is reversed on every other repetition so that neither side always runs first.
+    A sample is ``calls`` calls, the same number for every contender, enough that the slowest
+    contender's sample lasts ``sample_seconds`` (steps of microseconds are timed in bulk).
+    """
+    for run in contenders.values():
+        for _ in range(max(warmup, 1)):
+            jax.block_until_ready(run())
+    slowest = max(_seconds(run, 1) for run in contenders.values())
+    calls = max(1, math.ceil(sample_seconds / slowest))
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    order = list(contenders)
+    for i in range(repeats):
+        for name in order if i % 2 == 0 else order[::-1]:
+            times[name].append(_seconds(contenders[name], calls))
+    return times
+
+
+def _seconds(run: Callable[[], Any], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = run()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+
+def median_ratio(times: dict[str, list[float]], top: str, bottom: str) -> float:
+    """The median over repetitions of ``times[top][i] / times[bottom][i]``."""
+    return statistics.median(a / b for a, b in zip(times[top], times[bottom]))
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def _inputs(model: Model, seed: int) -> tuple[Any, jax.Array, jax.Array]:
+    kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
+    _, params = model.build().init(kp, (-1, *model.input_shape))
+    x = jax.random.normal(kx, (model.batch, *model.input_shape), jnp.float32)
+    return params, x, jax.random.randint(ky, (model.batch,), 0, 10)
+
+
+def compile_step(net: layers.Layer, grad: str, params: Any, x: jax.Array, labels: jax.Array) -> tuple[Any, float]:
+    """``loop.make_step`` for ``grad`` (``manual`` or ``autodiff``), lowered and compiled; and the seconds that took."""
+    tx = optax.adam(LEARNING_RATE)
+    start = time.perf_counter()
+    compiled = loop.make_step(loop.loss_fn(net, grad), tx).lower(params, tx.init(params), x, labels).compile()
+    return compiled, time.perf_counter() - start
+
+
+def footprint(compiled: Any) -> int | None:
+    """Compiled bytes: temporaries + arguments + outputs − aliased (donated) bytes; None where unreported."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    return int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+               + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+
+
+def step_flops(params: Any, batch: int) -> int:
+    """Matmul FLOPs of one MLP step: per dense layer ``2·m·in·out`` forward, as much for ``Oᵀ G``, and
+    as much for ``G Wᵀ`` — except in the first layer, whose input gets no gradient (XLA drops it)."""
+    sizes = [w.shape for w, _ in peers.dense_weights(params)]
+    return sum((4 if k == 0 else 6) * batch * fan_in * fan_out for k, (fan_in, fan_out) in enumerate(sizes))
+
+
+def _stepper(compiled: Any, params: Any, x: jax.Array, labels: jax.Array) -> Callable[[], Any]:
+    """A closure that runs one donated step and keeps the new state."""
+    tx = optax.adam(LEARNING_RATE)
+    state = [jax.tree_util.tree_map(jnp.copy, params), tx.init(params)]
+
+    def run():
+        state[0], state[1], loss, *_ = compiled(state[0], state[1], x, labels)
+        return loss
+
+    return run
+
+
+def _relative(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """``‖a − b‖ / ‖b‖`` over all leaves together: round-off, not the odd ReLU that flips at its kink."""
+    diff = sum(float(np.sum((np.asarray(p, np.float64) - np.asarray(q, np.float64)) ** 2)) for p, q in zip(a, b))
+    return (diff / max(sum(float(np.sum(np.asarray(q, np.float64) ** 2)) for q in b), 1e-300)) ** 0.5
+
+
+def _peer_contenders(params: Any, x: jax.Array, labels: jax.Array, manual_grads: list,
+                     n: int) -> tuple[dict, list[Record], str | None]:
+    """The NumPy and (when importable) PyTorch steps and PyTorch's ``n × n`` matmul; how far their gradients are from the hand rules'."""
+    host_x, host_labels = np.asarray(x), np.asarray(labels)
+    weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
+    numpy_peer = peers.NumpyMLP(weights, LEARNING_RATE)
+    out: dict[str, Callable[[], Any]] = {"numpy": lambda: numpy_peer.step(host_x, host_labels)}
+    checks = [("numpy", numpy_peer.gradients(host_x, host_labels)[1])]
+    reason = peers.torch_reason()
+    if reason is None:
+        torch_peer = peers.TorchMLP(weights, LEARNING_RATE, peers.torch_device(jax.default_backend()))
+        tx, tl = torch_peer.inputs(host_x, host_labels)
+        out["torch"] = lambda: torch_peer.step(tx, tl)
+        out["torch_matmul"] = torch_peer.matmul(n)
+        checks.append(("torch", torch_peer.gradients(tx, tl)[1]))
+    flat_manual = [a for pair in manual_grads for a in pair]
+    records = [record(f"gradient_difference_{name}_vs_manual", _relative([a for pair in grads for a in pair], flat_manual),
+                      "relative L2") for name, grads in checks]
+    return out, records, reason
+
+
+def bench_model(name: str, settings: Settings) -> list[Record]:
+    """Every figure for one model of :data:`MODELS`."""
+    model = MODELS[name]
+    net = model.build()
+    params, x, labels = _inputs(model, settings.seed)
+    compiled: dict[str, Any] = {}
+    compile_times: dict[str, list[float]] = {"manual": [], "jax_grad": []}
+    for i in range(max(settings.compile_repeats, 1)):
+        for side in ("manual", "jax_grad") if i % 2 == 0 else ("jax_grad", "manual"):
+            compiled[side], seconds = compile_step(net, "autodiff" if side == "jax_grad" else "manual", params, x, labels)
+            compile_times[side].append(seconds)
+    records = [record(f"compile_s_{side}", statistics.median(compile_times[side]), "s") for side in compile_times]
+    records.append(record("compile_ratio_manual_over_jax_grad", median_ratio(compile_times, "manual", "jax_grad"), "ratio"))
+
+    loss = {side: (lambda p, x, y, ref=(side == "jax_grad"): layers.classifier_loss(net, p, x, y, reference=ref)[0])
+            for side in ("manual", "jax_grad")}
+    grads = {side: jax.jit(jax.grad(fn))(params, x, labels) for side, fn in loss.items()}
+    records.append(record("gradient_difference_jax_grad_vs_manual",
+                          _relative(jax.tree_util.tree_leaves(grads["jax_grad"]), jax.tree_util.tree_leaves(grads["manual"])),
+                          "relative L2"))
+    nbytes = {side: footprint(c) for side, c in compiled.items()}
+    if None in nbytes.values():
+        records.append(record("compiled_bytes", None, "bytes", skipped="memory_analysis() reports nothing on this backend"))
+    else:
+        records += [record(f"compiled_bytes_{side}", nbytes[side], "bytes") for side in nbytes]
+        records.append(record("memory_ratio_manual_over_jax_grad", nbytes["manual"] / nbytes["jax_grad"], "ratio"))
+    residuals = {side: residual_bytes(fn, params, x, labels) for side, fn in loss.items()}
+    records += [record(f"residual_bytes_{side}", residuals[side], "bytes") for side in residuals]
+    records.append(record("residual_ratio_manual_over_jax_grad", residuals["manual"] / residuals["jax_grad"], "ratio"))
+
+    contenders = {side: _stepper(c, params, x, labels) for side, c in compiled.items()}
+    torch_reason = None
+    if model.mlp:
+        n = settings.matmul_n()
+        a = jax.random.normal(jax.random.PRNGKey(settings.seed), (n, n), jnp.float32)
+        matmul = jax.jit(jnp.matmul)
+        contenders["matmul"] = lambda: matmul(a, a)
+        if settings.peers:
+            more, checks, torch_reason = _peer_contenders(params, x, labels, peers.dense_weights(grads["manual"]), n)
+            contenders.update(more)
+            records += checks
+    times = interleaved(contenders, settings.repeats, settings.warmup, settings.sample_seconds)
+    steps = [side for side in times if not side.endswith("matmul")]
+    records += [record(f"step_ms_{side}", 1e3 * statistics.median(times[side]), "ms") for side in steps]
+    records += [record(f"step_ratio_manual_over_{side}", median_ratio(times, "manual", side), "ratio")
+                for side in steps if side != "manual"]
+    if model.mlp and settings.peers and torch_reason is not None:
+        records.append(record("step_ratio_manual_over_torch", None, "ratio", skipped=torch_reason))
+    if model.mlp:
+        flops, peak_flops = step_flops(params, model.batch), 2 * settings.matmul_n() ** 3
+        records += [
+            record("step_flops", flops, "FLOP"),
+            record("flops_per_s_manual", flops / statistics.median(times["manual"]), "FLOP/s"),
+            record("matmul_flops_per_s", peak_flops / statistics.median(times["matmul"]), "FLOP/s",
+                   matmul=f"{settings.matmul_n()}x{settings.matmul_n()} float32"),
+            record("flops_fraction_manual_of_matmul", median_ratio(times, "matmul", "manual") * flops / peak_flops,
+                   "fraction"),
+        ]
+        if "torch_matmul" in times:
+            records.append(record("torch_matmul_flops_per_s", peak_flops / statistics.median(times["torch_matmul"]),
+                                  "FLOP/s", matmul=f"{settings.matmul_n()}x{settings.matmul_n()} float32, torch.mm"))
+    for rec in records:
+        rec["model"] = name
+    return records
+
+
+# --------------------------------------------------------------------------- memory (Remark 8)
+
+
+def compiled_bytes(fn: Callable[..., Any], *args: Any, donate_argnums: tuple[int, ...] = ()) -> int:
+    """The compiled footprint of ``jax.jit(fn)(*args)``: temporaries + arguments + outputs − aliased bytes."""
+    return footprint(jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile())
+
+
+def residual_bytes(loss: Callable[..., Any], params: Any, *args: Any) -> int:
+    """Bytes that reverse mode keeps between forward and backward for ``loss(params, *args)``.
+
+    The residuals are the leaves of the function ``jax.vjp`` returns; leaves that are the
+    arguments themselves cost nothing new and are not counted.
+    """
+    given = {id(leaf) for leaf in jax.tree_util.tree_leaves((params, args))}
+    _, pullback = jax.vjp(lambda p: loss(p, *args), params)
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(pullback) if id(leaf) not in given)
+
+
+def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256, seed: int = 0) -> dict[str, Any]:
+    """Remark 8's storage choices for Algorithm 1 on a ReLU MLP, against ``jax.grad`` (float32).
+
+    For each ``store`` of :func:`manualgrad.nn.backprop.gradients`: the bytes its tape keeps
+    and the compiled footprint of the jitted algorithm; for ``jax.grad`` of the custom_vjp
+    composition and of the references: the residual bytes and the compiled footprint.
+    """
+    network = [backprop.Layer("dense", "relu")] * (len(widths) - 2) + [backprop.Layer("dense")]
+    kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = backprop.init(kp, network, widths[:1], widths[1:], jnp.float32)
+    x = jax.random.normal(kx, (batch, widths[0]), jnp.float32)
+    labels = jax.random.randint(ky, (batch,), 0, widths[-1])
+    loss = "softmax_cross_entropy"
+    result: dict[str, Any] = {"network": f"MLP {'-'.join(map(str, widths))} ReLU, batch {batch}, float32"}
+    for store in backprop.STORES:
+        result[f"algorithm_{store}_tape_bytes"] = backprop.stored_bytes(network, params, x, store)
+        result[f"algorithm_{store}_compiled_bytes"] = compiled_bytes(
+            lambda p, x, y, store=store: backprop.gradients(network, p, x, y, loss, store), params, x, labels)
+    for name, reference in (("custom_vjp", False), ("jax_grad", True)):
+        fn = lambda p, x, y, reference=reference: backprop.loss(network, p, x, y, loss, reference=reference)  # noqa: E731
+        result[f"{name}_residual_bytes"] = residual_bytes(fn, params, x, labels)
+        result[f"{name}_compiled_bytes"] = compiled_bytes(jax.value_and_grad(fn), params, x, labels)
+    return result
+
+
+# --------------------------------------------------------------------------- check, machine, run
+
+
+def check_seconds(rules: Sequence[str]) -> list[Record]:
+    """Wall time of ``python -m manualgrad check --dtype float64 [RULE ...]`` (all rules when empty), in a fresh process."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "manualgrad", "check", "--dtype", "float64", *rules],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    what = "all rules" if not rules else " ".join(rules)
+    return [record("check_seconds_float64", seconds, "s", rules=what, passed=done.returncode == 0)]
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, backend and device, versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return {
+        "cpu": cpu,
+        "cores": peers.cores(),
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(__import__("jaxlib"), "__version__", None),
+        "numpy": np.__version__,
+        "torch": _torch_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _torch_version() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
+
+
+def run(settings: Settings = Settings(), progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every figure of ``manualgrad bench``: ``{"machine", "settings", "records"}``."""
+    unknown = [m for m in settings.models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"bench: unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    started = time.perf_counter()
+    records: list[Record] = []
+    for name in settings.models:
+        if progress:
+            progress(f"{name}: {MODELS[name].description}")
+        records += bench_model(name, settings)
+    if settings.check_rules is not None:
+        if progress:
+            progress("manualgrad check --dtype float64")
+        records += check_seconds(settings.check_rules)
+    described = dataclasses.asdict(settings) | {"matmul_size": settings.matmul_n(), "optimizer": f"adam {LEARNING_RATE}",
+                                                "dtype": "float32", "seconds": time.perf_counter() - started}
+    return {"machine": machine(), "settings": described, "records": [judge(rec) for rec in records],
+            "models": {name: MODELS[name].description for name in settings.models}}
+
+
+def _value(rec: Record) -> str:
+    v = rec["value"]
+    if v is None:
+        return "skipped"
+    unit = rec["unit"]
+    if unit == "bytes":
+        return f"{v / 2**20:.2f} MiB"
+    if unit in ("FLOP/s", "FLOP"):
+        return f"{v / 1e9:.4g} G{unit}"
+    if unit in ("ratio", "fraction"):
+        return f"{v:.3f}"
+    if unit == "relative L2":
+        return f"{v:.1e}"
+    return f"{v:.2f} {unit}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The records as a text table — one row per figure, one column per model — under the machine and settings.
+
+    A value that misses its goal is marked ``✗``, one that meets it ``✓``; reasons for skipped
+    figures follow the table.
+    """
+    m, s = result["machine"], result["settings"]
+    lines = [f"manualgrad bench on {m['cpu']} ({m['cores']} cores), backend {m['backend']} ({m['device']}), "
+             f"jax {m['jax']}, numpy {m['numpy']}, torch {m['torch'] or 'not installed'}",
+             f"{s['dtype']}, {s['optimizer']}, median of {s['repeats']} interleaved repetitions "
+             f"(compile: {s['compile_repeats']}); matmul peak from {s['matmul_size']}x{s['matmul_size']}; "
+             f"{s['seconds']:.0f} s in all", ""]
+    lines += [f"{name:11} {text}" for name, text in result["models"].items()] + [""]
+    models = [name for name in result["models"]]
+    cells: dict[str, dict[str | None, str]] = {}
+    goals: dict[str, str] = {}
+    notes = []
+    for rec in result["records"]:
+        mark = "" if "meets_goal" not in rec else (" ✓" if rec["meets_goal"] else " ✗")
+        cells.setdefault(rec["figure"], {})[rec["model"]] = _value(rec) + mark
+        goals.setdefault(rec["figure"], rec.get("goal", ""))
+        if "skipped" in rec:
+            notes.append(f"{rec['model'] or '-'} {rec['figure']} skipped: {rec['skipped']}")
+    per_model = [f for f in cells if None not in cells[f]]
+    rows = [("figure", *models, "goal")]
+    rows += [(f, *(cells[f].get(name, "") for name in models), goals[f]) for f in per_model]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for f in cells:
+        if None in cells[f]:
+            rec = next(r for r in result["records"] if r["figure"] == f)
+            extra = ", ".join(f"{k} {v}" for k, v in rec.items() if k not in ("figure", "model", "value", "unit", "goal", "meets_goal"))
+            lines.append(f"{f}: {cells[f][None]}" + (f" (goal {goals[f]})" if goals[f] else "") + (f"; {extra}" if extra else ""))
+    return "\n".join(lines + notes)
+
+
+def to_json(result: dict[str, Any]) -> str:
+    return json.dumps(result, indent=1)

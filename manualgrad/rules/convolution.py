@@ -1,0 +1,395 @@
+"""Multi-channel convolution layers, channels last: seed 002's bilinear ``C(x, W)`` and its adjoints.
+
+Seed 002 §4 writes a layer as ``σ(C(x, W) + ι(b))`` with ``C`` bilinear and needs two
+adjoints: ``C†(y, W)`` with respect to the input and ``C††(x, y)`` with respect to the
+weights, defined by
+
+    ⟨C(h, W), y⟩ = ⟨h, C†(y, W)⟩        ⟨C(x, H), y⟩ = ⟨H, C††(x, y)⟩.
+
+For a convolution with stride ``s``, dilation ``d``, padding ``(lo, hi)`` and ``n`` spatial
+axes (1 or 2; one index ``o``, ``k``, ``p`` stands for all of them):
+
+    C(x, W)[b, o, co] = Σ_{k, ci} x[b, o·s + k·d − lo, ci] · W[k, ci, co]     (x = 0 off the image)
+
+Both adjoints follow by collecting the terms of ``⟨C(x, W), y⟩`` differently:
+
+* by input position ``p = o·s + k·d − lo``: ``C†(y, W)[b, p, ci] = Σ_{o, k : p} Σ_co y[b, o, co] W[k, ci, co]``
+  — a *transposed convolution*: spread ``y`` onto a grid ``s`` times finer, pad it, and
+  correlate with the kernel flipped in space and with ``ci``/``co`` swapped. The leftover
+  rows that no window reaches get exactly 0.
+* by kernel tap ``k``: write ``P_k(x)[b, o, ci] = x[b, o·s + k·d − lo, ci]`` (one strided
+  slice of ``x``, zero off the image) and the taps side by side as the patch matrix ``P``.
+  Then ``C(x, W) = P(x) W`` is a dense layer on the patches (seed 004's ``Z = O W``), and its
+  two rules give the adjoints: ``C††(x, y) = P(x)ᵀ y`` and ``C†(y, W) = Σ_k P_k*(y W_kᵀ)``,
+  where ``P_k*``, the adjoint of a strided slice, puts each entry back at the pixel it was
+  read from (a strided scatter; rows no tap reads stay 0).
+
+The two collections are the same sums. The code computes both adjoints in the tap form —
+one ``dot_general`` each plus slices and pads, which XLA runs at matmul speed — except
+``C††`` for a narrow patch matrix, which is the correlation ``x ⋆ y`` (seed 000's
+``dw = x ⋆ dy``, batch and channels swapping roles). ``C`` is one ``lax.conv_general_dilated``;
+nothing here calls ``jax.vjp``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from manualgrad.rules import mistakes, validation, windows
+from manualgrad.registry import Rule, Sample, register
+from manualgrad.rules.samples import keys, normal
+from manualgrad.rules.windows import Geometry, Padding
+
+_SPATIAL = {1: "W", 2: "HW"}
+
+
+def _numbers(n: int, roles: str = "C") -> tuple[str, str, str]:
+    """Dimension numbers for ``n`` spatial axes, channels last: the forward's ``NHWC``, ``HWIO``,
+    ``NHWC`` (``NWC``… for 1-D), or the weight adjoint's (``roles="C††"``: batch and channels swapped)."""
+    s = _SPATIAL[n]
+    return (f"C{s}N", f"I{s}O", f"{s}NC") if roles == "C††" else (f"N{s}C", f"{s}IO", f"N{s}C")
+
+
+def geometry(rule: str, x_shape, w_shape, stride, padding, dilation) -> Geometry:
+    """The window geometry of ``rule`` (``"conv1d"`` or ``"conv2d"``) for these shapes, validated."""
+    n = len(w_shape) - 2
+    shapes = f"(x: {tuple(x_shape)}, w: {tuple(w_shape)})"
+    return windows.geometry(rule, x_shape[1:-1], w_shape[:n], stride, padding, dilation, shapes)
+
+
+def _validate(rule: str, x, w, n: int, layout: str, kernel_layout: str) -> None:
+    validation.floating(rule, "x", x)
+    validation.floating(rule, "w", w)
+    if jnp.ndim(x) != n + 2:
+        raise validation.RuleInputError(f"{rule}: x must have shape {layout}, got {jnp.shape(x)}")
+    if jnp.ndim(w) != n + 2 or 0 in jnp.shape(w):
+        raise validation.RuleInputError(f"{rule}: w must have shape {kernel_layout} with no empty axis, got {jnp.shape(w)}")
+    if jnp.shape(x)[-1] != jnp.shape(w)[-2]:
+        raise validation.RuleInputError(
+            f"{rule}: x has {jnp.shape(x)[-1]} channels but w expects {jnp.shape(w)[-2]} "
+            f"(x: {jnp.shape(x)}, w: {jnp.shape(w)})"
+        )
+    validation.same_dtype(rule, x=x, w=w)
+
+
+def _convolve(x, w, geo: Geometry):
+    """``C(x, W)``."""
+    n = len(geo.window)
+    return lax.conv_general_dilated(
+        x, w, geo.strides, geo.pads, rhs_dilation=geo.dilation, dimension_numbers=_numbers(n)
+    )
+
+
+def _spans(k: tuple[int, ...], geo: Geometry):
+    """Per spatial axis, where tap ``k`` reads the input: ``(t_lo, t_hi, start, limit)``, or None.
+
+    Input index ``o·s + k·d − lo`` falls on the image for the output positions
+    ``t_lo ≤ o < t_hi``; those read the strided slice ``start : limit : s`` of ``x``. None if
+    the tap never reads the image (it lies in the padding for every output position).
+    """
+    spans = []
+    for ki, d, s, (lo, _), o, size in zip(k, geo.dilation, geo.strides, geo.pads, geo.output, geo.input):
+        first = ki * d - lo
+        t_lo, t_hi = max(0, -(first // s)), min(o, (size - 1 - first) // s + 1)
+        if t_hi <= t_lo:
+            return None
+        spans.append((t_lo, t_hi, first + t_lo * s, first + (t_hi - 1) * s + 1))
+    return spans
+
+
+def _taps(geo: Geometry) -> list[tuple[int, ...]]:
+    return list(itertools.product(*map(range, geo.window)))
+
+
+def _tap(x, k: tuple[int, ...], geo: Geometry):
+    """``P_k(x)[b, o, ci] = x[b, o·s + k·d − lo, ci]`` (0 off the image), shape ``(N, *output, C_in)``.
+
+    One strided slice of ``x``, padded with zeros where the tap lies off the image; padding
+    only the slice, never the whole image, keeps this one pass over ``x``.
+    """
+    spans = _spans(k, geo)
+    if spans is None:
+        return jnp.zeros((jnp.shape(x)[0], *geo.output, jnp.shape(x)[-1]), x.dtype)
+    n, c = jnp.shape(x)[0], jnp.shape(x)[-1]
+    sliced = lax.slice(x, (0, *(a for _, _, a, _ in spans), 0), (n, *(b for _, _, _, b in spans), c),
+                       (1, *geo.strides, 1))
+    pads = [(0, 0, 0), *((t_lo, o - t_hi, 0) for (t_lo, t_hi, _, _), o in zip(spans, geo.output)), (0, 0, 0)]
+    return lax.pad(sliced, jnp.zeros((), x.dtype), pads)
+
+
+def _tap_adjoint(v, k: tuple[int, ...], geo: Geometry):
+    """``P_k*``, the adjoint of :func:`_tap`: ``v`` (N, *output, C_in) put back at the input pixels it was read from.
+
+    The adjoint of a strided slice is a strided scatter: crop the zero padding that ``_tap``
+    added, then pad with ``s − 1`` zeros between entries and the rows the slice skipped.
+    """
+    spans = _spans(k, geo)
+    n, c = jnp.shape(v)[0], jnp.shape(v)[-1]
+    if spans is None:
+        return jnp.zeros((n, *geo.input, c), v.dtype)
+    cropped = lax.slice(v, (0, *(t_lo for t_lo, _, _, _ in spans), 0), (n, *(t_hi for _, t_hi, _, _ in spans), c))
+    pads = [(0, 0, 0), *((a, size - b, s - 1) for (_, _, a, b), size, s in zip(spans, geo.input, geo.strides)),
+            (0, 0, 0)]
+    return lax.pad(cropped, jnp.zeros((), v.dtype), pads)
+
+
+def _input_adjoint(g, w, geo: Geometry):
+    """``C†(g, W) = Σ_k P_k*(g W_kᵀ)``: one product with every tap's ``W_kᵀ``, then each tap put back."""
+    n, taps = len(geo.window), _taps(geo)
+    per_tap = jnp.reshape(w, (len(taps), *jnp.shape(w)[n:]))  # (taps, C_in, C_out)
+    products = lax.dot_general(g, per_tap, (((n + 1,), (2,)), ((), ())))  # (N, *output, taps, C_in)
+    return sum(_tap_adjoint(products[..., i, :], k, geo) for i, k in enumerate(taps))
+
+
+# Below this many patch-matrix columns (taps × C_in), ``Pᵀ g`` is too thin a product for the
+# matmul kernels and the correlation form of ``C††`` is faster (``manualgrad bench``, XLA:CPU).
+_NARROW_PATCHES = 64
+
+
+def _weight_adjoint(x, g, geo: Geometry):
+    """``C††(x, g)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] g[b, o, co]``.
+
+    With the taps side by side as the patch matrix ``P`` (rows ``(b, o)``, columns
+    ``(k, ci)``) this is ``Pᵀ g``, computed as ``gᵀ P`` and transposed afterwards
+    (``C_out × taps·C_in``, small) so the big ``P`` is read in the layout it was written in.
+    For a narrow ``P`` the same sum is a correlation of ``x`` with ``g`` (seed 000's
+    ``dw = x ⋆ dy``): batch and channels swap roles, ``g`` is the kernel, dilated by the stride.
+    """
+    n, c_in = len(geo.window), jnp.shape(x)[-1]
+    if math.prod(geo.window) * c_in < _NARROW_PATCHES:
+        pads = [(lo, hi - r) for (lo, hi), r in zip(geo.pads, geo.leftover)]
+        return lax.conv_general_dilated(x, g, geo.dilation, pads, rhs_dilation=geo.strides,
+                                        dimension_numbers=_numbers(n, "C††"))
+    patches = jnp.stack([_tap(x, k, geo) for k in _taps(geo)], axis=-2)
+    lead = tuple(range(n + 1))
+    dw = lax.dot_general(g, patches, ((lead, lead), ((), ())))  # (C_out, taps, C_in)
+    return jnp.reshape(jnp.moveaxis(dw, 0, -1), (*geo.window, c_in, jnp.shape(g)[-1]))
+
+
+def _conv_mistakes(rule: str, reference, spatial: tuple[int, ...]):
+    """The kernel not flipped in ``C†`` (or its taps reversed in ``C††``), padding off by one,
+    and the stride not dilated into ``G``."""
+
+    def geo(args):
+        x, w, stride, padding, dilation = args
+        return geometry(rule, jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+
+    def rebuild(args, x, stride, padding):
+        return (x, args[1], stride, padding, args[4])
+
+    return (*mistakes.kernel_flipped(reference, spatial), *mistakes.windowed(reference, geo, rebuild, (0, 1)))
+
+
+# --------------------------------------------------------------------------- conv2d
+
+
+def conv2d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
+    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
+    (kh, kw), (sh, sw), (dh, dw) = geo.window, geo.strides, geo.dilation
+    (oh, ow) = geo.output
+    patches = jnp.stack(
+        [
+            xp[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw, :]
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=3,
+    )
+    return jnp.einsum("bhwkc,kcd->bhwd", patches, jnp.reshape(w, (kh * kw, *jnp.shape(w)[2:])))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dilation=1) -> jax.Array:
+    """2-D convolution (cross-correlation, as in every deep-learning library), NHWC × HWIO → NHWC.
+
+    ``x`` (N, H, W, C_in), ``w`` (KH, KW, C_in, C_out); ``stride`` and ``dilation`` an int or a
+    pair; ``padding`` ``"VALID"``, ``"SAME"``, an int, or ``((lo, hi), (lo, hi))``. Equal to
+    ``lax.conv_general_dilated(x, w, stride, padding, rhs_dilation=dilation,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"))``.
+
+    Derivation (seed 002 §4, Theorem 10 and Algorithm 2: ``C†`` and ``C††``). With
+    ``o = (o_1, o_2)``, ``k = (k_1, k_2)`` and ``x`` zero off the image,
+
+        C(x, W)[b, o, co] = Σ_{k, ci} x[b, o·s + k·d − lo, ci] W[k, ci, co]
+
+    is linear in each argument. Its backward pass is the adjoint ``C†`` of ``h ↦ C(h, W)`` and
+    its gradient pass the adjoint ``C††`` of ``W ↦ C(x, W)``.
+
+    Result:
+
+    Collect ``⟨C(h, W), y⟩`` by input pixel ``p = o·s + k·d − lo``:
+
+        C†(y, W)[b, p, ci] = Σ_{(o, k) : o·s + k·d − lo = p} Σ_co y[b, o, co] W[k, ci, co]
+
+    which is a correlation of ``y`` — first spread ``s`` times finer, padded by ``e − 1 − lo``
+    and ``e − 1 − hi + r`` — with ``W`` flipped in both spatial axes and ``ci``, ``co``
+    swapped (``e = (K − 1)d + 1``, ``r`` the leftover rows no window reaches, whose gradient
+    is then exactly 0). Collect it by kernel tap instead:
+
+        C††(x, y)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] y[b, o, co]
+
+    for each tap ``k`` a strided slice ``P_k(x)`` of ``x`` times ``y``, summed over the batch
+    and the positions: one product ``Pᵀ y`` of the patch matrix ``P`` (taps side by side)
+    with ``y``. ``C(x, W) = P(x) W`` is seed 004's dense layer on the patches, so by tap
+    ``C†(y, W) = Σ_k P_k*(y W_kᵀ)``: the dense layer's ``G Wᵀ``, each tap's columns put back
+    at the pixels they were read from. The backward pass is ``dx = C†(G, W)``, the gradient
+    pass ``dW = C††(x, G)``; the per-channel bias is ``bias_add``'s ``ι``, whose ``ι*`` sums
+    ``G`` over N, H and W.
+    Residuals: ``(x, W)``.
+    """
+    return conv2d_forward(x, w, stride, padding, dilation)[0]
+
+
+def conv2d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
+    _validate("conv2d", x, w, 2, "(N, H, W, C_in)", "(KH, KW, C_in, C_out)")
+    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return _convolve(x, w, geo), (x, w)
+
+
+def conv2d_backward(g, w, geo: Geometry):
+    """Backward pass ``dx = C†(G, W) = Σ_k P_k*(G W_kᵀ)``, a transposed convolution."""
+    return _input_adjoint(g, w, geo)
+
+
+def conv2d_gradient(x, g, geo: Geometry):
+    """Gradient pass ``dW = C††(x, G)``: the patch matrix of ``x`` transposed, times ``G``."""
+    return _weight_adjoint(x, g, geo)
+
+
+def _conv2d_vjp(stride, padding, dilation, residuals, g):
+    x, w = residuals
+    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return conv2d_backward(g, w, geo), conv2d_gradient(x, g, geo)
+
+
+conv2d.defvjp(conv2d_forward, _conv2d_vjp)
+
+
+def _conv2d_samples(key, dtype):
+    k = keys(key)
+    configs = [
+        ((2, 6, 5, 3), (3, 2, 3, 4), 1, "VALID", 1, "non-square image and kernel, C_in ≠ C_out"),
+        ((1, 5, 4, 2), (5, 4, 2, 3), 1, "VALID", 1, "batch 1, kernel = input"),
+        ((2, 6, 6, 2), (2, 2, 2, 3), 1, "SAME", 1, "even kernel, SAME"),
+        ((2, 8, 8, 1), (3, 3, 1, 2), 2, "VALID", 1, "stride 2, leftover row"),
+        ((1, 7, 9, 2), (3, 3, 2, 2), 1, ((1, 2), (0, 1)), 2, "dilation 2, explicit padding"),
+        ((2, 4, 5, 3), (1, 1, 3, 5), 1, "VALID", 1, "1×1 kernel"),
+        ((2, 7, 6, 2), (3, 2, 2, 3), (2, 3), 1, 1, "stride (2, 3), padding 1"),
+        ((2, 6, 5, 8), (3, 3, 8, 3), 2, "SAME", 1, "wide patch matrix (taps × C_in ≥ 64), SAME, stride 2"),
+        ((1, 5, 5, 2), (3, 3, 2, 2), 2, "SAME", (1, 2), "SAME, stride 2, dilation (1, 2)"),
+    ]
+    return [
+        Sample((normal(next(k), xs, dtype), normal(next(k), ws, dtype, 1 / math.sqrt(math.prod(ws[:3]))), s, p, d), label)
+        for xs, ws, s, p, d, label in configs
+    ]
+
+
+register(
+    Rule(
+        name="conv2d",
+        fn=conv2d,
+        reference=conv2d_reference,
+        sample_inputs=_conv2d_samples,
+        differentiable=(0, 1),
+        seeds=(("002", "§4 Theorem 10, Algorithm 2: C† and C††"),),
+        linear_in=((0,), (1,)),
+        mistakes=_conv_mistakes("conv2d", conv2d_reference, (0, 1)),
+    )
+)
+
+# --------------------------------------------------------------------------- conv1d
+
+
+def conv1d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
+    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
+    (k,), (s,), (d,), (o,) = geo.window, geo.strides, geo.dilation, geo.output
+    taps = [xp[:, i * d : i * d + (o - 1) * s + 1 : s, :] for i in range(k)]
+    return jnp.einsum("kbwc,kcd->bwd", jnp.stack(taps), w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv1d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dilation=1) -> jax.Array:
+    """1-D multi-channel convolution (cross-correlation), NWC × WIO → NWC.
+
+    ``x`` (N, W, C_in), ``w`` (K, C_in, C_out); ``stride``/``dilation`` an int, ``padding``
+    ``"VALID"``, ``"SAME"``, an int or ``((lo, hi),)``.
+
+    Derivation (seed 002 §4, ``C†`` and ``C††``; seed 000 §7 for one channel). The 2-D
+    derivation of ``conv2d`` with one spatial axis:
+
+        C(x, W)[b, o, co]    = Σ_{k, ci} x[b, o·s + k·d − lo, ci] W[k, ci, co]
+
+    Result:
+
+        C†(y, W)[b, p, ci]   = Σ_{(o, k) : o·s + k·d − lo = p} Σ_co y[b, o, co] W[k, ci, co]
+        C††(x, y)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] y[b, o, co]
+
+    With one channel, stride 1 and no padding these are seed 000's Correlation1D rules:
+    ``dx = dy ∗ w`` (``C†`` correlates with the flipped kernel, i.e. convolves) and
+    ``dw = x ⋆ dy``. Residuals: ``(x, W)``.
+    """
+    return conv1d_forward(x, w, stride, padding, dilation)[0]
+
+
+def conv1d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
+    _validate("conv1d", x, w, 1, "(N, W, C_in)", "(K, C_in, C_out)")
+    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return _convolve(x, w, geo), (x, w)
+
+
+def conv1d_backward(g, w, geo: Geometry):
+    """Backward pass ``dx = C†(G, W) = Σ_k P_k*(G W_kᵀ)``, a transposed convolution."""
+    return _input_adjoint(g, w, geo)
+
+
+def conv1d_gradient(x, g, geo: Geometry):
+    """Gradient pass ``dW = C††(x, G)``: the patch matrix of ``x`` transposed, times ``G``."""
+    return _weight_adjoint(x, g, geo)
+
+
+def _conv1d_vjp(stride, padding, dilation, residuals, g):
+    x, w = residuals
+    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return conv1d_backward(g, w, geo), conv1d_gradient(x, g, geo)
+
+
+conv1d.defvjp(conv1d_forward, _conv1d_vjp)
+
+
+def _conv1d_samples(key, dtype):
+    k = keys(key)
+    configs = [
+        ((2, 9, 3), (3, 3, 4), 1, "VALID", 1, "C_in ≠ C_out"),
+        ((1, 5, 2), (5, 2, 1), 1, "VALID", 1, "batch 1, kernel = input"),
+        ((2, 8, 2), (4, 2, 3), 1, "SAME", 1, "even kernel, SAME"),
+        ((2, 8, 1), (3, 1, 2), 2, "VALID", 1, "stride 2, leftover row"),
+        ((1, 11, 2), (3, 2, 2), 3, ((2, 1),), 2, "stride 3, dilation 2, explicit padding"),
+        ((3, 6, 2), (1, 2, 3), 1, 1, 1, "1-tap kernel, padding 1"),
+        ((2, 9, 24), (3, 24, 2), 2, "SAME", 1, "wide patch matrix (taps × C_in ≥ 64), SAME, stride 2"),
+    ]
+    return [
+        Sample((normal(next(k), xs, dtype), normal(next(k), ws, dtype, 1 / math.sqrt(math.prod(ws[:2]))), s, p, d), label)
+        for xs, ws, s, p, d, label in configs
+    ]
+
+
+register(
+    Rule(
+        name="conv1d",
+        fn=conv1d,
+        reference=conv1d_reference,
+        sample_inputs=_conv1d_samples,
+        differentiable=(0, 1),
+        seeds=(("002", "§4 C† and C††"), ("000", "§7 Correlation1D")),
+        linear_in=((0,), (1,)),
+        mistakes=_conv_mistakes("conv1d", conv1d_reference, (0,)),
+    )
+)

@@ -1,0 +1,71 @@
+"""Side-by-side tables for ``comparisons/``: one gradient computed several ways.
+
+Each row is one quantity (``∂L/∂w_4``, ``∇_W``, …) as the seed's hand formula gives it, as
+manualgrad's custom_vjp rules give it, as seed 002's Algorithm 1/2 (:mod:`manualgrad.nn.backprop`)
+gives it, and as ``jax.grad`` of the plain-``jnp`` reference gives it. A column a row has no
+entry for shows ``—``. The last column is the largest entry-wise difference from the hand
+formula, relative to the hand formula's largest entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+COLUMNS = ("hand formula (seed)", "custom_vjp rules", "Algorithm 1/2", "jax.grad", "max difference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One quantity, computed up to four ways; ``hand`` is what the others are measured against."""
+
+    quantity: str
+    hand: object
+    custom_vjp: object = None
+    algorithm: object = None
+    jax_grad: object = None
+
+    def others(self) -> list[np.ndarray]:
+        return [np.asarray(v) for v in (self.custom_vjp, self.algorithm, self.jax_grad) if v is not None]
+
+    def difference(self) -> float:
+        """``max |other − hand| / max(|hand|, tiny)`` over every other column."""
+        hand = np.asarray(self.hand, dtype=np.float64)
+        scale = max(float(np.max(np.abs(hand), initial=0.0)), np.finfo(np.float64).tiny)
+        diffs = [float(np.max(np.abs(np.asarray(o, np.float64) - hand), initial=0.0)) for o in self.others()]
+        return max(diffs, default=0.0) / scale
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "—"
+    a = np.asarray(value)
+    if a.size == 1:
+        return f"{float(a.reshape(())):+.15f}"
+    return f"‖·‖={float(np.linalg.norm(a)):.12f} {a.shape}"
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The rows as an aligned text table with :data:`COLUMNS`."""
+    cells = [[r.quantity, *(_cell(v) for v in (r.hand, r.custom_vjp, r.algorithm, r.jax_grad)), f"{r.difference():.1e}"]
+             for r in rows]
+    header = ["quantity", *COLUMNS]
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *cells)]
+    line = lambda row: " │ ".join(str(c).ljust(w) for c, w in zip(row, widths))  # noqa: E731
+    return "\n".join([line(header), "─┼─".join("─" * w for w in widths), *map(line, cells)])
+
+
+def report(title: str, rows: Sequence[Row], tolerance: float = 1e-12) -> float:
+    """Prints ``title`` and the table; raises ``AssertionError`` if a row differs by more than ``tolerance``.
+
+    Returns the largest relative difference of any row.
+    """
+    print(f"\n{title}\n")
+    print(table(rows))
+    worst = max((r.difference() for r in rows), default=0.0)
+    print(f"\nmax difference: {worst:.2e} (relative, float64)")
+    bad = [r.quantity for r in rows if not r.difference() <= tolerance]
+    assert not bad, f"{title}: {', '.join(bad)} disagree by more than {tolerance:g}"
+    return worst

@@ -1,0 +1,396 @@
+"""Exercises: write a rule's backward yourself, then get graded by the checker.
+
+:func:`exercise` writes, for any registered rule, a Python file with the rule's forward (its
+source, importing what it uses from its module), its docstring's derivation up to the
+``Result:`` line, and an empty ``backward`` to fill in. :func:`grade` loads such a file,
+registers the student's backward as a ``custom_vjp`` beside the real rule (same name, same
+samples, same reference) and runs every check of :func:`manualgrad.check` on it, with the
+diagnosis of a wrong gradient and the seed sections to reread.
+
+Grading is honest: a check that cannot run on a sample fails on it; the usual slips of the
+backward's contract (no ``return``, a bare array or a list for the tuple, the wrong number of
+parameters or of cotangents, NumPy on a traced array) are one plain sentence each; and a
+backward that calls JAX's autodiff or manualgrad's own backward (:func:`autodiff_calls`) is
+not a hand rule and scores 0.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import inspect
+import pathlib
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+
+from manualgrad import registry
+from manualgrad.check import checker
+from manualgrad.registry import Rule
+
+HEADER = "# manualgrad exercise: "
+# JAX's automatic differentiation: none of it belongs in a hand-written backward.
+AUTODIFF = ("vjp", "grad", "value_and_grad", "jacrev", "jacfwd", "jvp", "linearize", "hessian", "linear_transpose")
+
+
+class ExerciseError(ValueError):
+    """A file that cannot be graded: missing, not an exercise, an unknown rule, or broken."""
+
+
+def _names_used(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_used(const)
+    return names
+
+
+def _backward_signature(rule: Rule) -> tuple[list[str], list[str]]:
+    """The backward's parameters (the nondiff arguments, ``residuals``, ``g``) and the names of
+    the cotangents it returns, one per other argument."""
+    nondiff = set(getattr(rule.fn, "nondiff_argnums", ()))
+    static = [n for i, n in enumerate(rule.argnames) if i in nondiff]
+    returned = [f"d{n}" for i, n in enumerate(rule.argnames) if i not in nondiff]
+    return [*static, "residuals", "g"], returned
+
+
+def _cotangents(returned: list[str]) -> str:
+    """``(dx, dw)``, or ``(dz,)`` for one cotangent."""
+    return "(" + ", ".join(returned) + ("," if len(returned) == 1 else "") + ")"
+
+
+def exercise(name: str) -> str:
+    """The exercise file for rule ``name``."""
+    rule = registry.get(name)
+    forward = rule.fn.fwd
+    module = inspect.getmodule(forward)
+    source = inspect.getsource(forward).replace(f"def {forward.__name__}(", "def forward(", 1)
+    given = {"jax", "jnp", "np"}  # imported by every exercise
+    used = sorted(n for n in _names_used(forward.__code__) - given if n in vars(module) and not hasattr(builtins, n))
+    params, returned = _backward_signature(rule)
+    cotangents = _cotangents(returned)[1:-1]
+    seeds = "\n".join(f"    {registry.cite(s, section)}" for s, section in rule.seeds)
+    derivation = "\n".join(("    " + line).rstrip() for line in rule.derivation_setup.splitlines())
+    return f'''{HEADER}{rule.name}
+"""Exercise: the backward rule of ``{rule.name}``.
+
+{derivation}
+
+    Your task: carry the derivation through to the result and write ``backward`` below. It
+    receives {", ".join(f"``{p}``" for p in params)} — ``residuals`` is the second value ``forward``
+    returns — and returns ``({cotangents})``, one cotangent per input, shaped like that input
+    (an integer input such as class labels gets ``np.zeros(shape, jax.dtypes.float0)``).
+    Then run ``manualgrad grade THIS_FILE``.
+
+    Reread:
+{seeds}
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+{f"from {module.__name__} import {', '.join(used)}" if used else ""}
+
+
+{source}
+
+def backward({", ".join(params)}):
+    raise NotImplementedError(
+        "{rule.name}: write backward({", ".join(params)}) returning ({cotangents}); "
+        "derive it from the docstring above, then run `manualgrad grade` on this file"
+    )
+'''
+
+
+def _module(path: str | pathlib.Path) -> tuple[Rule, types.ModuleType]:
+    """The registered rule an exercise file is for, and the file run as a module."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ExerciseError(f"no file {str(path)!r}")
+    first = path.read_text(errors="replace").partition("\n")[0]
+    if not first.startswith(HEADER):
+        raise ExerciseError(f"{path} is not an exercise file (its first line must be '{HEADER}RULE'; "
+                            "write one with `manualgrad exercise RULE`)")
+    name = first[len(HEADER):].strip()
+    try:
+        rule = registry.get(name)
+    except KeyError as error:
+        raise ExerciseError(f"{path} is for {error.args[0]}") from None
+    spec = importlib.util.spec_from_file_location(f"manualgrad_exercise_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        raise ExerciseError(f"{path} does not run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    missing = [f for f in ("forward", "backward") if not callable(getattr(module, f, None))]
+    if missing:
+        raise ExerciseError(f"{path} defines no {' or '.join(missing)} function")
+    return rule, module
+
+
+def load(path: str | pathlib.Path) -> tuple[Rule, Rule]:
+    """``(the registered rule, the same rule with the file's forward and backward)``."""
+    return _student(*_module(path))
+
+
+def _student(rule: Rule, module: types.ModuleType) -> tuple[Rule, Rule]:
+    @functools.wraps(rule.fn.fun)
+    def fn(*args):
+        return module.forward(*args)[0]
+
+    student = jax.custom_vjp(fn, nondiff_argnums=getattr(rule.fn, "nondiff_argnums", ()))
+    student.defvjp(module.forward, _checked_backward(rule, module.backward))
+    return rule, dataclasses.replace(rule, fn=student)
+
+
+def _checked_backward(rule: Rule, backward: Callable[..., Any]) -> Callable[..., Any]:
+    """``backward``, with the usual slips of its contract raised as one plain sentence
+    (:class:`manualgrad.check.checker.BackwardError`) instead of JAX's error far from the cause."""
+    params, returned = _backward_signature(rule)
+    must = f"it must return a tuple with one cotangent per argument of the forward, here {_cotangents(returned)}"
+    signature = inspect.signature(backward)
+
+    @functools.wraps(backward)
+    def checked(*args):
+        try:
+            signature.bind(*args)
+        except TypeError:
+            raise checker.BackwardError(
+                f"backward is defined as backward({', '.join(signature.parameters)}) but is called with "
+                f"{len(args)} arguments: write it as backward({', '.join(params)})") from None
+        try:
+            out = backward(*args)
+        except jax.errors.TracerArrayConversionError:
+            raise checker.BackwardError(
+                "use jax.numpy (jnp), not numpy, inside backward: its inputs are traced arrays") from None
+        except jax.errors.TracerBoolConversionError:
+            raise checker.BackwardError(
+                "use jnp.where, not a Python if, and or or, on arrays inside backward: its inputs are traced arrays") from None
+        if isinstance(out, tuple) and len(out) == len(returned):
+            return out
+        if out is None or isinstance(out, list):
+            what = "None" if out is None else "a list"
+        elif not isinstance(out, tuple):
+            what = f"{'an array' if hasattr(out, 'shape') else type(out).__name__}, not a tuple"
+        else:
+            what = f"a tuple of {len(out)} cotangent{'' if len(out) == 1 else 's'}"
+        raise checker.BackwardError(f"backward returned {what}: {must}")
+
+    return checked
+
+
+def autodiff_calls(path: str | pathlib.Path) -> list[str]:
+    """Where the exercise file at ``path`` uses JAX's autodiff (:data:`AUTODIFF`) or one of
+    manualgrad's rules or backward functions, e.g. ``line 42: j.vjp, that is jax.vjp (JAX's
+    autodiff)``: a backward that does is not a hand rule.
+
+    Static: every name and attribute chain in the file (``jax.vjp``, ``vjp`` after ``from jax
+    import vjp``, ``j.grad`` after ``import jax as j``, ``mg.linear.dense_backward``) is looked
+    up, through the file's imports, as the object it names, and compared with those functions.
+    """
+    return _autodiff_calls(*_module(path), path)
+
+
+def _autodiff_calls(rule: Rule, module: types.ModuleType, path: str | pathlib.Path) -> list[str]:
+    tree = ast.parse(pathlib.Path(path).read_text(errors="replace"))
+    references = list(_references(tree, vars(module)))  # first: it imports what the file's functions import
+    forbidden = _forbidden(rule)
+    found = []
+    for node, text, obj in references:
+        what = forbidden.get(id(obj))
+        if what is not None and what[0] is obj:
+            canonical = what[1]
+            named = text if text == canonical else f"{text}, that is {canonical}"
+            found.append((node.lineno, f"line {node.lineno}: {named} ({what[2]})"))
+    return [line for _, line in sorted(set(found))]
+
+
+def _forbidden(rule: Rule) -> dict[int, tuple[Any, str, str]]:
+    """``id → (object, its name, what it is)`` for what a hand backward of ``rule`` may not use:
+    JAX's autodiff and manualgrad's functions that run it, every registered rule, and every
+    function that some rule's backward uses but ``rule``'s forward does not (the forward's
+    helpers, such as ``geometry``, stay allowed)."""
+    out = {id(f): (f, f"jax.{name}", "JAX's autodiff") for name in AUTODIFF if (f := getattr(jax, name, None))}
+    allowed = _reachable(rule.fn.fwd)
+    for module in [m for name, m in list(sys.modules.items()) if _in_manualgrad(name)]:
+        for f in vars(module).values():
+            if inspect.isfunction(f) and f.__module__ == module.__name__ and id(f) not in allowed and _runs_autodiff(f):
+                out[id(f)] = (f, f"{f.__module__}.{f.__qualname__}", "runs JAX's autodiff")
+    for other in [rule, *registry.rules()]:  # a helper of several backwards is named for this rule's
+        fn = other.fn
+        out[id(fn)] = (fn, f"{inspect.getmodule(fn.fwd).__name__}.{other.name}", "a manualgrad rule")
+        for key, f in _reachable(fn.bwd).items():
+            if key not in allowed:
+                out.setdefault(key, (f, f"{f.__module__}.{f.__qualname__}", f"manualgrad's own backward of {other.name}"))
+    return out
+
+
+def _in_manualgrad(module: str) -> bool:
+    return module == "manualgrad" or module.startswith("manualgrad.")
+
+
+def _runs_autodiff(f: Callable[..., Any]) -> bool:
+    """Whether ``f``'s code names one of :data:`AUTODIFF`, as ``jax.NAME`` or imported by name."""
+    names = _names_used(f.__code__)
+    named = [f.__globals__.get(n) for n in names]
+    return any(g is getattr(jax, n, None) for n, g in zip(names, named) if n in AUTODIFF) or (
+        any(g is jax for g in named) and bool(names & set(AUTODIFF)))
+
+
+@functools.cache
+def _reachable(fn: Callable[..., Any]) -> dict[int, Callable[..., Any]]:
+    """``fn`` and the manualgrad functions it calls, transitively, by ``id``: every global name
+    of their code, and every attribute of a manualgrad module they name, that is such a function."""
+    out: dict[int, Callable[..., Any]] = {}
+    todo = [fn]
+    while todo:
+        f = todo.pop()
+        if id(f) in out or not _in_manualgrad(getattr(f, "__module__", "") or ""):
+            continue
+        out[id(f)] = f
+        code = getattr(f, "__code__", None)
+        if code is None:
+            continue
+        names = _names_used(code)
+        namespace = f.__globals__
+        for name in names:
+            value = namespace.get(name)
+            if isinstance(value, types.ModuleType) and _in_manualgrad(value.__name__):
+                todo += [getattr(value, n) for n in names if inspect.isfunction(getattr(value, n, None))]
+            elif inspect.isfunction(value):
+                todo.append(value)
+    return out
+
+
+def _references(tree: ast.Module, namespace: dict[str, Any]) -> Iterator[tuple[ast.expr, str, Any]]:
+    """``(node, its source, the object it names)`` for every name and attribute chain of the
+    module ``tree`` that names an object through ``namespace`` (the module's globals) or an
+    import inside a function; a function's own variables name nothing global."""
+    for statement in tree.body:
+        scope = dict(namespace)
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(statement):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    scope.update(_imported(node))
+                elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)) or isinstance(node, ast.arg):
+                    scope.pop(node.id if isinstance(node, ast.Name) else node.arg, None)
+        yield from _named(statement, scope)
+
+
+def _imported(node: ast.Import | ast.ImportFrom) -> dict[str, Any]:
+    """The names an import statement binds, as objects (those that cannot be imported left out)."""
+    out = {}
+    for alias in node.names:
+        try:
+            if isinstance(node, ast.Import):
+                top = alias.name if alias.asname else alias.name.partition(".")[0]
+                module = importlib.import_module(alias.name)
+                out[alias.asname or top] = module if alias.asname else importlib.import_module(top)
+            elif not node.level:
+                source = importlib.import_module(node.module)
+                out[alias.asname or alias.name] = (getattr(source, alias.name) if hasattr(source, alias.name)
+                                                   else importlib.import_module(f"{node.module}.{alias.name}"))
+        except Exception:  # a module that cannot be imported names nothing
+            continue
+    return out
+
+
+def _named(tree: ast.AST, scope: dict[str, Any]) -> Iterator[tuple[ast.expr, str, Any]]:
+    """Every prefix of every attribute chain ``a.b.c`` under ``tree`` rooted at a name of
+    ``scope``, followed through modules only, with the object it names."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip or not isinstance(node, (ast.Attribute, ast.Name)):
+            continue
+        chain, root = [], node
+        while isinstance(root, ast.Attribute):
+            chain.append(root.attr)
+            skip.add(id(root.value))
+            root = root.value
+        if not isinstance(root, ast.Name) or root.id not in scope:
+            continue
+        obj, parts = scope[root.id], [root.id]
+        yield node, root.id, obj
+        for attr in reversed(chain):
+            if not isinstance(obj, types.ModuleType) or not hasattr(obj, attr):
+                break
+            obj = getattr(obj, attr)
+            parts.append(attr)
+            yield node, ".".join(parts), obj
+
+
+def grade(path: str | pathlib.Path, dtype: str = "float64") -> tuple[str, bool]:
+    """The graded report of the exercise file at ``path`` and whether every check passed."""
+    rule, module = _module(path)
+    graded = [c for c in checker.CHECKS if c != "adjoint" or rule.linear_in]
+    calls = _autodiff_calls(rule, module, path)
+    if calls:
+        return "\n".join([
+            f"grading your backward for {rule.name} ({path}), {dtype}: not a hand rule, not graded",
+            "your backward uses JAX's autodiff or manualgrad's own backward instead of a rule derived by hand:",
+            *(f"  {line}" for line in calls),
+            f"score: 0/{len(graded)} checks passed",
+            "derive the cotangents from the docstring and write them with jax.numpy; reread: " + _reread(rule),
+        ]), False
+    _, student = _student(rule, module)
+    report = checker.check(student, dtype=dtype)
+    failures = report.failures()
+    lines = [f"grading your backward for {rule.name} ({path}), {dtype}, {len({f.sample for f in report.findings})} samples"]
+    forward_raised = {f.sample for f in report.findings if f.check == "forward" and f.where == checker.NOT_RUN}
+    passed = 0
+    for c in graded:
+        ok, detail = _verdict([f for f in report.findings if f.check == c], forward_raised)
+        passed += ok
+        lines.append(f"  {c:<13} {'ok' if ok else 'FAIL':<5} {detail}")
+    if "adjoint" not in graded:
+        lines.append(f"  {'adjoint':<13} -     {rule.name} is linear in no argument: no dot-product test")
+    lines.append(f"score: {passed}/{len(graded)} checks passed")
+    lines += _why_not_run([f for f in failures if f.where == checker.NOT_RUN])
+    lines += [f"diagnosis: {line}" for line in report.diagnoses()]
+    if failures:
+        lines.append(f"first failure: {failures[0].describe()}")
+        lines.append(f"reread: {_reread(rule)}; and `manualgrad explain {rule.name}` once you have tried again")
+    else:
+        lines.append("all checks passed: compare with the rule's own derivation, `manualgrad explain " + rule.name + "`")
+    return "\n".join(lines), not failures
+
+
+def _verdict(mine: list[checker.Finding], forward_raised: set[str]) -> tuple[bool, str]:
+    """Whether one check passed on every sample it applies to, and the detail: a sample on which
+    it could not run is a failure, said apart (the forward raised there, or else the backward)."""
+    samples = {f.sample for f in mine}
+    if not samples:
+        return False, "not run on any sample"
+    not_run = {f.sample for f in mine if f.where == checker.NOT_RUN}
+    failed = {f.sample for f in mine if not f.passed} - not_run
+    if not failed and not not_run:
+        return True, f"worst relative error {max(f.max_rel_error for f in mine):.1e}"
+    n = len(samples)
+    parts = [f"fails on {len(failed)} of {n} samples"] if failed else []
+    parts += [f"not run: the {who} raised on {len(where)} of {n} samples"
+              for who, where in (("forward", not_run & forward_raised), ("backward", not_run - forward_raised)) if where]
+    return False, "; ".join(parts)
+
+
+def _why_not_run(raised: list[checker.Finding]) -> list[str]:
+    """One line on why the checks that could not run did not: the first sample's reason."""
+    if not raised:
+        return []
+    if any("NotImplementedError" in f.note for f in raised):
+        return ["your backward is not written yet (it raises NotImplementedError)"]
+    first = raised[0]
+    note = f"your backward {first.note}" if first.note.startswith("raised ") else first.note
+    return [note if len({f.note for f in raised}) == 1 else f"{note} (sample {first.sample!r})"]
+
+
+def _reread(rule: Rule) -> str:
+    return rule.seed_text

@@ -1,0 +1,594 @@
+"""``manualgrad train``: jit-compiled training whose every gradient comes from a hand rule.
+
+One step is one jitted program: the model's forward pass through the registered rules, the
+hand-written backward rules (``jax.grad`` of a custom_vjp composition runs exactly those), and
+the optax update. ``--grad autodiff`` differentiates the same model built from the rules'
+plain-``jnp`` references instead, so the two can be compared run against run.
+
+Data parallelism uses JAX's own sharding: a 1-D ``Mesh`` over ``--devices`` devices with axis
+``data``; every batch is split along it (``NamedSharding(mesh, P("data"))``) and parameters and
+optimizer state are replicated (``P()``). XLA inserts the all-reduce that the sum over the
+batch in each gradient pass (``Oᵀ G``, ``1ᵀ G``) needs, so the step is the same program on one
+device or many.
+
+Checkpoints (:mod:`manualgrad.train.checkpoint`) hold the parameters, the optimizer state, the step,
+the running sums of the current epoch, every finished epoch's metrics and the arguments; the
+data order of epoch ``e`` is a pure function of ``(seed, e)`` (:func:`manualgrad.train.data.epoch_order`).
+A run resumed from a checkpoint therefore repeats the uninterrupted run bit for bit.
+
+Nothing is lost or silently overwritten. Without ``--out`` every run gets a folder of its own,
+``runs/<start time>`` (``-2``, ``-3``, … within one second; created with an exclusive ``mkdir``,
+so two runs never share one), and ``runs/latest`` names the newest: a relative symlink, or where
+the file system has none a text file holding the folder's name (``--resume runs/latest`` follows
+either). ``--out DIR`` that already holds a run is refused unless ``--overwrite`` (which deletes
+that run's files first) or ``--resume DIR``; a resumed run continues in its own folder. Ctrl-C
+stops between two steps with a checkpoint of the current state (:class:`Interrupted`); a loss,
+parameter or optimizer state that is no longer finite stops the run before anything of it is
+saved (:class:`Diverged`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import itertools
+import math
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from manualgrad.nn import layers
+from manualgrad.train import checkpoint, data
+
+METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 3e-3}
+# Arguments that must match for --resume to continue the same run.
+RUN_DEFINING = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "dtype", "grad")
+RUNS = Path("runs")  # where runs without --out get their folders, relative to the working directory
+LATEST = "latest"
+RUN_FILES = ("metrics.csv", "curves.png")  # with the checkpoints, what marks a folder as holding a run
+SEEDS = 2**32  # jax.random.PRNGKey wraps larger seeds around silently
+
+
+class TrainError(ValueError):
+    """A bad training configuration, named in the CLI's words."""
+
+
+class Diverged(RuntimeError):
+    """The loss, the parameters or the optimizer state stopped being finite; nothing of that state was saved."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: training stopped between two steps after checkpointing the state reached."""
+
+    def __init__(self, step: int, path: Path, directory: Path, arguments: str) -> None:
+        super().__init__(f"train: interrupted at step {step}; checkpoint saved to {path}; "
+                         f"resume with --resume {directory}{arguments}")
+        self.step, self.path, self.directory = step, path, directory
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The arguments of ``manualgrad train``; see ``manualgrad train --help``."""
+
+    model: str = "cnn"
+    dataset: str = "digits"
+    optimizer: str = "adam"
+    lr: float | None = None
+    batch_size: int = 32
+    epochs: int = 10
+    seed: int = 0
+    dtype: str = "float32"
+    grad: str = "manual"
+    out: str | None = None
+    overwrite: bool = False
+    checkpoint_every: int = 0
+    resume: str | None = None
+    devices: int | None = None
+    cross_check_batches: int = 3
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+
+def optimizer(name: str, lr: float) -> optax.GradientTransformation:
+    """``sgd``, ``momentum`` (0.9) or ``adam``, from optax."""
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=0.9)
+    if name == "adam":
+        return optax.adam(lr)
+    raise TrainError(f"train: --optimizer must be sgd, momentum or adam, got {name!r}")
+
+
+def model(name: str, dataset: data.Dataset, dtype: Any) -> layers.Layer:
+    """The ready-made ``cnn`` or ``mlp`` for ``dataset``."""
+    if name == "cnn":
+        if not dataset.is_image:
+            raise TrainError(f"train: --model cnn needs images (N, H, W, C); dataset {dataset.name} has inputs of shape "
+                             f"{dataset.input_shape}: use --model mlp")
+        return layers.cnn(dataset.classes, dtype=dtype)
+    if name == "mlp":
+        return layers.mlp(dataset.classes, hidden=(128,) if dataset.is_image else (32, 32), dtype=dtype)
+    raise TrainError(f"train: --model must be cnn or mlp, got {name!r}")
+
+
+def loss_fn(net: layers.Layer, grad: str) -> Callable:
+    """``(params, x, labels) -> (loss, correct)`` through the hand rules (``manual``) or the references (``autodiff``)."""
+    if grad not in ("manual", "autodiff"):
+        raise TrainError(f"train: --grad must be manual or autodiff, got {grad!r}")
+    reference = grad == "autodiff"
+    return lambda params, x, labels: layers.classifier_loss(net, params, x, labels, reference=reference)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.array([jnp.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(tree)]))
+
+
+def make_step(loss: Callable, tx: optax.GradientTransformation) -> Callable:
+    """One jitted step: ``(params, opt_state, x, labels) -> (params, opt_state, loss, correct, finite)``.
+
+    ``finite`` is true when the loss and every leaf of the new parameters and optimizer state are finite.
+    """
+
+    def step(params, opt_state, x, labels):
+        (value, correct), grads = jax.value_and_grad(loss, has_aux=True)(params, x, labels)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, value, correct, jnp.isfinite(value) & _all_finite((params, opt_state))
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def mesh(devices: int | None) -> Mesh:
+    """A 1-D mesh with axis ``data`` over the first ``devices`` local devices (all by default)."""
+    available = jax.local_devices()
+    n = len(available) if devices is None else devices
+    if not 1 <= n <= len(available):
+        raise TrainError(f"train: --devices must be between 1 and {len(available)} (local {jax.default_backend()} "
+                         f"devices), got {devices}")
+    return Mesh(np.array(available[:n]), ("data",))
+
+
+def _relative_error(a: Any, b: Any) -> float:
+    pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    return max(float(jnp.max(jnp.abs(x - y)) / jnp.maximum(jnp.max(jnp.abs(y)), 1e-30)) for x, y in pairs)
+
+
+def cross_check(net: layers.Layer, params: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Max relative difference of the hand-rule gradient from ``jax.grad`` of the references over ``batches`` (≥ 1)."""
+    manual = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y)[0]))
+    auto = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y, reference=True)[0]))
+    return max(_relative_error(manual(params, x, y), auto(params, x, y)) for x, y in batches)
+
+
+def evaluate(loss: Callable, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy over every sample of ``(x, y)``."""
+    fn = jax.jit(loss)
+    total, correct = 0.0, 0
+    for xb, yb in data.evaluation_batches(x, y, batch_size):
+        value, right = fn(params, xb, yb)
+        total += float(value) * len(xb)
+        correct += int(right)
+    return total / len(x), correct / len(x)
+
+
+def _write_metrics(out: Path, rows: list[dict[str, float]]) -> None:
+    tmp = out / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS)
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / "metrics.csv")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
+    """The rows of a ``metrics.csv`` as floats."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_curves(rows: list[dict[str, float]], path: Path, title: str) -> Path:
+    """Loss and accuracy per epoch, train and test, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "test"):
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], marker="o", label=split)
+        ax_acc.plot(epochs, [r[f"{split}_accuracy"] for r in rows], marker="o", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="softmax cross-entropy", yscale="log", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _progress(total: int, initial: int, description: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=description, unit="step", leave=False,
+                disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def validate(config: Config) -> None:
+    """Raises :class:`TrainError` naming the flag of the first value that cannot run."""
+    if config.dtype not in ("float32", "float64"):
+        raise TrainError(f"train: --dtype must be float32 or float64, got {config.dtype!r}")
+    if config.epochs < 1 or config.batch_size < 1 or config.checkpoint_every < 0:
+        raise TrainError(f"train: --epochs and --batch-size must be ≥ 1 and --checkpoint-every ≥ 0 "
+                         f"(got {config.epochs}, {config.batch_size}, {config.checkpoint_every})")
+    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
+        raise TrainError(f"train: --lr must be a finite number > 0, got {config.lr:g}")
+    if not 0 <= config.seed < SEEDS:
+        raise TrainError(f"train: --seed must be an integer from 0 to {SEEDS - 1}, got {config.seed}")
+    if config.cross_check_batches < 0:
+        raise TrainError("train: --cross-check-batches must be ≥ 0 (0: no cross-check), "
+                         f"got {config.cross_check_batches}")
+
+
+def followed(path: Path) -> Path:
+    """``runs/latest`` as the folder it names (a symlink, or a text file holding the name); other paths as they are."""
+    if path.is_symlink():
+        return path.parent / os.readlink(path)
+    if path.name == LATEST and path.is_file():
+        return path.parent / path.read_text().strip()
+    return path
+
+
+def run_files(directory: Path) -> list[Path]:
+    """The files of a training run in ``directory``: metrics, curves, checkpoints, temporaries of either."""
+    if not directory.is_dir():
+        return []
+    named = [directory / name for name in RUN_FILES if (directory / name).is_file()]
+    temporary = sorted([*directory.glob(".checkpoint-*.tmp"), *directory.glob("metrics.csv.tmp")])
+    return named + checkpoint.checkpoints(directory) + temporary
+
+
+def _directory(config: Config) -> Path | None:
+    """Where the run writes: its ``--resume`` folder, ``--out``, or ``None`` for a new folder; refuses clashes.
+
+    Reads the file system only, so that a refused command has touched nothing.
+    """
+    if config.resume is not None:
+        resume = followed(Path(config.resume))
+        if config.overwrite:
+            raise TrainError("train: --overwrite and --resume contradict each other: --resume continues the run "
+                             f"in {config.resume}, --overwrite would delete it")
+        if config.out is not None and os.path.realpath(followed(Path(config.out))) != os.path.realpath(resume):
+            raise TrainError(f"train: --resume {config.resume} continues the run in {config.resume}, but --out "
+                             f"{config.out} names another folder: drop --out (or give --out {config.resume})")
+        return resume
+    if config.out is None:
+        if config.overwrite:
+            raise TrainError("train: --overwrite needs --out DIR; without --out every run gets a new folder under "
+                             f"{RUNS}/ and nothing is overwritten")
+        return None
+    out = followed(Path(config.out))
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"train: --out {config.out} is a file, not a folder")
+    found = run_files(out)
+    if found and not config.overwrite:
+        listed = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise TrainError(f"train: --out {config.out} already holds a run ({listed}); nothing was written: continue "
+                         f"it with --resume {config.out}, replace it with --overwrite, or choose another --out")
+    return out
+
+
+def _value(values: dict[str, Any], key: str) -> Any:
+    """Argument ``key`` of ``values`` (a :class:`Config` as a dict) as it acts: ``lr`` with its default filled in."""
+    if key == "lr" and values["lr"] is None:
+        return DEFAULT_LR[values["optimizer"]]
+    return values[key]
+
+
+def _flags(values: dict[str, Any], keys: Sequence[str]) -> str:
+    """``--model mlp --lr 0.003``: the arguments ``keys`` of ``values`` as the command line spells them."""
+    spelled = {k: f"{v:g}" if isinstance(v, float) else v for k, v in ((k, _value(values, k)) for k in keys)}
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in spelled.items())
+
+
+def _refuse_another_run(config: Config, directory: Path) -> None:
+    """Compares the run-defining arguments with those of the newest readable checkpoint in ``directory``."""
+    paths = checkpoint.checkpoints(directory)
+    if not paths:
+        raise TrainError(f"train: --resume {config.resume}: no checkpoint there")
+    for path in reversed(paths):
+        try:
+            saved = checkpoint.read_meta(path).get("config")
+        except checkpoint.CheckpointError:
+            continue  # checkpoint.latest names it, or all of them
+        if not isinstance(saved, dict) or not set(RUN_DEFINING) <= set(saved):
+            raise TrainError(f"train: --resume {config.resume}: {path.name} was not written by manualgrad train "
+                             "(it does not record the run's arguments)")
+        now = dataclasses.asdict(config)
+        keys = [k for k in RUN_DEFINING if _value(saved, k) != _value(now, k)]
+        if keys:
+            raise TrainError(f"train: --resume {config.resume} holds another run: it was trained with "
+                             f"{_flags(saved, keys)}, this command asks for {_flags(now, keys)}; give the run's own "
+                             "arguments to resume it, or start a new run without --resume")
+        return
+
+
+def new_run_folder(root: Path, now: datetime.datetime | None = None) -> Path:
+    """Creates and returns ``root/<now>`` (``2026-12-01T08-42-11``, then ``…-2``, ``-3``, … if taken).
+
+    ``mkdir`` without ``exist_ok`` is atomic, so two runs started in the same second never share a folder.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = (now or datetime.datetime.now()).strftime("%Y-%m-%dT%H-%M-%S")
+    for suffix in itertools.chain([""], (f"-{n}" for n in itertools.count(2))):
+        folder = root / f"{stamp}{suffix}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def point_latest(folder: Path) -> str | None:
+    """Makes ``latest`` beside ``folder`` name it, atomically; returns a warning instead if ``latest`` is a folder.
+
+    ``latest`` is a relative symlink, or where symlinks cannot be made a text file holding the folder's name.
+    A real folder called ``latest`` (the default ``--out`` of earlier versions) is left as it is.
+    """
+    latest = folder.parent / LATEST
+    if latest.is_dir() and not latest.is_symlink():
+        return (f"{latest} is a folder of its own (a run of an earlier manualgrad): left as it is, "
+                f"so it does not name {folder}")
+    temporary = folder.parent / f".{LATEST}-{secrets.token_hex(4)}"
+    try:
+        os.symlink(folder.name, temporary, target_is_directory=True)
+    except OSError:  # e.g. Windows without the privilege to create symlinks
+        temporary.write_text(folder.name + "\n")
+    os.replace(temporary, latest)
+    return None
+
+
+def _open_directory(config: Config, directory: Path | None) -> tuple[Path, Path | None]:
+    """Creates the run's folder (clearing an old run with ``--overwrite``); returns it and ``runs/latest`` if set."""
+    if directory is None:
+        out = new_run_folder(RUNS)
+        warning = point_latest(out)
+        if warning:
+            print(f"manualgrad train: {warning}", file=sys.stderr)
+        print(f"run folder {out}" + ("" if warning else f" ({RUNS / LATEST} names it)"), flush=True)
+        return out, None if warning else RUNS / LATEST
+    if config.resume is None:
+        old = run_files(directory) if config.overwrite else []
+        for path in old:
+            path.unlink()
+        directory.mkdir(parents=True, exist_ok=True)
+        print(f"run folder {directory}" + (f" (deleted the {len(old)} files of the run it held)" if old else ""),
+              flush=True)
+    return directory, None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Run:
+    """What a run is built from: the data, the model, the optimizer, the devices."""
+
+    config: Config
+    dataset: data.Dataset
+    x_train: np.ndarray
+    x_test: np.ndarray
+    net: layers.Layer
+    tx: optax.GradientTransformation
+    loss: Callable
+    devices: Mesh
+    steps: int  # per epoch
+
+    @classmethod
+    def build(cls, config: Config) -> _Run:
+        if config.dtype == "float64":
+            jax.config.update("jax_enable_x64", True)
+        dtype = jnp.dtype(config.dtype)
+        dataset = data.load(config.dataset, seed=config.seed)
+        net = model(config.model, dataset, dtype)
+        devices = mesh(config.devices)
+        if config.batch_size % devices.devices.size:
+            raise TrainError(f"train: --batch-size {config.batch_size} must be a multiple of --devices "
+                             f"{devices.devices.size}")
+        return cls(config, dataset, dataset.x_train.astype(dtype), dataset.x_test.astype(dtype), net,
+                   optimizer(config.optimizer, config.learning_rate), loss_fn(net, config.grad), devices,
+                   data.steps_per_epoch(len(dataset.x_train), config.batch_size))
+
+    def sharding(self, spec: PartitionSpec) -> NamedSharding:
+        return NamedSharding(self.devices, spec)
+
+
+@dataclasses.dataclass(eq=False)
+class _Progress:
+    """The state of a run between two steps: what a checkpoint holds, and the last checkpoint's path."""
+
+    state: dict[str, Any]
+    step: int = 0
+    epoch_loss: float = 0.0
+    epoch_correct: int = 0
+    rows: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def _start(run: _Run, directory: Path | None) -> _Progress:
+    """Freshly initialised parameters and optimizer state, or with ``--resume`` the newest intact checkpoint."""
+    config = run.config
+    _, params = run.net.init(jax.random.PRNGKey(config.seed), (-1, *run.dataset.input_shape))
+    state = {"params": params, "opt_state": run.tx.init(params)}
+    if config.resume is None:
+        return _Progress(state)
+    found = checkpoint.latest(directory, state)
+    if found is None:
+        raise TrainError(f"train: --resume {config.resume}: no checkpoint there")
+    state, meta, warnings = found
+    for warning in warnings:
+        print(f"manualgrad train: {warning}", file=sys.stderr)
+    epoch = meta["step"] // run.steps + 1
+    left = "" if epoch <= config.epochs else f": all {config.epochs} epochs are done"
+    print(f"resuming from step {meta['step']} (epoch {epoch}) in {directory}{left}", flush=True)
+    return _Progress(state, meta["step"], meta["epoch_loss"], meta["epoch_correct"], list(meta["metrics"]),
+                     directory / f"checkpoint-{meta['step']:08d}.npz")
+
+
+def _save(config: Config, out: Path, progress: _Progress) -> None:
+    progress.checkpoint = checkpoint.save(out, progress.step, progress.state, {
+        "config": dataclasses.asdict(config), "epoch_loss": progress.epoch_loss,
+        "epoch_correct": progress.epoch_correct, "metrics": progress.rows,
+    })
+
+
+@contextlib.contextmanager
+def _ctrl_c_between_steps() -> Iterator[threading.Event]:
+    """Within the block, Ctrl-C (SIGINT) sets the event, which the loop checks between steps; a second Ctrl-C raises.
+
+    Only the main thread receives signals; elsewhere the handler is left as it is and the event never set.
+    """
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+def _stop_if_pressed(run: _Run, out: Path, progress: _Progress, pressed: threading.Event) -> None:
+    if pressed.is_set():
+        _save(run.config, out, progress)
+        defaults = Config()
+        given = [k for k in (*RUN_DEFINING, "epochs") if getattr(run.config, k) != getattr(defaults, k)]
+        arguments = " " + _flags(dataclasses.asdict(run.config), given) if given else ""
+        raise Interrupted(progress.step, progress.checkpoint, out, arguments)
+
+
+def _diverged(progress: _Progress, value: float, epoch: int) -> Diverged:
+    what = f"the loss became {value}" if not math.isfinite(value) else \
+        "the parameters or the optimizer state became infinite or NaN"
+    kept = f"the last finite checkpoint is {progress.checkpoint}" if progress.checkpoint else \
+        "no checkpoint was written before it"
+    return Diverged(f"train: {what} at step {progress.step + 1} (epoch {epoch + 1}); stopped, and {kept}; "
+                    "try a smaller --lr")
+
+
+def _train_epoch(run: _Run, step_fn: Callable, out: Path, progress: _Progress, epoch: int,
+                 pressed: threading.Event) -> None:
+    """The steps of ``epoch`` not yet done; checkpoints every ``--checkpoint-every`` steps."""
+    config, split = run.config, run.sharding(PartitionSpec("data"))
+    order = data.epoch_order(config.seed, epoch, len(run.x_train))
+    done = progress.step - epoch * run.steps
+    bar = _progress(run.steps, done, f"epoch {epoch + 1}/{config.epochs}")
+    try:
+        for xb, yb in itertools.islice(data.batches(run.x_train, run.dataset.y_train, config.batch_size, order),
+                                       done, None):
+            _stop_if_pressed(run, out, progress, pressed)
+            *state, value, correct, finite = step_fn(progress.state["params"], progress.state["opt_state"],
+                                                     jax.device_put(xb, split), jax.device_put(yb, split))
+            if not finite:
+                raise _diverged(progress, float(value), epoch)
+            progress.state = dict(zip(("params", "opt_state"), state))
+            progress.epoch_loss += float(value) * len(xb)
+            progress.epoch_correct += int(correct)
+            progress.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(value):.4f}", acc=f"{int(correct) / len(xb):.3f}")
+            if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
+                _save(config, out, progress)
+    finally:
+        bar.close()
+
+
+def _end_epoch(run: _Run, out: Path, progress: _Progress, epoch: int) -> None:
+    """Evaluates on the test split, appends and writes the epoch's metrics, prints them, checkpoints."""
+    config = run.config
+    seen = run.steps * config.batch_size
+    test_loss, test_accuracy = evaluate(run.loss, progress.state["params"], run.x_test, run.dataset.y_test, 512)
+    progress.rows.append({"epoch": epoch + 1, "train_loss": progress.epoch_loss / seen,
+                          "train_accuracy": progress.epoch_correct / seen,
+                          "test_loss": test_loss, "test_accuracy": test_accuracy})
+    progress.epoch_loss, progress.epoch_correct = 0.0, 0
+    _write_metrics(out, progress.rows)
+    row = progress.rows[-1]
+    print(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+          f"test loss {test_loss:.4f} acc {test_accuracy:.4f}", flush=True)
+    _save(config, out, progress)
+
+
+def _final_cross_check(run: _Run, params: Any) -> tuple[float | None, int]:
+    """The cross-check on the first ``--cross-check-batches`` training batches in order; ``None`` for 0 batches."""
+    in_order = data.batches(run.x_train, run.dataset.y_train, run.config.batch_size, np.arange(len(run.x_train)))
+    batches = list(itertools.islice(in_order, run.config.cross_check_batches))
+    return (cross_check(run.net, params, batches) if batches else None), len(batches)
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Runs ``manualgrad train``; returns the summary (final metrics, cross-check, timings, paths).
+
+    Raises :class:`TrainError` for a configuration that cannot run (before writing anything),
+    :class:`Diverged` when the loss or the state stops being finite, and :class:`Interrupted` on Ctrl-C.
+    """
+    started = time.perf_counter()
+    validate(config)
+    directory = _directory(config)
+    if config.resume is not None:
+        _refuse_another_run(config, directory)
+    run = _Run.build(config)
+    progress = _start(run, directory)
+    progress.state = jax.device_put(progress.state, run.sharding(PartitionSpec()))
+    out, latest = _open_directory(config, directory)
+    step_fn = make_step(run.loss, run.tx)
+    with _ctrl_c_between_steps() as pressed:
+        for epoch in range(progress.step // run.steps, config.epochs):
+            _train_epoch(run, step_fn, out, progress, epoch, pressed)
+            _end_epoch(run, out, progress, epoch)
+            _stop_if_pressed(run, out, progress, pressed)
+    title = f"manualgrad train: {config.model} on {run.dataset.name}, {config.optimizer}, grad {config.grad}"
+    curves = plot_curves(progress.rows, out / "curves.png", title)
+    params = jax.device_get(progress.state["params"])
+    error, checked = _final_cross_check(run, params)
+    return {
+        **progress.rows[-1],
+        "cross_check_max_relative_error": error,
+        "cross_check_batches": checked,
+        "seconds": time.perf_counter() - started,
+        "steps": progress.step,
+        "devices": run.devices.devices.size,
+        "directory": str(out),
+        "latest": None if latest is None else str(latest),
+        "metrics": str(out / "metrics.csv"),
+        "curves": str(curves),
+        "checkpoint": str(progress.checkpoint),
+        "params": params,
+    }

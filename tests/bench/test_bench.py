@@ -1,0 +1,132 @@
+"""``manualgrad bench``: the JSON document's structure, finite positive figures, and peers that do the same arithmetic.
+
+Timings are never asserted here (they belong to the benchmark, measured as interleaved ratios);
+what is asserted holds on any machine: every figure named by the issue is present and finite,
+the gradients of jax.grad, NumPy and PyTorch agree with the hand rules', the FLOP count and
+the residual bytes are what the model implies.
+"""
+
+import json
+import math
+import pathlib
+import re
+import runpy
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from manualgrad import cli
+from manualgrad.bench import bench, peers
+from manualgrad.nn import layers
+from manualgrad.train import loop
+
+PER_MODEL = {"compile_s_manual", "compile_s_jax_grad", "compile_ratio_manual_over_jax_grad",
+             "compiled_bytes_manual", "compiled_bytes_jax_grad", "memory_ratio_manual_over_jax_grad",
+             "residual_bytes_manual", "residual_bytes_jax_grad", "residual_ratio_manual_over_jax_grad",
+             "step_ms_manual", "step_ms_jax_grad", "step_ratio_manual_over_jax_grad",
+             "gradient_difference_jax_grad_vs_manual"}
+PER_MLP = {"step_ms_numpy", "step_ratio_manual_over_numpy", "step_ratio_manual_over_torch", "step_flops",
+           "flops_per_s_manual", "matmul_flops_per_s", "flops_fraction_manual_of_matmul",
+           "gradient_difference_numpy_vs_manual"}
+
+
+@pytest.fixture(scope="module")
+def quick_run():
+    """What ``manualgrad bench --quick --json`` prints (digits MLP and CNN, 3 repeats, check of relu)."""
+    return json.loads(bench.to_json(bench.run(bench.QUICK)))
+
+
+def test_json_names_every_figure(quick_run):
+    figures = {}
+    for rec in quick_run["records"]:
+        figures.setdefault(rec["model"], set()).add(rec["figure"])
+    assert set(figures) == {"digits_mlp", "digits_cnn", None}
+    assert PER_MODEL | PER_MLP <= figures["digits_mlp"]
+    assert PER_MODEL <= figures["digits_cnn"] and not PER_MLP & figures["digits_cnn"]
+    assert figures[None] == {"check_seconds_float64"}
+    for figure in set().union(*figures.values()):
+        if "ratio" in figure:   # every ratio says both sides, hand rules first
+            assert re.fullmatch(r"(step|compile|memory|residual)_ratio_manual_over_(jax_grad|numpy|torch)", figure)
+    machine = quick_run["machine"]
+    assert machine["backend"] == jax.default_backend() and machine["jax"] == jax.__version__
+    assert machine["cores"] >= 1 and machine["cpu"]
+    assert quick_run["settings"]["repeats"] == 3
+
+
+def test_figures_are_finite_and_positive(quick_run):
+    for rec in quick_run["records"]:
+        if rec["value"] is None:
+            # Only the torch peer may be skipped, and only with the reason.
+            assert rec["figure"] == "step_ratio_manual_over_torch" and "torch" in rec["skipped"]
+            assert peers.torch_reason() is not None
+            continue
+        assert math.isfinite(rec["value"]) and rec["value"] >= 0, rec
+        if not rec["figure"].startswith("gradient_difference"):
+            assert rec["value"] > 0, rec
+        if "goal" in rec:
+            assert isinstance(rec["meets_goal"], bool)
+
+
+def test_gradients_agree_and_counts_are_the_models(quick_run):
+    values = {(r["model"], r["figure"]): r["value"] for r in quick_run["records"]}
+    # float32 round-off of a 2-layer MLP and a 4-layer CNN, summed over a batch of 32.
+    for key, value in values.items():
+        if key[1].startswith("gradient_difference"):
+            assert value < 1e-5, key
+    # 64-128-10 at batch 32: the first layer's input gets no gradient.
+    assert values["digits_mlp", "step_flops"] == 4 * 32 * 64 * 128 + 6 * 32 * 128 * 10
+    # Remark 8: the hand rules keep F_k only; jax.grad of the references keeps more.
+    for model in ("digits_mlp", "digits_cnn"):
+        assert values[model, "residual_ratio_manual_over_jax_grad"] < 1
+    check = next(r for r in quick_run["records"] if r["figure"] == "check_seconds_float64")
+    assert check["passed"] and check["rules"] == "relu"
+
+
+@pytest.mark.parametrize("peer", ["numpy", "torch"])
+def test_peers_take_the_same_adam_steps_as_the_jitted_step(peer):
+    if peer == "torch" and peers.torch_reason() is not None:
+        pytest.skip(f"the PyTorch peer cannot run here: {peers.torch_reason()}")
+    params, x, labels = bench._inputs(bench.MODELS["digits_mlp"], 1)
+    weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
+    tx = optax.adam(bench.LEARNING_RATE)
+    step = loop.make_step(loop.loss_fn(layers.mlp(10, (128,)), "manual"), tx)
+    state = (params, tx.init(params))
+    for _ in range(3):
+        *state, _, _, _ = step(*state, x, labels)  # loss, correct, finite
+    expected = [a for pair in peers.dense_weights(state[0]) for a in map(np.asarray, pair)]
+    if peer == "torch":
+        model = peers.TorchMLP(weights, bench.LEARNING_RATE)
+        inputs = model.inputs(np.asarray(x), np.asarray(labels))
+    else:
+        model = peers.NumpyMLP(weights, bench.LEARNING_RATE)
+        inputs = (np.asarray(x), np.asarray(labels))
+    for _ in range(3):
+        model.step(*inputs)
+    got = ([p.detach().numpy() for p in model.params] if peer == "torch"
+           else [a for pair in model.weights for a in pair])
+    # Adam moves each weight by about lr = 3e-3 per step; float32 round-off stays far below 1e-5.
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
+
+
+def test_table_shows_every_record(quick_run):
+    text = bench.table(quick_run)
+    assert all(rec["figure"] in text for rec in quick_run["records"])
+    assert quick_run["machine"]["cpu"] in text
+
+
+def test_bench_rejects_unknown_model(capsys):
+    assert cli.main(["bench", "--models", "mlp_1024,resnet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("manualgrad bench: --models: unknown model(s) resnet") and "\n" not in err
+
+
+def test_comparisons_script_runs_the_same_bench(capsys):
+    script = pathlib.Path(__file__).resolve().parents[2] / "comparisons" / "performance.py"
+    result = runpy.run_path(str(script))["main"](["--models", "digits_mlp", "--repeats", "1", "--compile-repeats", "1",
+                                                   "--no-peers", "--no-check", "--matmul-size", "64"])
+    assert result["settings"]["models"] == ["digits_mlp"]
+    assert {r["figure"] for r in result["records"]} >= {"step_ratio_manual_over_jax_grad", "flops_fraction_manual_of_matmul"}
+    assert "step_ratio_manual_over_jax_grad" in capsys.readouterr().out

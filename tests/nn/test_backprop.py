@@ -1,0 +1,122 @@
+"""Seed 002's Algorithms 1 and 2 (``manualgrad/nn/backprop.py``) against the custom_vjp composition and jax.grad.
+
+float64 throughout (conftest enables x64), so agreement is asked to 1e-12 relative: the three
+computations evaluate the same products in a different order, which costs a few ulps.
+"""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from manualgrad.nn import backprop
+from manualgrad.nn.backprop import Layer
+from manualgrad.rules.validation import RuleInputError
+
+MLP = [Layer("dense", "sigmoid"), Layer("dense", "tanh"), Layer("dense", "relu"), Layer("dense", "softplus"), Layer("dense")]
+CNN = [Layer("conv2d", "relu"), Layer("conv2d", "tanh", stride=2, padding="SAME"), Layer("conv2d", "leaky_relu", dilation=2, padding=1), Layer("dense")]
+
+
+def _relative(a, b) -> float:
+    pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    return max(float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y))) for x, y in pairs)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    key = jax.random.PRNGKey(0)
+    params = backprop.init(key, MLP, (6,), (7, 5, 6, 4, 3), jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(1), (9, 6), jnp.float64)
+    y = jax.random.normal(jax.random.PRNGKey(2), (9, 3), jnp.float64)
+    return params, x, y
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    params = backprop.init(jax.random.PRNGKey(3), CNN, (9, 9, 2), ((3, 3, 4), (3, 3, 5), (2, 2, 3), 4), jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(4), (3, 9, 9, 2), jnp.float64)
+    labels = jnp.array([0, 3, 1])
+    return params, x, labels
+
+
+@pytest.mark.parametrize("store", backprop.STORES)
+def test_algorithm_1_equals_custom_vjp_and_jax_grad(mlp, store):
+    params, x, y = mlp
+    value, grads = jax.jit(lambda p, x, y: backprop.gradients(MLP, p, x, y, "mse", store))(params, x, y)
+    vjp_value, vjp_grads = jax.value_and_grad(lambda p: backprop.loss(MLP, p, x, y))(params)
+    ref_value, ref_grads = jax.value_and_grad(lambda p: backprop.loss(MLP, p, x, y, reference=True))(params)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    assert abs(float(value) - float(ref_value)) <= 1e-12 * abs(float(ref_value))
+    assert _relative(grads, vjp_grads) <= 1e-12
+    assert _relative(grads, ref_grads) <= 1e-12
+
+
+@pytest.mark.parametrize("store", backprop.STORES)
+def test_algorithm_2_cnn_equals_custom_vjp_and_jax_grad(cnn, store):
+    params, x, labels = cnn
+    _, grads = backprop.gradients(CNN, params, x, labels, "softmax_cross_entropy", store)
+    vjp_grads = jax.grad(lambda p: backprop.loss(CNN, p, x, labels, "softmax_cross_entropy"))(params)
+    ref_grads = jax.grad(lambda p: backprop.loss(CNN, p, x, labels, "softmax_cross_entropy", reference=True))(params)
+    assert _relative(grads, vjp_grads) <= 1e-12
+    assert _relative(grads, ref_grads) <= 1e-12
+
+
+def test_batch_gradient_is_sum_of_per_sample_gradients(mlp):
+    """Seed 004's row form: the batched ``Oᵀ G`` sums the one-sample (seed 002 column) gradients."""
+    params, x, y = mlp
+    _, batched = backprop.gradients(MLP, params, x, y, "mse")
+    singles = [backprop.gradients(MLP, params, x[i:i + 1], y[i:i + 1], "mse")[1] for i in range(len(x))]
+    mean = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *singles)  # mse averages over the batch
+    assert _relative(batched, mean) <= 1e-12
+
+
+def test_remark_8_storage_costs(mlp):
+    params, x, _ = mlp
+    both, a, f = (backprop.stored_bytes(MLP, params, x, s) for s in ("a_and_F", "a", "F"))
+    per_layer = sum(9 * w.shape[1] * 8 for w, _ in params)  # one float64 (9, out) array per layer
+    assert (a, f, both) == (per_layer, per_layer, 2 * per_layer)
+
+
+def test_float32_agrees_with_float64(mlp):
+    """In float32 the algorithm matches jax.grad of the references to float32 round-off (bound 1e-5)."""
+    params, x, y = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), mlp)
+    _, grads = jax.jit(lambda p, x, y: backprop.gradients(MLP, p, x, y))(params, x, y)
+    ref = jax.grad(lambda p: backprop.loss(MLP, p, x, y, reference=True))(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+    assert _relative(grads, ref) <= 1e-5
+
+
+def test_no_autodiff_in_the_algorithm():
+    source = inspect.getsource(backprop)
+    algorithm = source.split("def gradients(", 1)[0]  # everything the algorithm itself runs
+    for banned in ("jax.vjp(", "jax.grad(", "jax.jvp(", "jax.linearize(", "value_and_grad("):
+        assert banned not in source
+    # and it runs the rules' own adjoints rather than re-deriving them
+    for adjoint in ("dense_backward", "dense_gradient", "conv2d_backward", "conv2d_gradient", "bias_add_gradient"):
+        assert adjoint in algorithm
+
+
+@pytest.mark.parametrize(
+    "network, params, message",
+    [
+        ([Layer("dense", "gelu")], [(np.ones((2, 2)), np.ones(2))], "layer 1 has activation 'gelu'"),
+        ([Layer("pool")], [(np.ones((2, 2)), np.ones(2))], "layer 1 has map 'pool'"),
+        ([Layer(), Layer()], [(np.ones((2, 2)), np.ones(2))], "2 layers, got 1 entries"),
+        ([Layer()], [(np.ones((3, 2)), np.ones(2))], r"backprop layer 1 \(dense\): dense: x has 2 features but w expects 3"),
+    ],
+)
+def test_bad_network_names_the_layer(network, params, message):
+    with pytest.raises(RuleInputError, match=message):
+        backprop.gradients(network, params, np.ones((4, 2)), np.ones((4, 2)))
+
+
+def test_bad_store_and_loss():
+    params = [(np.ones((2, 2)), np.ones(2))]
+    with pytest.raises(RuleInputError, match="store must be one of a_and_F, a, F, got 'z'"):
+        backprop.gradients([Layer()], params, np.ones((4, 2)), np.ones((4, 2)), store="z")
+    with pytest.raises(RuleInputError, match="loss must be one of"):
+        backprop.gradients([Layer()], params, np.ones((4, 2)), np.ones((4, 2)), loss="hinge")
+    with pytest.raises(RuleInputError, match=r"backprop loss: mse"):
+        backprop.gradients([Layer()], params, np.ones((4, 2)), np.ones((4, 3)))
