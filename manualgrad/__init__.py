@@ -11,6 +11,7 @@ from manualgrad.losses import l2_penalty, mse, softmax_cross_entropy  # isort: s
 from manualgrad.signal import convolve1d, correlate1d  # isort: skip
 from manualgrad.convolution import conv1d, conv2d  # isort: skip
 from manualgrad.pooling import avg_pool2d, flatten, max_pool2d  # isort: skip
+from manualgrad.normalization import batch_norm, dropout, group_norm, layer_norm, rms_norm  # isort: skip
 from manualgrad.checker import Report, check
 from manualgrad.registry import Rule, Sample, get, register, rules
 from manualgrad.validation import RuleDTypeError, RuleInputError
@@ -22,6 +23,7 @@ __all__ = [
     "RuleInputError",
     "Sample",
     "avg_pool2d",
+    "batch_norm",
     "bias_add",
     "check",
     "conv1d",
@@ -29,15 +31,19 @@ __all__ = [
     "convolve1d",
     "correlate1d",
     "dense",
+    "dropout",
     "flatten",
     "get",
+    "group_norm",
     "identity",
     "l2_penalty",
+    "layer_norm",
     "leaky_relu",
     "max_pool2d",
     "mse",
     "register",
     "relu",
+    "rms_norm",
     "rules",
     "sigmoid",
     "softmax_cross_entropy",
