@@ -82,6 +82,14 @@ def _standardize(x, axes, eps, ddof: int = 0, constant: tuple[str, ...] = ()):
     return (x - mu) / jnp.sqrt(var + eps)
 
 
+def _one_program(*static: int):
+    """``jax.jit`` with the ``static`` arguments (axes, ε, ...) static. Called eagerly (the
+    checker's ``vjp`` check, a user's first call) a rule then compiles one program per shape
+    instead of one per operation; inside an outer ``jit``, ``vmap`` or ``grad`` it is inlined."""
+    return functools.partial(jax.jit, static_argnums=static)
+
+
+@_one_program(1, 2)
 def _statistics(x, axes, eps):
     """The forward's ``x̂`` and ``1/σ`` over ``axes`` (kept as axes of size 1), biased variance,
     in ``x``'s dtype."""
@@ -269,6 +277,7 @@ def batch_norm_gradient(xhat, g):
     return _channel_sum(g * xhat), _channel_sum(g)
 
 
+@_one_program(0)
 def _batch_norm_vjp(eps, residuals, g):
     del eps
     xhat, inv, gamma = residuals
@@ -280,26 +289,29 @@ batch_norm.defvjp(batch_norm_forward, _batch_norm_vjp)
 
 
 def _affine_samples(configs, key, dtype, constant=None):
-    """``(x, γ, β, *rest)`` samples; ``constant(x)`` makes the last one's constant entries."""
+    """``(x, γ, β, *rest)`` samples; ``constant(x)`` makes the constant entries of the sample
+    labelled "a constant ...". ``x`` is drawn with scale 2: the gradients scale as ``1/σ``, and
+    ``σ ≈ 2`` keeps their float32 round-off below the checker's absolute tolerance (ten ulps
+    of 1) where the closed form cancels, even for a group of 6 entries with a small variance."""
     k = keys(key)
     out = []
     for shape, rest, label in configs:
         c = shape[-1]
-        x = normal(next(k), shape, dtype)
+        x = normal(next(k), shape, dtype, 2.0)
         if constant is not None and label.startswith("a constant"):
             x = constant(x)
         out.append(Sample((x, normal(next(k), (c,), dtype, 0.5) + 1, normal(next(k), (c,), dtype), *rest), label))
     return out
 
 
-# ε = 1e-2 where a variance is 0: there 1/σ = 1/√ε, and the finite differences' step h sees
-# the curvature h²/ε, which at the default 1e-5 would exceed their 1e-6 tolerance.
+# ε = 0.1 where a variance is 0: there 1/σ = 1/√ε, the finite differences' step h sees the
+# curvature h²/ε (above their 1e-6 tolerance at the default 1e-5), and float32 round-off grows
+# with 1/σ. (The constant-channel test in tests/test_normalization.py uses the default ε.)
 _BATCH_NORM_CONFIGS = [
     ((4, 3), (1e-5,), "batch 4, no spatial axes"),
     ((1, 3, 3, 2), (1e-5,), "batch 1, NHWC"),
     ((2, 3, 2, 3), (1e-3,), "batch 2, NHWC, eps 1e-3"),
-    ((3, 4, 2), (1e-5,), "one spatial axis (NWC)"),
-    ((2, 2, 2, 3), (1e-2,), "a constant channel, eps 1e-2"),
+    ((2, 2, 2, 3), (0.1,), "a constant channel, eps 0.1"),
 ]
 
 
@@ -380,6 +392,7 @@ def layer_norm_backward(g, xhat, inv, gamma):
     return _normalized_adjoint(_per_channel(gamma, jnp.ndim(g)) * g, xhat, inv, _last(g))
 
 
+@_one_program(0)
 def _layer_norm_vjp(eps, residuals, g):
     del eps
     xhat, inv, gamma = residuals
@@ -393,7 +406,7 @@ _LAYER_NORM_CONFIGS = [
     ((1, 3), (1e-5,), "batch 1"),
     ((2, 3, 2, 4), (1e-3,), "NHWC, per pixel, eps 1e-3"),
     ((6,), (1e-5,), "no batch axis"),
-    ((2, 4), (1e-2,), "a constant row, eps 1e-2"),
+    ((2, 4), (0.1,), "a constant row, eps 0.1"),
 ]
 
 
@@ -413,8 +426,7 @@ register(
             *_statistics_mistakes(
                 layer_norm_reference, lambda args: jnp.shape(args[0])[-1], (0, 1),
                 lambda args: iter([("the right one for statistics over every axis but the last (batch norm's) "
-                                    "instead of the last axis (layer norm's)", batch_norm_reference)]
-                                  if math.prod(jnp.shape(args[0])[:-1]) > 1 else []),
+                                    "instead of the last axis (layer norm's)", batch_norm_reference)]),
             ),
             _gamma_outside(layer_norm_reference),
         ),
@@ -494,6 +506,7 @@ def group_norm_backward(g, xhat, inv, gamma, groups):
     return jnp.reshape(_normalized_adjoint(dxhat, _grouped(xhat, groups)[0], inv, axes), jnp.shape(g))
 
 
+@_one_program(0, 1)
 def _group_norm_vjp(groups, eps, residuals, g):
     del eps
     xhat, inv, gamma = residuals
@@ -508,7 +521,7 @@ _GROUP_NORM_CONFIGS = [
     ((2, 2, 3, 3), (1, 1e-3), "a single group, eps 1e-3"),
     ((2, 3, 2, 3), (3, 1e-5), "groups = C (instance norm)"),
     ((2, 5, 4), (2, 1e-5), "one spatial axis (NWC)"),
-    ((2, 2, 2, 2), (2, 1e-2), "a constant channel, groups = C, eps 1e-2"),
+    ((2, 2, 2, 2), (2, 0.1), "a constant channel, groups = C, eps 0.1"),
 ]
 
 
@@ -589,9 +602,15 @@ def rms_norm(x: jax.Array, gamma: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 def rms_norm_forward(x, gamma, eps=1e-6):
     _validate_affine("rms_norm", x, eps, "(..., C)", 1, gamma=gamma)
-    inv = lax.rsqrt(jnp.mean(x * x, axis=_last(x), keepdims=True) + eps)
-    xhat = x * inv
+    xhat, inv = _root_mean_square(x, eps)
     return _per_channel(gamma, jnp.ndim(x)) * xhat, (xhat, inv, gamma)
+
+
+@_one_program(1)
+def _root_mean_square(x, eps):
+    """``x̂ = x / r`` and ``1/r``, ``r = √(mean(x²) + ε)`` along the last axis (kept)."""
+    inv = lax.rsqrt(jnp.mean(x * x, axis=_last(x), keepdims=True) + eps)
+    return x * inv, inv
 
 
 def rms_norm_backward(g, xhat, inv, gamma):
@@ -604,6 +623,7 @@ def rms_norm_gradient(xhat, g):
     return _channel_sum(g * xhat)
 
 
+@_one_program(0)
 def _rms_norm_vjp(eps, residuals, g):
     del eps
     xhat, inv, gamma = residuals
@@ -616,10 +636,10 @@ rms_norm.defvjp(rms_norm_forward, _rms_norm_vjp)
 def _rms_norm_samples(key, dtype):
     k = keys(key)
     configs = [((4, 5), 1e-6, "batch 4"), ((1, 3), 1e-6, "batch 1"), ((2, 3, 2, 4), 1e-6, "NHWC, per pixel"),
-               ((2, 4), 1e-2, "a zero row (r = √ε), eps 1e-2")]
+               ((2, 4), 0.1, "a zero row (r = √ε), eps 0.1")]
     out = []
     for shape, eps, label in configs:
-        x = normal(next(k), shape, dtype)
+        x = normal(next(k), shape, dtype, 2.0)
         x = x.at[0].set(0.0) if label.startswith("a zero row") else x
         out.append(Sample((x, normal(next(k), shape[-1:], dtype, 0.5) + 1, eps), label))
     return out
@@ -700,12 +720,18 @@ def dropout_forward(x, key, rate):
         raise validation.RuleInputError(
             f"dropout: rate must be a Python number in [0, 1), the probability of dropping an entry, got {rate!r}"
         )
-    return jnp.where(_kept(key, rate, jnp.shape(x)), x / (1 - rate), jnp.zeros_like(x)), key
+    return _masked(x, key, rate), key
+
+
+@_one_program(2)
+def _masked(a, key, rate):
+    """``M ⊙ a / (1 − rate)``: the forward on ``x`` and, the map being diagonal, the backward on ``G``."""
+    return jnp.where(_kept(key, rate, jnp.shape(a)), a / (1 - rate), jnp.zeros_like(a))
 
 
 def dropout_backward(g, key, rate):
     """``dx = M ⊙ G / (1 − rate)``, with ``M`` drawn again from the forward's key."""
-    return jnp.where(_kept(key, rate, jnp.shape(g)), g / (1 - rate), jnp.zeros_like(g))
+    return _masked(g, key, rate)
 
 
 def _dropout_vjp(rate, key, g):
@@ -717,9 +743,8 @@ dropout.defvjp(dropout_forward, _dropout_vjp)
 
 def _dropout_samples(key, dtype):
     k = keys(key)
-    configs = [((4, 5), 0.5, "rate 0.5"), ((1, 3), 0.2, "batch 1, rate 0.2"),
-               ((2, 3, 3, 2), 0.3, "NHWC, rate 0.3, a typed key"), ((3, 4), 0.0, "rate 0: the identity"),
-               ((2, 6), 0.9, "rate 0.9")]
+    configs = [((4, 5), 0.5, "rate 0.5"), ((1, 6), 0.8, "batch 1, rate 0.8"),
+               ((2, 3, 3, 2), 0.3, "NHWC, rate 0.3, a typed key"), ((3, 4), 0.0, "rate 0: the identity")]
     out = []
     for shape, rate, label in configs:
         x, mask_key = normal(next(k), shape, dtype), next(k)

@@ -12,7 +12,7 @@ import manualgrad
 from mutation import Mutation
 from jax import lax
 
-from manualgrad import activations, convolution, linear, losses, pooling, signal
+from manualgrad import activations, convolution, linear, losses, normalization, pooling, signal
 
 
 def _dense_w_transposed(res, g):
@@ -115,7 +115,7 @@ MUTATIONS = [
 ]
 
 _FORWARDS = {name: getattr(module, f"{name}_forward")
-             for module in (activations, convolution, linear, losses, pooling, signal)
+             for module in (activations, convolution, linear, losses, normalization, pooling, signal)
              for name in dir(module) if hasattr(module, f"{name}_forward")}
 
 
@@ -128,12 +128,13 @@ def mutant(mutation: Mutation) -> manualgrad.Rule:
         return rule.fn(*args)
 
     wrong = jax.custom_vjp(fn, nondiff_argnums=rule.fn.nondiff_argnums)
-    wrong.defvjp(_FORWARDS[rule.name], mutation.vjp)
+    wrong.defvjp(mutation.forward or _FORWARDS[rule.name], mutation.vjp)
     return rule.__class__(**{**rule.__dict__, "fn": wrong, "name": f"{rule.name} ({mutation.mistake})"})
 
 
 # The families written in their own files.
 from mutations_pooling import MUTATIONS as _POOLING  # noqa: E402
 from mutations_signal import MUTATIONS as _SIGNAL  # noqa: E402
+from mutations_normalization import MUTATIONS as _NORMALIZATION  # noqa: E402
 
-MUTATIONS += _POOLING + _SIGNAL
+MUTATIONS += _POOLING + _SIGNAL + _NORMALIZATION
