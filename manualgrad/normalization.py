@@ -734,8 +734,8 @@ def dropout_backward(g, key, rate):
     return _masked(g, key, rate)
 
 
-def _dropout_vjp(rate, key, g):
-    return dropout_backward(g, key, rate), None
+def _dropout_vjp(rate, residuals, g):
+    return dropout_backward(g, residuals, rate), None
 
 
 dropout.defvjp(dropout_forward, _dropout_vjp)
