@@ -54,7 +54,7 @@ def _per_channel(v: jax.Array, ndim: int) -> jax.Array:
 
 def _channel_sum(a: jax.Array) -> jax.Array:
     """``ι*``: the sum over every axis but the last, one entry per channel."""
-    return jnp.sum(a, axis=tuple(range(jnp.ndim(a) - 1)))
+    return jnp.sum(a, axis=_leading(a))
 
 
 def _leading(x) -> tuple[int, ...]:
@@ -138,8 +138,8 @@ def _validate_affine(rule: str, x, eps, layout: str, rank: int, **params) -> Non
 # --------------------------------------------------------------------------- usual mistakes
 
 
-def _statistics_mistakes(reference: Callable[..., Any], count: Callable[[tuple], int], arguments,
-                         wrong_axes: Callable[[tuple], Iterator[tuple[str, Any]]] = lambda args: iter(())):
+def _statistics_mistakes(reference: Callable[..., Any], count: Callable[[tuple], int], arguments: tuple[int, ...],
+                         wrong_axes: Callable[[tuple], Iterator[tuple[str, Callable[..., Any]]]]) -> tuple[Mistake, ...]:
     """The usual mistakes of a centred norm, for each argument in ``arguments`` (0 for ``x``,
     1 for ``γ``): VJPs of the reference with ``μ`` or ``σ`` held constant, with the unbiased
     variance, or with ``wrong_axes(args)``'s other references, and (for ``x``) the unbiased
@@ -158,10 +158,10 @@ def _statistics_mistakes(reference: Callable[..., Any], count: Callable[[tuple],
             if m > 1:
                 yield ("the right one for the unbiased variance (÷ (m − 1)) instead of the biased one (÷ m)",
                        pull(functools.partial(reference, ddof=1)))
-                if i == 0:
+                if i == 0:  # the σ path's term, right − (σ held constant), scaled by m/(m − 1)
                     right, no_sigma = pull(reference), pull(functools.partial(reference, constant=("σ",)))
-                    yield ("the right one with ∂v/∂x = 2(x − μ)/(m − 1): the unbiased m − 1 in the "
-                           "variance's derivative (the variance is biased, ÷ m)"), no_sigma + m / (m - 1) * (right - no_sigma)
+                    yield ("the right one with ∂v/∂x = 2(x − μ)/(m − 1): the unbiased m − 1 in the variance's "
+                           "derivative (the variance is biased, ÷ m)"), no_sigma + m / (m - 1) * (right - no_sigma)
             for text, f in wrong_axes(args):
                 yield text, pull(f)
 
@@ -177,6 +177,12 @@ def _constant_statistics(reference, pull) -> Iterator[tuple[str, Any]]:
            ), pull(functools.partial(reference, constant=("σ",)))
     yield "the right one without the term Σ G: the path through μ is missing", \
         pull(functools.partial(reference, constant=("μ",)))
+
+
+_LAYER_STATISTICS = ("the right one for statistics over the last axis (layer norm's) instead of every axis but "
+                     "the last (batch norm's)")
+_BATCH_STATISTICS = ("the right one for statistics over every axis but the last (batch norm's) instead of the "
+                     "last axis (layer norm's)")
 
 
 def _gamma_outside(reference: Callable[..., Any]) -> Mistake:
@@ -329,8 +335,7 @@ register(
         seeds=_SEEDS,
         mistakes=_statistics_mistakes(
             batch_norm_reference, lambda args: math.prod(jnp.shape(args[0])[:-1]), (0, 1),
-            lambda args: iter([("the right one for statistics over the last axis (layer norm's) instead of every "
-                                "axis but the last (batch norm's)", layer_norm_reference)]),
+            lambda args: iter([(_LAYER_STATISTICS, layer_norm_reference)]),
         ),
     )
 )
@@ -425,8 +430,7 @@ register(
         mistakes=(
             *_statistics_mistakes(
                 layer_norm_reference, lambda args: jnp.shape(args[0])[-1], (0, 1),
-                lambda args: iter([("the right one for statistics over every axis but the last (batch norm's) "
-                                    "instead of the last axis (layer norm's)", batch_norm_reference)]),
+                lambda args: iter([(_BATCH_STATISTICS, batch_norm_reference)]),
             ),
             _gamma_outside(layer_norm_reference),
         ),

@@ -9,9 +9,9 @@ the rules do not save: they come with a forward that saves it (the same output).
 
 import jax
 import jax.numpy as jnp
+from mutation import Mutation
 
 from manualgrad import normalization as nz
-from mutation import Mutation
 
 
 def _leading(a):

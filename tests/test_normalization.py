@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import manualgrad as mg
-from manualgrad import cli, diagnose, normalization as nz
+from manualgrad import cli, diagnose
+from manualgrad import normalization as nz
 
 f32, f64 = jnp.float32, jnp.float64
 RNG = np.random.default_rng(13)
@@ -247,7 +248,8 @@ def test_the_candidates_do_not_name_the_right_answer():
         args = rule.sample_inputs(jax.random.PRNGKey(0), f64)[0].args
         g = jnp.asarray(np.random.default_rng(0).standard_normal(jnp.shape(rule.fn(*args))))
         for i in rule.differentiable:
-            right = diagnose.vjp(lambda a: rule.reference(*args[:i], a, *args[i + 1:]), args[i], g)
+            right = diagnose.vjp(lambda a, i=i, args=args, rule=rule: rule.reference(*args[:i], a, *args[i + 1:]),
+                                 args[i], g)
             assert diagnose.diagnose(rule, args, i, right, g, "float64") == diagnose.NO_EXPLANATION
 
 
