@@ -11,8 +11,14 @@ from manualgrad.rules.losses import l2_penalty, mse, softmax_cross_entropy  # is
 from manualgrad.rules.correlation import convolve1d, correlate1d  # isort: skip
 from manualgrad.rules.convolution import conv1d, conv2d  # isort: skip
 from manualgrad.rules.pooling import avg_pool2d, flatten, max_pool2d  # isort: skip
+from manualgrad.rules.normalization import batch_norm, dropout, group_norm, layer_norm, rms_norm  # isort: skip
 
 __all__ = [
+    "rms_norm",
+    "layer_norm",
+    "group_norm",
+    "dropout",
+    "batch_norm",
     "avg_pool2d",
     "bias_add",
     "conv1d",

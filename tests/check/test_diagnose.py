@@ -83,7 +83,7 @@ def _noise(c):
     return c + 1e-3 * (1 + jnp.abs(c)) * flat.astype(c.dtype)
 
 
-@pytest.mark.parametrize("name", ["dense", "sigmoid", "mse", "correlate1d", "conv2d", "avg_pool2d"])
+@pytest.mark.parametrize("name", ["dense", "sigmoid", "mse", "correlate1d", "conv2d", "avg_pool2d", "batch_norm", "group_norm"])
 def test_no_diagnosis_is_invented_for_a_random_error(name):
     rule = manualgrad.get(name)
 

@@ -10,7 +10,7 @@ import functools
 import jax
 
 import manualgrad
-from mutations import activations, convolution, correlation, linear, losses, pooling
+from mutations import activations, convolution, correlation, linear, losses, normalization, pooling
 from mutations.mutation import Mutation
 
 MUTATIONS: list[Mutation] = [
@@ -20,6 +20,7 @@ MUTATIONS: list[Mutation] = [
     *correlation.MUTATIONS,
     *convolution.MUTATIONS,
     *pooling.MUTATIONS,
+    *normalization.MUTATIONS,
 ]
 
 
@@ -32,5 +33,5 @@ def mutant(mutation: Mutation) -> manualgrad.Rule:
         return rule.fn(*args)
 
     wrong = jax.custom_vjp(fn, nondiff_argnums=rule.fn.nondiff_argnums)
-    wrong.defvjp(rule.fn.fwd, mutation.vjp)
+    wrong.defvjp(mutation.forward or rule.fn.fwd, mutation.vjp)
     return rule.__class__(**{**rule.__dict__, "fn": wrong, "name": f"{rule.name} ({mutation.mistake})"})

@@ -15,3 +15,6 @@ class Mutation(NamedTuple):
     # knows; empty for the others. The diagnoses never see these mutations: they derive their
     # candidates from the reference and the right answer.
     diagnosis: str = ""
+    # A forward saving other residuals than the rule's (the same output), for a mistake that
+    # needs them, e.g. statistics recomputed from x over other axes; None: the rule's own.
+    forward: object = None
