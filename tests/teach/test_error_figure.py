@@ -11,6 +11,7 @@ import runpy
 
 import pytest
 
+import manualgrad
 from manualgrad.check import checker
 from mutations import MUTATIONS, mutant
 
