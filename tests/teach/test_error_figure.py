@@ -15,7 +15,7 @@ import manualgrad
 from manualgrad.check import checker
 from mutations import MUTATIONS, mutant
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIGURE = runpy.run_path(str(ROOT / "comparisons" / "error_figure.py"))
 
 

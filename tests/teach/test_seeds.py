@@ -10,7 +10,7 @@ import pathlib
 from manualgrad import cli, registry
 from manualgrad.teach import docs, explain
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_cite_names_author_title_section_then_file():
