@@ -235,10 +235,10 @@ def test_dgamma_not_summed_is_diagnosed_as_a_broadcast_axis_left_in():
         g = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape))
         found = diagnose.diagnose_raw(planted, sample.args, g, "float64")
         assert set(found) == ({1, 2} if x.ndim > 2 else {1}), sample.label  # (N, C): Σ over N is all of dβ
-        assert found[1] == (f"your gradient equals the right one with axis {tuple(range(x.ndim - 1)) if x.ndim > 2 else 0} "
+        assert found[1].diagnosis == (f"your gradient equals the right one with axis {tuple(range(x.ndim - 1)) if x.ndim > 2 else 0} "
                             f"not summed: a broadcast axis left in (shape {x.shape}, expected {x.shape[-1:]})")
         if x.ndim > 2:
-            assert f"axis {tuple(range(x.ndim - 2)) if x.ndim > 3 else 0} not summed" in found[2]
+            assert f"axis {tuple(range(x.ndim - 2)) if x.ndim > 3 else 0} not summed" in found[2].diagnosis
 
 
 def test_the_candidates_do_not_name_the_right_answer():
@@ -254,9 +254,22 @@ def test_the_candidates_do_not_name_the_right_answer():
             assert diagnose.diagnose(rule, args, i, right, g, "float64") == diagnose.NO_EXPLANATION
 
 
-def test_batch_norm_exercise_with_the_library_backward_gets_full_marks(tmp_path, capsys):
-    from test_exercise import _library_backward, _write
+# The closed form written by hand, as a student would (the library's own backward scores 0 in grade).
+BATCH_NORM_BY_HAND = (
+    "    xhat, inv, gamma = residuals\n"
+    "    axes = tuple(range(g.ndim - 1))\n"
+    "    per_channel = (1,) * (g.ndim - 1) + (-1,)\n"
+    "    m = g.size // g.shape[-1]\n"
+    "    dgamma, dbeta = jnp.sum(g * xhat, axis=axes), jnp.sum(g, axis=axes)\n"
+    "    dx = jnp.reshape(gamma, per_channel) * inv / m * (\n"
+    "        m * g - jnp.reshape(dbeta, per_channel) - xhat * jnp.reshape(dgamma, per_channel))\n"
+    "    return dx, dgamma, dbeta\n"
+)
 
-    assert cli.main(["grade", str(_write(tmp_path, "batch_norm", _library_backward("batch_norm")))]) == 0
+
+def test_batch_norm_exercise_solved_by_hand_gets_full_marks(tmp_path, capsys):
+    from teach.test_exercise import _write
+
+    assert cli.main(["grade", str(_write(tmp_path, "batch_norm", BATCH_NORM_BY_HAND))]) == 0
     out = capsys.readouterr().out
     assert "score: 6/6 checks passed" in out and "FAIL" not in out
