@@ -202,9 +202,9 @@ AUTODIFF = {
                          "    return j.grad(lambda a, b: jnp.vdot(a @ b, g), argnums=(0, 1))(x, w)\n"),
                         "j.grad, that is jax.grad"),
     "jax.jacrev": ("    x, w = residuals\n    return jax.jacrev(jnp.matmul)(x, w), x\n", "jax.jacrev"),
-    "dense_backward": (("    import manualgrad.rules.linear\n    x, w = residuals\n"
-                        "    return manualgrad.rules.linear.dense_backward(g, w), x.T @ g\n"),
-                       "manualgrad.rules.linear.dense_backward"),
+    "dense_backward": (("    from manualgrad.rules import linear\n    x, w = residuals\n"
+                        "    return linear.dense_backward(g, w), x.T @ g\n"),
+                       "linear.dense_backward, that is manualgrad.rules.linear.dense_backward"),
     "mg.dense": (("    import manualgrad as mg\n    x, w = residuals\n"
                   "    return jax.linear_transpose(lambda a: mg.dense(a, w), x)(g)[0], x.T @ g\n"),
                  "mg.dense, that is manualgrad.rules.linear.dense"),
