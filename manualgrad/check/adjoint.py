@@ -59,4 +59,5 @@ def finding(rule: str, dtype: str, label: str, argument: str, tol: float, drawn:
     """The ``adjoint`` finding of one group: ``drawn`` by :func:`draws`, ``(out, back)`` from :func:`pair`."""
     forward_side, backward_side, mismatch = adjoint_mismatch(drawn[0], drawn[1], out, back)
     return Finding(rule, "adjoint", dtype, label, argument, abs(forward_side - backward_side), mismatch, tol,
-                   int(not mismatch <= tol), 1, "⟨C(u), y⟩ against Σ ⟨u, C†(y)⟩", forward_side, backward_side)
+                   int(not mismatch <= tol), 1, "⟨C(u), y⟩ against Σ ⟨u, C†(y)⟩", forward_side,
+                   backward_side)

@@ -29,8 +29,8 @@ rules inside the function still run under ``"raise"``. A reference that raises f
 check of its sample, with a note that names the reference.
 
 The run time is compile time: every sample's checks but the eager one are fused into one
-program (built with :data:`~manualgrad.check.tolerances.FAST_COMPILE` on CPU), and samples are checked :data:`WORKERS` at
-a time, so that one sample's compile overlaps another's tracing and eager dispatch.
+program (built with :data:`~manualgrad.check.tolerances.FAST_COMPILE` on CPU), and samples are
+checked :data:`WORKERS` at a time, so that one sample's compile overlaps another's tracing and eager dispatch.
 """
 
 from __future__ import annotations
@@ -206,7 +206,8 @@ def _run(rule: Rule, sample: Sample, d: _Draws, checks, options):
 
     def program(inputs, fd_inputs, adjoint_inputs):
         pairs = [adjoint.pair(rule.fn, sample.args, group, *drawn) for group, drawn in zip(d.groups, adjoint_inputs)]
-        return {c: programs[c](*inputs) for c in wanted}, [f.evaluate(*x) for f, x in zip(d.differences, fd_inputs)], pairs
+        differences = [f.evaluate(*x) for f, x in zip(d.differences, fd_inputs)]
+        return {c: programs[c](*inputs) for c in wanted}, differences, pairs
 
     values, fd_values, adjoint_values = jax.jit(program, compiler_options=options)(
         (d.primals, d.u, d.batched, d.batched_u), [f.inputs for f in d.differences], d.adjoint
@@ -225,7 +226,8 @@ def _autodiff_findings(rule: Rule, sample: Sample, dtype: str, checks, d: _Draws
             continue
         received, expected = values[check]
         pairs = [("output", received, expected)] if check == "forward" else zip(d.names, received, expected)
-        results += [compare(rule.name, check, dtype, sample.label, n, r, e, tol[check], ATOL[dtype]) for n, r, e in pairs]
+        results += [compare(rule.name, check, dtype, sample.label, n, r, e, tol[check], ATOL[dtype])
+                    for n, r, e in pairs]
     received_vjp = dict(zip(d.names, values["vjp"][0])) if "vjp" in values else {}
     return [_diagnosed(f, rule, sample.args, d.diff[d.names.index(f.argument)], received_vjp[f.argument], d.u, dtype)
             if f.check == "vjp" and not f.passed else f for f in results]

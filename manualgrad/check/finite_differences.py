@@ -144,7 +144,8 @@ def richardson(steps, f0, magnitude, tol: float) -> tuple[np.ndarray, np.ndarray
     return estimate, kappa > KINK_SHARE * tol * np.abs(estimate) + rounding, np.minimum(FD_ATOL, rounding / KINK_SHARE)
 
 
-def finite_differences(rule: Rule, sample: Sample, diff: list[int], names: list[str], key: jax.Array) -> list[Differences]:
+def finite_differences(rule: Rule, sample: Sample, diff: list[int], names: list[str],
+                       key: jax.Array) -> list[Differences]:
     """The finite-difference checks of a sample, one per differentiable argument, in float64."""
     args = jax.tree_util.tree_map(lambda a: host(a, np.float64) if is_float(a) else a, sample.args)
     out = []

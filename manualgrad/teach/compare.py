@@ -33,7 +33,8 @@ class Row:
         return [np.asarray(v) for v in (self.custom_vjp, self.algorithm, self.jax_grad) if v is not None]
 
     def difference(self) -> float:
-        """``max |other − hand| / max(|hand|, tiny)`` over every other column (:func:`~manualgrad.check.tolerances.relative_error`)."""
+        """``max |other − hand| / max(|hand|, tiny)`` over every other column
+        (:func:`~manualgrad.check.tolerances.relative_error`)."""
         return max((relative_error(o, self.hand) for o in self.others()), default=0.0)
 
 
