@@ -34,15 +34,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from manualgrad import registry  # noqa: E402
-from manualgrad.check import checker  # noqa: E402
+from manualgrad.check import checker, tolerances  # noqa: E402
 
 COMMITTED = Path(__file__).with_name("errors.png")
 FLOOR = 1e-6  # an error of exactly 0 is drawn here, so it shows on the log scale
 SERIES = {("vjp", "float64"): "hand VJP vs jax.grad, float64", ("vjp", "float32"): "hand VJP vs jax.grad, float32",
           ("finite_diff", "float64"): "hand VJP vs finite differences, both float64"}
 RUNS = {"float64": ("vjp", "finite_diff"), "float32": ("vjp",)}
-ATOLS = {("vjp", "float64"): checker.ATOL["float64"], ("vjp", "float32"): checker.ATOL["float32"],
-         ("finite_diff", "float64"): checker.FD_ATOL}
+ATOLS = {("vjp", "float64"): tolerances.ATOL["float64"], ("vjp", "float32"): tolerances.ATOL["float32"],
+         ("finite_diff", "float64"): tolerances.FD_ATOL}
 
 
 def errors(rules: list[str] | None = None) -> dict[tuple[str, str], dict[str, float]]:
@@ -58,7 +58,7 @@ def errors(rules: list[str] | None = None) -> dict[tuple[str, str], dict[str, fl
 
 
 def _label(check: str, dtype: str) -> str:
-    tol = checker.TOLERANCES[dtype][check]
+    tol = tolerances.TOLERANCES[dtype][check]
     return f"{SERIES[(check, dtype)]}: allowed max({tol:.0e}·|g|, {ATOLS[(check, dtype)]:.1e})"
 
 

@@ -8,6 +8,7 @@ list of layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -130,6 +131,24 @@ class Rule:
     def seed_text(self) -> str:
         """The rule's seeds as :func:`cite` writes them, joined by ``"; "``."""
         return "; ".join(cite(s, section) for s, section in self.seeds)
+
+    def with_backward(self, bwd: Callable[..., Any], fwd: Callable[..., Any] | None = None, *,
+                      primal: Callable[..., Any] | None = None, name: str | None = None) -> Rule:
+        """This rule with another backward: a new ``jax.custom_vjp`` with the same signature,
+        docstring and ``nondiff_argnums``, whose VJP is ``fwd`` (default the rule's own forward
+        pass, saving its residuals) and ``bwd``; ``primal`` (default the rule's function)
+        computes the output where nothing is differentiated. A student's exercise, a planted
+        mutation and a test's wrong backward are all built this way."""
+        original = self.fn
+        output = original if primal is None else primal
+
+        @functools.wraps(original.fun)
+        def fn(*args):
+            return output(*args)
+
+        replaced = jax.custom_vjp(fn, nondiff_argnums=original.nondiff_argnums)
+        replaced.defvjp(original.fwd if fwd is None else fwd, bwd)
+        return dataclasses.replace(self, fn=replaced, name=self.name if name is None else name)
 
 
 _RULES: dict[str, Rule] = {}

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from manualgrad.bench import peers
+from manualgrad.check.tolerances import relative_l2
 from manualgrad.nn import backprop, layers
 from manualgrad.train import loop
 
@@ -193,12 +194,6 @@ def _stepper(compiled: Any, params: Any, x: jax.Array, labels: jax.Array) -> Cal
     return run
 
 
-def _relative(a: Sequence[Any], b: Sequence[Any]) -> float:
-    """``‖a − b‖ / ‖b‖`` over all leaves together: round-off, not the odd ReLU that flips at its kink."""
-    diff = sum(float(np.sum((np.asarray(p, np.float64) - np.asarray(q, np.float64)) ** 2)) for p, q in zip(a, b))
-    return (diff / max(sum(float(np.sum(np.asarray(q, np.float64) ** 2)) for q in b), 1e-300)) ** 0.5
-
-
 def _peer_contenders(params: Any, x: jax.Array, labels: jax.Array, manual_grads: list,
                      n: int) -> tuple[dict, list[Record], str | None]:
     """The NumPy and (when importable) PyTorch steps and PyTorch's ``n × n`` matmul; how far their gradients are from the hand rules'."""
@@ -215,7 +210,7 @@ def _peer_contenders(params: Any, x: jax.Array, labels: jax.Array, manual_grads:
         out["torch_matmul"] = torch_peer.matmul(n)
         checks.append(("torch", torch_peer.gradients(tx, tl)[1]))
     flat_manual = [a for pair in manual_grads for a in pair]
-    records = [record(f"gradient_difference_{name}_vs_manual", _relative([a for pair in grads for a in pair], flat_manual),
+    records = [record(f"gradient_difference_{name}_vs_manual", relative_l2([a for pair in grads for a in pair], flat_manual),
                       "relative L2") for name, grads in checks]
     return out, records, reason
 
@@ -238,7 +233,7 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
             for side in ("manual", "jax_grad")}
     grads = {side: jax.jit(jax.grad(fn))(params, x, labels) for side, fn in loss.items()}
     records.append(record("gradient_difference_jax_grad_vs_manual",
-                          _relative(jax.tree_util.tree_leaves(grads["jax_grad"]), jax.tree_util.tree_leaves(grads["manual"])),
+                          relative_l2(jax.tree_util.tree_leaves(grads["jax_grad"]), jax.tree_util.tree_leaves(grads["manual"])),
                           "relative L2"))
     nbytes = {side: footprint(c) for side, c in compiled.items()}
     if None in nbytes.values():

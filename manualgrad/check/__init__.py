@@ -1,6 +1,13 @@
-"""The cross-checker (:mod:`~manualgrad.check.checker`) and the diagnoses of a wrong backward
-(:mod:`~manualgrad.check.diagnose`)."""
+"""The cross-checker. From the bottom up: :mod:`~manualgrad.check.tolerances` (what counts as
+agreement, the relative errors), :mod:`~manualgrad.check.trees` (pytree helpers),
+:mod:`~manualgrad.check.report` (findings), :mod:`~manualgrad.check.comparison`,
+:mod:`~manualgrad.check.finite_differences`, :mod:`~manualgrad.check.adjoint`,
+:mod:`~manualgrad.check.mistakes` (the generic mistakes), :mod:`~manualgrad.check.diagnose`,
+:mod:`~manualgrad.check.targets` (what to check) and, on top, :mod:`~manualgrad.check.checker`
+(:func:`check`, running the samples)."""
 
-from manualgrad.check.checker import CHECKS, TOLERANCES, Finding, Report, check
+from manualgrad.check.checker import check
+from manualgrad.check.report import Finding, Report
+from manualgrad.check.tolerances import CHECKS, TOLERANCES
 
 __all__ = ["CHECKS", "TOLERANCES", "Finding", "Report", "check"]

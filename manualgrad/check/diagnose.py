@@ -4,12 +4,10 @@ When a rule's hand cotangent for one argument disagrees with the reference's, :f
 computes the wrong answers the usual mistakes would give and names every one that explains
 the numbers to round-off (the checker's ``vjp`` tolerance) while the right answer does not:
 
-* from the right answer ``E``, for every rule: ``E`` transposed; ``E`` times a constant
-  (``−1`` the sign, ``2`` a missing ½ in the loss, ``½``, the batch size ``m`` a missing
-  mean over the batch, ``1/m`` an average where a sum belongs, ``0`` a dropped gradient, or
-  else the constant fitted by least squares); and, for a backward whose output has the wrong
-  shape (:func:`diagnose_raw`), a broadcast axis not summed, ``E`` transposed or its axes
-  permuted, and ``E`` reshaped with its axes in the wrong order;
+* from the right answer ``E``, for every rule (:mod:`manualgrad.check.mistakes`): ``E``
+  transposed, ``E`` times a usual constant, or else the constant fitted by least squares;
+  and, for a backward whose output has the wrong shape (:func:`diagnose_raw`), a broadcast
+  axis not summed, ``E`` transposed or its axes permuted, ``E`` reshaped wrongly;
 * from the rule's reference at transformed inputs, per rule: ``Rule.mistakes``
   (:mod:`manualgrad.rules.mistakes`: ``σ'`` at the output, the kernel not flipped, padding off by
   one, the stride not dilated into ``G``, ...).
@@ -19,8 +17,6 @@ A random error is explained by none of them: "no known mistake explains it".
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -28,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad.check import checker
-from manualgrad.rules import mistakes
+from manualgrad.check import mistakes as generic
+from manualgrad.check.tolerances import ATOL, TOLERANCES, compiler_options
+from manualgrad.check.trees import flat
 from manualgrad.registry import Rule
+from manualgrad.rules import mistakes
 
 NO_EXPLANATION = "no known mistake explains it"
 # The least-squares constant says something only when the argument has more entries than it.
@@ -66,7 +64,7 @@ class WrongShape(NamedTuple):
 def diagnose_raw(rule: Rule, args: tuple[Any, ...], g: Any, dtype: str) -> dict[int, WrongShape]:
     """Runs the rule's backward directly, outside ``custom_vjp`` (which rejects a cotangent of
     the wrong shape before anyone sees it), and diagnoses each argument whose raw cotangent
-    has the wrong shape (:func:`_shape_mistakes`), or says :data:`NO_EXPLANATION`."""
+    has the wrong shape (:func:`manualgrad.check.mistakes.shape_mistakes`), or says :data:`NO_EXPLANATION`."""
     fn = rule.fn
     nondiff = getattr(fn, "nondiff_argnums", ())
     try:
@@ -84,28 +82,10 @@ def diagnose_raw(rule: Rule, args: tuple[Any, ...], g: Any, dtype: str) -> dict[
             continue
         right = np.asarray(mistakes.reference_vjp(rule.reference, args, i, g, vjp))
         received = np.asarray(cotangent)
-        found = next((text for text, fixed in _shape_mistakes(received, right.shape) if _explains(fixed, right, tol)),
+        found = next((text for text, fixed in generic.shape_mistakes(received, right.shape) if _explains(fixed, right, tol)),
                      NO_EXPLANATION)
         out[i] = WrongShape(received.shape, right.shape, found if found == NO_EXPLANATION else "your gradient equals " + found)
     return out
-
-
-def _shape_mistakes(raw: np.ndarray, shape: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(what raw is, raw undone to shape)`` for each shape-changing mistake that fits the shapes."""
-    summed = _unsummed_axes(raw, shape)
-    if summed is not None:
-        shown = summed if len(summed) > 1 else summed[0]
-        yield (f"the right one with axis {shown} not summed: a broadcast axis left in "
-               f"(shape {raw.shape}, expected {shape})"), np.sum(raw, axis=summed).reshape(shape)
-    if raw.ndim == len(shape):
-        for order in itertools.permutations(range(raw.ndim)):
-            if order != tuple(range(raw.ndim)) and tuple(raw.shape[a] for a in order) == shape:
-                text = ("the right one transposed" if order == tuple(reversed(range(raw.ndim))) else
-                        f"the right one with its axes in the wrong order: transpose it by {order}")
-                yield text, np.transpose(raw, order)
-    if raw.size == math.prod(shape):
-        yield (f"the right one reshaped to {raw.shape} instead of {shape}: a reshape with its axes in the "
-               "wrong order"), np.reshape(raw, shape)
 
 
 def _evaluate(rule: Rule, args, argument: int, g) -> tuple[Any, list[tuple[str, Any]]]:
@@ -125,7 +105,7 @@ def _evaluate(rule: Rule, args, argument: int, g) -> tuple[Any, list[tuple[str, 
         texts[:] = [text for text, _ in pairs]
         return right, [c for _, c in pairs]
 
-    compiled = jax.jit(program, compiler_options=checker._compiler_options())
+    compiled = jax.jit(program, compiler_options=compiler_options())
     right, values = compiled([leaves[i] for i in traced], g)
     return right, list(zip(texts, values))
 
@@ -137,31 +117,11 @@ def _candidates(rule: Rule, args, argument: int, right, g) -> Iterator[tuple[str
                 yield from mistake.candidates(vjp, args, g)
             except (ValueError, TypeError):  # candidates that do not apply to this sample's shapes: none further
                 pass
-    leaves = jax.tree_util.tree_leaves(right)
-    if len(leaves) == 1 and jnp.ndim(leaves[0]) >= 2:
-        transposed = jnp.transpose(leaves[0])
-        yield "the right one transposed", jnp.reshape(transposed, jnp.shape(leaves[0]))
-    for factor, text in _factors(args):
-        yield text, jax.tree_util.tree_map(lambda e: factor * e, right)
-
-
-def _factors(args) -> list[tuple[float, str]]:
-    """The constants a gradient is usually off by, with their usual cause."""
-    factors = [(-1.0, "the right one with the sign flipped"), (0.0, "zero: the gradient of this argument was dropped"),
-               (2.0, "twice the right one: a missing ½ in the loss"), (0.5, "half the right one: a spurious ½")]
-    batches = set()
-    for leaf in jax.tree_util.tree_leaves(args):
-        shape = jnp.shape(leaf)
-        if len(shape) >= 1 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            batches |= {shape[0], math.prod(shape[:-1])}
-    for m in sorted(batches - {1}):
-        factors.append((float(m), f"{m} × the right one: a missing mean over the batch (1/{m})"))
-        factors.append((1 / m, f"the right one divided by {m}: averaged over the batch where it must be summed"))
-    return factors
+    yield from generic.candidates(args, right)
 
 
 def _fitted_constant(right, received, tol) -> str:
-    e, r = _flat(right), _flat(received)
+    e, r = flat(right), flat(received)
     if e.shape != r.shape or e.size < MIN_FITTED_SIZE or not np.any(np.abs(e) > tol[1]) or not np.all(np.isfinite(r)):
         return ""
     c = float(np.vdot(r, e) / np.vdot(e, e))
@@ -170,23 +130,11 @@ def _fitted_constant(right, received, tol) -> str:
     return ""
 
 
-def _unsummed_axes(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The axes of ``raw`` to sum for ``shape``: the extra leading ones, and those ``shape`` has as 1."""
-    extra = raw.ndim - len(shape)
-    if extra < 0:
-        return None
-    kept = raw.shape[extra:]
-    if any(k != s and s != 1 for k, s in zip(kept, shape)):
-        return None
-    axes = tuple(range(extra)) + tuple(extra + j for j, (k, s) in enumerate(zip(kept, shape)) if k != s)
-    return axes or None
-
-
 def _explains(candidate, received, tol) -> bool:
     """``received`` equals ``candidate`` entry by entry to round-off, on the entries where the
     candidate is defined (finite; ``σ⁻¹`` is not everywhere), of which some must be non-zero
     when not all are defined."""
-    c, r = _flat(candidate), _flat(received)
+    c, r = flat(candidate), flat(received)
     defined = np.isfinite(c)
     if c.shape != r.shape or not defined.any():
         return False
@@ -199,7 +147,5 @@ def _explains(candidate, received, tol) -> bool:
 
 def _tolerance(dtype: str) -> tuple[float, float]:
     """Round-off, as the checker's ``vjp`` check counts it: (relative, absolute)."""
-    return checker.TOLERANCES[dtype]["vjp"], checker.ATOL[dtype]
+    return TOLERANCES[dtype]["vjp"], ATOL[dtype]
 
-
-_flat = checker._flat

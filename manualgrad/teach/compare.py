@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from manualgrad.check.tolerances import relative_error
+
 COLUMNS = ("hand formula (seed)", "custom_vjp rules", "Algorithm 1/2", "jax.grad", "max difference")
 
 
@@ -31,11 +33,9 @@ class Row:
         return [np.asarray(v) for v in (self.custom_vjp, self.algorithm, self.jax_grad) if v is not None]
 
     def difference(self) -> float:
-        """``max |other − hand| / max(|hand|, tiny)`` over every other column."""
-        hand = np.asarray(self.hand, dtype=np.float64)
-        scale = max(float(np.max(np.abs(hand), initial=0.0)), np.finfo(np.float64).tiny)
-        diffs = [float(np.max(np.abs(np.asarray(o, np.float64) - hand), initial=0.0)) for o in self.others()]
-        return max(diffs, default=0.0) / scale
+        """``max |other − hand| / max(|hand|, tiny)`` over every other column
+        (:func:`~manualgrad.check.tolerances.relative_error`)."""
+        return max((relative_error(o, self.hand) for o in self.others()), default=0.0)
 
 
 def _cell(value: object) -> str:

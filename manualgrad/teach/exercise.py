@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -143,13 +142,9 @@ def load(path: str | pathlib.Path) -> tuple[Rule, Rule]:
 
 
 def _student(rule: Rule, module: types.ModuleType) -> tuple[Rule, Rule]:
-    @functools.wraps(rule.fn.fun)
-    def fn(*args):
-        return module.forward(*args)[0]
-
-    student = jax.custom_vjp(fn, nondiff_argnums=getattr(rule.fn, "nondiff_argnums", ()))
-    student.defvjp(module.forward, _checked_backward(rule, module.backward))
-    return rule, dataclasses.replace(rule, fn=student)
+    student = rule.with_backward(_checked_backward(rule, module.backward), module.forward,
+                                 primal=lambda *args: module.forward(*args)[0])
+    return rule, student
 
 
 def _checked_backward(rule: Rule, backward: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,6 +8,7 @@ import numpy as np
 
 from manualgrad import registry
 from manualgrad.check import checker
+from manualgrad.check.tolerances import relative_error
 from manualgrad.rules.samples import generator
 
 
@@ -37,7 +38,7 @@ def _live(rule: registry.Rule) -> str:
 
     for i, h, r in zip(diff, hand, reference):
         name, h, r = rule.argnames[i], np.asarray(h), np.asarray(r)  # float64 on the host, outside enable_x64
-        error = float(np.max(np.abs(h - r))) / max(float(np.max(np.abs(r))), np.finfo(np.float64).tiny)
+        error = relative_error(h, r)
         if np.size(h) <= 12:
             lines += [f"  d{name}, hand rule:  {show(h)}", f"  d{name}, jax.grad:   {show(r)}"]
         lines.append(f"  d{name}: max relative difference {error:.1e}")

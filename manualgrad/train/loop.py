@@ -51,6 +51,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from manualgrad.check.tolerances import relative_error
 from manualgrad.nn import layers
 from manualgrad.train import checkpoint, data
 
@@ -166,16 +167,12 @@ def mesh(devices: int | None) -> Mesh:
     return Mesh(np.array(available[:n]), ("data",))
 
 
-def _relative_error(a: Any, b: Any) -> float:
-    pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
-    return max(float(jnp.max(jnp.abs(x - y)) / jnp.maximum(jnp.max(jnp.abs(y)), 1e-30)) for x, y in pairs)
-
-
 def cross_check(net: layers.Layer, params: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
-    """Max relative difference of the hand-rule gradient from ``jax.grad`` of the references over ``batches`` (≥ 1)."""
+    """Max relative difference (:func:`~manualgrad.check.tolerances.relative_error`) of the hand-rule gradient from
+    ``jax.grad`` of the references over ``batches`` (≥ 1)."""
     manual = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y)[0]))
     auto = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y, reference=True)[0]))
-    return max(_relative_error(manual(params, x, y), auto(params, x, y)) for x, y in batches)
+    return max(relative_error(manual(params, x, y), auto(params, x, y)) for x, y in batches)
 
 
 def evaluate(loss: Callable, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import manualgrad
-from manualgrad.check import checker
+from manualgrad.check import adjoint, checker, tolerances
+from manualgrad.check.report import NOT_RUN
 from mutations import MUTATIONS, mutant
 
 
@@ -65,12 +66,12 @@ def test_every_check_counts_every_sample():
     report = manualgrad.check(wrong)
     samples = {f.sample for f in report.findings}
     assert len(samples) == 5
-    for check in checker.CHECKS:
+    for check in tolerances.CHECKS:
         mine = [f for f in report.findings if f.check == check]
         assert {f.sample for f in mine} == samples, check  # no sample dropped
         failed = {f.sample for f in mine if not f.passed}
         assert failed == (set() if check == "forward" else samples - {"width 1"}), check
-        assert all(f.where == checker.NOT_RUN for f in mine if not f.passed)
+        assert all(f.where == NOT_RUN for f in mine if not f.passed)
 
 
 def test_user_function_built_from_rules():
@@ -114,18 +115,18 @@ def test_wrong_reference_fails_forward():
 
 def test_threads_and_fast_compile_change_no_verdict(monkeypatch):
     """Worker threads report exactly what the calling thread does; XLA's default build
-    (instead of :data:`checker.FAST_COMPILE`) differs by round-off only."""
+    (instead of :data:`tolerances.FAST_COMPILE`) differs by round-off only."""
     if jax.default_backend() == "cpu":
-        assert checker._compiler_options() == checker.FAST_COMPILE
+        assert tolerances.compiler_options() == tolerances.FAST_COMPILE
     threaded = manualgrad.check("softmax_cross_entropy")
     monkeypatch.setattr(checker, "WORKERS", 1)
     assert manualgrad.check("softmax_cross_entropy").findings == threaded.findings
-    monkeypatch.setattr(checker, "_compiler_options", lambda: None)
+    monkeypatch.setattr(checker, "compiler_options", lambda: None)
     default_build = manualgrad.check("softmax_cross_entropy")
     assert default_build.passed and threaded.passed
     for fast, default in zip(threaded.findings, default_build.findings, strict=True):
         assert (fast.check, fast.sample, fast.argument) == (default.check, default.sample, default.argument)
-        round_off = checker.FD_ATOL if fast.check == "finite_diff" else checker.ATOL["float64"]
+        round_off = tolerances.FD_ATOL if fast.check == "finite_diff" else tolerances.ATOL["float64"]
         assert abs(fast.max_abs_error - default.max_abs_error) <= round_off
 
 
@@ -143,7 +144,7 @@ def test_bad_arguments_to_check():
 def test_adjoint_mismatch_is_normalised_by_the_cauchy_schwarz_bound():
     u, y = [np.array([1.0, 2.0])], np.array([3.0, -1.0])
     out, back = np.array([1.0, 1.0]), [np.array([2.0, 0.5])]  # ⟨out, y⟩ = 2, ⟨u, back⟩ = 3
-    lhs, rhs, mismatch = checker.adjoint_mismatch(u, y, out, back)
+    lhs, rhs, mismatch = adjoint.adjoint_mismatch(u, y, out, back)
     assert (lhs, rhs) == (2.0, 3.0)
     assert np.isclose(mismatch, 1 / (np.sqrt(2) * np.sqrt(10) + np.sqrt(5) * np.sqrt(4.25)))
 

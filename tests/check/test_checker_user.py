@@ -11,7 +11,8 @@ from jax import lax
 from mutations import MUTATIONS, mutant
 
 import manualgrad as mg
-from manualgrad.check import checker
+from manualgrad.check import finite_differences as fd
+from manualgrad.check.tolerances import TOLERANCES
 
 
 def _net(tanh=mg.tanh, sigmoid=mg.sigmoid):
@@ -58,7 +59,7 @@ def test_correct_network_passes_finite_differences_for_every_seed():
         report = _check_net(_net(), seed, checks=("finite_diff",))
         assert report.passed, (seed, [f.describe() for f in report.failures()])
         assert {f.argument for f in report.findings} == {"p", "x"}
-        assert all(f.size + _left_out(f) == checker.FAST_DIRECTIONS for f in report.findings)
+        assert all(f.size + _left_out(f) == fd.FAST_DIRECTIONS for f in report.findings)
         # Round-off only (about ε·|loss|/h = 2e-12): no truncation error, no kink.
         assert max(f.max_abs_error for f in report.findings) < 1e-10
 
@@ -75,7 +76,7 @@ def _near_kink(random_directions: bool):
         x = np.linspace(-1, 1, 100) + 0.005
         x[0] = 1e-6
         return jnp.asarray(x)
-    return jnp.array([[-1.0, 0.5, -(1 - 1e-4) * checker.FD_STEP], [2.0, -0.3, 0.7]])
+    return jnp.array([[-1.0, 0.5, -(1 - 1e-4) * fd.FD_STEP], [2.0, -0.3, 0.7]])
 
 
 @pytest.mark.parametrize("random_directions", [False, True], ids=["exact Jacobian", "random directions"])
@@ -96,21 +97,21 @@ def test_differences_straddling_a_kink_are_left_out_and_counted(random_direction
 def test_richardson_flags_every_kink_that_would_matter(slope_jump):
     """g(t) = sin(t) + Δ·max(t − a, 0) sampled as the checker does, for kinks a from −2.5h to
     2.5h: each kink within 2h is flagged or moves the estimate by less than the allowance."""
-    h, tol = checker.FD_STEP, checker.TOLERANCES["float64"]["finite_diff"]
+    h, tol = fd.FD_STEP, TOLERANCES["float64"]["finite_diff"]
     a = np.linspace(-2.5 * h, 2.5 * h, 2001)[:, None]
 
     def g(t):
         return np.sin(t + 0.3) + slope_jump * np.maximum(t - a, 0.0)
 
-    steps = np.stack([g(s * h)[:, 0] for s in checker.FD_STEPS])
-    estimate, kinks, atol = checker._richardson(steps, g(0.0)[:, 0], np.ones(len(a)), tol)
+    steps = np.stack([g(s * h)[:, 0] for s in fd.FD_STEPS])
+    estimate, kinks, atol = fd.richardson(steps, g(0.0)[:, 0], np.ones(len(a)), tol)
     right = np.cos(0.3) + slope_jump * (a[:, 0] < 0)
     error = np.abs(estimate - right)
     assert np.all(error[~kinks] <= np.maximum(tol * np.abs(right[~kinks]), atol[~kinks]))
     assert kinks[np.abs(a[:, 0]) <= h].all()  # every kink within one step is seen
     assert not kinks[np.abs(a[:, 0]) > 2 * h].any()  # beyond two steps g is smooth: nothing is left out
-    smooth = [np.exp(s * h) for s in checker.FD_STEPS]
-    assert not checker._richardson(np.array(smooth), 1.0, 3.0, tol)[1]
+    smooth = [np.exp(s * h) for s in fd.FD_STEPS]
+    assert not fd.richardson(np.array(smooth), 1.0, 3.0, tol)[1]
 
 
 @pytest.mark.parametrize("mistake", ["tanh: σ' = 1 − F instead of 1 − F²", "sigmoid: σ' scaled by 1 + 1e-4"])

@@ -6,7 +6,6 @@ written for the output but fed the input, a broadcast axis not summed) and rando
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,22 +14,13 @@ import pytest
 
 import manualgrad
 from manualgrad.check import diagnose
-from manualgrad.rules import activations, linear
 from manualgrad.registry import Sample
+from manualgrad.rules import activations, linear
 
 
 def _planted(name, fwd, bwd, samples=None):
-    rule = manualgrad.get(name)
-    @functools.wraps(rule.fn.fun)  # keeps the argument names
-    def fn(*args):
-        return rule.fn(*args)
-
-    wrong = jax.custom_vjp(fn, nondiff_argnums=rule.fn.nondiff_argnums)
-    wrong.defvjp(fwd, bwd)
-    changes = {"fn": wrong, "name": f"{name} (planted)"}
-    if samples is not None:
-        changes["sample_inputs"] = lambda key, dtype: samples
-    return dataclasses.replace(rule, **changes)
+    planted = manualgrad.get(name).with_backward(bwd, fwd, name=f"{name} (planted)")
+    return planted if samples is None else dataclasses.replace(planted, sample_inputs=lambda key, dtype: samples)
 
 
 def test_sigma_prime_written_for_the_output_but_taken_at_the_input():
@@ -104,3 +94,16 @@ def test_a_fitted_constant_is_named_and_a_right_answer_is_not_diagnosed():
     assert diagnose.diagnose(rule, (x, w), 0, 1.7 * right, g, "float64") == \
         "your gradient equals 1.7 × the right one: off by a constant factor"
     assert diagnose.diagnose(rule, (x, w), 0, right + 1e-3, g, "float64") == diagnose.NO_EXPLANATION
+
+
+def test_with_backward_replaces_the_backward_only():
+    """``Rule.with_backward``: same output, signature and registry entry; the new VJP."""
+    rule = manualgrad.get("dense")
+    doubled = rule.with_backward(lambda res, g: tuple(2 * c for c in rule.fn.bwd(res, g)), name="dense (doubled)")
+    x, w = jnp.arange(6.0).reshape(2, 3), jnp.arange(12.0).reshape(3, 4) / 7
+    assert (doubled.name, doubled.argnames, doubled.seeds) == ("dense (doubled)", rule.argnames, rule.seeds)
+    np.testing.assert_array_equal(doubled.fn(x, w), rule.fn(x, w))
+    right = jax.grad(lambda x, w: jnp.sum(rule.fn(x, w) ** 2), argnums=(0, 1))(x, w)
+    wrong = jax.grad(lambda x, w: jnp.sum(doubled.fn(x, w) ** 2), argnums=(0, 1))(x, w)
+    for r, d in zip(right, wrong, strict=True):
+        np.testing.assert_allclose(d, 2 * r, rtol=1e-6)

@@ -1,0 +1,163 @@
+"""Finite differences in float64 against the hand VJP, and the test for a kink between the steps.
+
+Steps ±h and ±2h, Richardson's extrapolation (:func:`richardson`): the exact Jacobian for
+arguments of at most :data:`EXACT_JACOBIAN_MAX` entries, else ``uᵀ J v`` along
+:data:`FAST_DIRECTIONS` random unit directions (like ``torch.autograd.gradcheck``'s fast mode).
+An entry fails beyond the ``finite_diff`` tolerance and the differences' own round-off, 80
+ulps of the values differenced per step ``h``, at most :data:`~manualgrad.check.tolerances.FD_ATOL`.
+Input entries and directions along which the differences straddle a kink (ReLU at 0, a
+max-pooling tie: the one-sided differences disagree at the scale of the step, or the
+extrapolation does not converge) are left out and counted in the finding's note; a kink that
+is not detected moves the estimate by less than the tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from manualgrad.check.comparison import compare
+from manualgrad.check.report import Finding
+from manualgrad.check.tolerances import FD_ATOL
+from manualgrad.check.trees import closure, host, is_float, locate
+from manualgrad.registry import Rule, Sample
+from manualgrad.rules.samples import generator
+
+# Finite differences step by ±h and ±2h, h the distance moved (directions are unit vectors).
+FD_STEP = 1e-5
+FD_STEPS = (1, -1, 2, -2)
+# The round-off ρ of the kink statistic κ (richardson), per unit of the magnitude of the values
+# differenced: each value f(x + s·h·d) carries a few ulps of it (say 4), and κ combines them
+# with weights summing to at most 5/h (|T_2h − T_h|): ρ = 20 ulps / h, 4.4e-10 for values of
+# order one. The estimate's own round-off is at most 1.5 · 4 ulps / h, under a third of ρ.
+KAPPA_ROUNDING = 20 * float(np.finfo(np.float64).eps) / FD_STEP
+# A kink left in moves the Richardson estimate by at most 5/3 κ. With kinks declared above
+# κ = KINK_SHARE · tol · |estimate| + ρ and an absolute floor of ρ / KINK_SHARE, one left in
+# (with the round-off) costs at most 5/3 · 1/4 of tol · |estimate| plus (5/3 + 1/3) ρ, half the
+# floor: less than what fails an entry, while the floor stays under FD_ATOL (magnitudes below 5.6).
+KINK_SHARE = 0.25
+EXACT_JACOBIAN_MAX = 64
+FAST_DIRECTIONS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Differences:
+    """Finite differences in float64 for one argument, evaluated inside the sample's program.
+
+    ``fn`` maps the argument to the rule's output, every other argument fixed. The exact
+    Jacobian (``directions`` and ``cotangents`` ``None``: unit vectors) or ``uᵀ J v`` along
+    :data:`FAST_DIRECTIONS` random unit directions ``v`` (rows of ``directions``) and
+    cotangents ``u`` (rows of ``cotangents``). Each derivative is the Richardson estimate of
+    :func:`richardson`; an input entry or a direction along which the differences straddle a
+    kink is left out and counted.
+    """
+
+    name: str
+    fn: Callable[[Any], Any]
+    arg: Any
+    directions: np.ndarray | None
+    cotangents: np.ndarray | None
+
+    @property
+    def inputs(self) -> tuple[Any, np.ndarray | None, np.ndarray | None]:
+        return self.arg, self.directions, self.cotangents
+
+    def evaluate(self, arg, directions, cotangents):
+        """Traced: ``f`` at ``x + s·h·d`` for every ``s`` in :data:`FD_STEPS` and every direction
+        ``d``, then at ``x``; and the hand VJP of every cotangent, one row each."""
+        flat, unravel = ravel_pytree(arg)
+
+        def f(x):
+            return ravel_pytree(self.fn(unravel(x)))[0]
+
+        out, pullback = jax.vjp(f, flat)
+        if directions is None:
+            directions, cotangents = jnp.eye(flat.size, dtype=flat.dtype), jnp.eye(out.size, dtype=out.dtype)
+        points = [flat[None] + s * FD_STEP * directions for s in FD_STEPS]
+        return jax.vmap(f)(jnp.concatenate([*points, flat[None]])), jax.vmap(lambda c: pullback(c)[0])(cotangents)
+
+    def finding(self, rule: str, label: str, dtype: str, tol: float, values: np.ndarray, hand: np.ndarray) -> Finding:
+        """Compares ``hand`` with the differences of ``values``, as returned by :meth:`evaluate`."""
+        k = (len(values) - 1) // len(FD_STEPS)
+        steps, f0 = values[:-1].reshape(len(FD_STEPS), k, values.shape[-1]), values[-1]
+        if self.directions is None:
+            return self._exact_jacobian(rule, label, dtype, tol, steps, f0, hand)
+        return self._random_directions(rule, label, dtype, tol, steps, f0, hand)
+
+    def _exact_jacobian(self, rule, label, dtype, tol, steps, f0, hand) -> Finding:
+        magnitude = np.maximum(np.max(np.abs(steps), axis=0), np.abs(f0))
+        estimate, straddles, atol = richardson(steps, f0, magnitude, tol)
+        kinks = np.any(straddles, axis=1)
+        keep = ~kinks
+        note = f"{int(kinks.sum())} input entries at a kink left out" if kinks.any() else ""
+
+        def position(index):
+            o, j = np.unravel_index(index, (hand.shape[0], int(keep.sum())))
+            return f"d output[{o}] / d {locate(self.arg, int(np.flatnonzero(keep)[j]), self.name)}"
+
+        return compare(rule, "finite_diff", dtype, label, self.name, hand[:, keep], estimate.T[:, keep], tol,
+                       np.ravel(atol.T[:, keep]), note, position)
+
+    def _random_directions(self, rule, label, dtype, tol, steps, f0, hand) -> Finding:
+        u = self.cotangents
+        magnitude = np.abs(u) @ np.maximum(np.max(np.abs(steps), axis=(0, 1)), np.abs(f0))
+        estimate, kinks, atol = richardson(np.einsum("skm,km->sk", steps, u), u @ f0, magnitude, tol)
+        keep = np.flatnonzero(~kinks)
+        note = f"uᵀJv along {FAST_DIRECTIONS} random directions"
+        note += f", {int(kinks.sum())} crossing a kink left out" if kinks.any() else ""
+        received = np.einsum("km,km->k", hand, self.directions)
+        return compare(rule, "finite_diff", dtype, label, self.name, received[keep], estimate[keep], tol, atol[keep],
+                       note, lambda index: f"direction {int(keep[index])}")
+
+
+def richardson(steps, f0, magnitude, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Derivatives ``g'(0)`` of functions ``g`` sampled at ``s·h`` (``steps``, one ``s`` of
+    :data:`FD_STEPS` per row) and at 0 (``f0``); whether each straddles a kink; and the
+    absolute error each may have, from the ``magnitude`` of its values.
+
+    With the central differences ``D_h = (g(h) − g(−h)) / 2h`` and ``D_2h``, the estimate is
+    Richardson's ``(4 D_h − D_2h) / 3 = g'(0) + O(h⁴)``. Along a smooth ``g`` the
+    extrapolation converges and the one-sided differences agree to second order:
+
+        κ = max(|D_h − D_2h|, |T_2h − T_h|) = |g⁽³⁾| h² / 2 + O(h³),  about 5e-11 · |g⁽³⁾|,
+
+    where ``T_h = (g(h) − g(0)) / h − (g(0) − g(−h)) / h`` (``h g''`` for a smooth ``g``) and
+    ``T_2h = (g(2h) − 2g(0) + g(−2h)) / 4h``. A kink at ``a`` where the slope jumps by ``Δ``
+    makes ``κ ≥ |Δ| / 8`` if ``|a| ≤ h`` (the first term vanishes at ``a = 0``, the second at
+    ``a = 2h/3``), and for any ``|a| < 2h`` moves the estimate by at most ``5/3 κ``. So a
+    kink is declared where ``κ > KINK_SHARE · tol · |estimate| + ρ``, ``ρ`` its round-off
+    (:data:`KAPPA_ROUNDING` times the magnitude), and the absolute error allowed is
+    ``ρ / KINK_SHARE``, at most :data:`FD_ATOL`: a kink left in costs less than what fails.
+    """
+    p1, m1, p2, m2 = steps
+    d1, d2 = (p1 - m1) / (2 * FD_STEP), (p2 - m2) / (4 * FD_STEP)
+    t1, t2 = (p1 - 2 * f0 + m1) / FD_STEP, (p2 - 2 * f0 + m2) / (4 * FD_STEP)
+    estimate = (4 * d1 - d2) / 3
+    kappa = np.maximum(np.abs(d1 - d2), np.abs(t2 - t1))
+    rounding = KAPPA_ROUNDING * magnitude
+    return estimate, kappa > KINK_SHARE * tol * np.abs(estimate) + rounding, np.minimum(FD_ATOL, rounding / KINK_SHARE)
+
+
+def finite_differences(rule: Rule, sample: Sample, diff: list[int], names: list[str],
+                       key: jax.Array) -> list[Differences]:
+    """The finite-difference checks of a sample, one per differentiable argument, in float64."""
+    args = jax.tree_util.tree_map(lambda a: host(a, np.float64) if is_float(a) else a, sample.args)
+    out = []
+    for k, (i, name) in zip(jax.random.split(key, len(diff)), zip(diff, names)):
+        fn = closure(rule.fn, args, [i])
+        n = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(args[i]))
+        if n <= EXACT_JACOBIAN_MAX:
+            out.append(Differences(name, fn, args[i], None, None))
+            continue
+        m = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(jax.eval_shape(fn, args[i])))
+        rng = generator(k)
+        draws = [(rng.standard_normal(n), rng.standard_normal(m)) for _ in range(FAST_DIRECTIONS)]
+        directions = np.stack([d / np.linalg.norm(d) for d, _ in draws])
+        out.append(Differences(name, fn, args[i], directions, np.stack([c for _, c in draws])))
+    return out
