@@ -29,6 +29,10 @@ one ``dot_general`` each plus slices and pads, which XLA runs at matmul speed �
 ``C††`` for a narrow patch matrix, which is the correlation ``x ⋆ y`` (seed 000's
 ``dw = x ⋆ dy``, batch and channels swapping roles). ``C`` is one ``lax.conv_general_dilated``;
 nothing here calls ``jax.vjp``.
+
+Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
+→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
+→ ``register(Rule(...))``; read it there before adding a rule.
 """
 
 from __future__ import annotations
@@ -253,12 +257,12 @@ def conv2d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
     return _convolve(x, w, geo), (x, w)
 
 
-def conv2d_backward(g, w, geo: Geometry):
+def conv2d_backward(w, geo: Geometry, g):
     """Backward pass ``dx = C†(G, W) = Σ_k P_k*(G W_kᵀ)``, a transposed convolution."""
     return _input_adjoint(g, w, geo)
 
 
-def conv2d_gradient(x, g, geo: Geometry):
+def conv2d_gradient(x, geo: Geometry, g):
     """Gradient pass ``dW = C††(x, G)``: the patch matrix of ``x`` transposed, times ``G``."""
     return _weight_adjoint(x, g, geo)
 
@@ -266,7 +270,7 @@ def conv2d_gradient(x, g, geo: Geometry):
 def _conv2d_vjp(stride, padding, dilation, residuals, g):
     x, w = residuals
     geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    return conv2d_backward(g, w, geo), conv2d_gradient(x, g, geo)
+    return conv2d_backward(w, geo, g), conv2d_gradient(x, geo, g)
 
 
 conv2d.defvjp(conv2d_forward, _conv2d_vjp)
@@ -345,12 +349,12 @@ def conv1d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
     return _convolve(x, w, geo), (x, w)
 
 
-def conv1d_backward(g, w, geo: Geometry):
+def conv1d_backward(w, geo: Geometry, g):
     """Backward pass ``dx = C†(G, W) = Σ_k P_k*(G W_kᵀ)``, a transposed convolution."""
     return _input_adjoint(g, w, geo)
 
 
-def conv1d_gradient(x, g, geo: Geometry):
+def conv1d_gradient(x, geo: Geometry, g):
     """Gradient pass ``dW = C††(x, G)``: the patch matrix of ``x`` transposed, times ``G``."""
     return _weight_adjoint(x, g, geo)
 
@@ -358,7 +362,7 @@ def conv1d_gradient(x, g, geo: Geometry):
 def _conv1d_vjp(stride, padding, dilation, residuals, g):
     x, w = residuals
     geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    return conv1d_backward(g, w, geo), conv1d_gradient(x, g, geo)
+    return conv1d_backward(w, geo, g), conv1d_gradient(x, geo, g)
 
 
 conv1d.defvjp(conv1d_forward, _conv1d_vjp)

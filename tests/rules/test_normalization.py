@@ -221,7 +221,7 @@ def test_dgamma_not_summed_is_diagnosed_as_a_broadcast_axis_left_in():
     def not_summed(eps, res, g):
         xhat, inv, gamma = res
         dgamma, dbeta = nz.batch_norm_gradient(xhat, g)
-        return nz.batch_norm_backward(g, xhat, inv, gamma, dgamma, dbeta), g * xhat, jnp.sum(g, axis=0)
+        return nz.batch_norm_backward(xhat, inv, gamma, dgamma, dbeta, g), g * xhat, jnp.sum(g, axis=0)
 
     @functools.wraps(rule.fn.fun)
     def fn(*args):
