@@ -230,7 +230,7 @@ def test_bad_input(sig, name):
         fn(x.astype(jnp.float32), w.astype(jnp.float64))
     backward = getattr(sig, f"{name}_backward")
     with pytest.raises(manualgrad.RuleInputError, match=rf"{name}: the cotangent must have shape \(3,\) for mode 'valid'"):
-        backward(jnp.ones(4), w, 5, "valid")
+        backward(w, 5, "valid", jnp.ones(4))
 
 
 def test_rank_promotion_stays_raise_and_mode_is_static(sig):
