@@ -83,7 +83,7 @@ _SIGMA: dict[str, tuple[Callable, Callable]] = {
     "softplus": (lambda a: activations.softplus_forward(a)[0], activations.softplus_backward),
     "leaky_relu": (
         lambda a: activations.leaky_relu_forward(a)[0],
-        lambda f, t: activations.leaky_relu_backward(f, t, 0.01),
+        lambda f, t: activations.leaky_relu_backward(f, 0.01, t),
     ),
 }
 
@@ -115,16 +115,16 @@ def _c(layer: Layer, x: jax.Array, w: jax.Array) -> jax.Array:
 def _c_dagger(layer: Layer, t: jax.Array, w: jax.Array, x: jax.Array) -> jax.Array:
     """``C†_k(T, W)``: the adjoint in the input; ``x`` gives only the input's shape."""
     if layer.map == "dense":
-        dx = linear.dense_backward(t, w)
-        return pooling.flatten_backward(dx, x[:0]) if jnp.ndim(x) > 2 else dx
-    return convolution.conv2d_backward(t, w, _conv_geometry(layer, x, w))
+        dx = linear.dense_backward(w, t)
+        return pooling.flatten_backward(x[:0], dx) if jnp.ndim(x) > 2 else dx
+    return convolution.conv2d_backward(w, _conv_geometry(layer, x, w), t)
 
 
 def _c_double_dagger(layer: Layer, x: jax.Array, t: jax.Array, w: jax.Array) -> jax.Array:
     """``C††_k(x, T)``: the adjoint in the weights; ``w`` gives only their shape."""
     if layer.map == "dense":
         return linear.dense_gradient(_flat(x), t)
-    return convolution.conv2d_gradient(x, t, _conv_geometry(layer, x, w))
+    return convolution.conv2d_gradient(x, _conv_geometry(layer, x, w), t)
 
 
 def _validate(network: Sequence[Layer], params: Params, store: str = "F", loss: str = "mse") -> None:

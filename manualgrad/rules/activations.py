@@ -5,6 +5,10 @@ pass here the form ``dz = G ⊙ σ'(z)``. Seed 002's Remark 8 adds that for ReLU
 tanh ``σ'(z)`` is a function of ``F = σ(z)`` alone, so the forward pass can save ``F``
 instead of ``z``. In a network ``F`` is also the next layer's input, which its dense rule
 saves anyway, so the activation costs no extra residual at all.
+
+Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
+→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
+→ ``register(Rule(...))``; read it there before adding a rule.
 """
 
 from __future__ import annotations
@@ -235,13 +239,13 @@ def leaky_relu_forward(z: jax.Array, negative_slope: float = 0.01) -> tuple[jax.
     return f, f
 
 
-def leaky_relu_backward(f: jax.Array, g: jax.Array, negative_slope: float) -> jax.Array:
+def leaky_relu_backward(f: jax.Array, negative_slope: float, g: jax.Array) -> jax.Array:
     """``dz = G ⊙ (1 if F > 0 else α)``."""
     return jnp.where(f > 0, g, negative_slope * g)
 
 
 def _leaky_relu_vjp(negative_slope, f, g):
-    return (leaky_relu_backward(f, g, negative_slope),)
+    return (leaky_relu_backward(f, negative_slope, g),)
 
 
 leaky_relu.defvjp(leaky_relu_forward, _leaky_relu_vjp)

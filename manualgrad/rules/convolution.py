@@ -29,6 +29,10 @@ one ``dot_general`` each plus slices and pads, which XLA runs at matmul speed �
 ``C††`` for a narrow patch matrix, which is the correlation ``x ⋆ y`` (seed 000's
 ``dw = x ⋆ dy``, batch and channels swapping roles). ``C`` is one ``lax.conv_general_dilated``;
 nothing here calls ``jax.vjp``.
+
+Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
+→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
+→ ``register(Rule(...))``; read it there before adding a rule.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from manualgrad.rules.windows import Geometry, Padding
 _SPATIAL = {1: "W", 2: "HW"}
 
 
-def _numbers(n: int, roles: str = "C") -> tuple[str, str, str]:
+def dimension_numbers(n: int, roles: str = "C") -> tuple[str, str, str]:
     """Dimension numbers for ``n`` spatial axes, channels last: the forward's ``NHWC``, ``HWIO``,
     ``NHWC`` (``NWC``… for 1-D), or the weight adjoint's (``roles="C††"``: batch and channels swapped)."""
     s = _SPATIAL[n]
@@ -82,7 +86,7 @@ def _convolve(x, w, geo: Geometry):
     """``C(x, W)``."""
     n = len(geo.window)
     return lax.conv_general_dilated(
-        x, w, geo.strides, geo.pads, rhs_dilation=geo.dilation, dimension_numbers=_numbers(n)
+        x, w, geo.strides, geo.pads, rhs_dilation=geo.dilation, dimension_numbers=dimension_numbers(n)
     )
 
 
@@ -139,7 +143,7 @@ def _tap_adjoint(v, k: tuple[int, ...], geo: Geometry):
     return lax.pad(cropped, jnp.zeros((), v.dtype), pads)
 
 
-def _input_adjoint(g, w, geo: Geometry):
+def _input_adjoint(w, geo: Geometry, g):
     """``C†(g, W) = Σ_k P_k*(g W_kᵀ)``: one product with every tap's ``W_kᵀ``, then each tap put back."""
     n, taps = len(geo.window), _taps(geo)
     per_tap = jnp.reshape(w, (len(taps), *jnp.shape(w)[n:]))  # (taps, C_in, C_out)
@@ -152,7 +156,7 @@ def _input_adjoint(g, w, geo: Geometry):
 _NARROW_PATCHES = 64
 
 
-def _weight_adjoint(x, g, geo: Geometry):
+def _weight_adjoint(x, geo: Geometry, g):
     """``C††(x, g)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] g[b, o, co]``.
 
     With the taps side by side as the patch matrix ``P`` (rows ``(b, o)``, columns
@@ -165,11 +169,60 @@ def _weight_adjoint(x, g, geo: Geometry):
     if math.prod(geo.window) * c_in < _NARROW_PATCHES:
         pads = [(lo, hi - r) for (lo, hi), r in zip(geo.pads, geo.leftover)]
         return lax.conv_general_dilated(x, g, geo.dilation, pads, rhs_dilation=geo.strides,
-                                        dimension_numbers=_numbers(n, "C††"))
+                                        dimension_numbers=dimension_numbers(n, "C††"))
     patches = jnp.stack([_tap(x, k, geo) for k in _taps(geo)], axis=-2)
     lead = tuple(range(n + 1))
     dw = lax.dot_general(g, patches, ((lead, lead), ((), ())))  # (C_out, taps, C_in)
     return jnp.reshape(jnp.moveaxis(dw, 0, -1), (*geo.window, c_in, jnp.shape(g)[-1]))
+
+
+# Per rule: its spatial axes and the layouts of x and W that its errors name.
+_LAYOUTS = {"conv1d": (1, "(N, W, C_in)", "(K, C_in, C_out)"), "conv2d": (2, "(N, H, W, C_in)", "(KH, KW, C_in, C_out)")}
+
+
+def _reference(rule: str, x, w, stride, padding, dilation):
+    """``C(x, W) = P(x) W`` in plain ``jnp``: the taps of the zero-padded ``x`` side by side, times ``W``."""
+    geo = geometry(rule, jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
+    taps = _taps(geo)
+    reads = [
+        tuple(slice(k * d, k * d + (o - 1) * s + 1, s) for k, d, s, o in zip(tap, geo.dilation, geo.strides, geo.output))
+        for tap in taps
+    ]
+    patches = jnp.stack([xp[(slice(None), *read)] for read in reads], axis=-2)
+    return jnp.einsum("...kc,kcd->...d", patches, jnp.reshape(w, (len(taps), *jnp.shape(w)[-2:])))
+
+
+def _forward(rule: str, x, w, stride, padding, dilation):
+    """``(C(x, W), (x, W))`` after validating ``x`` and ``W`` against the rule's layout."""
+    _validate(rule, x, w, *_LAYOUTS[rule])
+    geo = geometry(rule, jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return _convolve(x, w, geo), (x, w)
+
+
+def _conv_vjp(rule: str, backward, gradient):
+    """The VJP of ``rule`` from its backward pass ``C†`` and gradient pass ``C††``."""
+
+    def vjp(stride, padding, dilation, residuals, g):
+        x, w = residuals
+        geo = geometry(rule, jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+        return backward(w, geo, g), gradient(x, geo, g)
+
+    return vjp
+
+
+def _conv_samples(n: int, configs):
+    """Sample inputs from ``(x shape, w shape, stride, padding, dilation, label)``, ``W`` scaled by its fan-in."""
+
+    def samples(key, dtype):
+        k = keys(key)
+        return [
+            Sample((normal(next(k), xs, dtype), normal(next(k), ws, dtype, 1 / math.sqrt(math.prod(ws[: n + 1]))), s, p, d),
+                   label)
+            for xs, ws, s, p, d, label in configs
+        ]
+
+    return samples
 
 
 def _conv_mistakes(rule: str, reference, spatial: tuple[int, ...]):
@@ -190,19 +243,7 @@ def _conv_mistakes(rule: str, reference, spatial: tuple[int, ...]):
 
 
 def conv2d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
-    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
-    (kh, kw), (sh, sw), (dh, dw) = geo.window, geo.strides, geo.dilation
-    (oh, ow) = geo.output
-    patches = jnp.stack(
-        [
-            xp[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw, :]
-            for i in range(kh)
-            for j in range(kw)
-        ],
-        axis=3,
-    )
-    return jnp.einsum("bhwkc,kcd->bhwd", patches, jnp.reshape(w, (kh * kw, *jnp.shape(w)[2:])))
+    return _reference("conv2d", x, w, stride, padding, dilation)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -248,47 +289,33 @@ def conv2d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
 
 
 def conv2d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
-    _validate("conv2d", x, w, 2, "(N, H, W, C_in)", "(KH, KW, C_in, C_out)")
-    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    return _convolve(x, w, geo), (x, w)
+    return _forward("conv2d", x, w, stride, padding, dilation)
 
 
-def conv2d_backward(g, w, geo: Geometry):
+def conv2d_backward(w, geo: Geometry, g):
     """Backward pass ``dx = C†(G, W) = Σ_k P_k*(G W_kᵀ)``, a transposed convolution."""
-    return _input_adjoint(g, w, geo)
+    return _input_adjoint(w, geo, g)
 
 
-def conv2d_gradient(x, g, geo: Geometry):
+def conv2d_gradient(x, geo: Geometry, g):
     """Gradient pass ``dW = C††(x, G)``: the patch matrix of ``x`` transposed, times ``G``."""
-    return _weight_adjoint(x, g, geo)
+    return _weight_adjoint(x, geo, g)
 
 
-def _conv2d_vjp(stride, padding, dilation, residuals, g):
-    x, w = residuals
-    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    return conv2d_backward(g, w, geo), conv2d_gradient(x, g, geo)
+conv2d.defvjp(conv2d_forward, _conv_vjp("conv2d", conv2d_backward, conv2d_gradient))
 
 
-conv2d.defvjp(conv2d_forward, _conv2d_vjp)
-
-
-def _conv2d_samples(key, dtype):
-    k = keys(key)
-    configs = [
-        ((2, 6, 5, 3), (3, 2, 3, 4), 1, "VALID", 1, "non-square image and kernel, C_in ≠ C_out"),
-        ((1, 5, 4, 2), (5, 4, 2, 3), 1, "VALID", 1, "batch 1, kernel = input"),
-        ((2, 6, 6, 2), (2, 2, 2, 3), 1, "SAME", 1, "even kernel, SAME"),
-        ((2, 8, 8, 1), (3, 3, 1, 2), 2, "VALID", 1, "stride 2, leftover row"),
-        ((1, 7, 9, 2), (3, 3, 2, 2), 1, ((1, 2), (0, 1)), 2, "dilation 2, explicit padding"),
-        ((2, 4, 5, 3), (1, 1, 3, 5), 1, "VALID", 1, "1×1 kernel"),
-        ((2, 7, 6, 2), (3, 2, 2, 3), (2, 3), 1, 1, "stride (2, 3), padding 1"),
-        ((2, 6, 5, 8), (3, 3, 8, 3), 2, "SAME", 1, "wide patch matrix (taps × C_in ≥ 64), SAME, stride 2"),
-        ((1, 5, 5, 2), (3, 3, 2, 2), 2, "SAME", (1, 2), "SAME, stride 2, dilation (1, 2)"),
-    ]
-    return [
-        Sample((normal(next(k), xs, dtype), normal(next(k), ws, dtype, 1 / math.sqrt(math.prod(ws[:3]))), s, p, d), label)
-        for xs, ws, s, p, d, label in configs
-    ]
+_CONV2D_SAMPLES = [
+    ((2, 6, 5, 3), (3, 2, 3, 4), 1, "VALID", 1, "non-square image and kernel, C_in ≠ C_out"),
+    ((1, 5, 4, 2), (5, 4, 2, 3), 1, "VALID", 1, "batch 1, kernel = input"),
+    ((2, 6, 6, 2), (2, 2, 2, 3), 1, "SAME", 1, "even kernel, SAME"),
+    ((2, 8, 8, 1), (3, 3, 1, 2), 2, "VALID", 1, "stride 2, leftover row"),
+    ((1, 7, 9, 2), (3, 3, 2, 2), 1, ((1, 2), (0, 1)), 2, "dilation 2, explicit padding"),
+    ((2, 4, 5, 3), (1, 1, 3, 5), 1, "VALID", 1, "1×1 kernel"),
+    ((2, 7, 6, 2), (3, 2, 2, 3), (2, 3), 1, 1, "stride (2, 3), padding 1"),
+    ((2, 6, 5, 8), (3, 3, 8, 3), 2, "SAME", 1, "wide patch matrix (taps × C_in ≥ 64), SAME, stride 2"),
+    ((1, 5, 5, 2), (3, 3, 2, 2), 2, "SAME", (1, 2), "SAME, stride 2, dilation (1, 2)"),
+]
 
 
 register(
@@ -296,7 +323,7 @@ register(
         name="conv2d",
         fn=conv2d,
         reference=conv2d_reference,
-        sample_inputs=_conv2d_samples,
+        sample_inputs=_conv_samples(2, _CONV2D_SAMPLES),
         differentiable=(0, 1),
         seeds=(("002", "§4 Theorem 10, Algorithm 2: C† and C††"),),
         linear_in=((0,), (1,)),
@@ -308,11 +335,7 @@ register(
 
 
 def conv1d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
-    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
-    (k,), (s,), (d,), (o,) = geo.window, geo.strides, geo.dilation, geo.output
-    taps = [xp[:, i * d : i * d + (o - 1) * s + 1 : s, :] for i in range(k)]
-    return jnp.einsum("kbwc,kcd->bwd", jnp.stack(taps), w)
+    return _reference("conv1d", x, w, stride, padding, dilation)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -340,45 +363,31 @@ def conv1d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
 
 
 def conv1d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
-    _validate("conv1d", x, w, 1, "(N, W, C_in)", "(K, C_in, C_out)")
-    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    return _convolve(x, w, geo), (x, w)
+    return _forward("conv1d", x, w, stride, padding, dilation)
 
 
-def conv1d_backward(g, w, geo: Geometry):
+def conv1d_backward(w, geo: Geometry, g):
     """Backward pass ``dx = C†(G, W) = Σ_k P_k*(G W_kᵀ)``, a transposed convolution."""
-    return _input_adjoint(g, w, geo)
+    return _input_adjoint(w, geo, g)
 
 
-def conv1d_gradient(x, g, geo: Geometry):
+def conv1d_gradient(x, geo: Geometry, g):
     """Gradient pass ``dW = C††(x, G)``: the patch matrix of ``x`` transposed, times ``G``."""
-    return _weight_adjoint(x, g, geo)
+    return _weight_adjoint(x, geo, g)
 
 
-def _conv1d_vjp(stride, padding, dilation, residuals, g):
-    x, w = residuals
-    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    return conv1d_backward(g, w, geo), conv1d_gradient(x, g, geo)
+conv1d.defvjp(conv1d_forward, _conv_vjp("conv1d", conv1d_backward, conv1d_gradient))
 
 
-conv1d.defvjp(conv1d_forward, _conv1d_vjp)
-
-
-def _conv1d_samples(key, dtype):
-    k = keys(key)
-    configs = [
-        ((2, 9, 3), (3, 3, 4), 1, "VALID", 1, "C_in ≠ C_out"),
-        ((1, 5, 2), (5, 2, 1), 1, "VALID", 1, "batch 1, kernel = input"),
-        ((2, 8, 2), (4, 2, 3), 1, "SAME", 1, "even kernel, SAME"),
-        ((2, 8, 1), (3, 1, 2), 2, "VALID", 1, "stride 2, leftover row"),
-        ((1, 11, 2), (3, 2, 2), 3, ((2, 1),), 2, "stride 3, dilation 2, explicit padding"),
-        ((3, 6, 2), (1, 2, 3), 1, 1, 1, "1-tap kernel, padding 1"),
-        ((2, 9, 24), (3, 24, 2), 2, "SAME", 1, "wide patch matrix (taps × C_in ≥ 64), SAME, stride 2"),
-    ]
-    return [
-        Sample((normal(next(k), xs, dtype), normal(next(k), ws, dtype, 1 / math.sqrt(math.prod(ws[:2]))), s, p, d), label)
-        for xs, ws, s, p, d, label in configs
-    ]
+_CONV1D_SAMPLES = [
+    ((2, 9, 3), (3, 3, 4), 1, "VALID", 1, "C_in ≠ C_out"),
+    ((1, 5, 2), (5, 2, 1), 1, "VALID", 1, "batch 1, kernel = input"),
+    ((2, 8, 2), (4, 2, 3), 1, "SAME", 1, "even kernel, SAME"),
+    ((2, 8, 1), (3, 1, 2), 2, "VALID", 1, "stride 2, leftover row"),
+    ((1, 11, 2), (3, 2, 2), 3, ((2, 1),), 2, "stride 3, dilation 2, explicit padding"),
+    ((3, 6, 2), (1, 2, 3), 1, 1, 1, "1-tap kernel, padding 1"),
+    ((2, 9, 24), (3, 24, 2), 2, "SAME", 1, "wide patch matrix (taps × C_in ≥ 64), SAME, stride 2"),
+]
 
 
 register(
@@ -386,7 +395,7 @@ register(
         name="conv1d",
         fn=conv1d,
         reference=conv1d_reference,
-        sample_inputs=_conv1d_samples,
+        sample_inputs=_conv_samples(1, _CONV1D_SAMPLES),
         differentiable=(0, 1),
         seeds=(("002", "§4 C† and C††"), ("000", "§7 Correlation1D")),
         linear_in=((0,), (1,)),

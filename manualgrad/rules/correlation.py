@@ -15,13 +15,16 @@ signals with the rules below.
 Finite signals are cropped to a window of shifts by a ``mode``, exactly as
 ``numpy.correlate`` / ``numpy.convolve`` do; the docstring of :func:`correlate1d` shows where
 the seed's infinite-signal proof breaks for them and how zero padding repairs it.
+
+Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
+→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
+→ ``register(Rule(...))``; read it there before adding a rule.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,52 +33,7 @@ from jax import lax
 from manualgrad.rules import mistakes, validation
 from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad.rules.samples import keys, normal
-
-MODES = ("valid", "same", "full")
-
-
-class _Padding(NamedTuple):
-    """Where a mode's window of shifts lies, and the zero paddings that realise it.
-
-    For ``x ∈ R^N`` and a ``K``-tap filter, output ``i`` (``0 ≤ i < length``) is the shift
-    ``k = i + offset`` of the correlation ``(x ⋆ w)_k = Σ_j x_{k+j} w_j``. Every pass is a
-    VALID correlation of a zero-padded (``lax.pad``; a negative amount would crop) signal:
-
-      x_pads: ``x̃ = x`` padded by ``(−o, L + o + K − 1 − N)``, so ``x̃_t = x_{t+o}``
-              (length ``L + K − 1``); forward ``y = valid(x̃ ⋆ w)``, gradient ``valid(x̃ ⋆ dy)``.
-      g_pads: ``ğ = dy`` padded by ``(K − 1 + o, N − L − o)``, so ``ğ_t = dy_{t−(K−1)−o}``
-              (length ``N + K − 1``); backward ``dx = valid(ğ ⋆ flip w)``.
-    """
-
-    length: int
-    offset: int
-    x_pads: tuple[int, int]
-    g_pads: tuple[int, int]
-
-
-def _padding(rule: str, n: int, k: int, mode: str) -> _Padding:
-    """numpy's window for ``mode`` (``n = len(x)``, ``k = len(w)``) and its paddings.
-
-    'full' keeps the ``N + K − 1`` shifts ``−(K−1) … N−1`` (full index ``f`` is shift
-    ``f − (K−1)``); 'valid' keeps the ``|N − K| + 1`` starting at full index ``min(N, K) − 1``;
-    'same' keeps ``max(N, K)`` starting at ``(min(N, K) − 1) // 2`` — except for
-    ``numpy.correlate`` with ``K > N``, which swaps its arguments and reverses the result, so
-    its window starts at ``N − 1 − (N − 1) // 2``.
-    """
-    if not isinstance(mode, str) or mode not in MODES:
-        raise validation.RuleInputError(f"{rule}: mode must be 'valid', 'same' or 'full', got {mode!r}")
-    length = {"valid": abs(n - k) + 1, "same": max(n, k), "full": n + k - 1}[mode]
-    if mode == "full":
-        start = 0
-    elif mode == "valid":
-        start = min(n, k) - 1
-    elif rule == "correlate1d" and k > n:
-        start = n - 1 - (n - 1) // 2
-    else:
-        start = (min(n, k) - 1) // 2
-    o = start - (k - 1)
-    return _Padding(length, o, (-o, length + o + k - 1 - n), (k - 1 + o, n - length - o))
-
+from manualgrad.rules.windows import mode_window
 
 def _pad(a: jax.Array, pads: tuple[int, int]) -> jax.Array:
     """``a`` zero-padded along its last axis by ``pads = (lo, hi)`` (negative amounts crop)."""
@@ -131,6 +89,38 @@ def _check_cotangent(rule: str, g, lead: tuple[int, ...], length: int, mode: str
         )
 
 
+def _signal_forward(rule: str, x: jax.Array, w: jax.Array, mode: str, flip: bool):
+    """``y = valid(x̃ ⋆ v)``, ``v = flip w`` for the convolution, ``w`` for the correlation."""
+    _validate(rule, x, w)
+    pad = mode_window(rule, jnp.shape(x)[-1], jnp.shape(w)[0], mode)
+    return _correlate_valid(_pad(x, pad.x_pads), jnp.flip(w) if flip else w), (x, w)
+
+
+def _input_pass(rule: str, v: jax.Array, n: int, mode: str, g: jax.Array) -> jax.Array:
+    """``valid(ğ ⋆ v)`` for an input of length ``n``: both rules' backward pass, ``v`` the filter
+    as the backward pass reads it."""
+    pad = mode_window(rule, n, jnp.shape(v)[0], mode)
+    _check_cotangent(rule, g, jnp.shape(g)[:-1], pad.length, mode)
+    return _correlate_valid(_pad(g, pad.g_pads), v)
+
+
+def _weight_pass(rule: str, x: jax.Array, k: int, mode: str, g: jax.Array) -> jax.Array:
+    """``Σ_batch valid(x̃ ⋆ dy)`` for a ``k``-tap filter: both rules' gradient pass, up to a flip."""
+    pad = mode_window(rule, jnp.shape(x)[-1], k, mode)
+    _check_cotangent(rule, g, jnp.shape(x)[:-1], pad.length, mode)
+    return _correlate_valid_summed(_pad(x, pad.x_pads), g)
+
+
+def _signal_vjp(backward, gradient):
+    """The VJP of a signal rule from its backward and gradient pass."""
+
+    def vjp(mode, residuals, g):
+        x, w = residuals
+        return backward(w, jnp.shape(x)[-1], mode, g), gradient(x, jnp.shape(w)[0], mode, g)
+
+    return vjp
+
+
 def _window_reference(x: jax.Array, w: jax.Array, offset: int, length: int) -> jax.Array:
     """``y_i = Σ_j x_{i+offset+j} w_j`` for ``0 ≤ i < length``, ``x`` zero outside ``0 … N−1``:
     the correlation on any window of shifts (plain ``jnp``, for the diagnoses)."""
@@ -148,7 +138,7 @@ def _signal_mistakes(rule: str, reference, flip: bool) -> tuple[Mistake, ...]:
     def window_shifted(i: int) -> Mistake:
         def candidates(vjp, args, g):
             x, w, mode = args
-            pad = _padding(rule, jnp.shape(x)[-1], jnp.shape(w)[0], mode)
+            pad = mode_window(rule, jnp.shape(x)[-1], jnp.shape(w)[0], mode)
             for shift in (-1, 1):
                 def f(a, shift=shift):
                     xx, ww, _ = mistakes.replace(args, i, a)
@@ -248,31 +238,20 @@ def correlate1d(x: jax.Array, w: jax.Array, mode: str = "valid") -> jax.Array:
 def correlate1d_forward(
     x: jax.Array, w: jax.Array, mode: str = "valid"
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    _validate("correlate1d", x, w)
-    pad = _padding("correlate1d", jnp.shape(x)[-1], jnp.shape(w)[0], mode)
-    return _correlate_valid(_pad(x, pad.x_pads), w), (x, w)
+    return _signal_forward("correlate1d", x, w, mode, flip=False)
 
 
-def correlate1d_backward(g: jax.Array, w: jax.Array, n: int, mode: str = "valid") -> jax.Array:
+def correlate1d_backward(w: jax.Array, n: int, mode: str, g: jax.Array) -> jax.Array:
     """Backward pass ``dx = dy ∗ w = valid(ğ ⋆ flip w)`` for an input of length ``n``."""
-    pad = _padding("correlate1d", n, jnp.shape(w)[0], mode)
-    _check_cotangent("correlate1d", g, jnp.shape(g)[:-1], pad.length, mode)
-    return _correlate_valid(_pad(g, pad.g_pads), jnp.flip(w))
+    return _input_pass("correlate1d", jnp.flip(w), n, mode, g)
 
 
-def correlate1d_gradient(x: jax.Array, g: jax.Array, k: int, mode: str = "valid") -> jax.Array:
+def correlate1d_gradient(x: jax.Array, k: int, mode: str, g: jax.Array) -> jax.Array:
     """Gradient pass ``dw = x ⋆ dy = valid(x̃ ⋆ dy)`` for a ``k``-tap filter, summed over the batch."""
-    pad = _padding("correlate1d", jnp.shape(x)[-1], k, mode)
-    _check_cotangent("correlate1d", g, jnp.shape(x)[:-1], pad.length, mode)
-    return _correlate_valid_summed(_pad(x, pad.x_pads), g)
+    return _weight_pass("correlate1d", x, k, mode, g)
 
 
-def _correlate1d_vjp(mode, residuals, g):
-    x, w = residuals
-    return correlate1d_backward(g, w, jnp.shape(x)[-1], mode), correlate1d_gradient(x, g, jnp.shape(w)[0], mode)
-
-
-correlate1d.defvjp(correlate1d_forward, _correlate1d_vjp)
+correlate1d.defvjp(correlate1d_forward, _signal_vjp(correlate1d_backward, correlate1d_gradient))
 
 
 def _signal_samples(key, dtype):
@@ -354,31 +333,20 @@ def convolve1d(x: jax.Array, w: jax.Array, mode: str = "valid") -> jax.Array:
 def convolve1d_forward(
     x: jax.Array, w: jax.Array, mode: str = "valid"
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    _validate("convolve1d", x, w)
-    pad = _padding("convolve1d", jnp.shape(x)[-1], jnp.shape(w)[0], mode)
-    return _correlate_valid(_pad(x, pad.x_pads), jnp.flip(w)), (x, w)
+    return _signal_forward("convolve1d", x, w, mode, flip=True)
 
 
-def convolve1d_backward(g: jax.Array, w: jax.Array, n: int, mode: str = "valid") -> jax.Array:
+def convolve1d_backward(w: jax.Array, n: int, mode: str, g: jax.Array) -> jax.Array:
     """Backward pass ``dx = dy ⋆ w = valid(ğ ⋆ w)`` for an input of length ``n``."""
-    pad = _padding("convolve1d", n, jnp.shape(w)[0], mode)
-    _check_cotangent("convolve1d", g, jnp.shape(g)[:-1], pad.length, mode)
-    return _correlate_valid(_pad(g, pad.g_pads), w)
+    return _input_pass("convolve1d", w, n, mode, g)
 
 
-def convolve1d_gradient(x: jax.Array, g: jax.Array, k: int, mode: str = "valid") -> jax.Array:
+def convolve1d_gradient(x: jax.Array, k: int, mode: str, g: jax.Array) -> jax.Array:
     """Gradient pass ``dw = dy ⋆ x = flip valid(x̃ ⋆ dy)`` for a ``k``-tap filter, summed over the batch."""
-    pad = _padding("convolve1d", jnp.shape(x)[-1], k, mode)
-    _check_cotangent("convolve1d", g, jnp.shape(x)[:-1], pad.length, mode)
-    return jnp.flip(_correlate_valid_summed(_pad(x, pad.x_pads), g))
+    return jnp.flip(_weight_pass("convolve1d", x, k, mode, g))
 
 
-def _convolve1d_vjp(mode, residuals, g):
-    x, w = residuals
-    return convolve1d_backward(g, w, jnp.shape(x)[-1], mode), convolve1d_gradient(x, g, jnp.shape(w)[0], mode)
-
-
-convolve1d.defvjp(convolve1d_forward, _convolve1d_vjp)
+convolve1d.defvjp(convolve1d_forward, _signal_vjp(convolve1d_backward, convolve1d_gradient))
 
 register(
     Rule(

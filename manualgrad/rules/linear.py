@@ -1,4 +1,9 @@
-"""Linear rules: the dense layer ``x W`` and the bias add ``z + ι(b)``."""
+"""Linear rules: the dense layer ``x W`` and the bias add ``z + ι(b)``.
+
+Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
+→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
+→ ``register(Rule(...))``; read it there before adding a rule.
+"""
 
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ def dense_forward(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Arra
     return x @ w, (x, w)
 
 
-def dense_backward(g: jax.Array, w: jax.Array) -> jax.Array:
+def dense_backward(w: jax.Array, g: jax.Array) -> jax.Array:
     """Backward pass ``C†(G, W) = G Wᵀ``: the cotangent of the input."""
     return g @ w.T
 
@@ -75,7 +80,7 @@ def dense_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
 
 def _dense_vjp(residuals, g):
     x, w = residuals
-    return dense_backward(g, w), dense_gradient(x, g)
+    return dense_backward(w, g), dense_gradient(x, g)
 
 
 dense.defvjp(dense_forward, _dense_vjp)

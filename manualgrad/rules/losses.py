@@ -1,4 +1,9 @@
-"""Losses: mean squared error, softmax cross-entropy, and the L2 penalty."""
+"""Losses: mean squared error, softmax cross-entropy, and the L2 penalty.
+
+Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
+→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
+→ ``register(Rule(...))``; read it there before adding a rule.
+"""
 
 from __future__ import annotations
 

@@ -20,6 +20,10 @@ The backward rules are that closed form, not a chain of intermediate adjoints, a
 The usual mistakes (``μ`` and ``σ`` taken as constants, the unbiased variance, statistics over
 the wrong axes, dropout not rescaled or its mask drawn again with another key) are attached to
 the rules as :class:`~manualgrad.registry.Mistake` s built from the references.
+
+Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
+→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
+→ ``register(Rule(...))``; read it there before adding a rule.
 """
 
 from __future__ import annotations
@@ -271,7 +275,7 @@ def batch_norm_forward(x, gamma, beta, eps=1e-5):
     return y, (xhat, inv, gamma)
 
 
-def batch_norm_backward(g, xhat, inv, gamma, dgamma, dbeta):
+def batch_norm_backward(xhat, inv, gamma, dgamma, dbeta, g):
     """``dx = (γ/(m σ)) (m G − Σ G − x̂ Σ(G ⊙ x̂))``, its two sums being ``dβ`` and ``dγ``."""
     m = math.prod(jnp.shape(g)[:-1])
     n = jnp.ndim(g)
@@ -288,7 +292,7 @@ def _batch_norm_vjp(eps, residuals, g):
     del eps
     xhat, inv, gamma = residuals
     dgamma, dbeta = batch_norm_gradient(xhat, g)
-    return batch_norm_backward(g, xhat, inv, gamma, dgamma, dbeta), dgamma, dbeta
+    return batch_norm_backward(xhat, inv, gamma, dgamma, dbeta, g), dgamma, dbeta
 
 
 batch_norm.defvjp(batch_norm_forward, _batch_norm_vjp)
@@ -392,7 +396,7 @@ def layer_norm_forward(x, gamma, beta, eps=1e-5):
     return y, (xhat, inv, gamma)
 
 
-def layer_norm_backward(g, xhat, inv, gamma):
+def layer_norm_backward(xhat, inv, gamma, g):
     """``dx = (1/σ)(Ĝ − mean(Ĝ) − x̂ mean(Ĝ ⊙ x̂))`` along the last axis, ``Ĝ = γ ⊙ G``."""
     return _normalized_adjoint(_per_channel(gamma, jnp.ndim(g)) * g, xhat, inv, _last(g))
 
@@ -401,7 +405,7 @@ def layer_norm_backward(g, xhat, inv, gamma):
 def _layer_norm_vjp(eps, residuals, g):
     del eps
     xhat, inv, gamma = residuals
-    return (layer_norm_backward(g, xhat, inv, gamma), *batch_norm_gradient(xhat, g))
+    return (layer_norm_backward(xhat, inv, gamma, g), *batch_norm_gradient(xhat, g))
 
 
 layer_norm.defvjp(layer_norm_forward, _layer_norm_vjp)
@@ -504,7 +508,7 @@ def group_norm_forward(x, gamma, beta, groups, eps=1e-5):
     return y, (xhat, inv, gamma)
 
 
-def group_norm_backward(g, xhat, inv, gamma, groups):
+def group_norm_backward(xhat, inv, gamma, groups, g):
     """``dx = (1/σ)(Ĝ − mean(Ĝ) − x̂ mean(Ĝ ⊙ x̂))`` over each sample's group, ``Ĝ = γ ⊙ G``."""
     dxhat, axes = _grouped(_per_channel(gamma, jnp.ndim(g)) * g, groups)
     return jnp.reshape(_normalized_adjoint(dxhat, _grouped(xhat, groups)[0], inv, axes), jnp.shape(g))
@@ -514,7 +518,7 @@ def group_norm_backward(g, xhat, inv, gamma, groups):
 def _group_norm_vjp(groups, eps, residuals, g):
     del eps
     xhat, inv, gamma = residuals
-    return (group_norm_backward(g, xhat, inv, gamma, groups), *batch_norm_gradient(xhat, g))
+    return (group_norm_backward(xhat, inv, gamma, groups, g), *batch_norm_gradient(xhat, g))
 
 
 group_norm.defvjp(group_norm_forward, _group_norm_vjp)
@@ -617,7 +621,7 @@ def _root_mean_square(x, eps):
     return x * inv, inv
 
 
-def rms_norm_backward(g, xhat, inv, gamma):
+def rms_norm_backward(xhat, inv, gamma, g):
     """``dx = (1/r)(Ĝ − x̂ mean(Ĝ ⊙ x̂))`` along the last axis, ``Ĝ = γ ⊙ G``."""
     return _normalized_adjoint(_per_channel(gamma, jnp.ndim(g)) * g, xhat, inv, _last(g), centred=False)
 
@@ -631,7 +635,7 @@ def rms_norm_gradient(xhat, g):
 def _rms_norm_vjp(eps, residuals, g):
     del eps
     xhat, inv, gamma = residuals
-    return rms_norm_backward(g, xhat, inv, gamma), rms_norm_gradient(xhat, g)
+    return rms_norm_backward(xhat, inv, gamma, g), rms_norm_gradient(xhat, g)
 
 
 rms_norm.defvjp(rms_norm_forward, _rms_norm_vjp)
@@ -733,13 +737,13 @@ def _masked(a, key, rate):
     return jnp.where(_kept(key, rate, jnp.shape(a)), a / (1 - rate), jnp.zeros_like(a))
 
 
-def dropout_backward(g, key, rate):
+def dropout_backward(key, rate, g):
     """``dx = M ⊙ G / (1 − rate)``, with ``M`` drawn again from the forward's key."""
     return _masked(g, key, rate)
 
 
 def _dropout_vjp(rate, residuals, g):
-    return dropout_backward(g, residuals, rate), None
+    return dropout_backward(residuals, rate, g), None
 
 
 dropout.defvjp(dropout_forward, _dropout_vjp)

@@ -13,6 +13,10 @@ and no ``b`` (``J = K = ∅``), so there is no gradient pass, only the backward 
 
 All window arithmetic (window, stride and padding normalisation, output sizes, leftover
 rows, and the errors for a bad configuration) comes from :mod:`manualgrad.rules.windows`.
+
+Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
+→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
+→ ``register(Rule(...))``; read it there before adding a rule.
 """
 
 from __future__ import annotations
@@ -56,13 +60,13 @@ def _reduce_window(x, init, op, geo: Geometry):
 
 @functools.cache
 def _compiled(backward):
-    """``backward`` under ``jax.jit`` with its last argument, the :class:`Geometry`, static.
+    """``backward`` under ``jax.jit`` with its argument ``geo``, the :class:`Geometry`, static.
 
     Called eagerly, the backward passes would dispatch (and compile) each of their small
     ``lax`` operations one by one, ``kh·kw`` rounds of them for max pooling; as one program
     they compile once per shape. Inside an outer ``jit``, ``vmap`` or ``grad`` this is inlined.
     """
-    return jax.jit(backward, static_argnums=backward.__code__.co_argcount - 1)
+    return jax.jit(backward, static_argnames="geo")
 
 
 # --------------------------------------------------------------------------- avg_pool2d
@@ -123,7 +127,7 @@ def avg_pool2d_forward(x, window, stride=None, padding: Padding = "VALID"):
     return _reduce_window(x, 0, lax.add, geo) / math.prod(geo.window), x[:0]
 
 
-def avg_pool2d_backward(g, geo: Geometry):
+def avg_pool2d_backward(geo: Geometry, g):
     """Backward pass ``dx = C†(G)``: dilate ``G`` by the stride, pad, window-sum with stride 1, divide by ``|K|``."""
     (kh, kw), (sh, sw), ((lo_h, hi_h), (lo_w, hi_w)), (rh, rw) = geo.window, geo.strides, geo.pads, geo.leftover
     spread = lax.pad(
@@ -137,7 +141,7 @@ def avg_pool2d_backward(g, geo: Geometry):
 
 def _avg_pool2d_vjp(window, stride, padding, empty, g):
     geo = _geometry("avg_pool2d", jnp.shape(empty), window, stride, padding)
-    return (_compiled(avg_pool2d_backward)(g, geo),)
+    return (_compiled(avg_pool2d_backward)(geo, g),)
 
 
 avg_pool2d.defvjp(avg_pool2d_forward, _avg_pool2d_vjp)
@@ -276,7 +280,7 @@ def _scatter_to_input(routed, i: int, j: int, x_shape, geo: Geometry):
     return lax.pad(routed, zero, ((0, 0, 0), (low_h, high_h, sh - 1), (low_w, high_w, sw - 1), (0, 0, 0)))
 
 
-def max_pool2d_backward(x, out, g, geo: Geometry):
+def max_pool2d_backward(x, out, geo: Geometry, g):
     """Backward pass ``dx = S_x*(G)``: ``G`` routed to the first arg-max of each window in row-major order."""
     dx = jnp.zeros_like(x)
     taken = jnp.zeros(jnp.shape(out), bool)
@@ -290,7 +294,7 @@ def max_pool2d_backward(x, out, g, geo: Geometry):
 def _max_pool2d_vjp(window, stride, padding, residuals, g):
     x, out = residuals
     geo = _geometry("max_pool2d", jnp.shape(x), window, stride, padding)
-    return (_compiled(max_pool2d_backward)(x, out, g, geo),)
+    return (_compiled(max_pool2d_backward)(x, out, geo, g),)
 
 
 max_pool2d.defvjp(max_pool2d_forward, _max_pool2d_vjp)
@@ -352,13 +356,13 @@ def flatten_forward(x):
     return jnp.reshape(x, (shape[0], math.prod(shape[1:]))), x[:0]
 
 
-def flatten_backward(g, empty):
+def flatten_backward(empty, g):
     """Backward pass ``dx = F†(G)``: ``G`` reshaped back to ``(N, d_1, ..., d_m)``."""
     return jnp.reshape(g, (jnp.shape(g)[0], *jnp.shape(empty)[1:]))
 
 
 def _flatten_vjp(empty, g):
-    return (flatten_backward(g, empty),)
+    return (flatten_backward(empty, g),)
 
 
 flatten.defvjp(flatten_forward, _flatten_vjp)

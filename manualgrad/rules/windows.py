@@ -1,4 +1,6 @@
-"""Window geometry shared by the convolution and pooling rules: strides, dilations, padding.
+"""Window geometry: the convolution and pooling rules' strides, dilations and padding
+(:class:`Geometry`), and NumPy's valid/same/full windows of shifts for the 1-D signal rules
+(:class:`ModeWindow`).
 
 Everything here is static Python arithmetic done at trace time, so a bad configuration is a
 clear error naming the rule before anything reaches XLA.
@@ -92,3 +94,49 @@ def geometry(
         )
     output = tuple((p - e) // s + 1 for p, e, s in zip(padded, effective, strides))
     return Geometry(tuple(window), strides, dilation, pads, tuple(input_size), output)
+
+
+MODES = ("valid", "same", "full")
+
+
+class ModeWindow(NamedTuple):
+    """Where a mode's window of shifts lies, and the zero paddings that realise it.
+
+    For ``x ∈ R^N`` and a ``K``-tap filter, output ``i`` (``0 ≤ i < length``) is the shift
+    ``k = i + offset`` of the correlation ``(x ⋆ w)_k = Σ_j x_{k+j} w_j``. Every pass is a
+    VALID correlation of a zero-padded (``lax.pad``; a negative amount would crop) signal:
+
+      x_pads: ``x̃ = x`` padded by ``(−o, L + o + K − 1 − N)``, so ``x̃_t = x_{t+o}``
+              (length ``L + K − 1``); forward ``y = valid(x̃ ⋆ w)``, gradient ``valid(x̃ ⋆ dy)``.
+      g_pads: ``ğ = dy`` padded by ``(K − 1 + o, N − L − o)``, so ``ğ_t = dy_{t−(K−1)−o}``
+              (length ``N + K − 1``); backward ``dx = valid(ğ ⋆ flip w)``.
+    """
+
+    length: int
+    offset: int
+    x_pads: tuple[int, int]
+    g_pads: tuple[int, int]
+
+
+def mode_window(rule: str, n: int, k: int, mode: str) -> ModeWindow:
+    """numpy's window for ``mode`` (``n = len(x)``, ``k = len(w)``) and its paddings.
+
+    'full' keeps the ``N + K − 1`` shifts ``−(K−1) … N−1`` (full index ``f`` is shift
+    ``f − (K−1)``); 'valid' keeps the ``|N − K| + 1`` starting at full index ``min(N, K) − 1``;
+    'same' keeps ``max(N, K)`` starting at ``(min(N, K) − 1) // 2`` — except for
+    ``numpy.correlate`` with ``K > N``, which swaps its arguments and reverses the result, so
+    its window starts at ``N − 1 − (N − 1) // 2``.
+    """
+    if not isinstance(mode, str) or mode not in MODES:
+        raise RuleInputError(f"{rule}: mode must be 'valid', 'same' or 'full', got {mode!r}")
+    length = {"valid": abs(n - k) + 1, "same": max(n, k), "full": n + k - 1}[mode]
+    if mode == "full":
+        start = 0
+    elif mode == "valid":
+        start = min(n, k) - 1
+    elif rule == "correlate1d" and k > n:
+        start = n - 1 - (n - 1) // 2
+    else:
+        start = (min(n, k) - 1) // 2
+    o = start - (k - 1)
+    return ModeWindow(length, o, (-o, length + o + k - 1 - n), (k - 1 + o, n - length - o))

@@ -23,14 +23,14 @@ def _conv_input_adjoint(g, w, geo, flip=True, dilate=True, shift=0):
     pads = [(e - 1 - lo + shift, e - 1 - hi + r - shift)
             for e, (lo, hi), r in zip(geo.effective_window, geo.pads, geo.leftover)]
     return lax.conv_general_dilated(g, kernel, (1,) * n, pads, lhs_dilation=(1,) * n if not dilate else geo.strides,
-                                    rhs_dilation=geo.dilation, dimension_numbers=convolution._numbers(n))
+                                    rhs_dilation=geo.dilation, dimension_numbers=convolution.dimension_numbers(n))
 
 
 def _conv_mutation(rule, **mistake):
     def vjp(stride, padding, dilation, res, g):
         x, w = res
         geo = _conv_geometry(rule, stride, padding, dilation, x, w)
-        return _conv_input_adjoint(g, w, geo, **mistake), convolution._weight_adjoint(x, g, geo)
+        return _conv_input_adjoint(g, w, geo, **mistake), getattr(convolution, f"{rule}_gradient")(x, geo, g)
 
     return vjp
 
@@ -40,8 +40,8 @@ def _conv_gradient_taps_flipped(rule):
         x, w = res
         geo = _conv_geometry(rule, stride, padding, dilation, x, w)
         n = len(geo.window)
-        dw = jnp.flip(convolution._weight_adjoint(x, g, geo), axis=tuple(range(n)))
-        return convolution._input_adjoint(g, w, geo), dw
+        dw = jnp.flip(getattr(convolution, f"{rule}_gradient")(x, geo, g), axis=tuple(range(n)))
+        return getattr(convolution, f"{rule}_backward")(w, geo, g), dw
 
     return vjp
 

@@ -14,51 +14,54 @@ def _corr_kernel_not_flipped(mode, res, g):
     x, w = res
     n, k = x.shape[-1], w.shape[0]
     # flipping w before correlate1d_backward flips it back: dx = valid(ğ ⋆ w), a correlation
-    return correlation.correlate1d_backward(g, jnp.flip(w), n, mode), correlation.correlate1d_gradient(x, g, k, mode)
+    return correlation.correlate1d_backward(jnp.flip(w), n, mode, g), correlation.correlate1d_gradient(x, k, mode, g)
+
+
+def _shifted(a, by):
+    """``a`` shifted by ``by = ±1`` along its last axis, zero where it moved in: padding one more on one
+    side and one less on the other."""
+    lead = [(0, 0)] * (a.ndim - 1)
+    return jnp.pad(a[..., :-1], [*lead, (1, 0)]) if by > 0 else jnp.pad(a[..., 1:], [*lead, (0, 1)])
 
 
 def _corr_dx_padding_off_by_one(mode, res, g):
     x, w = res
     n, k = x.shape[-1], w.shape[0]
-    lo, hi = correlation._padding("correlate1d", n, k, mode).g_pads
-    dx = correlation._correlate_valid(correlation._pad(g, (lo + 1, hi - 1)), jnp.flip(w))
-    return dx, correlation.correlate1d_gradient(x, g, k, mode)
+    return correlation.correlate1d_backward(w, n, mode, _shifted(g, 1)), correlation.correlate1d_gradient(x, k, mode, g)
 
 
 def _corr_dw_padding_off_by_one(mode, res, g):
     x, w = res
     n, k = x.shape[-1], w.shape[0]
-    lo, hi = correlation._padding("correlate1d", n, k, mode).x_pads
-    dw = correlation._correlate_valid_summed(correlation._pad(x, (lo - 1, hi + 1)), g)
-    return correlation.correlate1d_backward(g, w, n, mode), dw
+    return correlation.correlate1d_backward(w, n, mode, g), correlation.correlate1d_gradient(_shifted(x, -1), k, mode, g)
 
 
 def _corr_dw_averaged(mode, res, g):
     x, w = res
     n, k = x.shape[-1], w.shape[0]
     batch = x.shape[0] if x.ndim == 2 else 1
-    return correlation.correlate1d_backward(g, w, n, mode), correlation.correlate1d_gradient(x, g, k, mode) / batch
+    return correlation.correlate1d_backward(w, n, mode, g), correlation.correlate1d_gradient(x, k, mode, g) / batch
 
 
 def _conv_correlation_adjoint(mode, res, g):
     x, w = res
     n, k = x.shape[-1], w.shape[0]
     # dx = dy ∗ w (the adjoint of correlation) instead of dy ⋆ w
-    return correlation.correlate1d_backward(g, w, n, mode), correlation.convolve1d_gradient(x, g, k, mode)
+    return correlation.correlate1d_backward(w, n, mode, g), correlation.convolve1d_gradient(x, k, mode, g)
 
 
 def _conv_dw_not_reversed(mode, res, g):
     x, w = res
     n, k = x.shape[-1], w.shape[0]
-    return correlation.convolve1d_backward(g, w, n, mode), jnp.flip(correlation.convolve1d_gradient(x, g, k, mode))
+    return correlation.convolve1d_backward(w, n, mode, g), jnp.flip(correlation.convolve1d_gradient(x, k, mode, g))
 
 
 def _conv_correlate_window(mode, res, g):
     x, w = res
     n, k = x.shape[-1], w.shape[0]
     # numpy.correlate's window instead of numpy.convolve's: differs for 'same' with K > N, N even
-    dx = correlation._correlate_valid(correlation._pad(g, correlation._padding("correlate1d", n, k, mode).g_pads), w)
-    return dx, correlation.convolve1d_gradient(x, g, k, mode)
+    # (correlate1d's backward flips its filter: flipped once more, it reads w as convolve1d's does)
+    return correlation.correlate1d_backward(jnp.flip(w), n, mode, g), correlation.convolve1d_gradient(x, k, mode, g)
 
 
 MUTATIONS = [

@@ -8,17 +8,17 @@ from mutations.mutation import Mutation
 
 def _dense_w_transposed(res, g):
     x, w = res
-    return linear.dense_backward(g, w), jnp.reshape(linear.dense_gradient(g, x), w.shape)
+    return linear.dense_backward(w, g), jnp.reshape(linear.dense_gradient(g, x), w.shape)
 
 
 def _dense_x_doubled(res, g):
     x, w = res
-    return 2 * linear.dense_backward(g, w), linear.dense_gradient(x, g)
+    return 2 * linear.dense_backward(w, g), linear.dense_gradient(x, g)
 
 
 def _dense_w_averaged(res, g):
     x, w = res
-    return linear.dense_backward(g, w), linear.dense_gradient(x, g) / x.shape[0]
+    return linear.dense_backward(w, g), linear.dense_gradient(x, g) / x.shape[0]
 
 
 MUTATIONS = [

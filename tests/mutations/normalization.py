@@ -50,7 +50,7 @@ def _bn_unbiased_gamma(eps, res, g):
     m = xhat.size // xhat.shape[-1]
     inv_unbiased = jax.lax.rsqrt((1 / (inv * inv) - eps) * m / (m - 1) + eps)
     dgamma, dbeta = nz.batch_norm_gradient(xhat * inv_unbiased / inv, g)
-    dx = nz.batch_norm_backward(g, xhat, inv, gamma, *nz.batch_norm_gradient(xhat, g))
+    dx = nz.batch_norm_backward(xhat, inv, gamma, *nz.batch_norm_gradient(xhat, g), g)
     return dx, dgamma, dbeta
 
 
@@ -88,7 +88,7 @@ def _gn_per_channel(groups, eps, res, g):
     x, gamma = res
     channels = x.shape[-1]
     xhat_c, inv_c = nz._statistics(*nz._grouped(x, channels), eps)
-    dx = nz.group_norm_backward(g, jnp.reshape(xhat_c, x.shape), inv_c, gamma, channels)
+    dx = nz.group_norm_backward(jnp.reshape(xhat_c, x.shape), inv_c, gamma, channels, g)
     xhat = nz.group_norm_forward(x, gamma, jnp.zeros_like(gamma), groups, eps)[1][0]
     return (dx, *nz.batch_norm_gradient(xhat, g))
 
@@ -104,7 +104,7 @@ def _dropout_not_rescaled(rate, key, g):
 
 def _dropout_another_key(rate, key, g):
     _, sub = jax.random.split(key)  # the habit of splitting a key before every use, applied to the backward
-    return nz.dropout_backward(g, sub, rate), None
+    return nz.dropout_backward(sub, rate, g), None
 
 
 MUTATIONS = [

@@ -55,7 +55,7 @@ def _avg_mutation(**mistake):
 
 def _avg_not_divided(window, stride, padding, empty, g):
     geo = pooling._geometry("avg_pool2d", empty.shape, window, stride, padding)
-    return (math.prod(geo.window) * pooling._compiled(pooling.avg_pool2d_backward)(g, geo),)
+    return (math.prod(geo.window) * pooling._compiled(pooling.avg_pool2d_backward)(geo, g),)
 
 
 # --------------------------------------------------------------------------- max_pool2d
@@ -95,7 +95,7 @@ def _max_spread_evenly(window, stride, padding, residuals, g):
     """The average pool's backward: every window entry gets ``G / |K|`` whatever its value."""
     x, _ = residuals
     geo = pooling._geometry("max_pool2d", x.shape, window, stride, padding)
-    return (pooling._compiled(pooling.avg_pool2d_backward)(g, geo),)
+    return (pooling._compiled(pooling.avg_pool2d_backward)(geo, g),)
 
 
 # --------------------------------------------------------------------------- flatten

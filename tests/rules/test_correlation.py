@@ -11,9 +11,9 @@ import pytest
 
 import manualgrad
 from manualgrad.rules import correlation
+from manualgrad.rules.windows import MODES, mode_window
 
 NAMES = ("correlate1d", "convolve1d")
-MODES = ("valid", "same", "full")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_facts_about_numpy_windows(sig):
         for rule, np_fn in (("correlate1d", np.correlate), ("convolve1d", np.convolve)):
             full = np_fn(x, w, "full")
             for mode in MODES:
-                pad = sig._padding(rule, n, k, mode)
+                pad = mode_window(rule, n, k, mode)
                 start = pad.offset + k - 1
                 np.testing.assert_array_equal(np_fn(x, w, mode), full[start : start + pad.length])
 
@@ -145,7 +145,7 @@ def test_naive_valid_identity_drops_boundary_terms(sig):
     assert float(np.dot(x, extended)) == pytest.approx(lhs, rel=1e-12)
     boundary = np.r_[0 : k - 1, n - k + 1 : n]
     assert float(np.dot(x[boundary], extended[boundary])) == pytest.approx(lhs - naive, rel=1e-12)
-    np.testing.assert_allclose(sig.correlate1d_backward(jnp.asarray(dy), jnp.asarray(w), n, "valid"), extended,
+    np.testing.assert_allclose(sig.correlate1d_backward(jnp.asarray(w), n, "valid", jnp.asarray(dy)), extended,
                                rtol=1e-13, atol=1e-14)
 
 
@@ -230,7 +230,7 @@ def test_bad_input(sig, name):
         fn(x.astype(jnp.float32), w.astype(jnp.float64))
     backward = getattr(sig, f"{name}_backward")
     with pytest.raises(manualgrad.RuleInputError, match=rf"{name}: the cotangent must have shape \(3,\) for mode 'valid'"):
-        backward(jnp.ones(4), w, 5, "valid")
+        backward(w, 5, "valid", jnp.ones(4))
 
 
 def test_rank_promotion_stays_raise_and_mode_is_static(sig):

@@ -54,6 +54,16 @@ def test_rule_module_order(name):
     assert positions == sorted(positions)
 
 
+@pytest.mark.parametrize("name", RULES)
+def test_rule_passes_take_the_cotangent_last(name):
+    """``NAME_backward`` (the input's cotangent, C†) and ``NAME_gradient`` (the weights', C††): ``g`` last."""
+    module = inspect.getmodule(manualgrad.get(name).reference)
+    passes = [getattr(module, f"{name}_{kind}") for kind in ("backward", "gradient") if hasattr(module, f"{name}_{kind}")]
+    assert passes, f"{module.__name__} has no {name}_backward"
+    for fn in passes:
+        assert list(inspect.signature(fn).parameters)[-1] == "g", f"{fn.__name__}{inspect.signature(fn)}"
+
+
 def test_no_rule_uses_autodiff_inside():
     for module in {inspect.getmodule(rule.reference) for rule in manualgrad.rules()}:
         source = inspect.getsource(module)

@@ -203,7 +203,7 @@ AUTODIFF = {
                         "j.grad, that is jax.grad"),
     "jax.jacrev": ("    x, w = residuals\n    return jax.jacrev(jnp.matmul)(x, w), x\n", "jax.jacrev"),
     "dense_backward": (("    from manualgrad.rules import linear\n    x, w = residuals\n"
-                        "    return linear.dense_backward(g, w), x.T @ g\n"),
+                        "    return linear.dense_backward(w, g), x.T @ g\n"),
                        "linear.dense_backward, that is manualgrad.rules.linear.dense_backward"),
     "mg.dense": (("    import manualgrad as mg\n    x, w = residuals\n"
                   "    return jax.linear_transpose(lambda a: mg.dense(a, w), x)(g)[0], x.T @ g\n"),
