@@ -312,9 +312,9 @@ def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int 
     and the compiled footprint of the jitted algorithm; for ``jax.grad`` of the custom_vjp
     composition and of the references: the residual bytes and the compiled footprint.
     """
-    network = [backprop.Layer("dense", "relu")] * (len(widths) - 2) + [backprop.Layer("dense")]
+    network = [layers.Dense(w, "relu") for w in widths[1:-1]] + [layers.Dense(widths[-1])]
     kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = backprop.init(kp, network, widths[:1], widths[1:], jnp.float32)
+    params = backprop.init(kp, network, widths[:1])
     x = jax.random.normal(kx, (batch, widths[0]), jnp.float32)
     labels = jax.random.randint(ky, (batch,), 0, widths[-1])
     loss = "softmax_cross_entropy"
