@@ -37,8 +37,8 @@ import numpy as np
 import manualgrad as mg
 from manualgrad import registry
 from manualgrad.nn import backprop
-from manualgrad.teach import compare
 from manualgrad.nn.layers import Dense
+from manualgrad.teach import compare
 
 jax.config.update("jax_enable_x64", True)
 

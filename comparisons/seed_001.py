@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from manualgrad.nn import backprop
-from manualgrad.teach import compare
 from manualgrad.nn.layers import Dense
+from manualgrad.teach import compare
 
 jax.config.update("jax_enable_x64", True)
 

@@ -30,8 +30,8 @@ import jax
 import numpy as np
 
 from manualgrad.nn import backprop
-from manualgrad.teach import compare
 from manualgrad.nn.layers import Conv2D, Dense
+from manualgrad.teach import compare
 
 jax.config.update("jax_enable_x64", True)
 
