@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 
 from manualgrad.bench import bench
-from manualgrad.nn import backprop
+from manualgrad.nn import backprop, layers
 
 
 def backward_program_bytes(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256) -> dict[str, int]:
     """Per ``store``: the compiled footprint of :func:`manualgrad.nn.backprop.backward` alone (tape as arguments)."""
-    network = [backprop.Layer("dense", "relu")] * (len(widths) - 2) + [backprop.Layer("dense")]
+    network = [layers.Dense(w, "relu") for w in widths[1:-1]] + [layers.Dense(widths[-1])]
     kp, kx = jax.random.split(jax.random.PRNGKey(0))
-    params = backprop.init(kp, network, widths[:1], widths[1:], jnp.float32)
+    params = backprop.init(kp, network, widths[:1])
     x = jax.random.normal(kx, (batch, widths[0]), jnp.float32)
     dl = jnp.ones((batch, widths[-1]), jnp.float32)
     result = {}

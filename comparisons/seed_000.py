@@ -37,8 +37,8 @@ import numpy as np
 import manualgrad as mg
 from manualgrad import registry
 from manualgrad.nn import backprop
+from manualgrad.nn.layers import Dense
 from manualgrad.teach import compare
-from manualgrad.nn.backprop import Layer
 
 jax.config.update("jax_enable_x64", True)
 
@@ -138,7 +138,7 @@ def rules() -> list[compare.Row]:
     ref_rules = chain(tuple(registry.get(n).reference for n in ("dense", "bias_add", "mse")))
     manual = jax.grad(vjp_rules, argnums=(0, 1, 2))(x, w.T, b)
     auto = jax.grad(ref_rules, argnums=(0, 1, 2))(x, w.T, b)
-    _, alg = backprop.gradients([Layer("dense")], [(w.T, b)], x[None], t[None], "mse")
+    _, alg = backprop.gradients([Dense(b.size)], [(w.T, b)], x[None], t[None], "mse")
     rows = [
         compare.Row("MSE: dx = dy·(x − y*)", dy, jax.grad(mg.mse)(y[None], t[None])[0], None,
                     jax.grad(registry.get("mse").reference)(y[None], t[None])[0]),

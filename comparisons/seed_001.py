@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from manualgrad.nn import backprop
+from manualgrad.nn.layers import Dense
 from manualgrad.teach import compare
-from manualgrad.nn.backprop import Layer
 
 jax.config.update("jax_enable_x64", True)
 
@@ -81,7 +81,7 @@ def matrices() -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndar
 def main() -> float:
     as_written, corrected, fixes = scalars()
     params, x, y = matrices()
-    network = [Layer("dense", "sigmoid"), Layer("dense", "sigmoid")]
+    network = [Dense(2, "sigmoid"), Dense(1, "sigmoid")]
     p = [(jnp.asarray(w), jnp.asarray(b)) for w, b in params]
     grad_vjp = jax.grad(lambda p: backprop.loss(network, p, x, y))(p)
     grad_ref = jax.grad(lambda p: backprop.loss(network, p, x, y, reference=True))(p)

@@ -30,8 +30,8 @@ import jax
 import numpy as np
 
 from manualgrad.nn import backprop
+from manualgrad.nn.layers import Conv2D, Dense
 from manualgrad.teach import compare
-from manualgrad.nn.backprop import Layer
 
 jax.config.update("jax_enable_x64", True)
 
@@ -71,7 +71,7 @@ def part_1() -> list[compare.Row]:
     x, y = rng.normal(size=widths[0]), rng.normal(size=widths[-1])
     hand = theorem_7(weights, biases, activations, x, y)
 
-    network = [Layer("dense", s) for s in activations]
+    network = [Dense(widths[k + 1], s) for k, s in enumerate(activations)]
     params = [(w.T, b) for w, b in zip(weights, biases)]  # manualgrad's row form: W of shape (in, out)
     xb, yb = x[None, :], y[None, :]
     # ℓ = ‖y − F_n‖² is twice manualgrad's mse (½‖·‖², batch of one); gradients are linear in L.
@@ -136,7 +136,7 @@ def part_2() -> list[compare.Row]:
     x, y = rng.normal(size=(5, 5, 1)), rng.normal(size=3)
     hand = theorem_10([conv, conv, dense_flat], weights, biases, activations, x, y)
 
-    network = [Layer("conv2d", "relu"), Layer("conv2d", "tanh"), Layer("dense")]
+    network = [Conv2D(2, (3, 3), activation="relu"), Conv2D(2, (2, 2), activation="tanh"), Dense(3)]
     params = list(zip(weights, biases))
     xb, yb = x[None], y[None, :]
     grad_vjp = jax.grad(lambda p: backprop.loss(network, p, xb, yb))(params)

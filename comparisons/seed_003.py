@@ -33,8 +33,8 @@ import numpy as np
 
 import manualgrad as mg
 from manualgrad.nn import backprop
+from manualgrad.nn.layers import Dense
 from manualgrad.teach import compare
-from manualgrad.nn.backprop import Layer
 
 jax.config.update("jax_enable_x64", True)
 
@@ -89,7 +89,7 @@ def main() -> float:
 
     # Algorithm 1 on layers W_1 = W (tanh), W_2 = W + V (sigmoid); y = cᵀ F_2 is a third, linear layer
     # with the fixed weight c. The loss y is linear in F_3, so L = 1: mse with target F_3 − 1 has that L.
-    layers = [Layer("dense", "tanh"), Layer("dense", "sigmoid"), Layer("dense")]
+    layers = [Dense(N, "tanh"), Dense(N, "sigmoid"), Dense(1)]
     params = [(w.T, b), ((w + v).T, np.zeros(N)), (c[:, None], np.zeros(1))]
     f3 = backprop.output(layers, params, x[None])
     _, grads = backprop.gradients(layers, params, x[None], f3 - 1.0)  # ½‖F_3 − (F_3 − 1)‖²: dℓ/dF_3 = 1

@@ -29,8 +29,8 @@ import numpy as np
 import manualgrad as mg
 from manualgrad import registry
 from manualgrad.nn import backprop
+from manualgrad.nn.layers import Dense
 from manualgrad.teach import compare
-from manualgrad.nn.backprop import Layer
 
 jax.config.update("jax_enable_x64", True)
 
@@ -90,7 +90,7 @@ def main() -> float:
     (manual, manual_x), (auto, auto_x) = (jax.grad(loss, argnums=(0, 1))(params, x, y, ops) for ops in (mg, REFERENCE))
     manual_o1, auto_o1 = (jax.grad(top_loss)(o1, w2, b2, y, ops) for ops in (mg, REFERENCE))
     manual_j, auto_j = (jax.grad(objective)(params, x, y, ops) for ops in (mg, REFERENCE))
-    _, alg = backprop.gradients([Layer("dense", "sigmoid"), Layer("dense")], params, x, y)
+    _, alg = backprop.gradients([Dense(4, "sigmoid"), Dense(2)], params, x, y)
     rows = [
         compare.Row("∇_{W²} L = O¹ᵀ G", hand["W2"], manual[1][0], alg[1][0], auto[1][0]),
         compare.Row("∇_{b²} L = 1ᵀ G", hand["b2"], manual[1][1], alg[1][1], auto[1][1]),

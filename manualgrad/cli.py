@@ -25,7 +25,9 @@ from collections.abc import Sequence
 
 import manualgrad
 from manualgrad import registry
+from manualgrad.bench import bench
 from manualgrad.check import checker
+from manualgrad.train import checkpoint, data, loop
 
 
 def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule") -> bool:
@@ -60,8 +62,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from manualgrad.bench import bench
-
     settings = bench.QUICK if args.quick else bench.Settings()
     chosen = {"repeats": args.repeats, "compile_repeats": args.compile_repeats, "matmul_size": args.matmul_size}
     settings = dataclasses.replace(settings, **{k: v for k, v in chosen.items() if v is not None})
@@ -135,8 +135,6 @@ def _grade(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from manualgrad.train import checkpoint, data, loop
-
     config = loop.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(loop.Config)})
     try:
         summary = loop.train(config)
@@ -164,66 +162,91 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="manualgrad", description=manualgrad.__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_check(commands: argparse._SubParsersAction) -> None:
     check = commands.add_parser("check", help="cross-check hand rules against jax.grad and finite differences")
     check.add_argument("rules", nargs="*", metavar="RULE", help="rules to check (default: all)")
     check.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
     check.add_argument("--json", action="store_true", help="one JSON record per rule and check")
     check.set_defaults(run=_check)
+
+
+def _add_explain(commands: argparse._SubParsersAction) -> None:
     explain = commands.add_parser("explain", help="a rule's derivation, its seed, and a live numeric check")
     explain.add_argument("rule", nargs="?", metavar="RULE", help="the rule to explain")
     explain.add_argument("--list", action="store_true", help="list the rules")
     explain.set_defaults(run=_explain)
+
+
+def _add_exercise(commands: argparse._SubParsersAction) -> None:
     ex = commands.add_parser("exercise", help="write a rule's exercise: forward, derivation up to the result, empty backward")
     ex.add_argument("rule", metavar="RULE", help="the rule to practise")
     ex.add_argument("--out", metavar="FILE", default=None, help="where to write it (default: RULE_exercise.py)")
     ex.set_defaults(run=_exercise)
+
+
+def _add_grade(commands: argparse._SubParsersAction) -> None:
     gr = commands.add_parser("grade", help="grade an exercise file's backward with every check, and diagnose it")
     gr.add_argument("file", metavar="FILE", help="a file written by `manualgrad exercise`")
     gr.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
     gr.set_defaults(run=_grade)
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    defaults = loop.Config()
     tr = commands.add_parser("train", help="train a model on the hand rules (jitted, optax, checkpoints, many devices)")
-    tr.add_argument("--model", choices=("cnn", "mlp"), default="cnn")
-    tr.add_argument("--dataset", default="digits", metavar="digits|xor|spirals|idx:PATH")
-    tr.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default="adam")
+    tr.add_argument("--model", choices=tuple(loop.MODELS), default=defaults.model)
+    tr.add_argument("--dataset", default=defaults.dataset, metavar="|".join(data.SPECS))
+    tr.add_argument("--optimizer", choices=tuple(loop.OPTIMIZERS), default=defaults.optimizer)
     tr.add_argument("--lr", type=float, default=None, help="learning rate (default: sgd 0.1, momentum 0.05, adam 3e-3)")
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--seed", type=int, default=0, help="initialisation, split and data order")
-    tr.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    tr.add_argument("--grad", choices=("manual", "autodiff"), default="manual",
+    tr.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    tr.add_argument("--epochs", type=int, default=defaults.epochs)
+    tr.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, split and data order")
+    tr.add_argument("--dtype", choices=loop.DTYPES, default=defaults.dtype)
+    tr.add_argument("--grad", choices=loop.GRADS, default=defaults.grad,
                     help="hand rules, or jax.grad of the same model built from the references")
     tr.add_argument("--out", default=None, metavar="DIR",
                     help="metrics.csv, curves.png, checkpoints (default: a new folder runs/<start time>, "
                          "named by runs/latest); refused if DIR holds a run, unless --overwrite or --resume DIR")
     tr.add_argument("--overwrite", action="store_true", help="with --out DIR: delete the run DIR holds first")
-    tr.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+    tr.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="N",
                     help="also checkpoint every N steps (always at the end of each epoch)")
     tr.add_argument("--resume", default=None, metavar="DIR",
                     help="continue the run checkpointed in DIR, in DIR (give the run's arguments again)")
     tr.add_argument("--devices", type=int, default=None, metavar="N",
                     help="shard each batch over N local devices (default: all)")
-    tr.add_argument("--cross-check-batches", type=int, default=3, metavar="N",
+    tr.add_argument("--cross-check-batches", type=int, default=defaults.cross_check_batches, metavar="N",
                     help="batches for the final hand-rule vs jax.grad check (0: none)")
     tr.set_defaults(run=_train)
-    bench = commands.add_parser(
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    bench_ = commands.add_parser(
         "bench", help="hand rules vs jax.grad, NumPy and PyTorch: step time, compile time, memory, FLOP/s, check time")
-    bench.add_argument("--models", default=None, metavar="M1,M2",
-                       help="comma-separated, from: digits_mlp, mlp_1024, mlp_large, digits_cnn, cnn_28 (default: all)")
-    bench.add_argument("--repeats", type=int, default=None, help="interleaved timed repetitions per model (10)")
-    bench.add_argument("--compile-repeats", type=int, default=None, help="interleaved compilations per side (3)")
-    bench.add_argument("--matmul-size", type=int, default=None, metavar="N",
-                       help="side of the float32 matmul that measures the peak (2048 on CPU, 8192 on accelerators)")
-    bench.add_argument("--no-peers", action="store_true", help="leave out the NumPy and PyTorch peers")
-    bench.add_argument("--check-rules", nargs="*", default=None, metavar="RULE",
-                       help="time `manualgrad check --dtype float64` on these rules (default: all)")
-    bench.add_argument("--no-check", action="store_true", help="leave out the check's wall time")
-    bench.add_argument("--quick", action="store_true",
-                       help="smoke run in seconds: digits models, 3 repeats, 256 matmul, check of relu only (not a measurement)")
-    bench.add_argument("--json", action="store_true", help="one JSON document: machine, settings, one record per figure")
-    bench.set_defaults(run=_bench)
+    bench_.add_argument("--models", default=None, metavar="M1,M2",
+                        help=f"comma-separated, from: {', '.join(bench.MODELS)} (default: all)")
+    bench_.add_argument("--repeats", type=int, default=None,
+                        help=f"interleaved timed repetitions per model ({bench.Settings.repeats})")
+    bench_.add_argument("--compile-repeats", type=int, default=None,
+                        help=f"interleaved compilations per side ({bench.Settings.compile_repeats})")
+    bench_.add_argument("--matmul-size", type=int, default=None, metavar="N",
+                        help="side of the float32 matmul that measures the peak (2048 on CPU, 8192 on accelerators)")
+    bench_.add_argument("--no-peers", action="store_true", help="leave out the NumPy and PyTorch peers")
+    bench_.add_argument("--check-rules", nargs="*", default=None, metavar="RULE",
+                        help="time `manualgrad check --dtype float64` on these rules (default: all)")
+    bench_.add_argument("--no-check", action="store_true", help="leave out the check's wall time")
+    bench_.add_argument("--quick", action="store_true",
+                        help="smoke run in seconds: digits models, 3 repeats, 256 matmul, check of relu only "
+                             "(not a measurement)")
+    bench_.add_argument("--json", action="store_true", help="one JSON document: machine, settings, one record per figure")
+    bench_.set_defaults(run=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``manualgrad`` parser: one sub-parser per command, each added by its ``_add_COMMAND``."""
+    parser = argparse.ArgumentParser(prog="manualgrad", description=manualgrad.__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_check, _add_explain, _add_exercise, _add_grade, _add_train, _add_bench):
+        add(commands)
     return parser
 
 

@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from manualgrad import cli
 from manualgrad.check import checker
 from manualgrad.teach import docs
@@ -78,3 +80,16 @@ def test_readme_python_examples_run():
     assert set(quickstart["grads"]) == {"w1", "b1", "w2"}
     assert quickstart["report"].passed
     assert [g[0].shape for g in backprop_example["grads"]] == [(3, 3, 1, 8), (3, 3, 8, 16), (2304, 10)]
+
+
+def test_help_offers_what_is_defined(capsys):
+    """Each sub-command's --help offers the choices where they are defined: datasets, models, optimizers."""
+    from manualgrad.bench import bench
+    from manualgrad.train import data, loop
+
+    for command, names in (("train", (*data.SPECS, *loop.MODELS, *loop.OPTIMIZERS, *loop.GRADS)),
+                           ("bench", tuple(bench.MODELS))):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        shown = capsys.readouterr().out
+        assert [n for n in names if n not in shown] == []

@@ -215,26 +215,29 @@ def _peer_contenders(params: Any, x: jax.Array, labels: jax.Array, manual_grads:
     return out, records, reason
 
 
-def bench_model(name: str, settings: Settings) -> list[Record]:
-    """Every figure for one model of :data:`MODELS`."""
-    model = MODELS[name]
-    net = model.build()
-    params, x, labels = _inputs(model, settings.seed)
+def _compile_both(net: layers.Layer, params: Any, x: jax.Array, labels: jax.Array,
+                  repeats: int) -> tuple[dict[str, Any], list[Record]]:
+    """The step compiled for each side, ``repeats`` times interleaved, and the compile-time figures."""
     compiled: dict[str, Any] = {}
     compile_times: dict[str, list[float]] = {"manual": [], "jax_grad": []}
-    for i in range(max(settings.compile_repeats, 1)):
+    for i in range(max(repeats, 1)):
         for side in ("manual", "jax_grad") if i % 2 == 0 else ("jax_grad", "manual"):
             compiled[side], seconds = compile_step(net, "autodiff" if side == "jax_grad" else "manual", params, x, labels)
             compile_times[side].append(seconds)
     records = [record(f"compile_s_{side}", statistics.median(compile_times[side]), "s") for side in compile_times]
     records.append(record("compile_ratio_manual_over_jax_grad", median_ratio(compile_times, "manual", "jax_grad"), "ratio"))
+    return compiled, records
 
+
+def _gradients_and_memory(net: layers.Layer, compiled: dict[str, Any], params: Any, x: jax.Array,
+                          labels: jax.Array) -> tuple[dict[str, Any], list[Record]]:
+    """Each side's gradient, their difference, and the compiled and residual bytes."""
     loss = {side: (lambda p, x, y, ref=(side == "jax_grad"): layers.classifier_loss(net, p, x, y, reference=ref)[0])
             for side in ("manual", "jax_grad")}
     grads = {side: jax.jit(jax.grad(fn))(params, x, labels) for side, fn in loss.items()}
-    records.append(record("gradient_difference_jax_grad_vs_manual",
-                          relative_l2(jax.tree_util.tree_leaves(grads["jax_grad"]), jax.tree_util.tree_leaves(grads["manual"])),
-                          "relative L2"))
+    records = [record("gradient_difference_jax_grad_vs_manual",
+                      relative_l2(jax.tree_util.tree_leaves(grads["jax_grad"]), jax.tree_util.tree_leaves(grads["manual"])),
+                      "relative L2")]
     nbytes = {side: footprint(c) for side, c in compiled.items()}
     if None in nbytes.values():
         records.append(record("compiled_bytes", None, "bytes", skipped="memory_analysis() reports nothing on this backend"))
@@ -244,41 +247,67 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
     residuals = {side: residual_bytes(fn, params, x, labels) for side, fn in loss.items()}
     records += [record(f"residual_bytes_{side}", residuals[side], "bytes") for side in residuals]
     records.append(record("residual_ratio_manual_over_jax_grad", residuals["manual"] / residuals["jax_grad"], "ratio"))
+    return grads, records
 
+
+def _contenders(model: Model, settings: Settings, compiled: dict[str, Any], params: Any, x: jax.Array,
+                labels: jax.Array, grads: Any) -> tuple[dict[str, Callable[[], Any]], list[Record], str | None]:
+    """What is timed: both steps, and for MLPs the matmul and the peers (with the peers' gradient checks
+    and the reason PyTorch is missing, if it is)."""
     contenders = {side: _stepper(c, params, x, labels) for side, c in compiled.items()}
-    torch_reason = None
-    if model.mlp:
-        n = settings.matmul_n()
-        a = jax.random.normal(jax.random.PRNGKey(settings.seed), (n, n), jnp.float32)
-        matmul = jax.jit(jnp.matmul)
-        contenders["matmul"] = lambda: matmul(a, a)
-        if settings.peers:
-            more, checks, torch_reason = _peer_contenders(params, x, labels, peers.dense_weights(grads["manual"]), n)
-            contenders.update(more)
-            records += checks
-    times = interleaved(contenders, settings.repeats, settings.warmup, settings.sample_seconds)
+    if not model.mlp:
+        return contenders, [], None
+    n = settings.matmul_n()
+    a = jax.random.normal(jax.random.PRNGKey(settings.seed), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    contenders["matmul"] = lambda: matmul(a, a)
+    if not settings.peers:
+        return contenders, [], None
+    more, checks, torch_reason = _peer_contenders(params, x, labels, peers.dense_weights(grads["manual"]), n)
+    return {**contenders, **more}, checks, torch_reason
+
+
+def _step_records(times: dict[str, list[float]], torch_reason: str | None) -> list[Record]:
+    """Each step's median time and the hand rules' ratio to every other step."""
     steps = [side for side in times if not side.endswith("matmul")]
-    records += [record(f"step_ms_{side}", 1e3 * statistics.median(times[side]), "ms") for side in steps]
+    records = [record(f"step_ms_{side}", 1e3 * statistics.median(times[side]), "ms") for side in steps]
     records += [record(f"step_ratio_manual_over_{side}", median_ratio(times, "manual", side), "ratio")
                 for side in steps if side != "manual"]
-    if model.mlp and settings.peers and torch_reason is not None:
+    if torch_reason is not None:
         records.append(record("step_ratio_manual_over_torch", None, "ratio", skipped=torch_reason))
-    if model.mlp:
-        flops, peak_flops = step_flops(params, model.batch), 2 * settings.matmul_n() ** 3
-        records += [
-            record("step_flops", flops, "FLOP"),
-            record("flops_per_s_manual", flops / statistics.median(times["manual"]), "FLOP/s"),
-            record("matmul_flops_per_s", peak_flops / statistics.median(times["matmul"]), "FLOP/s",
-                   matmul=f"{settings.matmul_n()}x{settings.matmul_n()} float32"),
-            record("flops_fraction_manual_of_matmul", median_ratio(times, "matmul", "manual") * flops / peak_flops,
-                   "fraction"),
-        ]
-        if "torch_matmul" in times:
-            records.append(record("torch_matmul_flops_per_s", peak_flops / statistics.median(times["torch_matmul"]),
-                                  "FLOP/s", matmul=f"{settings.matmul_n()}x{settings.matmul_n()} float32, torch.mm"))
-    for rec in records:
-        rec["model"] = name
     return records
+
+
+def _flops_records(times: dict[str, list[float]], params: Any, model: Model, settings: Settings) -> list[Record]:
+    """An MLP step's FLOPs, its FLOP/s, the matmul's (the peak), and the fraction of the peak reached."""
+    n = settings.matmul_n()
+    flops, peak_flops = step_flops(params, model.batch), 2 * n**3
+    records = [
+        record("step_flops", flops, "FLOP"),
+        record("flops_per_s_manual", flops / statistics.median(times["manual"]), "FLOP/s"),
+        record("matmul_flops_per_s", peak_flops / statistics.median(times["matmul"]), "FLOP/s", matmul=f"{n}x{n} float32"),
+        record("flops_fraction_manual_of_matmul", median_ratio(times, "matmul", "manual") * flops / peak_flops,
+               "fraction"),
+    ]
+    if "torch_matmul" in times:
+        records.append(record("torch_matmul_flops_per_s", peak_flops / statistics.median(times["torch_matmul"]),
+                              "FLOP/s", matmul=f"{n}x{n} float32, torch.mm"))
+    return records
+
+
+def bench_model(name: str, settings: Settings) -> list[Record]:
+    """Every figure for one model of :data:`MODELS`."""
+    model = MODELS[name]
+    net = model.build()
+    params, x, labels = _inputs(model, settings.seed)
+    compiled, records = _compile_both(net, params, x, labels, settings.compile_repeats)
+    grads, memory = _gradients_and_memory(net, compiled, params, x, labels)
+    contenders, checks, torch_reason = _contenders(model, settings, compiled, params, x, labels, grads)
+    times = interleaved(contenders, settings.repeats, settings.warmup, settings.sample_seconds)
+    records += memory + checks + _step_records(times, torch_reason)
+    if model.mlp:
+        records += _flops_records(times, params, model, settings)
+    return [{**rec, "model": name} for rec in records]
 
 
 # --------------------------------------------------------------------------- memory (Remark 8)
@@ -307,9 +336,9 @@ def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int 
     and the compiled footprint of the jitted algorithm; for ``jax.grad`` of the custom_vjp
     composition and of the references: the residual bytes and the compiled footprint.
     """
-    network = [backprop.Layer("dense", "relu")] * (len(widths) - 2) + [backprop.Layer("dense")]
+    network = [layers.Dense(w, "relu") for w in widths[1:-1]] + [layers.Dense(widths[-1])]
     kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = backprop.init(kp, network, widths[:1], widths[1:], jnp.float32)
+    params = backprop.init(kp, network, widths[:1])
     x = jax.random.normal(kx, (batch, widths[0]), jnp.float32)
     labels = jax.random.randint(ky, (batch,), 0, widths[-1])
     loss = "softmax_cross_entropy"

@@ -2,7 +2,8 @@
 
 The custom_vjp rules are backprop one layer at a time, and JAX chains them. Seed 002 also
 gives backprop for a whole network as one explicit algorithm. A network here is a sequence
-of :class:`Layer` s, layer ``k`` being seed 002 §4's
+of :class:`~manualgrad.nn.layers.Layer` s built by ``Dense`` and ``Conv2D`` (which carry ``C_k``,
+``σ_k`` and the geometry), layer ``k`` being seed 002 §4's
 
     a_k = C_k(σ_{k−1}(a_{k−1}), W_k) + ι_k(b_k),     a_0 = x,  σ_0 = id,
 
@@ -39,17 +40,19 @@ measures the compiled programs.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from manualgrad import registry
-from manualgrad.rules import activations, convolution, linear, losses, pooling
+from manualgrad.nn.layers import Layer, serial
+from manualgrad.rules import convolution, linear, losses, pooling
 from manualgrad.rules.validation import RuleInputError
-from manualgrad.rules.windows import Padding
 
 Store = Literal["a_and_F", "a", "F"]
 STORES: tuple[Store, ...] = ("a_and_F", "a", "F")
@@ -57,35 +60,55 @@ Params = list[tuple[jax.Array, jax.Array]]
 Gradients = list[tuple[jax.Array, jax.Array]]
 
 
-class Layer(NamedTuple):
-    """Layer ``k`` of seed 002 §4: ``a_k = C_k(F_{k−1}, W_k) + ι_k(b_k)``, then ``F_k = σ_k(a_k)``.
+def _residual_from_output(fn: Callable, args: tuple) -> Callable | None:
+    """``F ↦ residual`` when the custom_vjp ``fn`` keeps only its output ``F`` (or nothing), else ``None``."""
+    kept = []
 
-    Attributes:
-      map: ``C_k``, ``"dense"`` (``W`` of shape ``(in, out)``; an image input is flattened
-        first) or ``"conv2d"`` (NHWC input, HWIO ``W``, one bias per output channel).
-      activation: ``σ_k``, the name of a registered activation rule.
-      stride, padding, dilation: the convolution's geometry (``"conv2d"`` only).
+    def probe(z):
+        f, residual = fn.fwd(z, *args)
+        kept.append((lambda f: f) if residual is f else (lambda f: ()) if residual == () else None)
+        return f
+
+    try:
+        jax.eval_shape(probe, jax.ShapeDtypeStruct((2,), jnp.float32))
+    except (RuleInputError, TypeError, ValueError, IndexError):
+        return None
+    return kept[0]
+
+
+def _defaults(fn: Callable) -> tuple | None:
+    """The defaults of the rule's arguments after the first (leaky ReLU's slope); ``None`` if one has none."""
+    defaults = tuple(p.default for p in list(inspect.signature(fn.fwd).parameters.values())[1:])
+    return None if inspect.Parameter.empty in defaults else defaults
+
+
+def _sigmas() -> dict[str, tuple[Callable, Callable]]:
+    """σ ↦ (forward ``a ↦ F``, backward ``(F, T) ↦ σ'(a) ⊙ T``), both the registered rule's own.
+
+    The activations are the registered rules of one differentiable argument (the others, Python
+    numbers, take the rule's defaults) whose custom_vjp keeps only ``F`` or nothing: for them the
+    rule's own backward, fed ``F``, is Remark 8's ``σ'`` as a function of ``F``. A rule registered
+    later joins the table.
     """
-
-    map: str = "dense"
-    activation: str = "identity"
-    stride: int | tuple[int, int] = 1
-    padding: Padding = "VALID"
-    dilation: int | tuple[int, int] = 1
+    return _activation_table(registry.rules())
 
 
-# σ ↦ (forward a ↦ F, backward (F, T) ↦ σ'(a) ⊙ T), both the activation rules' own.
-_SIGMA: dict[str, tuple[Callable, Callable]] = {
-    "identity": (lambda a: a, lambda f, t: activations.identity_backward(t)),
-    "relu": (lambda a: activations.relu_forward(a)[0], activations.relu_backward),
-    "sigmoid": (lambda a: activations.sigmoid_forward(a)[0], activations.sigmoid_backward),
-    "tanh": (lambda a: activations.tanh_forward(a)[0], activations.tanh_backward),
-    "softplus": (lambda a: activations.softplus_forward(a)[0], activations.softplus_backward),
-    "leaky_relu": (
-        lambda a: activations.leaky_relu_forward(a)[0],
-        lambda f, t: activations.leaky_relu_backward(f, 0.01, t),
-    ),
-}
+@functools.cache
+def _activation_table(rules: tuple[registry.Rule, ...]) -> dict[str, tuple[Callable, Callable]]:
+    table = {}
+    for rule in rules:
+        fn = rule.fn
+        args = _defaults(fn) if rule.differentiable == (0,) else None
+        if args is None or len(args) != len(fn.nondiff_argnums):
+            continue
+        residual = _residual_from_output(fn, args)
+        if residual is not None:
+            table[rule.name] = (
+                lambda a, fn=fn, args=args: fn.fwd(a, *args)[0],
+                lambda f, t, fn=fn, args=args, residual=residual: fn.bwd(*args, residual(f), t)[0],
+            )
+    return table
+
 
 # ℓ ↦ (forward (F_n, y) ↦ (loss, residuals), derivative residuals ↦ L), the loss rules' own.
 _LOSSES: dict[str, tuple[Callable, Callable]] = {
@@ -129,17 +152,19 @@ def _c_double_dagger(layer: Layer, x: jax.Array, t: jax.Array, w: jax.Array) -> 
 
 def _validate(network: Sequence[Layer], params: Params, store: str = "F", loss: str = "mse") -> None:
     if not network or not all(isinstance(layer, Layer) for layer in network):
-        raise RuleInputError("backprop: network must be a non-empty sequence of backprop.Layer")
+        raise RuleInputError("backprop: network must be a non-empty sequence of layers.Layer (Dense or Conv2D)")
     if len(params) != len(network) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in params):
         raise RuleInputError(
             f"backprop: params must hold one (W, b) pair per layer: {len(network)} layers, got {len(params)} entries"
         )
     for k, layer in enumerate(network, start=1):
         if layer.map not in ("dense", "conv2d"):
-            raise RuleInputError(f"backprop: layer {k} has map {layer.map!r}; expected 'dense' or 'conv2d'")
-        if layer.activation not in _SIGMA:
             raise RuleInputError(
-                f"backprop: layer {k} has activation {layer.activation!r}; expected one of {', '.join(_SIGMA)}"
+                f"backprop: layer {k} has map {layer.map!r}; expected 'dense' or 'conv2d' (a Dense or Conv2D layer)"
+            )
+        if layer.activation not in _sigmas():
+            raise RuleInputError(
+                f"backprop: layer {k} has activation {layer.activation!r}; expected one of {', '.join(_sigmas())}"
             )
     if store not in STORES:
         raise RuleInputError(f"backprop: store must be one of {', '.join(STORES)}, got {store!r}")
@@ -161,14 +186,14 @@ def forward(network: Sequence[Layer], params: Params, x: jax.Array, store: Store
             a = linear.bias_add_forward(_c(layer, f, w), b)[0]
         except (RuleInputError, TypeError) as error:
             raise type(error)(f"backprop layer {k} ({layer.map}): {error}") from error
-        f = _SIGMA[layer.activation][0](a)
+        f = _sigmas()[layer.activation][0](a)
         tape.append({"a_and_F": (a, f), "a": a, "F": f}[store])
     return f, tape
 
 
 def _recorded(network: Sequence[Layer], tape: list, store: Store, k: int) -> tuple[jax.Array, Callable]:
     """``F_k`` and ``T ↦ σ'_k(a_k) ⊙ T`` from the tape, for ``k ≥ 1``."""
-    sigma, sigma_backward = _SIGMA[network[k - 1].activation]
+    sigma, sigma_backward = _sigmas()[network[k - 1].activation]
     if store == "F":
         f = tape[k]
         return f, lambda t: sigma_backward(f, t)
@@ -207,7 +232,7 @@ def gradients(
     """Seed 002's Algorithm 2 (Algorithm 1 for dense networks): the loss and every ``(G_k, g_k)``.
 
     Args:
-      network: the layers, e.g. ``[Layer("dense", "relu"), Layer("dense")]``.
+      network: the layers, e.g. ``[Dense(32, "relu"), Dense(10)]`` (:mod:`manualgrad.nn.layers`).
       params: ``[(W_1, b_1), …, (W_n, b_n)]``, a plain pytree (see :func:`init`).
       x: the batch, ``(m, d_0)`` or NHWC images.
       y: the targets: an array shaped like the output for ``"mse"``, class indices or
@@ -241,29 +266,23 @@ def stored_bytes(network: Sequence[Layer], params: Params, x: jax.Array, store: 
     return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tape))
 
 
-def _network(network: Sequence[Layer], params: Params, x: jax.Array, version: Callable[[registry.Rule], Callable]):
+def _network(network: Sequence[Layer], params: Params, x: jax.Array, reference: bool) -> jax.Array:
     h = x
     for layer, (w, b) in zip(network, params):
-        if layer.map == "dense":
-            if jnp.ndim(h) > 2:
-                h = version(registry.get("flatten"))(h)
-            h = version(registry.get("dense"))(h, w)
-        else:
-            h = version(registry.get("conv2d"))(h, w, layer.stride, layer.padding, layer.dilation)
-        h = version(registry.get(layer.activation))(version(registry.get("bias_add"))(h, b))
+        h = layer.apply({"w": w, "b": b}, h, reference=reference)
     return h
 
 
 def output(network: Sequence[Layer], params: Params, x: jax.Array) -> jax.Array:
     """``F_n`` as a composition of the custom_vjp rules: ``jax.grad`` of it chains the hand rules."""
     _validate(network, params)
-    return _network(network, params, x, lambda rule: rule.fn)
+    return _network(network, params, x, reference=False)
 
 
 def output_reference(network: Sequence[Layer], params: Params, x: jax.Array) -> jax.Array:
     """``F_n`` from the rules' plain-``jnp`` references: ``jax.grad`` of it is pure autodiff."""
     _validate(network, params)
-    return _network(network, params, x, lambda rule: rule.reference)
+    return _network(network, params, x, reference=True)
 
 
 def loss(network: Sequence[Layer], params: Params, x: jax.Array, y: jax.Array, loss: str = "mse", *, reference: bool = False) -> jax.Array:
@@ -274,31 +293,9 @@ def loss(network: Sequence[Layer], params: Params, x: jax.Array, y: jax.Array, l
     return registry.get(loss).fn(output(network, params, x), y)
 
 
-def init(key: jax.Array, network: Sequence[Layer], input_shape: Sequence[int], widths: Sequence[int], dtype: Any = None) -> Params:
-    """He-scaled normal weights and small normal biases for ``network``.
-
-    ``dtype`` defaults to JAX's default float (float64 when x64 is enabled), as for
-    ``jax.random.normal``, so ``params`` match an input drawn the same way.
-
-    ``input_shape`` is one sample's shape (``(d_0,)`` or ``(H, W, C)``); ``widths[k]`` is layer
-    ``k``'s output features, and for ``"conv2d"`` layers a ``(KH, KW, C_out)`` triple.
-    """
-    if len(widths) != len(network):
-        raise RuleInputError(f"backprop.init: one width per layer: {len(network)} layers, {len(widths)} widths")
-    dtype = jnp.result_type(float) if dtype is None else dtype
-    shape = jax.ShapeDtypeStruct((1, *input_shape), dtype)
-    params: Params = []
-    for layer, width, k in zip(network, widths, jax.random.split(key, len(network))):
-        kw, kb = jax.random.split(k)
-        if layer.map == "dense":
-            fan_in = int(np.prod(shape.shape[1:]))
-            w_shape = (fan_in, int(width))
-        else:
-            kh, kw_, c_out = width
-            fan_in = kh * kw_ * shape.shape[-1]
-            w_shape = (kh, kw_, shape.shape[-1], c_out)
-        w = jax.random.normal(kw, w_shape, dtype) * (2.0 / fan_in) ** 0.5
-        b = 0.1 * jax.random.normal(kb, (w_shape[-1],), dtype)
-        shape = jax.eval_shape(lambda h, w, b: linear.bias_add_forward(_c(layer, h, w), b)[0], shape, w, b)
-        params.append((w, b))
-    return params
+def init(key: jax.Array, network: Sequence[Layer], input_shape: Sequence[int]) -> Params:
+    """``[(W_1, b_1), …, (W_n, b_n)]`` from the layers' own initialisation (:func:`~manualgrad.nn.layers.he_normal`:
+    He-normal weights, zero biases, in each layer's dtype); ``input_shape`` is one sample's shape,
+    ``(d_0,)`` or ``(H, W, C)``."""
+    _, params = serial(*network).init(key, (-1, *input_shape))
+    return [(p["w"], p["b"]) for p in params]

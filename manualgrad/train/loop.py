@@ -107,33 +107,53 @@ class Config:
         return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
 
 
+def _either(names: Sequence[str]) -> str:
+    """``"a, b or c"``."""
+    *first, last = names
+    return f"{', '.join(first)} or {last}" if first else last
+
+
+OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+    "sgd": optax.sgd,
+    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+    "adam": optax.adam,
+}
+GRADS = ("manual", "autodiff")  # the hand rules, or jax.grad of the same model built from the references
+DTYPES = ("float32", "float64")
+
+
 def optimizer(name: str, lr: float) -> optax.GradientTransformation:
-    """``sgd``, ``momentum`` (0.9) or ``adam``, from optax."""
-    if name == "sgd":
-        return optax.sgd(lr)
-    if name == "momentum":
-        return optax.sgd(lr, momentum=0.9)
-    if name == "adam":
-        return optax.adam(lr)
-    raise TrainError(f"train: --optimizer must be sgd, momentum or adam, got {name!r}")
+    """``sgd``, ``momentum`` (0.9) or ``adam``, from optax (:data:`OPTIMIZERS`)."""
+    if name not in OPTIMIZERS:
+        raise TrainError(f"train: --optimizer must be {_either(tuple(OPTIMIZERS))}, got {name!r}")
+    return OPTIMIZERS[name](lr)
+
+
+def _cnn(dataset: data.Dataset, dtype: Any) -> layers.Layer:
+    if not dataset.is_image:
+        raise TrainError(f"train: --model cnn needs images (N, H, W, C); dataset {dataset.name} has inputs of shape "
+                         f"{dataset.input_shape}: use --model mlp")
+    return layers.cnn(dataset.classes, dtype=dtype)
+
+
+def _mlp(dataset: data.Dataset, dtype: Any) -> layers.Layer:
+    return layers.mlp(dataset.classes, hidden=(128,) if dataset.is_image else (32, 32), dtype=dtype)
+
+
+MODELS: dict[str, Callable[[data.Dataset, Any], layers.Layer]] = {"cnn": _cnn, "mlp": _mlp}
 
 
 def model(name: str, dataset: data.Dataset, dtype: Any) -> layers.Layer:
-    """The ready-made ``cnn`` or ``mlp`` for ``dataset``."""
-    if name == "cnn":
-        if not dataset.is_image:
-            raise TrainError(f"train: --model cnn needs images (N, H, W, C); dataset {dataset.name} has inputs of shape "
-                             f"{dataset.input_shape}: use --model mlp")
-        return layers.cnn(dataset.classes, dtype=dtype)
-    if name == "mlp":
-        return layers.mlp(dataset.classes, hidden=(128,) if dataset.is_image else (32, 32), dtype=dtype)
-    raise TrainError(f"train: --model must be cnn or mlp, got {name!r}")
+    """The ready-made ``cnn`` or ``mlp`` for ``dataset`` (:data:`MODELS`)."""
+    if name not in MODELS:
+        raise TrainError(f"train: --model must be {_either(tuple(MODELS))}, got {name!r}")
+    return MODELS[name](dataset, dtype)
 
 
 def loss_fn(net: layers.Layer, grad: str) -> Callable:
     """``(params, x, labels) -> (loss, correct)`` through the hand rules (``manual``) or the references (``autodiff``)."""
-    if grad not in ("manual", "autodiff"):
-        raise TrainError(f"train: --grad must be manual or autodiff, got {grad!r}")
+    if grad not in GRADS:
+        raise TrainError(f"train: --grad must be {_either(GRADS)}, got {grad!r}")
     reference = grad == "autodiff"
     return lambda params, x, labels: layers.classifier_loss(net, params, x, labels, reference=reference)
 
@@ -236,8 +256,8 @@ def _progress(total: int, initial: int, description: str):
 
 def validate(config: Config) -> None:
     """Raises :class:`TrainError` naming the flag of the first value that cannot run."""
-    if config.dtype not in ("float32", "float64"):
-        raise TrainError(f"train: --dtype must be float32 or float64, got {config.dtype!r}")
+    if config.dtype not in DTYPES:
+        raise TrainError(f"train: --dtype must be {_either(DTYPES)}, got {config.dtype!r}")
     if config.epochs < 1 or config.batch_size < 1 or config.checkpoint_every < 0:
         raise TrainError(f"train: --epochs and --batch-size must be ≥ 1 and --checkpoint-every ≥ 0 "
                          f"(got {config.epochs}, {config.batch_size}, {config.checkpoint_every})")

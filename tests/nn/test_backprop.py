@@ -11,12 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from manualgrad import registry
 from manualgrad.nn import backprop
-from manualgrad.nn.backprop import Layer
+from manualgrad.nn.layers import Conv2D, Dense, Relu
 from manualgrad.rules.validation import RuleInputError
 
-MLP = [Layer("dense", "sigmoid"), Layer("dense", "tanh"), Layer("dense", "relu"), Layer("dense", "softplus"), Layer("dense")]
-CNN = [Layer("conv2d", "relu"), Layer("conv2d", "tanh", stride=2, padding="SAME"), Layer("conv2d", "leaky_relu", dilation=2, padding=1), Layer("dense")]
+F64 = jnp.float64
+MLP = [Dense(7, "sigmoid", F64), Dense(5, "tanh", F64), Dense(6, "relu", F64), Dense(4, "softplus", F64), Dense(3, dtype=F64)]
+CNN = [Conv2D(4, activation="relu", dtype=F64), Conv2D(5, stride=2, padding="SAME", activation="tanh", dtype=F64),
+       Conv2D(3, (2, 2), dilation=2, padding=1, activation="leaky_relu", dtype=F64), Dense(4, dtype=F64)]
 
 
 def _relative(a, b) -> float:
@@ -27,7 +30,7 @@ def _relative(a, b) -> float:
 @pytest.fixture(scope="module")
 def mlp():
     key = jax.random.PRNGKey(0)
-    params = backprop.init(key, MLP, (6,), (7, 5, 6, 4, 3), jnp.float64)
+    params = backprop.init(key, MLP, (6,))
     x = jax.random.normal(jax.random.PRNGKey(1), (9, 6), jnp.float64)
     y = jax.random.normal(jax.random.PRNGKey(2), (9, 3), jnp.float64)
     return params, x, y
@@ -35,7 +38,7 @@ def mlp():
 
 @pytest.fixture(scope="module")
 def cnn():
-    params = backprop.init(jax.random.PRNGKey(3), CNN, (9, 9, 2), ((3, 3, 4), (3, 3, 5), (2, 2, 3), 4), jnp.float64)
+    params = backprop.init(jax.random.PRNGKey(3), CNN, (9, 9, 2))
     x = jax.random.normal(jax.random.PRNGKey(4), (3, 9, 9, 2), jnp.float64)
     labels = jnp.array([0, 3, 1])
     return params, x, labels
@@ -101,10 +104,10 @@ def test_no_autodiff_in_the_algorithm():
 @pytest.mark.parametrize(
     "network, params, message",
     [
-        ([Layer("dense", "gelu")], [(np.ones((2, 2)), np.ones(2))], "layer 1 has activation 'gelu'"),
-        ([Layer("pool")], [(np.ones((2, 2)), np.ones(2))], "layer 1 has map 'pool'"),
-        ([Layer(), Layer()], [(np.ones((2, 2)), np.ones(2))], "2 layers, got 1 entries"),
-        ([Layer()], [(np.ones((3, 2)), np.ones(2))], r"backprop layer 1 \(dense\): dense: x has 2 features but w expects 3"),
+        ([Dense(2, "gelu")], [(np.ones((2, 2)), np.ones(2))], "layer 1 has activation 'gelu'"),
+        ([Relu], [(np.ones((2, 2)), np.ones(2))], "layer 1 has map None"),
+        ([Dense(2), Dense(2)], [(np.ones((2, 2)), np.ones(2))], "2 layers, got 1 entries"),
+        ([Dense(2)], [(np.ones((3, 2)), np.ones(2))], r"backprop layer 1 \(dense\): dense: x has 2 features but w expects 3"),
     ],
 )
 def test_bad_network_names_the_layer(network, params, message):
@@ -115,8 +118,41 @@ def test_bad_network_names_the_layer(network, params, message):
 def test_bad_store_and_loss():
     params = [(np.ones((2, 2)), np.ones(2))]
     with pytest.raises(RuleInputError, match="store must be one of a_and_F, a, F, got 'z'"):
-        backprop.gradients([Layer()], params, np.ones((4, 2)), np.ones((4, 2)), store="z")
+        backprop.gradients([Dense(2)], params, np.ones((4, 2)), np.ones((4, 2)), store="z")
     with pytest.raises(RuleInputError, match="loss must be one of"):
-        backprop.gradients([Layer()], params, np.ones((4, 2)), np.ones((4, 2)), loss="hinge")
+        backprop.gradients([Dense(2)], params, np.ones((4, 2)), np.ones((4, 2)), loss="hinge")
     with pytest.raises(RuleInputError, match=r"backprop loss: mse"):
-        backprop.gradients([Layer()], params, np.ones((4, 2)), np.ones((4, 3)))
+        backprop.gradients([Dense(2)], params, np.ones((4, 2)), np.ones((4, 3)))
+
+
+def _softsign_activation() -> registry.Rule:
+    """A user's activation, ``F = z / (1 + |z|)``, whose backward needs only ``F``: ``σ' = (1 − |F|)²``."""
+
+    def forward(z):
+        f = z / (1 + jnp.abs(z))
+        return f, f
+
+    @jax.custom_vjp
+    def softsign(z):
+        """Softsign, from seed 002 Remark 8: σ' as a function of F.
+
+        Result:
+
+        ``dz = G ⊙ (1 − |F|)²``
+        """
+        return forward(z)[0]
+
+    softsign.defvjp(forward, lambda f, g: (g * (1 - jnp.abs(f)) ** 2,))
+    return registry.Rule("softsign", softsign, lambda z: z / (1 + jnp.abs(z)),
+                         lambda key, dtype: [], (0,), (("002", "Remark 8"),))
+
+
+def test_activation_table_is_the_registry(mlp, monkeypatch):
+    """Algorithm 1 runs any registered activation that keeps only its output, a user's included."""
+    monkeypatch.setattr(registry, "_RULES", dict(registry._RULES))
+    registry.register(_softsign_activation())
+    network = [Dense(7, "softsign", F64), Dense(3, dtype=F64)]
+    params, x, y = backprop.init(jax.random.PRNGKey(5), network, (6,)), *mlp[1:]
+    for store in backprop.STORES:
+        _, grads = backprop.gradients(network, params, x, y, "mse", store)
+        assert _relative(grads, jax.grad(lambda p: backprop.loss(network, p, x, y, reference=True))(params)) <= 1e-12
