@@ -31,7 +31,7 @@ def backward_program_bytes(widths: tuple[int, ...] = (784, 1024, 1024, 10), batc
     """Per ``store``: the compiled footprint of :func:`manualgrad.nn.backprop.backward` alone (tape as arguments)."""
     network = [layers.Dense(w, "relu") for w in widths[1:-1]] + [layers.Dense(widths[-1])]
     kp, kx = jax.random.split(jax.random.PRNGKey(0))
-    params = backprop.init(kp, network, widths[:1])
+    params = backprop.init(kp, network, widths[:1], jnp.float32)
     x = jax.random.normal(kx, (batch, widths[0]), jnp.float32)
     dl = jnp.ones((batch, widths[-1]), jnp.float32)
     result = {}

@@ -338,7 +338,7 @@ def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int 
     """
     network = [layers.Dense(w, "relu") for w in widths[1:-1]] + [layers.Dense(widths[-1])]
     kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = backprop.init(kp, network, widths[:1])
+    params = backprop.init(kp, network, widths[:1], jnp.float32)
     x = jax.random.normal(kx, (batch, widths[0]), jnp.float32)
     labels = jax.random.randint(ky, (batch,), 0, widths[-1])
     loss = "softmax_cross_entropy"

@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -293,9 +293,14 @@ def loss(network: Sequence[Layer], params: Params, x: jax.Array, y: jax.Array, l
     return registry.get(loss).fn(output(network, params, x), y)
 
 
-def init(key: jax.Array, network: Sequence[Layer], input_shape: Sequence[int]) -> Params:
+def init(key: jax.Array, network: Sequence[Layer], input_shape: Sequence[int], dtype: Any = None) -> Params:
     """``[(W_1, b_1), …, (W_n, b_n)]`` from the layers' own initialisation (:func:`~manualgrad.nn.layers.he_normal`:
-    He-normal weights, zero biases, in each layer's dtype); ``input_shape`` is one sample's shape,
-    ``(d_0,)`` or ``(H, W, C)``."""
+    He-normal weights, zero biases), in ``dtype``.
+
+    ``input_shape`` is one sample's shape, ``(d_0,)`` or ``(H, W, C)``. ``dtype`` defaults to JAX's
+    default float (float64 when x64 is enabled), as for ``jax.random.normal``, so ``params`` match an
+    input drawn the same way; the draws are made in each layer's own dtype.
+    """
+    dtype = jnp.result_type(float) if dtype is None else dtype
     _, params = serial(*network).init(key, (-1, *input_shape))
-    return [(p["w"], p["b"]) for p in params]
+    return [(jnp.asarray(p["w"], dtype), jnp.asarray(p["b"], dtype)) for p in params]
