@@ -6,7 +6,7 @@ argument of both rules, so every wrong VJP takes ``(mode, residuals, g)``.
 
 import jax.numpy as jnp
 
-from manualgrad.rules import correlation
+from manualgrad.rules import correlation, windows
 from mutations.mutation import Mutation
 
 
@@ -17,23 +17,20 @@ def _corr_kernel_not_flipped(mode, res, g):
     return correlation.correlate1d_backward(jnp.flip(w), n, mode, g), correlation.correlate1d_gradient(x, k, mode, g)
 
 
-def _shifted(a, by):
-    """``a`` shifted by ``by = ±1`` along its last axis, zero where it moved in: padding one more on one
-    side and one less on the other."""
-    lead = [(0, 0)] * (a.ndim - 1)
-    return jnp.pad(a[..., :-1], [*lead, (1, 0)]) if by > 0 else jnp.pad(a[..., 1:], [*lead, (0, 1)])
-
-
 def _corr_dx_padding_off_by_one(mode, res, g):
     x, w = res
     n, k = x.shape[-1], w.shape[0]
-    return correlation.correlate1d_backward(w, n, mode, _shifted(g, 1)), correlation.correlate1d_gradient(x, k, mode, g)
+    lo, hi = windows.mode_window("correlate1d", n, k, mode).g_pads
+    dx = correlation._correlate_valid(correlation._pad(g, (lo + 1, hi - 1)), jnp.flip(w))
+    return dx, correlation.correlate1d_gradient(x, k, mode, g)
 
 
 def _corr_dw_padding_off_by_one(mode, res, g):
     x, w = res
     n, k = x.shape[-1], w.shape[0]
-    return correlation.correlate1d_backward(w, n, mode, g), correlation.correlate1d_gradient(_shifted(x, -1), k, mode, g)
+    lo, hi = windows.mode_window("correlate1d", n, k, mode).x_pads
+    dw = correlation._correlate_valid_summed(correlation._pad(x, (lo - 1, hi + 1)), g)
+    return correlation.correlate1d_backward(w, n, mode, g), dw
 
 
 def _corr_dw_averaged(mode, res, g):
