@@ -38,11 +38,17 @@ from manualgrad.check import checker, tolerances  # noqa: E402
 
 COMMITTED = Path(__file__).with_name("errors.png")
 FLOOR = 1e-6  # an error of exactly 0 is drawn here, so it shows on the log scale
-SERIES = {("vjp", "float64"): "hand VJP vs jax.grad, float64", ("vjp", "float32"): "hand VJP vs jax.grad, float32",
-          ("finite_diff", "float64"): "hand VJP vs finite differences, both float64"}
+SERIES = {
+    ("vjp", "float64"): "hand VJP vs jax.grad, float64",
+    ("vjp", "float32"): "hand VJP vs jax.grad, float32",
+    ("finite_diff", "float64"): "hand VJP vs finite differences, both float64",
+}
 RUNS = {"float64": ("vjp", "finite_diff"), "float32": ("vjp",)}
-ATOLS = {("vjp", "float64"): tolerances.ATOL["float64"], ("vjp", "float32"): tolerances.ATOL["float32"],
-         ("finite_diff", "float64"): tolerances.FD_ATOL}
+ATOLS = {
+    ("vjp", "float64"): tolerances.ATOL["float64"],
+    ("vjp", "float32"): tolerances.ATOL["float32"],
+    ("finite_diff", "float64"): tolerances.FD_ATOL,
+}
 
 
 def errors(rules: list[str] | None = None) -> dict[tuple[str, str], dict[str, float]]:
@@ -77,8 +83,11 @@ def figure(values: dict[tuple[str, str], dict[str, float]], out: Path) -> Path:
     ax.set_xlim(FLOOR / 2, 10)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
-    ax.set_xlabel("worst entry over the rule's samples: error / allowed = min(relative / tol, absolute / floor)"
-                  f"  (0 drawn at {FLOOR:.0e}, marked 0)", fontsize=9)
+    ax.set_xlabel(
+        "worst entry over the rule's samples: error / allowed = min(relative / tol, absolute / floor)"
+        f"  (0 drawn at {FLOOR:.0e}, marked 0)",
+        fontsize=9,
+    )
     ax.set_title("manualgrad: hand-derived backward rules as the checker judges them", fontsize=11)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -1.1 / len(names) - 0.02), fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,12 @@ def main(epochs: int = 5, model: str = "mlp", out: Path = Path("runs/manual_vs_a
         epochs_axis = [r["epoch"] for r in runs[grad]]
         ax.plot(epochs_axis, [r["train_loss"] for r in runs[grad]], style, label=f"train loss, --grad {grad}")
         ax.plot(epochs_axis, [r["test_loss"] for r in runs[grad]], style, label=f"test loss, --grad {grad}")
-    ax.set(xlabel="epoch", ylabel="softmax cross-entropy", yscale="log",
-           title=f"{model} on digits: hand rules and jax.grad, same seed")
+    ax.set(
+        xlabel="epoch",
+        ylabel="softmax cross-entropy",
+        yscale="log",
+        title=f"{model} on digits: hand rules and jax.grad, same seed",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "manual_vs_autodiff.png"

@@ -38,27 +38,38 @@ def backward_program_bytes(widths: tuple[int, ...] = (784, 1024, 1024, 10), batc
     for store in backprop.STORES:
         tape = backprop.forward(network, params, x, store)[1]
         result[store] = bench.compiled_bytes(
-            lambda p, tape, dl, store=store: backprop.backward(network, p, tape, dl, store), params, tape, dl)
+            lambda p, tape, dl, store=store: backprop.backward(network, p, tape, dl, store), params, tape, dl
+        )
     return result
 
 
 def main(batch: int = 256) -> dict:
     result = bench.backprop_memory(batch=batch)
     alone = backward_program_bytes(batch=batch)
-    mb = lambda n: f"{n / 2**20:8.2f} MiB"  # noqa: E731
+
+    def mb(n):
+        return f"{n / 2**20:8.2f} MiB"
+
     print(f"Remark 8 on {result['network']}\n")
     print(f"{'':34} {'kept between passes':>20} {'compiled footprint':>20} {'backward program':>18}")
-    for store, what in (("a_and_F", "Algorithm 1, a_k and σ(a_k)"), ("a", "Remark 8: a_k, σ recomputed"),
-                        ("F", "Remark 8: F_k = σ(a_k) only")):
-        print(f"{what:34} {mb(result[f'algorithm_{store}_tape_bytes']):>20} "
-              f"{mb(result[f'algorithm_{store}_compiled_bytes']):>20} {mb(alone[store]):>18}")
+    for store, what in (
+        ("a_and_F", "Algorithm 1, a_k and σ(a_k)"),
+        ("a", "Remark 8: a_k, σ recomputed"),
+        ("F", "Remark 8: F_k = σ(a_k) only"),
+    ):
+        print(
+            f"{what:34} {mb(result[f'algorithm_{store}_tape_bytes']):>20} "
+            f"{mb(result[f'algorithm_{store}_compiled_bytes']):>20} {mb(alone[store]):>18}"
+        )
     for name, what in (("custom_vjp", "jax.grad through the hand rules"), ("jax_grad", "jax.grad of the references")):
         print(f"{what:34} {mb(result[f'{name}_residual_bytes']):>20} {mb(result[f'{name}_compiled_bytes']):>20}")
     saving = 1 - result["algorithm_F_tape_bytes"] / result["algorithm_a_and_F_tape_bytes"]
     print(f"\nstoring F_k instead of (a_k, σ(a_k)) keeps {saving:.0%} fewer bytes between the passes;")
     print("in one jitted program XLA fuses the bias add and σ into their consumers and picks what to keep itself,")
     print("so the three choices' footprints coincide; compiled alone, the backward pass takes the tape as its")
-    print(f"arguments and the choice binds: {mb(alone['a_and_F'] - alone['F']).strip()} more for Algorithm 1 as printed.")
+    print(
+        f"arguments and the choice binds: {mb(alone['a_and_F'] - alone['F']).strip()} more for Algorithm 1 as printed."
+    )
     assert result["algorithm_F_tape_bytes"] < result["algorithm_a_and_F_tape_bytes"]
     assert alone["F"] < alone["a_and_F"]
     return {**result, **{f"algorithm_{store}_backward_program_bytes": n for store, n in alone.items()}}

@@ -57,7 +57,7 @@ class Signal:
         lo, hi = max(self.start, other.start), min(self.start + len(self.values), other.start + len(other.values))
         if hi <= lo:
             return 0.0
-        return float(self.values[lo - self.start:hi - self.start] @ other.values[lo - other.start:hi - other.start])
+        return float(self.values[lo - self.start : hi - self.start] @ other.values[lo - other.start : hi - other.start])
 
 
 def corr(b: Signal, c: Signal, mode: str) -> Signal:
@@ -81,14 +81,21 @@ IDENTITIES = {
     "1) ⟨A, B⋆C⟩ = ⟨C, B⋆A⟩": (lambda a, b, c, m: a.dot(corr(b, c, m)), lambda a, b, c, m: c.dot(corr(b, a, m))),
     "3) ⟨A, B⋆C⟩ = ⟨B, A∗C⟩": (lambda a, b, c, m: a.dot(corr(b, c, m)), lambda a, b, c, m: b.dot(conv(a, c, m))),
     "4) ⟨A, B∗C⟩ = ⟨B, A⋆C⟩": (lambda a, b, c, m: a.dot(conv(b, c, m)), lambda a, b, c, m: b.dot(corr(a, c, m))),
-    "2) corrected: ⟨A, B∗C⟩ = ⟨C, A⋆B⟩": (lambda a, b, c, m: a.dot(conv(b, c, m)), lambda a, b, c, m: c.dot(corr(a, b, m))),
+    "2) corrected: ⟨A, B∗C⟩ = ⟨C, A⋆B⟩": (
+        lambda a, b, c, m: a.dot(conv(b, c, m)),
+        lambda a, b, c, m: c.dot(corr(a, b, m)),
+    ),
 }
 # Identity 2 as printed, and as "interchanging correlation and convolution" in 1) gives it: false.
 WRONG = {
-    "2) as printed: ⟨A, B∗C⟩ = ⟨A, B∗A⟩": (lambda a, b, c: a.dot(conv(b, c, "full")),
-                                           lambda a, b, c: a.dot(conv(b, a, "full"))),
-    "2) ⋆→∗ in 1): ⟨A, B∗C⟩ = ⟨C, B∗A⟩": (lambda a, b, c: a.dot(conv(b, c, "full")),
-                                           lambda a, b, c: c.dot(conv(b, a, "full"))),
+    "2) as printed: ⟨A, B∗C⟩ = ⟨A, B∗A⟩": (
+        lambda a, b, c: a.dot(conv(b, c, "full")),
+        lambda a, b, c: a.dot(conv(b, a, "full")),
+    ),
+    "2) ⋆→∗ in 1): ⟨A, B∗C⟩ = ⟨C, B∗A⟩": (
+        lambda a, b, c: a.dot(conv(b, c, "full")),
+        lambda a, b, c: c.dot(conv(b, a, "full")),
+    ),
 }
 
 
@@ -99,8 +106,10 @@ def identities() -> float:
     print("Seed 000 §6.2 on finite signals A, B (9 samples) and C (3 samples), all starting at index 0;")
     print("each side is computed with np.correlate / np.convolve in the mode named, placed at its true indices:\n")
     digits = {"full": 15, "same": 6, "valid": 6}  # decimals shown for each mode's two sides
-    print(f"{'identity':37} │ " + " │ ".join(f"{mode + ': left':>{d + 5}} {'right':>{d + 5}} {'gap':>7}"
-                                           for mode, d in digits.items()))
+    print(
+        f"{'identity':37} │ "
+        + " │ ".join(f"{mode + ': left':>{d + 5}} {'right':>{d + 5}} {'gap':>7}" for mode, d in digits.items())
+    )
     worst = dict.fromkeys(digits, 0.0)
     for name, (left, right) in IDENTITIES.items():
         cells = []
@@ -114,8 +123,10 @@ def identities() -> float:
         lhs, rhs = left(a, b, c), right(a, b, c)
         print(f"{name:37} │ {lhs:+20.15f} {rhs:+20.15f} {abs(lhs - rhs) / abs(lhs):7.1e} │ false even in full mode")
         assert abs(lhs - rhs) > 1e-3 * abs(lhs), f"{name} should not hold"
-    print(f"\nIn full mode every identity holds to {worst['full']:.1e}; same and valid outputs lose the boundary "
-          f"terms and break them by up to {worst['same']:.0%} and {worst['valid']:.0%}.")
+    print(
+        f"\nIn full mode every identity holds to {worst['full']:.1e}; same and valid outputs lose the boundary "
+        f"terms and break them by up to {worst['same']:.0%} and {worst['valid']:.0%}."
+    )
     assert worst["full"] <= 1e-12 and worst["same"] > 1e-3 and worst["valid"] > 1e-3
     return worst["full"]
 
@@ -140,8 +151,13 @@ def rules() -> list[compare.Row]:
     auto = jax.grad(ref_rules, argnums=(0, 1, 2))(x, w.T, b)
     _, alg = backprop.gradients([Dense(b.size)], [(w.T, b)], x[None], t[None], "mse")
     rows = [
-        compare.Row("MSE: dx = dy·(x − y*)", dy, jax.grad(mg.mse)(y[None], t[None])[0], None,
-                    jax.grad(registry.get("mse").reference)(y[None], t[None])[0]),
+        compare.Row(
+            "MSE: dx = dy·(x − y*)",
+            dy,
+            jax.grad(mg.mse)(y[None], t[None])[0],
+            None,
+            jax.grad(registry.get("mse").reference)(y[None], t[None])[0],
+        ),
         compare.Row("Linear: dx = wᵀ dy", hand["dx"], manual[0], None, auto[0]),
         compare.Row("Linear: dw = dy xᵀ", hand["dw"], manual[1].T, alg[0][0].T, auto[1].T),
         compare.Row("Add: dw = dy", hand["db"], manual[2], alg[0][1], auto[2]),
@@ -160,8 +176,10 @@ def rules() -> list[compare.Row]:
     # §7.2's middle line, dx = dy ⋆ w: (dy ⋆ w)_i = Σ_j dy_{i+j} w_j at dx's indices i = 0…9 (dy zero-extended).
     as_printed = np.correlate(np.pad(dys, (0, len(xs) + len(ws) - 1 - len(dys))), ws, "valid")
     gap = np.max(np.abs(as_printed - dx_ref)) / np.max(np.abs(dx_ref))
-    print(f"\nSeed 000 §7.2's middle line as printed, dx = dy ⋆ w: differs from jax.grad by {gap:.0%} — TYPO; "
-          "its conclusion dx = dy ∗ w is right (below).")
+    print(
+        f"\nSeed 000 §7.2's middle line as printed, dx = dy ⋆ w: differs from jax.grad by {gap:.0%} — TYPO; "
+        "its conclusion dx = dy ∗ w is right (below)."
+    )
     assert gap > 1e-3, "§7.2's ⋆ should be a typo"
     rows += [
         compare.Row("Correlation1D: dx = dy ∗ w (full)", np.convolve(dys, ws, "full"), dx_rule, None, dx_ref),

@@ -42,7 +42,10 @@ def scalars() -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
     a0, a1 = sigma(z0), sigma(z1)
     z2 = w4 * a0 + w5 * a1 + b2
     a2 = sigma(z2)
-    d = lambda a: a * (1 - a)  # σ'(z) = σ(z)(1 − σ(z)), seed 001 ①  # noqa: E731
+
+    def d(a):  # σ'(z) = σ(z)(1 − σ(z)), seed 001 ①
+        return a * (1 - a)
+
     dz2 = d(a2) * (a2 - Y)
     as_written = {
         "b_2": dz2,
@@ -58,9 +61,15 @@ def scalars() -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
     dz1 = dz2 * w5 * d(a1)  # the seed writes w_4 here; z_2 = w_4 a_0 + w_5 a_1 reaches z_1 through w_5
     dz0 = dz2 * w4 * d(a0)
     corrected = {
-        "b_2": dz2, "w_4": dz2 * a0, "w_5": dz2 * a1,
-        "b_1": dz1, "w_2": dz1 * x0, "w_3": dz1 * x1,
-        "b_0": dz0, "w_0": dz0 * x0, "w_1": dz0 * x1,
+        "b_2": dz2,
+        "w_4": dz2 * a0,
+        "w_5": dz2 * a1,
+        "b_1": dz1,
+        "w_2": dz1 * x0,
+        "w_3": dz1 * x1,
+        "b_0": dz0,
+        "w_0": dz0 * x0,
+        "w_1": dz0 * x1,
     }
     fixes = {
         "w_1": "w_1 sits in z_0 (eq. 3), not z_1: (a_2−y)σ'(z_2) w_4 σ'(z_0) x_1",
@@ -87,21 +96,38 @@ def main() -> float:
     grad_ref = jax.grad(lambda p: backprop.loss(network, p, x, y, reference=True))(p)
     _, grad_alg = backprop.gradients(network, p, x, y)
     # Where each scalar lives in the row-form parameters: (layer, W or b, index).
-    where = {"w_0": (0, 0, (0, 0)), "w_1": (0, 0, (1, 0)), "w_2": (0, 0, (0, 1)), "w_3": (0, 0, (1, 1)),
-             "w_4": (1, 0, (0, 0)), "w_5": (1, 0, (1, 0)), "b_0": (0, 1, (0,)), "b_1": (0, 1, (1,)), "b_2": (1, 1, (0,))}
-    pick = lambda g, name: g[where[name][0]][where[name][1]][where[name][2]]  # noqa: E731
+    where = {
+        "w_0": (0, 0, (0, 0)),
+        "w_1": (0, 0, (1, 0)),
+        "w_2": (0, 0, (0, 1)),
+        "w_3": (0, 0, (1, 1)),
+        "w_4": (1, 0, (0, 0)),
+        "w_5": (1, 0, (1, 0)),
+        "b_0": (0, 1, (0,)),
+        "b_1": (0, 1, (1,)),
+        "b_2": (1, 1, (0,)),
+    }
+
+    def pick(g, name):
+        return g[where[name][0]][where[name][1]][where[name][2]]
 
     print("Seed 001 ③ as written against the numbers (jax.grad of the reference decides):")
     for name in sorted(as_written):
         truth = float(pick(grad_ref, name))
         verdict = "right" if np.isclose(as_written[name], truth, rtol=1e-12, atol=0) else "TYPO"
-        print(f"  ∂L/∂{name}: as written {as_written[name]:+.15f}, jax.grad {truth:+.15f}  {verdict}"
-              + (f" — corrected: {fixes[name]}" if name in fixes else ""))
+        print(
+            f"  ∂L/∂{name}: as written {as_written[name]:+.15f}, jax.grad {truth:+.15f}  {verdict}"
+            + (f" — corrected: {fixes[name]}" if name in fixes else "")
+        )
         assert (verdict == "TYPO") == (name in fixes), f"seed 001: the typo list is wrong about {name}"
-    print("  also: the seed's ∂L/∂z_1 line has w_4 where z_2 = w_4 a_0 + w_5 a_1 + b_2 gives w_5 (its ∂L/∂b_1 uses w_5).")
+    print(
+        "  also: the seed's ∂L/∂z_1 line has w_4 where z_2 = w_4 a_0 + w_5 a_1 + b_2 gives w_5 (its ∂L/∂b_1 uses w_5)."
+    )
 
-    rows = [compare.Row(f"∂L/∂{name}", corrected[name], pick(grad_vjp, name), pick(grad_alg, name), pick(grad_ref, name))
-            for name in ("w_0", "w_1", "w_2", "w_3", "w_4", "w_5", "b_0", "b_1", "b_2")]
+    rows = [
+        compare.Row(f"∂L/∂{name}", corrected[name], pick(grad_vjp, name), pick(grad_alg, name), pick(grad_ref, name))
+        for name in ("w_0", "w_1", "w_2", "w_3", "w_4", "w_5", "b_0", "b_1", "b_2")
+    ]
 
     # The matrix form (B): ∂L/∂z_N = σ'(z_N)(x_N − y), ∂L/∂W_N = ∂L/∂z_N x_{N−1}ᵀ, ∂L/∂x_{N−1} = W_Nᵀ ∂L/∂z_N,
     # in columns with the seed's W_n of shape (m_n, m_{n−1}), i.e. the transpose of manualgrad's.
@@ -113,10 +139,19 @@ def main() -> float:
     dz1 = x1 * (1 - x1) * (w_2 @ dz2)
     vec_dw1 = np.kron(x0, np.eye(2)) @ dz1  # (x ⊗ I) ∂L/∂z = vec(∂L/∂z xᵀ), column-major vec
     rows += [
-        compare.Row("∂L/∂W_2 = ∂L/∂z_2 x_1ᵀ (matrix form)", (dz2 @ x1.T).T, grad_vjp[1][0], grad_alg[1][0], grad_ref[1][0]),
-        compare.Row("∂L/∂W_1 = ∂L/∂z_1 x_0ᵀ (matrix form)", (dz1 @ x0.T).T, grad_vjp[0][0], grad_alg[0][0], grad_ref[0][0]),
-        compare.Row("devec((x_0 ⊗ I) ∂L/∂z_1) (Kronecker)", vec_dw1.reshape(2, 2, order="F").T,
-                    grad_vjp[0][0], grad_alg[0][0], grad_ref[0][0]),
+        compare.Row(
+            "∂L/∂W_2 = ∂L/∂z_2 x_1ᵀ (matrix form)", (dz2 @ x1.T).T, grad_vjp[1][0], grad_alg[1][0], grad_ref[1][0]
+        ),
+        compare.Row(
+            "∂L/∂W_1 = ∂L/∂z_1 x_0ᵀ (matrix form)", (dz1 @ x0.T).T, grad_vjp[0][0], grad_alg[0][0], grad_ref[0][0]
+        ),
+        compare.Row(
+            "devec((x_0 ⊗ I) ∂L/∂z_1) (Kronecker)",
+            vec_dw1.reshape(2, 2, order="F").T,
+            grad_vjp[0][0],
+            grad_alg[0][0],
+            grad_ref[0][0],
+        ),
         compare.Row("∂L/∂b_1 = ∂L/∂z_1 (matrix form)", dz1[:, 0], grad_vjp[0][1], grad_alg[0][1], grad_ref[0][1]),
     ]
     return compare.report("Seed 001: 2-2-1 sigmoid network, corrected scalar and matrix formulas", rows)

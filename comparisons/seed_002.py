@@ -35,7 +35,12 @@ from manualgrad.teach import compare
 
 jax.config.update("jax_enable_x64", True)
 
-SIGMA = {"sigmoid": lambda a: 1 / (1 + np.exp(-a)), "tanh": np.tanh, "relu": lambda a: np.maximum(a, 0), "identity": lambda a: a}
+SIGMA = {
+    "sigmoid": lambda a: 1 / (1 + np.exp(-a)),
+    "tanh": np.tanh,
+    "relu": lambda a: np.maximum(a, 0),
+    "identity": lambda a: a,
+}
 SIGMA_PRIME = {
     "sigmoid": lambda a: SIGMA["sigmoid"](a) * (1 - SIGMA["sigmoid"](a)),
     "tanh": lambda a: 1 - np.tanh(a) ** 2,
@@ -44,7 +49,9 @@ SIGMA_PRIME = {
 }
 
 
-def theorem_7(weights: list[np.ndarray], biases: list[np.ndarray], activations: list[str], x: np.ndarray, y: np.ndarray):
+def theorem_7(
+    weights: list[np.ndarray], biases: list[np.ndarray], activations: list[str], x: np.ndarray, y: np.ndarray
+):
     """``[(D_{W_k} ℓ)ᵀ, (D_{b_k} ℓ)ᵀ]`` for one sample: seed 002 Theorem 7 with ``ℓ = ‖y − F_n‖²``."""
     f = [x]
     d = []
@@ -80,8 +87,16 @@ def part_1() -> list[compare.Row]:
     grad_alg = jax.tree_util.tree_map(lambda g: 2 * g, backprop.gradients(network, params, xb, yb)[1])
     rows = []
     for k in range(3):
-        rows.append(compare.Row(f"(D_W{k + 1} ℓ)ᵀ = F_{k} L D_3 ⋯ D_{k + 1}", hand[k][0], grad_vjp[k][0], grad_alg[k][0], grad_ref[k][0]))
-        rows.append(compare.Row(f"(D_b{k + 1} ℓ)ᵀ = L D_3 ⋯ D_{k + 1}", hand[k][1], grad_vjp[k][1], grad_alg[k][1], grad_ref[k][1]))
+        rows.append(
+            compare.Row(
+                f"(D_W{k + 1} ℓ)ᵀ = F_{k} L D_3 ⋯ D_{k + 1}", hand[k][0], grad_vjp[k][0], grad_alg[k][0], grad_ref[k][0]
+            )
+        )
+        rows.append(
+            compare.Row(
+                f"(D_b{k + 1} ℓ)ᵀ = L D_3 ⋯ D_{k + 1}", hand[k][1], grad_vjp[k][1], grad_alg[k][1], grad_ref[k][1]
+            )
+        )
     return rows
 
 
@@ -91,7 +106,7 @@ def conv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     out = np.zeros((x.shape[0] - kh + 1, x.shape[1] - kw + 1, c_out))
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
-            out[i, j] = np.einsum("pqc,pqco->o", x[i:i + kh, j:j + kw], w)
+            out[i, j] = np.einsum("pqc,pqco->o", x[i : i + kh, j : j + kw], w)
     return out
 
 
@@ -115,15 +130,20 @@ def theorem_10(cs, weights, biases, activations, x, y) -> list[tuple[np.ndarray,
         f.append(SIGMA[s](a))
     big_l = (f[-1] - y).ravel()  # L(y, F_n) for ½‖F_n − y‖²
     n = len(cs)
-    t_adj = [matrix(functools.partial(lambda h, c, w: c(h, w), c=c, w=w), f[k].shape).T * d[k][None, :]
-             for k, (c, w) in enumerate(zip(cs, weights))]  # T_k* = (D_k C_k(·, W_k))ᵀ
+    t_adj = [
+        matrix(functools.partial(lambda h, c, w: c(h, w), c=c, w=w), f[k].shape).T * d[k][None, :]
+        for k, (c, w) in enumerate(zip(cs, weights))
+    ]  # T_k* = (D_k C_k(·, W_k))ᵀ
     result = []
     for k in range(n):
         h = big_l
         for j in range(n - 1, k, -1):  # T_{k+1}* ⋯ T_n* (L)
             h = t_adj[j] @ h
         s_adj = matrix(lambda big_h, c=cs[k], fk=f[k]: c(fk, big_h), weights[k].shape).T * d[k][None, :]
-        r_adj = matrix(lambda bias, c=cs[k], w=weights[k], fk=f[k]: np.zeros_like(c(fk, w)) + bias, biases[k].shape).T * d[k][None, :]
+        r_adj = (
+            matrix(lambda bias, c=cs[k], w=weights[k], fk=f[k]: np.zeros_like(c(fk, w)) + bias, biases[k].shape).T
+            * d[k][None, :]
+        )
         result.append(((s_adj @ h).reshape(weights[k].shape), r_adj @ h))
     return result
 
@@ -144,16 +164,39 @@ def part_2() -> list[compare.Row]:
     grad_alg = backprop.gradients(network, params, xb, yb)[1]
     rows = []
     for k, name in enumerate(["conv", "conv", "dense"]):
-        rows.append(compare.Row(f"D_W{k + 1} ℓ = S_{k + 1}* T* ⋯ (L)  ({name})", hand[k][0], grad_vjp[k][0], grad_alg[k][0], grad_ref[k][0]))
-        rows.append(compare.Row(f"D_b{k + 1} ℓ = R_{k + 1}* T* ⋯ (L)  ({name})", hand[k][1], grad_vjp[k][1], grad_alg[k][1], grad_ref[k][1]))
+        rows.append(
+            compare.Row(
+                f"D_W{k + 1} ℓ = S_{k + 1}* T* ⋯ (L)  ({name})",
+                hand[k][0],
+                grad_vjp[k][0],
+                grad_alg[k][0],
+                grad_ref[k][0],
+            )
+        )
+        rows.append(
+            compare.Row(
+                f"D_b{k + 1} ℓ = R_{k + 1}* T* ⋯ (L)  ({name})",
+                hand[k][1],
+                grad_vjp[k][1],
+                grad_alg[k][1],
+                grad_ref[k][1],
+            )
+        )
     return rows
 
 
 def main() -> float:
-    worst = compare.report("Seed 002, Theorem 7 (diag matrices, literally) vs Algorithm 1: MLP 4-5-3-2, sigmoid/tanh/identity",
-                           part_1())
-    return max(worst, compare.report("Seed 002, Theorem 10 (adjoints by Equation (3)) vs Algorithm 2: CNN 5×5×1 → conv3×3×2 → "
-                                     "ReLU → conv2×2×2 → tanh → dense 3", part_2()))
+    worst = compare.report(
+        "Seed 002, Theorem 7 (diag matrices, literally) vs Algorithm 1: MLP 4-5-3-2, sigmoid/tanh/identity", part_1()
+    )
+    return max(
+        worst,
+        compare.report(
+            "Seed 002, Theorem 10 (adjoints by Equation (3)) vs Algorithm 2: CNN 5×5×1 → conv3×3×2 → "
+            "ReLU → conv2×2×2 → tanh → dense 3",
+            part_2(),
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -81,10 +81,14 @@ def main() -> float:
     # The seed's last line as printed: Ψ(Wx + b) in place of z_2 = Φ(Wx + b).
     z4_printed = (w + v) @ sigmoid(z1)
     psi_prime_printed = np.diag(sigmoid(z4_printed) * (1 - sigmoid(z4_printed)))
-    g_printed = psi_prime_printed @ np.outer(c, sigmoid(z1)) + phi_prime @ (w + v).T @ psi_prime_printed @ np.outer(c, x)
+    g_printed = psi_prime_printed @ np.outer(c, sigmoid(z1)) + phi_prime @ (w + v).T @ psi_prime_printed @ np.outer(
+        c, x
+    )
     gap = np.max(np.abs(g_printed - auto)) / np.max(np.abs(auto))
-    print(f"Seed 003's last line as printed (Ψ(Wx + b) for z_2): differs from jax.grad by {gap:.0%} — TYPO; "
-          "with Φ(Wx + b) it is the first line, g below.")
+    print(
+        f"Seed 003's last line as printed (Ψ(Wx + b) for z_2): differs from jax.grad by {gap:.0%} — TYPO; "
+        "with Φ(Wx + b) it is the first line, g below."
+    )
     assert gap > 1e-3, "seed 003's last line should be a typo"
 
     # Algorithm 1 on layers W_1 = W (tanh), W_2 = W + V (sigmoid); y = cᵀ F_2 is a third, linear layer

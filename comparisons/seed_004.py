@@ -36,8 +36,9 @@ jax.config.update("jax_enable_x64", True)
 
 LAMBDA = 0.1
 # The plain-jnp references of the rules, under the same names as manualgrad's rules (mg.dense, …).
-REFERENCE = types.SimpleNamespace(**{name: registry.get(name).reference
-                                     for name in ("dense", "bias_add", "sigmoid", "mse", "l2_penalty")})
+REFERENCE = types.SimpleNamespace(
+    **{name: registry.get(name).reference for name in ("dense", "bias_add", "sigmoid", "mse", "l2_penalty")}
+)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -98,10 +99,20 @@ def main() -> float:
         compare.Row("∇_{W¹} L = O⁰ᵀ (G ⊙ f'(Z¹))", hand["W1"], manual[0][0], alg[0][0], auto[0][0]),
         compare.Row("∇_{b¹} L = 1ᵀ (G ⊙ f'(Z¹))", hand["b1"], manual[0][1], alg[0][1], auto[0][1]),
         compare.Row("∇_{O⁰} L = G W¹ᵀ", hand["X"], manual_x, None, auto_x),
-        compare.Row(f"∇_{{W¹}} J = O⁰ᵀ G + λ W¹, λ = {LAMBDA}", hand["W1"] + LAMBDA * w1,
-                    manual_j[0][0], alg[0][0] + LAMBDA * w1, auto_j[0][0]),
-        compare.Row(f"∇_{{W²}} J = O¹ᵀ G + λ W², λ = {LAMBDA}", hand["W2"] + LAMBDA * w2,
-                    manual_j[1][0], alg[1][0] + LAMBDA * w2, auto_j[1][0]),
+        compare.Row(
+            f"∇_{{W¹}} J = O⁰ᵀ G + λ W¹, λ = {LAMBDA}",
+            hand["W1"] + LAMBDA * w1,
+            manual_j[0][0],
+            alg[0][0] + LAMBDA * w1,
+            auto_j[0][0],
+        ),
+        compare.Row(
+            f"∇_{{W²}} J = O¹ᵀ G + λ W², λ = {LAMBDA}",
+            hand["W2"] + LAMBDA * w2,
+            manual_j[1][0],
+            alg[1][0] + LAMBDA * w2,
+            auto_j[1][0],
+        ),
     ]
     return compare.report("Seed 004: batched row form, MLP 3-4-2 (sigmoid, identity), batch 5, mse", rows)
 

@@ -31,11 +31,14 @@ from manualgrad.train import checkpoint, data, loop
 
 
 def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule") -> bool:
-    """Prints ``manualgrad COMMAND: unknown WHAT NAMES; registered: ...`` and returns True if a name is not registered."""
+    """Prints ``manualgrad COMMAND: unknown WHAT NAMES; registered: ...``; True if a name is not registered."""
     known = [r.name for r in registry.rules()]
     unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"manualgrad {command}: unknown {what} {', '.join(unknown)}; registered: {', '.join(known)}", file=sys.stderr)
+        print(
+            f"manualgrad {command}: unknown {what} {', '.join(unknown)}; registered: {', '.join(known)}",
+            file=sys.stderr,
+        )
     return bool(unknown)
 
 
@@ -75,8 +78,11 @@ def _bench(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, check_rules=None)
     unknown = [m for m in settings.models if m not in bench.MODELS]
     if unknown or not settings.models:
-        print(f"manualgrad bench: --models: unknown model(s) {', '.join(unknown) or '(none given)'}; "
-              f"known: {', '.join(bench.MODELS)}", file=sys.stderr)
+        print(
+            f"manualgrad bench: --models: unknown model(s) {', '.join(unknown) or '(none given)'}; "
+            f"known: {', '.join(bench.MODELS)}",
+            file=sys.stderr,
+        )
         return 2
     if settings.check_rules and _refuse_unknown_rules("bench: --check-rules", settings.check_rules, "rule(s)"):
         return 2
@@ -139,7 +145,9 @@ def _train(args: argparse.Namespace) -> int:
     try:
         summary = loop.train(config)
     except (loop.TrainError, data.DataError, checkpoint.CheckpointError) as error:
-        print(f"manualgrad {error}" if str(error).startswith("train:") else f"manualgrad train: {error}", file=sys.stderr)
+        print(
+            f"manualgrad {error}" if str(error).startswith("train:") else f"manualgrad train: {error}", file=sys.stderr
+        )
         return 2
     except loop.Diverged as error:
         print(f"manualgrad {error}", file=sys.stderr)
@@ -150,13 +158,18 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # outside the steps (loading, compiling, plot, cross-check) or a second Ctrl-C
         print("manualgrad train: interrupted; the checkpoints written so far are kept", file=sys.stderr)
         return 130
-    print(f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f} after "
-          f"{summary['epoch']} epochs ({summary['steps']} steps on {summary['devices']} device(s)) in {summary['seconds']:.1f} s")
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f} after "
+        f"{summary['epoch']} epochs ({summary['steps']} steps on {summary['devices']} device(s)) "
+        f"in {summary['seconds']:.1f} s"
+    )
     if summary["cross_check_max_relative_error"] is None:
         print("no cross-check of the hand-rule gradient (--cross-check-batches 0)")
     else:
-        print(f"hand-rule gradient vs jax.grad of the references on {summary['cross_check_batches']} batches: "
-              f"max relative error {summary['cross_check_max_relative_error']:.1e}")
+        print(
+            f"hand-rule gradient vs jax.grad of the references on {summary['cross_check_batches']} batches: "
+            f"max relative error {summary['cross_check_max_relative_error']:.1e}"
+        )
     latest = f"; {summary['latest']} names {summary['directory']}" if summary["latest"] else ""
     print(f"wrote {summary['metrics']}, {summary['curves']}, {summary['checkpoint']}{latest}")
     return 0
@@ -178,7 +191,9 @@ def _add_explain(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_exercise(commands: argparse._SubParsersAction) -> None:
-    ex = commands.add_parser("exercise", help="write a rule's exercise: forward, derivation up to the result, empty backward")
+    ex = commands.add_parser(
+        "exercise", help="write a rule's exercise: forward, derivation up to the result, empty backward"
+    )
     ex.add_argument("rule", metavar="RULE", help="the rule to practise")
     ex.add_argument("--out", metavar="FILE", default=None, help="where to write it (default: RULE_exercise.py)")
     ex.set_defaults(run=_exercise)
@@ -202,42 +217,89 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     tr.add_argument("--epochs", type=int, default=defaults.epochs)
     tr.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, split and data order")
     tr.add_argument("--dtype", choices=loop.DTYPES, default=defaults.dtype)
-    tr.add_argument("--grad", choices=loop.GRADS, default=defaults.grad,
-                    help="hand rules, or jax.grad of the same model built from the references")
-    tr.add_argument("--out", default=None, metavar="DIR",
-                    help="metrics.csv, curves.png, checkpoints (default: a new folder runs/<start time>, "
-                         "named by runs/latest); refused if DIR holds a run, unless --overwrite or --resume DIR")
+    tr.add_argument(
+        "--grad",
+        choices=loop.GRADS,
+        default=defaults.grad,
+        help="hand rules, or jax.grad of the same model built from the references",
+    )
+    tr.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="metrics.csv, curves.png, checkpoints (default: a new folder runs/<start time>, "
+        "named by runs/latest); refused if DIR holds a run, unless --overwrite or --resume DIR",
+    )
     tr.add_argument("--overwrite", action="store_true", help="with --out DIR: delete the run DIR holds first")
-    tr.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="N",
-                    help="also checkpoint every N steps (always at the end of each epoch)")
-    tr.add_argument("--resume", default=None, metavar="DIR",
-                    help="continue the run checkpointed in DIR, in DIR (give the run's arguments again)")
-    tr.add_argument("--devices", type=int, default=None, metavar="N",
-                    help="shard each batch over N local devices (default: all)")
-    tr.add_argument("--cross-check-batches", type=int, default=defaults.cross_check_batches, metavar="N",
-                    help="batches for the final hand-rule vs jax.grad check (0: none)")
+    tr.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=defaults.checkpoint_every,
+        metavar="N",
+        help="also checkpoint every N steps (always at the end of each epoch)",
+    )
+    tr.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run checkpointed in DIR, in DIR (give the run's arguments again)",
+    )
+    tr.add_argument(
+        "--devices", type=int, default=None, metavar="N", help="shard each batch over N local devices (default: all)"
+    )
+    tr.add_argument(
+        "--cross-check-batches",
+        type=int,
+        default=defaults.cross_check_batches,
+        metavar="N",
+        help="batches for the final hand-rule vs jax.grad check (0: none)",
+    )
     tr.set_defaults(run=_train)
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench_ = commands.add_parser(
-        "bench", help="hand rules vs jax.grad, NumPy and PyTorch: step time, compile time, memory, FLOP/s, check time")
-    bench_.add_argument("--models", default=None, metavar="M1,M2",
-                        help=f"comma-separated, from: {', '.join(bench.MODELS)} (default: all)")
-    bench_.add_argument("--repeats", type=int, default=None,
-                        help=f"interleaved timed repetitions per model ({bench.Settings.repeats})")
-    bench_.add_argument("--compile-repeats", type=int, default=None,
-                        help=f"interleaved compilations per side ({bench.Settings.compile_repeats})")
-    bench_.add_argument("--matmul-size", type=int, default=None, metavar="N",
-                        help="side of the float32 matmul that measures the peak (2048 on CPU, 8192 on accelerators)")
+        "bench", help="hand rules vs jax.grad, NumPy and PyTorch: step time, compile time, memory, FLOP/s, check time"
+    )
+    bench_.add_argument(
+        "--models",
+        default=None,
+        metavar="M1,M2",
+        help=f"comma-separated, from: {', '.join(bench.MODELS)} (default: all)",
+    )
+    bench_.add_argument(
+        "--repeats", type=int, default=None, help=f"interleaved timed repetitions per model ({bench.Settings.repeats})"
+    )
+    bench_.add_argument(
+        "--compile-repeats",
+        type=int,
+        default=None,
+        help=f"interleaved compilations per side ({bench.Settings.compile_repeats})",
+    )
+    bench_.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="side of the float32 matmul that measures the peak (2048 on CPU, 8192 on accelerators)",
+    )
     bench_.add_argument("--no-peers", action="store_true", help="leave out the NumPy and PyTorch peers")
-    bench_.add_argument("--check-rules", nargs="*", default=None, metavar="RULE",
-                        help="time `manualgrad check --dtype float64` on these rules (default: all)")
+    bench_.add_argument(
+        "--check-rules",
+        nargs="*",
+        default=None,
+        metavar="RULE",
+        help="time `manualgrad check --dtype float64` on these rules (default: all)",
+    )
     bench_.add_argument("--no-check", action="store_true", help="leave out the check's wall time")
-    bench_.add_argument("--quick", action="store_true",
-                        help="smoke run in seconds: digits models, 3 repeats, 256 matmul, check of relu only "
-                             "(not a measurement)")
-    bench_.add_argument("--json", action="store_true", help="one JSON document: machine, settings, one record per figure")
+    bench_.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run in seconds: digits models, 3 repeats, 256 matmul, check of relu only (not a measurement)",
+    )
+    bench_.add_argument(
+        "--json", action="store_true", help="one JSON document: machine, settings, one record per figure"
+    )
     bench_.set_defaults(run=_bench)
 
 

@@ -35,10 +35,18 @@ class Seed:
 
 SEEDS = {
     "000": Seed("N. Kumar", "Proofs for Neural Network Library", "2020", "000_a6d29114e988ce87.txt"),
-    "001": Seed("", "Neural network derivation for backpropagation", "handwritten notes, author not named",
-                "001_7b729a1ca2c075be.txt"),
-    "002": Seed("T. Hamm", "A Derivation of Feedforward Neural Network Gradients Using Fréchet Calculus", "",
-                "002_3df32e287afc1568.txt"),
+    "001": Seed(
+        "",
+        "Neural network derivation for backpropagation",
+        "handwritten notes, author not named",
+        "001_7b729a1ca2c075be.txt",
+    ),
+    "002": Seed(
+        "T. Hamm",
+        "A Derivation of Feedforward Neural Network Gradients Using Fréchet Calculus",
+        "",
+        "002_3df32e287afc1568.txt",
+    ),
     "003": Seed("", "Tutorial 12: Deep Learning", "tutorial sheet, author not named", "003_e1d91a315b6ad03d.txt"),
     "004": Seed("", "Basic Knowledge", "notes, author not named", "004_392e797842596cf6.txt"),
 }
@@ -132,8 +140,14 @@ class Rule:
         """The rule's seeds as :func:`cite` writes them, joined by ``"; "``."""
         return "; ".join(cite(s, section) for s, section in self.seeds)
 
-    def with_backward(self, bwd: Callable[..., Any], fwd: Callable[..., Any] | None = None, *,
-                      primal: Callable[..., Any] | None = None, name: str | None = None) -> Rule:
+    def with_backward(
+        self,
+        bwd: Callable[..., Any],
+        fwd: Callable[..., Any] | None = None,
+        *,
+        primal: Callable[..., Any] | None = None,
+        name: str | None = None,
+    ) -> Rule:
         """This rule with another backward: a new ``jax.custom_vjp`` with the same signature,
         docstring and ``nondiff_argnums``, whose VJP is ``fwd`` (default the rule's own forward
         pass, saving its residuals) and ``bwd``; ``primal`` (default the rule's function)
@@ -183,7 +197,8 @@ def register(rule: Rule) -> Rule:
         raise ValueError(f"register: {rule.name}.linear_in must be disjoint, non-empty groups, got {rule.linear_in}")
     if not set(linear) <= set(rule.differentiable):
         raise ValueError(
-            f"register: {rule.name}.linear_in {rule.linear_in} names arguments outside differentiable {rule.differentiable}"
+            f"register: {rule.name}.linear_in {rule.linear_in} names arguments outside differentiable "
+            f"{rule.differentiable}"
         )
     if not {m.argument for m in rule.mistakes} <= set(rule.differentiable):
         raise ValueError(f"register: {rule.name}.mistakes name arguments outside differentiable {rule.differentiable}")

@@ -54,8 +54,10 @@ def test_console_script_exits_1_on_failure(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert "FAIL sigmoid, argument z" in result.stdout
-    assert "DIAGNOSIS sigmoid, argument z: your gradient equals the cotangent G itself: the factor σ' is missing" \
+    assert (
+        "DIAGNOSIS sigmoid, argument z: your gradient equals the cotangent G itself: the factor σ' is missing"
         in result.stdout.splitlines()
+    )
 
 
 def test_readme_table_is_generated_from_the_registry():
@@ -87,8 +89,10 @@ def test_help_offers_what_is_defined(capsys):
     from manualgrad.bench import bench
     from manualgrad.train import data, loop
 
-    for command, names in (("train", (*data.SPECS, *loop.MODELS, *loop.OPTIMIZERS, *loop.GRADS)),
-                           ("bench", tuple(bench.MODELS))):
+    for command, names in (
+        ("train", (*data.SPECS, *loop.MODELS, *loop.OPTIMIZERS, *loop.GRADS)),
+        ("bench", tuple(bench.MODELS)),
+    ):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         shown = capsys.readouterr().out

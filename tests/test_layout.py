@@ -33,8 +33,11 @@ def _imported_parts(path: pathlib.Path) -> set[str]:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         for name in names:
             pieces = name.split(".")
-            if pieces[0] == "manualgrad" and len(pieces) > 1 and (PACKAGE / pieces[1]).is_dir() | (
-                PACKAGE / f"{pieces[1]}.py").is_file():
+            if (
+                pieces[0] == "manualgrad"
+                and len(pieces) > 1
+                and (PACKAGE / pieces[1]).is_dir() | (PACKAGE / f"{pieces[1]}.py").is_file()
+            ):
                 parts.add(pieces[1])
     return parts
 

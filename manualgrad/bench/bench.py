@@ -49,13 +49,21 @@ class Model(NamedTuple):
 
 
 MODELS: dict[str, Model] = {
-    "digits_mlp": Model("digits MLP 64-128-10 (train --model mlp), batch 32",
-                        lambda: layers.mlp(10, (128,)), (8, 8, 1), 32, True),
+    "digits_mlp": Model(
+        "digits MLP 64-128-10 (train --model mlp), batch 32", lambda: layers.mlp(10, (128,)), (8, 8, 1), 32, True
+    ),
     "mlp_1024": Model("MLP 784-1024-1024-10, batch 256", lambda: layers.mlp(10, (1024, 1024)), (784,), 256, True),
     "mlp_large": Model("MLP 2048-2048-2048-10, batch 1024", lambda: layers.mlp(10, (2048, 2048)), (2048,), 1024, True),
-    "digits_cnn": Model("digits CNN 8x8x1 (train's default cnn), batch 32", lambda: layers.cnn(10), (8, 8, 1), 32, False),
-    "cnn_28": Model("CNN 28x28x1: conv3x3x32, conv3x3x64/2, dense 128, dense 10, batch 128",
-                    lambda: layers.cnn(10, (32, 64), 128), (28, 28, 1), 128, False),
+    "digits_cnn": Model(
+        "digits CNN 8x8x1 (train's default cnn), batch 32", lambda: layers.cnn(10), (8, 8, 1), 32, False
+    ),
+    "cnn_28": Model(
+        "CNN 28x28x1: conv3x3x32, conv3x3x64/2, dense 128, dense 10, batch 128",
+        lambda: layers.cnn(10, (32, 64), 128),
+        (28, 28, 1),
+        128,
+        False,
+    ),
 }
 # Goals of issue 7, per figure: (comparison, bound) — applied to every model unless keyed by one.
 GOALS: dict[str, tuple[str, float]] = {
@@ -89,8 +97,15 @@ class Settings:
         return 2048 if jax.default_backend() == "cpu" else 8192
 
 
-QUICK = Settings(models=("digits_mlp", "digits_cnn"), repeats=3, warmup=1, compile_repeats=1,
-                 sample_seconds=0.0, matmul_size=256, check_rules=("relu",))
+QUICK = Settings(
+    models=("digits_mlp", "digits_cnn"),
+    repeats=3,
+    warmup=1,
+    compile_repeats=1,
+    sample_seconds=0.0,
+    matmul_size=256,
+    check_rules=("relu",),
+)
 
 
 Record = dict[str, Any]
@@ -114,8 +129,9 @@ def judge(rec: Record) -> Record:
 # --------------------------------------------------------------------------- timing
 
 
-def interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                sample_seconds: float = 0.0) -> dict[str, list[float]]:
+def interleaved(
+    contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, sample_seconds: float = 0.0
+) -> dict[str, list[float]]:
     """Seconds per call of each contender, sampled in turn ``repeats`` times after ``warmup`` calls each.
 
     The order is reversed on every other repetition so that neither side always runs first.
@@ -171,8 +187,12 @@ def footprint(compiled: Any) -> int | None:
     memory = compiled.memory_analysis()
     if memory is None:
         return None
-    return int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
-               + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    return int(
+        memory.temp_size_in_bytes
+        + memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
 
 
 def step_flops(params: Any, batch: int) -> int:
@@ -194,9 +214,11 @@ def _stepper(compiled: Any, params: Any, x: jax.Array, labels: jax.Array) -> Cal
     return run
 
 
-def _peer_contenders(params: Any, x: jax.Array, labels: jax.Array, manual_grads: list,
-                     n: int) -> tuple[dict, list[Record], str | None]:
-    """The NumPy and (when importable) PyTorch steps and PyTorch's ``n × n`` matmul; how far their gradients are from the hand rules'."""
+def _peer_contenders(
+    params: Any, x: jax.Array, labels: jax.Array, manual_grads: list, n: int
+) -> tuple[dict, list[Record], str | None]:
+    """The NumPy and (when importable) PyTorch steps and PyTorch's ``n × n`` matmul; how far their
+    gradients are from the hand rules'."""
     host_x, host_labels = np.asarray(x), np.asarray(labels)
     weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
     numpy_peer = peers.NumpyMLP(weights, LEARNING_RATE)
@@ -210,37 +232,57 @@ def _peer_contenders(params: Any, x: jax.Array, labels: jax.Array, manual_grads:
         out["torch_matmul"] = torch_peer.matmul(n)
         checks.append(("torch", torch_peer.gradients(tx, tl)[1]))
     flat_manual = [a for pair in manual_grads for a in pair]
-    records = [record(f"gradient_difference_{name}_vs_manual", relative_l2([a for pair in grads for a in pair], flat_manual),
-                      "relative L2") for name, grads in checks]
+    records = [
+        record(
+            f"gradient_difference_{name}_vs_manual",
+            relative_l2([a for pair in grads for a in pair], flat_manual),
+            "relative L2",
+        )
+        for name, grads in checks
+    ]
     return out, records, reason
 
 
-def _compile_both(net: layers.Layer, params: Any, x: jax.Array, labels: jax.Array,
-                  repeats: int) -> tuple[dict[str, Any], list[Record]]:
+def _compile_both(
+    net: layers.Layer, params: Any, x: jax.Array, labels: jax.Array, repeats: int
+) -> tuple[dict[str, Any], list[Record]]:
     """The step compiled for each side, ``repeats`` times interleaved, and the compile-time figures."""
     compiled: dict[str, Any] = {}
     compile_times: dict[str, list[float]] = {"manual": [], "jax_grad": []}
     for i in range(max(repeats, 1)):
         for side in ("manual", "jax_grad") if i % 2 == 0 else ("jax_grad", "manual"):
-            compiled[side], seconds = compile_step(net, "autodiff" if side == "jax_grad" else "manual", params, x, labels)
+            compiled[side], seconds = compile_step(
+                net, "autodiff" if side == "jax_grad" else "manual", params, x, labels
+            )
             compile_times[side].append(seconds)
     records = [record(f"compile_s_{side}", statistics.median(compile_times[side]), "s") for side in compile_times]
-    records.append(record("compile_ratio_manual_over_jax_grad", median_ratio(compile_times, "manual", "jax_grad"), "ratio"))
+    records.append(
+        record("compile_ratio_manual_over_jax_grad", median_ratio(compile_times, "manual", "jax_grad"), "ratio")
+    )
     return compiled, records
 
 
-def _gradients_and_memory(net: layers.Layer, compiled: dict[str, Any], params: Any, x: jax.Array,
-                          labels: jax.Array) -> tuple[dict[str, Any], list[Record]]:
+def _gradients_and_memory(
+    net: layers.Layer, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array
+) -> tuple[dict[str, Any], list[Record]]:
     """Each side's gradient, their difference, and the compiled and residual bytes."""
-    loss = {side: (lambda p, x, y, ref=(side == "jax_grad"): layers.classifier_loss(net, p, x, y, reference=ref)[0])
-            for side in ("manual", "jax_grad")}
+    loss = {
+        side: (lambda p, x, y, ref=(side == "jax_grad"): layers.classifier_loss(net, p, x, y, reference=ref)[0])
+        for side in ("manual", "jax_grad")
+    }
     grads = {side: jax.jit(jax.grad(fn))(params, x, labels) for side, fn in loss.items()}
-    records = [record("gradient_difference_jax_grad_vs_manual",
-                      relative_l2(jax.tree_util.tree_leaves(grads["jax_grad"]), jax.tree_util.tree_leaves(grads["manual"])),
-                      "relative L2")]
+    records = [
+        record(
+            "gradient_difference_jax_grad_vs_manual",
+            relative_l2(jax.tree_util.tree_leaves(grads["jax_grad"]), jax.tree_util.tree_leaves(grads["manual"])),
+            "relative L2",
+        )
+    ]
     nbytes = {side: footprint(c) for side, c in compiled.items()}
     if None in nbytes.values():
-        records.append(record("compiled_bytes", None, "bytes", skipped="memory_analysis() reports nothing on this backend"))
+        records.append(
+            record("compiled_bytes", None, "bytes", skipped="memory_analysis() reports nothing on this backend")
+        )
     else:
         records += [record(f"compiled_bytes_{side}", nbytes[side], "bytes") for side in nbytes]
         records.append(record("memory_ratio_manual_over_jax_grad", nbytes["manual"] / nbytes["jax_grad"], "ratio"))
@@ -250,8 +292,9 @@ def _gradients_and_memory(net: layers.Layer, compiled: dict[str, Any], params: A
     return grads, records
 
 
-def _contenders(model: Model, settings: Settings, compiled: dict[str, Any], params: Any, x: jax.Array,
-                labels: jax.Array, grads: Any) -> tuple[dict[str, Callable[[], Any]], list[Record], str | None]:
+def _contenders(
+    model: Model, settings: Settings, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array, grads: Any
+) -> tuple[dict[str, Callable[[], Any]], list[Record], str | None]:
     """What is timed: both steps, and for MLPs the matmul and the peers (with the peers' gradient checks
     and the reason PyTorch is missing, if it is)."""
     contenders = {side: _stepper(c, params, x, labels) for side, c in compiled.items()}
@@ -271,8 +314,11 @@ def _step_records(times: dict[str, list[float]], torch_reason: str | None) -> li
     """Each step's median time and the hand rules' ratio to every other step."""
     steps = [side for side in times if not side.endswith("matmul")]
     records = [record(f"step_ms_{side}", 1e3 * statistics.median(times[side]), "ms") for side in steps]
-    records += [record(f"step_ratio_manual_over_{side}", median_ratio(times, "manual", side), "ratio")
-                for side in steps if side != "manual"]
+    records += [
+        record(f"step_ratio_manual_over_{side}", median_ratio(times, "manual", side), "ratio")
+        for side in steps
+        if side != "manual"
+    ]
     if torch_reason is not None:
         records.append(record("step_ratio_manual_over_torch", None, "ratio", skipped=torch_reason))
     return records
@@ -285,13 +331,22 @@ def _flops_records(times: dict[str, list[float]], params: Any, model: Model, set
     records = [
         record("step_flops", flops, "FLOP"),
         record("flops_per_s_manual", flops / statistics.median(times["manual"]), "FLOP/s"),
-        record("matmul_flops_per_s", peak_flops / statistics.median(times["matmul"]), "FLOP/s", matmul=f"{n}x{n} float32"),
-        record("flops_fraction_manual_of_matmul", median_ratio(times, "matmul", "manual") * flops / peak_flops,
-               "fraction"),
+        record(
+            "matmul_flops_per_s", peak_flops / statistics.median(times["matmul"]), "FLOP/s", matmul=f"{n}x{n} float32"
+        ),
+        record(
+            "flops_fraction_manual_of_matmul", median_ratio(times, "matmul", "manual") * flops / peak_flops, "fraction"
+        ),
     ]
     if "torch_matmul" in times:
-        records.append(record("torch_matmul_flops_per_s", peak_flops / statistics.median(times["torch_matmul"]),
-                              "FLOP/s", matmul=f"{n}x{n} float32, torch.mm"))
+        records.append(
+            record(
+                "torch_matmul_flops_per_s",
+                peak_flops / statistics.median(times["torch_matmul"]),
+                "FLOP/s",
+                matmul=f"{n}x{n} float32, torch.mm",
+            )
+        )
     return records
 
 
@@ -346,7 +401,8 @@ def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int 
     for store in backprop.STORES:
         result[f"algorithm_{store}_tape_bytes"] = backprop.stored_bytes(network, params, x, store)
         result[f"algorithm_{store}_compiled_bytes"] = compiled_bytes(
-            lambda p, x, y, store=store: backprop.gradients(network, p, x, y, loss, store), params, x, labels)
+            lambda p, x, y, store=store: backprop.gradients(network, p, x, y, loss, store), params, x, labels
+        )
     for name, reference in (("custom_vjp", False), ("jax_grad", True)):
         fn = lambda p, x, y, reference=reference: backprop.loss(network, p, x, y, loss, reference=reference)  # noqa: E731
         result[f"{name}_residual_bytes"] = residual_bytes(fn, params, x, labels)
@@ -358,10 +414,12 @@ def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int 
 
 
 def check_seconds(rules: Sequence[str]) -> list[Record]:
-    """Wall time of ``python -m manualgrad check --dtype float64 [RULE ...]`` (all rules when empty), in a fresh process."""
+    """Wall time of ``python -m manualgrad check --dtype float64 [RULE ...]`` (all rules when empty),
+    in a fresh process."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "manualgrad", "check", "--dtype", "float64", *rules],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "manualgrad", "check", "--dtype", "float64", *rules], capture_output=True, text=True
+    )
     seconds = time.perf_counter() - start
     what = "all rules" if not rules else " ".join(rules)
     return [record("check_seconds_float64", seconds, "s", rules=what, passed=done.returncode == 0)]
@@ -414,10 +472,18 @@ def run(settings: Settings = Settings(), progress: Callable[[str], None] | None 
         if progress:
             progress("manualgrad check --dtype float64")
         records += check_seconds(settings.check_rules)
-    described = dataclasses.asdict(settings) | {"matmul_size": settings.matmul_n(), "optimizer": f"adam {LEARNING_RATE}",
-                                                "dtype": "float32", "seconds": time.perf_counter() - started}
-    return {"machine": machine(), "settings": described, "records": [judge(rec) for rec in records],
-            "models": {name: MODELS[name].description for name in settings.models}}
+    described = dataclasses.asdict(settings) | {
+        "matmul_size": settings.matmul_n(),
+        "optimizer": f"adam {LEARNING_RATE}",
+        "dtype": "float32",
+        "seconds": time.perf_counter() - started,
+    }
+    return {
+        "machine": machine(),
+        "settings": described,
+        "records": [judge(rec) for rec in records],
+        "models": {name: MODELS[name].description for name in settings.models},
+    }
 
 
 def _value(rec: Record) -> str:
@@ -443,11 +509,14 @@ def table(result: dict[str, Any]) -> str:
     figures follow the table.
     """
     m, s = result["machine"], result["settings"]
-    lines = [f"manualgrad bench on {m['cpu']} ({m['cores']} cores), backend {m['backend']} ({m['device']}), "
-             f"jax {m['jax']}, numpy {m['numpy']}, torch {m['torch'] or 'not installed'}",
-             f"{s['dtype']}, {s['optimizer']}, median of {s['repeats']} interleaved repetitions "
-             f"(compile: {s['compile_repeats']}); matmul peak from {s['matmul_size']}x{s['matmul_size']}; "
-             f"{s['seconds']:.0f} s in all", ""]
+    lines = [
+        f"manualgrad bench on {m['cpu']} ({m['cores']} cores), backend {m['backend']} ({m['device']}), "
+        f"jax {m['jax']}, numpy {m['numpy']}, torch {m['torch'] or 'not installed'}",
+        f"{s['dtype']}, {s['optimizer']}, median of {s['repeats']} interleaved repetitions "
+        f"(compile: {s['compile_repeats']}); matmul peak from {s['matmul_size']}x{s['matmul_size']}; "
+        f"{s['seconds']:.0f} s in all",
+        "",
+    ]
     lines += [f"{name:11} {text}" for name, text in result["models"].items()] + [""]
     models = [name for name in result["models"]]
     cells: dict[str, dict[str | None, str]] = {}
@@ -467,8 +536,14 @@ def table(result: dict[str, Any]) -> str:
     for f in cells:
         if None in cells[f]:
             rec = next(r for r in result["records"] if r["figure"] == f)
-            extra = ", ".join(f"{k} {v}" for k, v in rec.items() if k not in ("figure", "model", "value", "unit", "goal", "meets_goal"))
-            lines.append(f"{f}: {cells[f][None]}" + (f" (goal {goals[f]})" if goals[f] else "") + (f"; {extra}" if extra else ""))
+            extra = ", ".join(
+                f"{k} {v}"
+                for k, v in rec.items()
+                if k not in ("figure", "model", "value", "unit", "goal", "meets_goal")
+            )
+            lines.append(
+                f"{f}: {cells[f][None]}" + (f" (goal {goals[f]})" if goals[f] else "") + (f"; {extra}" if extra else "")
+            )
     return "\n".join(lines + notes)
 
 

@@ -180,8 +180,10 @@ class TorchMLP:
 
     def inputs(self, x: np.ndarray, labels: np.ndarray) -> tuple[Any, Any]:
         """``(x, labels)`` as tensors on this peer's device."""
-        return (self.torch.tensor(np.asarray(x), device=self.device),
-                self.torch.tensor(np.asarray(labels, np.int64), device=self.device))
+        return (
+            self.torch.tensor(np.asarray(x), device=self.device),
+            self.torch.tensor(np.asarray(labels, np.int64), device=self.device),
+        )
 
     def matmul(self, n: int) -> Callable[[], Any]:
         """A closure that multiplies two ``n × n`` float32 matrices with PyTorch on this peer's device and threads."""

@@ -45,19 +45,38 @@ def adjoint_mismatch(u: list[Any], y: Any, out: Any, back: Any) -> tuple[float, 
     dividing by their values instead would turn round-off into an arbitrarily large ratio at
     an unlucky draw. A wrong ``C†`` gives a mismatch of order ``1/√size``, far above it.
     """
-    leaves = lambda t: [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(t)]
+
+    def leaves(t):
+        return [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(t)]
+
     lhs = sum(np.vdot(a, b) for a, b in zip(leaves(out), leaves(y)))
     rhs = sum(np.vdot(a, b) for a, b in zip(leaves(u), leaves(back)))
-    norm = lambda t: np.sqrt(sum(np.vdot(a, a) for a in leaves(t)))
+
+    def norm(t):
+        return np.sqrt(sum(np.vdot(a, a) for a in leaves(t)))
+
     scale = norm(out) * norm(y) + sum(norm(a) * norm(b) for a, b in zip(u, back))
     mismatch = abs(lhs - rhs) / scale if scale > 0 else 0.0
     return float(lhs), float(rhs), float(mismatch if np.isfinite(lhs - rhs) else np.inf)
 
 
-def finding(rule: str, dtype: str, label: str, argument: str, tol: float, drawn: tuple[list[Any], Any], out: Any,
-            back: Any) -> Finding:
+def finding(
+    rule: str, dtype: str, label: str, argument: str, tol: float, drawn: tuple[list[Any], Any], out: Any, back: Any
+) -> Finding:
     """The ``adjoint`` finding of one group: ``drawn`` by :func:`draws`, ``(out, back)`` from :func:`pair`."""
     forward_side, backward_side, mismatch = adjoint_mismatch(drawn[0], drawn[1], out, back)
-    return Finding(rule, "adjoint", dtype, label, argument, abs(forward_side - backward_side), mismatch, tol,
-                   int(not mismatch <= tol), 1, "⟨C(u), y⟩ against Σ ⟨u, C†(y)⟩", forward_side,
-                   backward_side)
+    return Finding(
+        rule,
+        "adjoint",
+        dtype,
+        label,
+        argument,
+        abs(forward_side - backward_side),
+        mismatch,
+        tol,
+        int(not mismatch <= tol),
+        1,
+        "⟨C(u), y⟩ against Σ ⟨u, C†(y)⟩",
+        forward_side,
+        backward_side,
+    )

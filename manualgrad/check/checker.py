@@ -124,10 +124,28 @@ def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> 
         try:
             return _check_sample(rule, sample, dtype, checks, key, options)
         except ReferenceFailed as error:  # nothing to compare with: every check failed, the reference named
-            return [Finding(rule.name, c, dtype, sample.label, "(all)", np.inf, np.inf, TOLERANCES[dtype][c], 1, 1,
-                            NOT_RUN, note=str(error)) for c in CHECKS if c in checks]
+            return [
+                Finding(
+                    rule.name,
+                    c,
+                    dtype,
+                    sample.label,
+                    "(all)",
+                    np.inf,
+                    np.inf,
+                    TOLERANCES[dtype][c],
+                    1,
+                    1,
+                    NOT_RUN,
+                    note=str(error),
+                )
+                for c in CHECKS
+                if c in checks
+            ]
         except Exception:  # which check raised is found out one check at a time
-            return [f for check in CHECKS if check in checks for f in _check_alone(rule, sample, dtype, check, key, options)]
+            return [
+                f for check in CHECKS if check in checks for f in _check_alone(rule, sample, dtype, check, key, options)
+            ]
 
 
 def _check_alone(rule: Rule, sample: Sample, dtype: str, check: str, key, options) -> list[Finding]:
@@ -135,7 +153,6 @@ def _check_alone(rule: Rule, sample: Sample, dtype: str, check: str, key, option
         return _check_sample(rule, sample, dtype, (check,), key, options)
     except Exception as error:  # a broken rule is a finding, not a crash of the checker
         return _error_findings(rule, sample, dtype, check, error, key)
-
 
 
 def _argname(rule: Rule, i: int) -> str:
@@ -171,7 +188,12 @@ def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
     u = random_like(ku, jax.eval_shape(hand, *primals))
     groups = adjoint.linear_groups(rule, diff) if "adjoint" in checks else []
     return _Draws(
-        diff, names, hand, ref, primals, u,
+        diff,
+        names,
+        hand,
+        ref,
+        primals,
+        u,
         v=[random_like(k, p) for k, p in zip(jax.random.split(kv, len(primals)), primals)],
         batched=[stack_perturbed(k, p) for k, p in zip(jax.random.split(kb, len(primals)), primals)],
         batched_u=stack_perturbed(ku, u),
@@ -226,11 +248,16 @@ def _autodiff_findings(rule: Rule, sample: Sample, dtype: str, checks, d: _Draws
             continue
         received, expected = values[check]
         pairs = [("output", received, expected)] if check == "forward" else zip(d.names, received, expected)
-        results += [compare(rule.name, check, dtype, sample.label, n, r, e, tol[check], ATOL[dtype])
-                    for n, r, e in pairs]
+        results += [
+            compare(rule.name, check, dtype, sample.label, n, r, e, tol[check], ATOL[dtype]) for n, r, e in pairs
+        ]
     received_vjp = dict(zip(d.names, values["vjp"][0])) if "vjp" in values else {}
-    return [_diagnosed(f, rule, sample.args, d.diff[d.names.index(f.argument)], received_vjp[f.argument], d.u, dtype)
-            if f.check == "vjp" and not f.passed else f for f in results]
+    return [
+        _diagnosed(f, rule, sample.args, d.diff[d.names.index(f.argument)], received_vjp[f.argument], d.u, dtype)
+        if f.check == "vjp" and not f.passed
+        else f
+        for f in results
+    ]
 
 
 def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) -> list[Finding]:
@@ -246,11 +273,23 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) 
     tol = TOLERANCES[dtype]
     return [
         *_autodiff_findings(rule, sample, dtype, checks, d, values),
-        *(f.finding(rule.name, sample.label, dtype, tol["finite_diff"], np.asarray(v), np.asarray(h))
-          for f, (v, h) in zip(d.differences, fd_values)),
-        *(adjoint.finding(rule.name, dtype, sample.label, ", ".join(_argname(rule, i) for i in group), tol["adjoint"],
-                          drawn, out, back)
-          for group, drawn, (out, back) in zip(d.groups, d.adjoint, adjoint_values)),
+        *(
+            f.finding(rule.name, sample.label, dtype, tol["finite_diff"], np.asarray(v), np.asarray(h))
+            for f, (v, h) in zip(d.differences, fd_values)
+        ),
+        *(
+            adjoint.finding(
+                rule.name,
+                dtype,
+                sample.label,
+                ", ".join(_argname(rule, i) for i in group),
+                tol["adjoint"],
+                drawn,
+                out,
+                back,
+            )
+            for group, drawn, (out, back) in zip(d.groups, d.adjoint, adjoint_values)
+        ),
     ]
 
 
@@ -265,8 +304,20 @@ def _error_findings(rule: Rule, sample: Sample, dtype: str, check: str, error: E
     it), one finding per such argument, diagnosed from the raw backward."""
     first = str(error).splitlines()[0] if str(error) else ""
     note = first if isinstance(error, BackwardError) else f"raised {type(error).__name__}: {first}"
-    finding = Finding(rule.name, check, dtype, sample.label, "(all)", np.inf, np.inf, TOLERANCES[dtype][check], 1, 1,
-                      NOT_RUN, note=note)
+    finding = Finding(
+        rule.name,
+        check,
+        dtype,
+        sample.label,
+        "(all)",
+        np.inf,
+        np.inf,
+        TOLERANCES[dtype][check],
+        1,
+        1,
+        NOT_RUN,
+        note=note,
+    )
     if check != "vjp":
         return [finding]
     try:
@@ -274,7 +325,13 @@ def _error_findings(rule: Rule, sample: Sample, dtype: str, check: str, error: E
         raw = diagnose.diagnose_raw(rule, sample.args, g, dtype)
     except Exception:  # the forward itself fails, or the diagnosis does: the error stands alone
         return [finding]
-    return [dataclasses.replace(finding, argument=_argname(rule, i), diagnosis=shape.diagnosis,
-                                note=f"backward returned a cotangent of shape {shape.received} for {_argname(rule, i)}, "
-                                     f"of shape {shape.expected}")
-            for i, shape in raw.items()] or [finding]
+    return [
+        dataclasses.replace(
+            finding,
+            argument=_argname(rule, i),
+            diagnosis=shape.diagnosis,
+            note=f"backward returned a cotangent of shape {shape.received} for {_argname(rule, i)}, "
+            f"of shape {shape.expected}",
+        )
+        for i, shape in raw.items()
+    ] or [finding]

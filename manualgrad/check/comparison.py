@@ -12,8 +12,19 @@ from manualgrad.check.tolerances import relative_errors
 from manualgrad.check.trees import flat, locate
 
 
-def compare(rule: str, check: str, dtype: str, label: str, argument: str, received: Any, expected: Any, tol: float,
-            atol: Any, note: str = "", where: Callable[[int], str] | None = None) -> Finding:
+def compare(
+    rule: str,
+    check: str,
+    dtype: str,
+    label: str,
+    argument: str,
+    received: Any,
+    expected: Any,
+    tol: float,
+    atol: Any,
+    note: str = "",
+    where: Callable[[int], str] | None = None,
+) -> Finding:
     """Entry-by-entry relative error (:func:`~manualgrad.check.tolerances.relative_errors`);
     ``where(flat index)`` names the worst entry.
 
@@ -24,8 +35,21 @@ def compare(rule: str, check: str, dtype: str, label: str, argument: str, receiv
     """
     a, n = flat(received), flat(expected)
     if a.shape != n.shape:
-        return Finding(rule, check, dtype, label, argument, np.inf, np.inf, tol, max(a.size, n.size), n.size,
-                       "shape", note=f"received {a.size} entries, expected {n.size}", error_over_allowed=np.inf)
+        return Finding(
+            rule,
+            check,
+            dtype,
+            label,
+            argument,
+            np.inf,
+            np.inf,
+            tol,
+            max(a.size, n.size),
+            n.size,
+            "shape",
+            note=f"received {a.size} entries, expected {n.size}",
+            error_over_allowed=np.inf,
+        )
     if a.size == 0:
         return Finding(rule, check, dtype, label, argument, 0.0, 0.0, tol, 0, 0, note=note, error_over_allowed=0.0)
     abs_err, rel = relative_errors(a, n, atol)
@@ -35,6 +59,20 @@ def compare(rule: str, check: str, dtype: str, label: str, argument: str, receiv
     over = np.where(np.isnan(abs_err), np.inf, over)
     worst = int(np.argmax(np.where(mismatch, np.inf, rel))) if mismatch.any() else int(np.argmax(rel))
     position = where(worst) if where else locate(expected, worst, argument)
-    return Finding(rule, check, dtype, label, argument, float(np.nanmax(abs_err)), float(rel[worst]), tol,
-                   int(mismatch.sum()), int(n.size), position, float(n[worst]), float(a[worst]), note,
-                   error_over_allowed=float(np.max(over)))
+    return Finding(
+        rule,
+        check,
+        dtype,
+        label,
+        argument,
+        float(np.nanmax(abs_err)),
+        float(rel[worst]),
+        tol,
+        int(mismatch.sum()),
+        int(n.size),
+        position,
+        float(n[worst]),
+        float(a[worst]),
+        note,
+        error_over_allowed=float(np.max(over)),
+    )

@@ -78,13 +78,21 @@ def diagnose_raw(rule: Rule, args: tuple[Any, ...], g: Any, dtype: str) -> dict[
     out = {}
     tol = _tolerance(dtype)
     for i, cotangent in zip(primal, raw):
-        if i not in rule.differentiable or not hasattr(cotangent, "shape") or jnp.shape(cotangent) == jnp.shape(args[i]):
+        if (
+            i not in rule.differentiable
+            or not hasattr(cotangent, "shape")
+            or jnp.shape(cotangent) == jnp.shape(args[i])
+        ):
             continue
         right = np.asarray(mistakes.reference_vjp(rule.reference, args, i, g, vjp))
         received = np.asarray(cotangent)
-        found = next((text for text, fixed in generic.shape_mistakes(received, right.shape) if _explains(fixed, right, tol)),
-                     NO_EXPLANATION)
-        out[i] = WrongShape(received.shape, right.shape, found if found == NO_EXPLANATION else "your gradient equals " + found)
+        found = next(
+            (text for text, fixed in generic.shape_mistakes(received, right.shape) if _explains(fixed, right, tol)),
+            NO_EXPLANATION,
+        )
+        out[i] = WrongShape(
+            received.shape, right.shape, found if found == NO_EXPLANATION else "your gradient equals " + found
+        )
     return out
 
 
@@ -148,4 +156,3 @@ def _explains(candidate, received, tol) -> bool:
 def _tolerance(dtype: str) -> tuple[float, float]:
     """Round-off, as the checker's ``vjp`` check counts it: (relative, absolute)."""
     return TOLERANCES[dtype]["vjp"], ATOL[dtype]
-

@@ -101,8 +101,19 @@ class Differences:
             o, j = np.unravel_index(index, (hand.shape[0], int(keep.sum())))
             return f"d output[{o}] / d {locate(self.arg, int(np.flatnonzero(keep)[j]), self.name)}"
 
-        return compare(rule, "finite_diff", dtype, label, self.name, hand[:, keep], estimate.T[:, keep], tol,
-                       np.ravel(atol.T[:, keep]), note, position)
+        return compare(
+            rule,
+            "finite_diff",
+            dtype,
+            label,
+            self.name,
+            hand[:, keep],
+            estimate.T[:, keep],
+            tol,
+            np.ravel(atol.T[:, keep]),
+            note,
+            position,
+        )
 
     def _random_directions(self, rule, label, dtype, tol, steps, f0, hand) -> Finding:
         u = self.cotangents
@@ -112,8 +123,19 @@ class Differences:
         note = f"uᵀJv along {FAST_DIRECTIONS} random directions"
         note += f", {int(kinks.sum())} crossing a kink left out" if kinks.any() else ""
         received = np.einsum("km,km->k", hand, self.directions)
-        return compare(rule, "finite_diff", dtype, label, self.name, received[keep], estimate[keep], tol, atol[keep],
-                       note, lambda index: f"direction {int(keep[index])}")
+        return compare(
+            rule,
+            "finite_diff",
+            dtype,
+            label,
+            self.name,
+            received[keep],
+            estimate[keep],
+            tol,
+            atol[keep],
+            note,
+            lambda index: f"direction {int(keep[index])}",
+        )
 
 
 def richardson(steps, f0, magnitude, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,8 +166,9 @@ def richardson(steps, f0, magnitude, tol: float) -> tuple[np.ndarray, np.ndarray
     return estimate, kappa > KINK_SHARE * tol * np.abs(estimate) + rounding, np.minimum(FD_ATOL, rounding / KINK_SHARE)
 
 
-def finite_differences(rule: Rule, sample: Sample, diff: list[int], names: list[str],
-                       key: jax.Array) -> list[Differences]:
+def finite_differences(
+    rule: Rule, sample: Sample, diff: list[int], names: list[str], key: jax.Array
+) -> list[Differences]:
     """The finite-difference checks of a sample, one per differentiable argument, in float64."""
     args = jax.tree_util.tree_map(lambda a: host(a, np.float64) if is_float(a) else a, sample.args)
     out = []

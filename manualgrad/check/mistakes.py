@@ -32,8 +32,12 @@ def candidates(args: Any, right: Any) -> Iterator[tuple[str, Any]]:
 
 def factors(args: Any) -> list[tuple[float, str]]:
     """The constants a gradient is usually off by, with their usual cause."""
-    found = [(-1.0, "the right one with the sign flipped"), (0.0, "zero: the gradient of this argument was dropped"),
-             (2.0, "twice the right one: a missing ½ in the loss"), (0.5, "half the right one: a spurious ½")]
+    found = [
+        (-1.0, "the right one with the sign flipped"),
+        (0.0, "zero: the gradient of this argument was dropped"),
+        (2.0, "twice the right one: a missing ½ in the loss"),
+        (0.5, "half the right one: a spurious ½"),
+    ]
     batches = set()
     for leaf in jax.tree_util.tree_leaves(args):
         shape = jnp.shape(leaf)
@@ -50,17 +54,27 @@ def shape_mistakes(raw: np.ndarray, shape: tuple[int, ...]) -> Iterator[tuple[st
     summed = unsummed_axes(raw, shape)
     if summed is not None:
         shown = summed if len(summed) > 1 else summed[0]
-        yield (f"the right one with axis {shown} not summed: a broadcast axis left in "
-               f"(shape {raw.shape}, expected {shape})"), np.sum(raw, axis=summed).reshape(shape)
+        yield (
+            (
+                f"the right one with axis {shown} not summed: a broadcast axis left in "
+                f"(shape {raw.shape}, expected {shape})"
+            ),
+            np.sum(raw, axis=summed).reshape(shape),
+        )
     if raw.ndim == len(shape):
         for order in itertools.permutations(range(raw.ndim)):
             if order != tuple(range(raw.ndim)) and tuple(raw.shape[a] for a in order) == shape:
-                text = ("the right one transposed" if order == tuple(reversed(range(raw.ndim))) else
-                        f"the right one with its axes in the wrong order: transpose it by {order}")
+                text = (
+                    "the right one transposed"
+                    if order == tuple(reversed(range(raw.ndim)))
+                    else f"the right one with its axes in the wrong order: transpose it by {order}"
+                )
                 yield text, np.transpose(raw, order)
     if raw.size == math.prod(shape):
-        yield (f"the right one reshaped to {raw.shape} instead of {shape}: a reshape with its axes in the "
-               "wrong order"), np.reshape(raw, shape)
+        yield (
+            (f"the right one reshaped to {raw.shape} instead of {shape}: a reshape with its axes in the wrong order"),
+            np.reshape(raw, shape),
+        )
 
 
 def unsummed_axes(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[int, ...] | None:

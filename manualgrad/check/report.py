@@ -52,12 +52,15 @@ class Finding:
         if self.where == NOT_RUN:
             return f"{head}: not run: {self.note}" + (f"; {self.diagnosis}" if self.diagnosis else "")
         if self.check == "adjoint":
-            return (f"{head}: ⟨C(u), y⟩ = {self.expected:.6g} but Σ ⟨u, C†(y)⟩ = {self.received:.6g}, "
-                    f"mismatch {self.max_rel_error:.2e} > {self.tolerance:.0e}")
+            return (
+                f"{head}: ⟨C(u), y⟩ = {self.expected:.6g} but Σ ⟨u, C†(y)⟩ = {self.received:.6g}, "
+                f"mismatch {self.max_rel_error:.2e} > {self.tolerance:.0e}"
+            )
         return (
             f"{head}: {self.mismatches} of {self.size} entries differ beyond {self.tolerance:.0e}; "
             f"worst at {self.where}: expected {self.expected:.6g}, received {self.received:.6g} "
-            f"(relative error {self.max_rel_error:.2e})" + (f"; {self.note}" if self.note else "")
+            f"(relative error {self.max_rel_error:.2e})"
+            + (f"; {self.note}" if self.note else "")
             + (f"; {self.diagnosis}" if self.diagnosis else "")
         )
 
@@ -129,6 +132,8 @@ class Report:
             cells = []
             for c in checks:
                 f = worst.get((name, c))
-                cells.append(f"{'-':>13}" if f is None else f"{f.max_rel_error:>9.1e} {'ok' if f.passed else 'FAIL':>3}")
+                cells.append(
+                    f"{'-':>13}" if f is None else f"{f.max_rel_error:>9.1e} {'ok' if f.passed else 'FAIL':>3}"
+                )
             lines.append(f"{name:<{width}}  " + "  ".join(cells))
         return "\n".join(lines)

@@ -14,8 +14,12 @@ from manualgrad.check.trees import is_float, is_float_tree
 from manualgrad.registry import Rule, Sample
 
 
-def select(target: str | Rule | Callable[..., Any] | Sequence[str | Rule] | None, reference: Callable[..., Any] | None,
-           args: Sequence[Any] | None, argnums: Sequence[int] | None) -> list[Rule]:
+def select(
+    target: str | Rule | Callable[..., Any] | Sequence[str | Rule] | None,
+    reference: Callable[..., Any] | None,
+    args: Sequence[Any] | None,
+    argnums: Sequence[int] | None,
+) -> list[Rule]:
     """The rules ``target`` names (see :func:`manualgrad.check.check`)."""
     if target is None:
         return list(registry.rules())
@@ -34,8 +38,9 @@ class ReferenceFailed(Exception):
     """A user's reference raised while being checked against; the message names it and the error."""
 
 
-def user_rule(fn: Callable[..., Any], reference: Callable[..., Any], args: tuple[Any, ...],
-              argnums: Sequence[int] | None) -> Rule:
+def user_rule(
+    fn: Callable[..., Any], reference: Callable[..., Any], args: tuple[Any, ...], argnums: Sequence[int] | None
+) -> Rule:
     """A user's function and reference as a :class:`Rule`, both run under the caller's
     ``jax_numpy_rank_promotion``: the checker's ``"raise"`` is for the hand rules, whose
     backward passes are traced outside them. A reference that raises raises

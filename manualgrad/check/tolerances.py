@@ -24,10 +24,24 @@ CHECKS = ("forward", "vjp", "finite_diff", "adjoint", "jit", "vmap", "grad_of_gr
 # adjoint_mismatch), so its round-off is a small multiple of the dtype's epsilon whatever the
 # cancellation: 1e-13 is 450 ulps of float64; 1e-6 is 8 ulps of float32.
 TOLERANCES = {
-    "float64": {"forward": 1e-12, "vjp": 1e-12, "finite_diff": 1e-6, "adjoint": 1e-13, "jit": 1e-12, "vmap": 1e-12,
-                "grad_of_grad": 1e-12},
-    "float32": {"forward": 1e-5, "vjp": 1e-5, "finite_diff": 1e-6, "adjoint": 1e-6, "jit": 1e-5, "vmap": 1e-5,
-                "grad_of_grad": 1e-5},
+    "float64": {
+        "forward": 1e-12,
+        "vjp": 1e-12,
+        "finite_diff": 1e-6,
+        "adjoint": 1e-13,
+        "jit": 1e-12,
+        "vmap": 1e-12,
+        "grad_of_grad": 1e-12,
+    },
+    "float32": {
+        "forward": 1e-5,
+        "vjp": 1e-5,
+        "finite_diff": 1e-6,
+        "adjoint": 1e-6,
+        "jit": 1e-5,
+        "vmap": 1e-5,
+        "grad_of_grad": 1e-5,
+    },
 }
 ATOL = {"float64": 10 * float(np.finfo(np.float64).eps), "float32": 10 * float(np.finfo(np.float32).eps)}
 FD_ATOL = 1e-8
@@ -66,9 +80,14 @@ def relative_error(received: Any, expected: Any) -> float:
     least float64's smallest normal number)."""
     tiny = np.finfo(np.float64).tiny
     pairs = zip(jax.tree_util.tree_leaves(received), jax.tree_util.tree_leaves(expected))
-    return max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
-                / max(float(np.max(np.abs(np.asarray(b, np.float64)), initial=0.0)), tiny) for a, b in pairs),
-               default=0.0)
+    return max(
+        (
+            float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+            / max(float(np.max(np.abs(np.asarray(b, np.float64)), initial=0.0)), tiny)
+            for a, b in pairs
+        ),
+        default=0.0,
+    )
 
 
 def relative_l2(received: Any, expected: Any) -> float:

@@ -285,7 +285,9 @@ def output_reference(network: Sequence[Layer], params: Params, x: jax.Array) -> 
     return _network(network, params, x, reference=True)
 
 
-def loss(network: Sequence[Layer], params: Params, x: jax.Array, y: jax.Array, loss: str = "mse", *, reference: bool = False) -> jax.Array:
+def loss(
+    network: Sequence[Layer], params: Params, x: jax.Array, y: jax.Array, loss: str = "mse", *, reference: bool = False
+) -> jax.Array:
     """``ℓ(y, F_n)`` through the custom_vjp rules, or through the references with ``reference=True``."""
     _validate(network, params, loss=loss)
     if reference:

@@ -104,9 +104,15 @@ def Dense(out: int, activation: str = "identity", dtype: Any = jnp.float32) -> L
     return _with_weights(lambda s: (int(np.prod(s[1:])), out), apply, dtype, map="dense", activation=activation)
 
 
-def Conv2D(features: int, kernel: Sequence[int] = (3, 3), stride: int | Sequence[int] = 1,  # noqa: N802
-           padding: Padding = "VALID", dilation: int | Sequence[int] = 1, activation: str = "identity",
-           dtype: Any = jnp.float32) -> Layer:
+def Conv2D(
+    features: int,
+    kernel: Sequence[int] = (3, 3),
+    stride: int | Sequence[int] = 1,  # noqa: N802
+    padding: Padding = "VALID",
+    dilation: int | Sequence[int] = 1,
+    activation: str = "identity",
+    dtype: Any = jnp.float32,
+) -> Layer:
     """``σ(conv(x, W) + b)``: NHWC convolution with an HWIO kernel, one bias per output channel, then
     ``activation`` (rules ``conv2d``, ``bias_add`` and ``activation``)."""
 
@@ -114,12 +120,26 @@ def Conv2D(features: int, kernel: Sequence[int] = (3, 3), stride: int | Sequence
         y = _rule("conv2d", reference)(x, params["w"], stride, padding, dilation)
         return _rule(activation, reference)(_rule("bias_add", reference)(y, params["b"]))
 
-    return _with_weights(lambda s: (*tuple(kernel), s[-1], features), apply, dtype, map="conv2d",
-                         activation=activation, stride=stride, padding=padding, dilation=dilation)
+    return _with_weights(
+        lambda s: (*tuple(kernel), s[-1], features),
+        apply,
+        dtype,
+        map="conv2d",
+        activation=activation,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
 
 
-def Conv1D(features: int, kernel: int = 3, stride: int = 1, padding: Padding = "VALID",  # noqa: N802
-           dilation: int = 1, dtype: Any = jnp.float32) -> Layer:
+def Conv1D(
+    features: int,
+    kernel: int = 3,
+    stride: int = 1,
+    padding: Padding = "VALID",  # noqa: N802
+    dilation: int = 1,
+    dtype: Any = jnp.float32,
+) -> Layer:
     """NWC convolution with a WIO kernel and one bias per output channel (``conv1d``, ``bias_add``)."""
 
     def apply(params, x, *, reference=False):
@@ -146,14 +166,20 @@ def LeakyRelu(negative_slope: float = 0.01) -> Layer:  # noqa: N802
     return _elementwise("leaky_relu", negative_slope)
 
 
-def AvgPool2D(window: int | Sequence[int], stride: int | Sequence[int] | None = None,  # noqa: N802
-              padding: Padding = "VALID") -> Layer:
+def AvgPool2D(
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,  # noqa: N802
+    padding: Padding = "VALID",
+) -> Layer:
     """Average over windows of NHWC images (rule ``avg_pool2d``)."""
     return _elementwise("avg_pool2d", window, stride, padding)
 
 
-def MaxPool2D(window: int | Sequence[int], stride: int | Sequence[int] | None = None,  # noqa: N802
-              padding: Padding = "VALID") -> Layer:
+def MaxPool2D(
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,  # noqa: N802
+    padding: Padding = "VALID",
+) -> Layer:
     """Maximum over windows of NHWC images (rule ``max_pool2d``)."""
     return _elementwise("max_pool2d", window, stride, padding)
 
@@ -184,12 +210,17 @@ def mlp(classes: int, hidden: Sequence[int] = (128,), dtype: Any = jnp.float32) 
 
 def cnn(classes: int, channels: Sequence[int] = (16, 32), hidden: int = 64, dtype: Any = jnp.float32) -> Layer:
     """``Conv 3×3 → ReLU`` (then stride 2 for each further width), flatten, ``Dense → ReLU``, ``Dense(classes)``."""
-    convs = [layer for i, c in enumerate(channels)
-             for layer in (Conv2D(c, (3, 3), 1 if i == 0 else 2, "SAME", dtype=dtype), Relu)]
+    convs = [
+        layer
+        for i, c in enumerate(channels)
+        for layer in (Conv2D(c, (3, 3), 1 if i == 0 else 2, "SAME", dtype=dtype), Relu)
+    ]
     return serial(*convs, Flatten, Dense(hidden, dtype=dtype), Relu, Dense(classes, dtype=dtype))
 
 
-def classifier_loss(model: Layer, params: Any, x: jax.Array, labels: jax.Array, *, reference: bool = False) -> tuple[jax.Array, jax.Array]:
+def classifier_loss(
+    model: Layer, params: Any, x: jax.Array, labels: jax.Array, *, reference: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """Mean softmax cross-entropy of ``model`` on ``(x, labels)`` and the number of correct predictions."""
     logits = model.apply(params, x, reference=reference)
     loss = _rule("softmax_cross_entropy", reference)(logits, labels)

@@ -19,8 +19,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from manualgrad.rules import mistakes, validation
 from manualgrad.registry import Rule, Sample, register
+from manualgrad.rules import mistakes, validation
 from manualgrad.rules.samples import keys, normal
 
 

@@ -45,8 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad.rules import mistakes, validation, windows
 from manualgrad.registry import Rule, Sample, register
+from manualgrad.rules import mistakes, validation, windows
 from manualgrad.rules.samples import keys, normal
 from manualgrad.rules.windows import Geometry, Padding
 
@@ -73,7 +73,9 @@ def _validate(rule: str, x, w, n: int, layout: str, kernel_layout: str) -> None:
     if jnp.ndim(x) != n + 2:
         raise validation.RuleInputError(f"{rule}: x must have shape {layout}, got {jnp.shape(x)}")
     if jnp.ndim(w) != n + 2 or 0 in jnp.shape(w):
-        raise validation.RuleInputError(f"{rule}: w must have shape {kernel_layout} with no empty axis, got {jnp.shape(w)}")
+        raise validation.RuleInputError(
+            f"{rule}: w must have shape {kernel_layout} with no empty axis, got {jnp.shape(w)}"
+        )
     if jnp.shape(x)[-1] != jnp.shape(w)[-2]:
         raise validation.RuleInputError(
             f"{rule}: x has {jnp.shape(x)[-1]} channels but w expects {jnp.shape(w)[-2]} "
@@ -121,8 +123,9 @@ def _tap(x, k: tuple[int, ...], geo: Geometry):
     if spans is None:
         return jnp.zeros((jnp.shape(x)[0], *geo.output, jnp.shape(x)[-1]), x.dtype)
     n, c = jnp.shape(x)[0], jnp.shape(x)[-1]
-    sliced = lax.slice(x, (0, *(a for _, _, a, _ in spans), 0), (n, *(b for _, _, _, b in spans), c),
-                       (1, *geo.strides, 1))
+    sliced = lax.slice(
+        x, (0, *(a for _, _, a, _ in spans), 0), (n, *(b for _, _, _, b in spans), c), (1, *geo.strides, 1)
+    )
     pads = [(0, 0, 0), *((t_lo, o - t_hi, 0) for (t_lo, t_hi, _, _), o in zip(spans, geo.output)), (0, 0, 0)]
     return lax.pad(sliced, jnp.zeros((), x.dtype), pads)
 
@@ -138,8 +141,11 @@ def _tap_adjoint(v, k: tuple[int, ...], geo: Geometry):
     if spans is None:
         return jnp.zeros((n, *geo.input, c), v.dtype)
     cropped = lax.slice(v, (0, *(t_lo for t_lo, _, _, _ in spans), 0), (n, *(t_hi for _, t_hi, _, _ in spans), c))
-    pads = [(0, 0, 0), *((a, size - b, s - 1) for (_, _, a, b), size, s in zip(spans, geo.input, geo.strides)),
-            (0, 0, 0)]
+    pads = [
+        (0, 0, 0),
+        *((a, size - b, s - 1) for (_, _, a, b), size, s in zip(spans, geo.input, geo.strides)),
+        (0, 0, 0),
+    ]
     return lax.pad(cropped, jnp.zeros((), v.dtype), pads)
 
 
@@ -168,8 +174,9 @@ def _weight_adjoint(x, geo: Geometry, g):
     n, c_in = len(geo.window), jnp.shape(x)[-1]
     if math.prod(geo.window) * c_in < _NARROW_PATCHES:
         pads = [(lo, hi - r) for (lo, hi), r in zip(geo.pads, geo.leftover)]
-        return lax.conv_general_dilated(x, g, geo.dilation, pads, rhs_dilation=geo.strides,
-                                        dimension_numbers=dimension_numbers(n, "C††"))
+        return lax.conv_general_dilated(
+            x, g, geo.dilation, pads, rhs_dilation=geo.strides, dimension_numbers=dimension_numbers(n, "C††")
+        )
     patches = jnp.stack([_tap(x, k, geo) for k in _taps(geo)], axis=-2)
     lead = tuple(range(n + 1))
     dw = lax.dot_general(g, patches, ((lead, lead), ((), ())))  # (C_out, taps, C_in)
@@ -177,7 +184,10 @@ def _weight_adjoint(x, geo: Geometry, g):
 
 
 # Per rule: its spatial axes and the layouts of x and W that its errors name.
-_LAYOUTS = {"conv1d": (1, "(N, W, C_in)", "(K, C_in, C_out)"), "conv2d": (2, "(N, H, W, C_in)", "(KH, KW, C_in, C_out)")}
+_LAYOUTS = {
+    "conv1d": (1, "(N, W, C_in)", "(K, C_in, C_out)"),
+    "conv2d": (2, "(N, H, W, C_in)", "(KH, KW, C_in, C_out)"),
+}
 
 
 def _reference(rule: str, x, w, stride, padding, dilation):
@@ -186,7 +196,9 @@ def _reference(rule: str, x, w, stride, padding, dilation):
     xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
     taps = _taps(geo)
     reads = [
-        tuple(slice(k * d, k * d + (o - 1) * s + 1, s) for k, d, s, o in zip(tap, geo.dilation, geo.strides, geo.output))
+        tuple(
+            slice(k * d, k * d + (o - 1) * s + 1, s) for k, d, s, o in zip(tap, geo.dilation, geo.strides, geo.output)
+        )
         for tap in taps
     ]
     patches = jnp.stack([xp[(slice(None), *read)] for read in reads], axis=-2)
@@ -217,8 +229,16 @@ def _conv_samples(n: int, configs):
     def samples(key, dtype):
         k = keys(key)
         return [
-            Sample((normal(next(k), xs, dtype), normal(next(k), ws, dtype, 1 / math.sqrt(math.prod(ws[: n + 1]))), s, p, d),
-                   label)
+            Sample(
+                (
+                    normal(next(k), xs, dtype),
+                    normal(next(k), ws, dtype, 1 / math.sqrt(math.prod(ws[: n + 1]))),
+                    s,
+                    p,
+                    d,
+                ),
+                label,
+            )
             for xs, ws, s, p, d, label in configs
         ]
 

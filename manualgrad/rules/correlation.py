@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad.rules import mistakes, validation
 from manualgrad.registry import Mistake, Rule, Sample, register
+from manualgrad.rules import mistakes, validation
 from manualgrad.rules.samples import keys, normal
 from manualgrad.rules.windows import mode_window
+
 
 def _pad(a: jax.Array, pads: tuple[int, int]) -> jax.Array:
     """``a`` zero-padded along its last axis by ``pads = (lo, hi)`` (negative amounts crop)."""
@@ -140,6 +141,7 @@ def _signal_mistakes(rule: str, reference, flip: bool) -> tuple[Mistake, ...]:
             x, w, mode = args
             pad = mode_window(rule, jnp.shape(x)[-1], jnp.shape(w)[0], mode)
             for shift in (-1, 1):
+
                 def f(a, shift=shift):
                     xx, ww, _ = mistakes.replace(args, i, a)
                     return _window_reference(xx, jnp.flip(ww) if flip else ww, pad.offset + shift, pad.length)

@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad.rules import mistakes, validation
-from manualgrad.registry import Mistake
-from manualgrad.registry import Rule, Sample, register
 from manualgrad.rules.samples import keys, normal
 
 # --------------------------------------------------------------------------- mse

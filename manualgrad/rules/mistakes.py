@@ -44,8 +44,13 @@ def elementwise(reference: Callable[..., Any], inverse: Callable[[Any], Any] | N
         at = lambda point: reference_vjp(reference, (point, *rest), 0, g, vjp)  # noqa: E731
         yield "the right one with σ' taken at the output F = σ(z) instead of the input z", at(reference(z, *rest))
         if inverse is not None:
-            yield ("the right one with σ' written in terms of the output F but taken at the input z "
-                   "(where σ⁻¹(z) exists)"), at(inverse(z))
+            yield (
+                (
+                    "the right one with σ' written in terms of the output F but taken at the input z "
+                    "(where σ⁻¹(z) exists)"
+                ),
+                at(inverse(z)),
+            )
         yield "the cotangent G itself: the factor σ' is missing", g
 
     return (Mistake(0, candidates),)
@@ -57,11 +62,16 @@ def kernel_flipped(reference: Callable[..., Any], axes: tuple[int, ...]) -> tupl
 
     def input_candidates(vjp: VJP, args, g):
         flipped = replace(args, 1, jnp.flip(args[1], axis=axes))
-        yield "the right one for the kernel flipped: the kernel was not flipped (or flipped twice)", \
-            reference_vjp(reference, flipped, 0, g, vjp)
+        yield (
+            "the right one for the kernel flipped: the kernel was not flipped (or flipped twice)",
+            reference_vjp(reference, flipped, 0, g, vjp),
+        )
 
     def kernel_candidates(vjp: VJP, args, g):
-        yield "the right one with the kernel taps reversed", jnp.flip(reference_vjp(reference, args, 1, g, vjp), axis=axes)
+        yield (
+            "the right one with the kernel taps reversed",
+            jnp.flip(reference_vjp(reference, args, 1, g, vjp), axis=axes),
+        )
 
     return Mistake(0, input_candidates), Mistake(1, kernel_candidates)
 

@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from manualgrad.rules import mistakes, validation
 from manualgrad.registry import VJP, Mistake, Rule, Sample, register
+from manualgrad.rules import mistakes, validation
 from manualgrad.rules.samples import keys, normal
 
 _SEEDS = (
@@ -142,8 +142,12 @@ def _validate_affine(rule: str, x, eps, layout: str, rank: int, **params) -> Non
 # --------------------------------------------------------------------------- usual mistakes
 
 
-def _statistics_mistakes(reference: Callable[..., Any], count: Callable[[tuple], int], arguments: tuple[int, ...],
-                         wrong_axes: Callable[[tuple], Iterator[tuple[str, Callable[..., Any]]]]) -> tuple[Mistake, ...]:
+def _statistics_mistakes(
+    reference: Callable[..., Any],
+    count: Callable[[tuple], int],
+    arguments: tuple[int, ...],
+    wrong_axes: Callable[[tuple], Iterator[tuple[str, Callable[..., Any]]]],
+) -> tuple[Mistake, ...]:
     """The usual mistakes of a centred norm, for each argument in ``arguments`` (0 for ``x``,
     1 for ``γ``): VJPs of the reference with ``μ`` or ``σ`` held constant, with the unbiased
     variance, or with ``wrong_axes(args)``'s other references, and (for ``x``) the unbiased
@@ -160,12 +164,19 @@ def _statistics_mistakes(reference: Callable[..., Any], count: Callable[[tuple],
             if i == 0:
                 yield from _constant_statistics(reference, pull)
             if m > 1:
-                yield ("the right one for the unbiased variance (÷ (m − 1)) instead of the biased one (÷ m)",
-                       pull(functools.partial(reference, ddof=1)))
+                yield (
+                    "the right one for the unbiased variance (÷ (m − 1)) instead of the biased one (÷ m)",
+                    pull(functools.partial(reference, ddof=1)),
+                )
                 if i == 0:  # the σ path's term, right − (σ held constant), scaled by m/(m − 1)
                     right, no_sigma = pull(reference), pull(functools.partial(reference, constant=("σ",)))
-                    yield ("the right one with ∂v/∂x = 2(x − μ)/(m − 1): the unbiased m − 1 in the variance's "
-                           "derivative (the variance is biased, ÷ m)"), no_sigma + m / (m - 1) * (right - no_sigma)
+                    yield (
+                        (
+                            "the right one with ∂v/∂x = 2(x − μ)/(m − 1): the unbiased m − 1 in the variance's "
+                            "derivative (the variance is biased, ÷ m)"
+                        ),
+                        no_sigma + m / (m - 1) * (right - no_sigma),
+                    )
             for text, f in wrong_axes(args):
                 yield text, pull(f)
 
@@ -175,18 +186,26 @@ def _statistics_mistakes(reference: Callable[..., Any], count: Callable[[tuple],
 
 
 def _constant_statistics(reference, pull) -> Iterator[tuple[str, Any]]:
-    yield ("the right one with μ and σ treated as constants (dx = γ G/σ): the paths through μ and σ "
-           "are missing"), pull(functools.partial(reference, constant=("μ", "σ")))
-    yield ("the right one without the term x̂ Σ(G x̂): the path through σ is missing"
-           ), pull(functools.partial(reference, constant=("σ",)))
-    yield "the right one without the term Σ G: the path through μ is missing", \
-        pull(functools.partial(reference, constant=("μ",)))
+    yield (
+        ("the right one with μ and σ treated as constants (dx = γ G/σ): the paths through μ and σ are missing"),
+        pull(functools.partial(reference, constant=("μ", "σ"))),
+    )
+    yield (
+        ("the right one without the term x̂ Σ(G x̂): the path through σ is missing"),
+        pull(functools.partial(reference, constant=("σ",))),
+    )
+    yield (
+        "the right one without the term Σ G: the path through μ is missing",
+        pull(functools.partial(reference, constant=("μ",))),
+    )
 
 
-_LAYER_STATISTICS = ("the right one for statistics over the last axis (layer norm's) instead of every axis but "
-                     "the last (batch norm's)")
-_BATCH_STATISTICS = ("the right one for statistics over every axis but the last (batch norm's) instead of the "
-                     "last axis (layer norm's)")
+_LAYER_STATISTICS = (
+    "the right one for statistics over the last axis (layer norm's) instead of every axis but the last (batch norm's)"
+)
+_BATCH_STATISTICS = (
+    "the right one for statistics over every axis but the last (batch norm's) instead of the last axis (layer norm's)"
+)
 
 
 def _gamma_outside(reference: Callable[..., Any]) -> Mistake:
@@ -196,9 +215,13 @@ def _gamma_outside(reference: Callable[..., Any]) -> Mistake:
     def candidates(vjp: VJP, args, g):
         x, gamma = args[:2]
         unit = mistakes.replace(args, 1, jnp.ones_like(gamma))
-        yield ("the right one with γ taken out of the sums over the normalised entries: γ varies along them, "
-               "so dx needs Σ(γ G), not γ Σ G"), \
-            _per_channel(gamma, jnp.ndim(x)) * mistakes.reference_vjp(reference, unit, 0, g, vjp)
+        yield (
+            (
+                "the right one with γ taken out of the sums over the normalised entries: γ varies along them, "
+                "so dx needs Σ(γ G), not γ Σ G"
+            ),
+            _per_channel(gamma, jnp.ndim(x)) * mistakes.reference_vjp(reference, unit, 0, g, vjp),
+        )
 
     return Mistake(0, candidates)
 
@@ -338,7 +361,9 @@ register(
         differentiable=(0, 1, 2),
         seeds=_SEEDS,
         mistakes=_statistics_mistakes(
-            batch_norm_reference, lambda args: math.prod(jnp.shape(args[0])[:-1]), (0, 1),
+            batch_norm_reference,
+            lambda args: math.prod(jnp.shape(args[0])[:-1]),
+            (0, 1),
             lambda args: iter([(_LAYER_STATISTICS, layer_norm_reference)]),
         ),
     )
@@ -433,7 +458,9 @@ register(
         seeds=_SEEDS,
         mistakes=(
             *_statistics_mistakes(
-                layer_norm_reference, lambda args: jnp.shape(args[0])[-1], (0, 1),
+                layer_norm_reference,
+                lambda args: jnp.shape(args[0])[-1],
+                (0, 1),
                 lambda args: iter([(_BATCH_STATISTICS, batch_norm_reference)]),
             ),
             _gamma_outside(layer_norm_reference),
@@ -546,11 +573,15 @@ def _other_groupings(args):
     """Group norm's references with the statistics per channel and over all channels."""
     groups, channels = args[3], jnp.shape(args[0])[-1]
     if groups != channels:
-        yield ("the right one for statistics per channel (groups = C, instance norm) instead of per group",
-               lambda x, gamma, beta, groups, eps: group_norm_reference(x, gamma, beta, channels, eps))
+        yield (
+            "the right one for statistics per channel (groups = C, instance norm) instead of per group",
+            lambda x, gamma, beta, groups, eps: group_norm_reference(x, gamma, beta, channels, eps),
+        )
     if groups != 1:
-        yield (f"the right one for one group of all the channels (groups = 1) instead of groups = {groups}",
-               lambda x, gamma, beta, groups, eps: group_norm_reference(x, gamma, beta, 1, eps))
+        yield (
+            f"the right one for one group of all the channels (groups = 1) instead of groups = {groups}",
+            lambda x, gamma, beta, groups, eps: group_norm_reference(x, gamma, beta, 1, eps),
+        )
 
 
 register(
@@ -643,8 +674,12 @@ rms_norm.defvjp(rms_norm_forward, _rms_norm_vjp)
 
 def _rms_norm_samples(key, dtype):
     k = keys(key)
-    configs = [((4, 5), 1e-6, "batch 4"), ((1, 3), 1e-6, "batch 1"), ((2, 3, 2, 4), 1e-6, "NHWC, per pixel"),
-               ((2, 4), 0.1, "a zero row (r = √ε), eps 0.1")]
+    configs = [
+        ((4, 5), 1e-6, "batch 4"),
+        ((1, 3), 1e-6, "batch 1"),
+        ((2, 3, 2, 4), 1e-6, "NHWC, per pixel"),
+        ((2, 4), 0.1, "a zero row (r = √ε), eps 0.1"),
+    ]
     out = []
     for shape, eps, label in configs:
         x = normal(next(k), shape, dtype, 2.0)
@@ -654,8 +689,10 @@ def _rms_norm_samples(key, dtype):
 
 
 def _rms_constant(vjp: VJP, args, g):
-    yield ("the right one with r treated as a constant (dx = γ G/r): the path through r is missing"), \
-        vjp(lambda a: rms_norm_reference(a, *args[1:], constant=("r",)), args[0], g)
+    yield (
+        ("the right one with r treated as a constant (dx = γ G/r): the path through r is missing"),
+        vjp(lambda a: rms_norm_reference(a, *args[1:], constant=("r",)), args[0], g),
+    )
 
 
 register(
@@ -717,8 +754,10 @@ def _validate_key(rule: str, key) -> None:
     if (typed and np.shape(key) == ()) or (raw and np.shape(key) == (2,)):
         return
     error = validation.RuleInputError if typed or raw else validation.RuleDTypeError
-    raise error(f"{rule}: key must be one PRNG key, jax.random.key(seed) or jax.random.PRNGKey(seed) "
-                f"(uint32 of shape (2,)), got {dtype} with shape {np.shape(key)}")
+    raise error(
+        f"{rule}: key must be one PRNG key, jax.random.key(seed) or jax.random.PRNGKey(seed) "
+        f"(uint32 of shape (2,)), got {dtype} with shape {np.shape(key)}"
+    )
 
 
 def dropout_forward(x, key, rate):
@@ -751,8 +790,12 @@ dropout.defvjp(dropout_forward, _dropout_vjp)
 
 def _dropout_samples(key, dtype):
     k = keys(key)
-    configs = [((4, 5), 0.5, "rate 0.5"), ((1, 6), 0.8, "batch 1, rate 0.8"),
-               ((2, 3, 3, 2), 0.3, "NHWC, rate 0.3, a typed key"), ((3, 4), 0.0, "rate 0: the identity")]
+    configs = [
+        ((4, 5), 0.5, "rate 0.5"),
+        ((1, 6), 0.8, "batch 1, rate 0.8"),
+        ((2, 3, 3, 2), 0.3, "NHWC, rate 0.3, a typed key"),
+        ((3, 4), 0.0, "rate 0: the identity"),
+    ]
     out = []
     for shape, rate, label in configs:
         x, mask_key = normal(next(k), shape, dtype), next(k)
@@ -768,9 +811,13 @@ def _dropout_mistakes(vjp: VJP, args, g):
     yield "the right one without the factor 1/(1 − rate): the kept entries were not rescaled", (1 - rate) * right
     yield "G / (1 − rate): the mask is missing", g / (1 - rate)
     for i in (0, 1):  # jax.random.fold_in(key, 1) is jax.random.split(key)[1] for the default PRNG
-        yield (f"the right one for the mask drawn with another key (jax.random.split(key)[{i}]): the backward "
-               "must use the forward's mask"), \
-            mistakes.reference_vjp(dropout_reference, (x, jax.random.split(key)[i], rate), 0, g, vjp)
+        yield (
+            (
+                f"the right one for the mask drawn with another key (jax.random.split(key)[{i}]): the backward "
+                "must use the forward's mask"
+            ),
+            mistakes.reference_vjp(dropout_reference, (x, jax.random.split(key)[i], rate), 0, g, vjp),
+        )
 
 
 register(

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from manualgrad.rules import mistakes, validation, windows
 from manualgrad.registry import Mistake, Rule, Sample, register
+from manualgrad.rules import mistakes, validation, windows
 from manualgrad.rules.samples import keys, normal
 from manualgrad.rules.windows import Geometry, Padding
 
@@ -133,7 +133,12 @@ def avg_pool2d_backward(geo: Geometry, g):
     spread = lax.pad(
         g,
         np.array(0, g.dtype),
-        ((0, 0, 0), (kh - 1 - lo_h, kh - 1 - hi_h + rh, sh - 1), (kw - 1 - lo_w, kw - 1 - hi_w + rw, sw - 1), (0, 0, 0)),
+        (
+            (0, 0, 0),
+            (kh - 1 - lo_h, kh - 1 - hi_h + rh, sh - 1),
+            (kw - 1 - lo_w, kw - 1 - hi_w + rw, sw - 1),
+            (0, 0, 0),
+        ),
     )
     summed = lax.reduce_window(spread, np.array(0, g.dtype), lax.add, (1, kh, kw, 1), (1, 1, 1, 1), "VALID")
     return summed / (kh * kw)

@@ -39,9 +39,7 @@ def same_dtype(rule: str, **arrays: Any) -> None:
 
 def min_rank(rule: str, name: str, x: Any, rank: int, layout: str) -> None:
     if np.ndim(x) < rank:
-        raise RuleInputError(
-            f"{rule}: {name} must have at least {rank} axes {layout}, got shape {np.shape(x)}"
-        )
+        raise RuleInputError(f"{rule}: {name} must have at least {rank} axes {layout}, got shape {np.shape(x)}")
 
 
 def same_shape(rule: str, **arrays: Any) -> None:

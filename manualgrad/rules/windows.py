@@ -45,7 +45,9 @@ class Geometry(NamedTuple):
 
 def positive_ints(rule: str, name: str, value: Any, n: int) -> tuple[int, ...]:
     """An int or a sequence of ``n`` ints, each ≥ 1."""
-    values = (value,) * n if isinstance(value, numbers.Integral) else tuple(value) if isinstance(value, Sequence) else None
+    values = (
+        (value,) * n if isinstance(value, numbers.Integral) else tuple(value) if isinstance(value, Sequence) else None
+    )
     if values is None or len(values) != n or not all(isinstance(v, numbers.Integral) and v >= 1 for v in values):
         kind = "an int" if n == 1 else f"an int or {n} ints"
         raise RuleInputError(f"{rule}: {name} must be {kind}, each at least 1, got {value!r}")
@@ -73,7 +75,9 @@ def geometry(
     effective = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
     if isinstance(padding, str):
         if padding.upper() not in ("VALID", "SAME"):
-            raise RuleInputError(f"{rule}: padding must be 'VALID', 'SAME', an int or {n} (lo, hi) pairs, got {padding!r}")
+            raise RuleInputError(
+                f"{rule}: padding must be 'VALID', 'SAME', an int or {n} (lo, hi) pairs, got {padding!r}"
+            )
         pads = tuple(tuple(p) for p in lax.padtype_to_pads(tuple(input_size), effective, strides, padding.upper()))
     elif isinstance(padding, numbers.Integral):
         pads = ((int(padding), int(padding)),) * n
@@ -83,7 +87,9 @@ def geometry(
         except (TypeError, ValueError):
             pads = ()
         if len(pads) != n:
-            raise RuleInputError(f"{rule}: padding must be 'VALID', 'SAME', an int or {n} (lo, hi) pairs, got {padding!r}")
+            raise RuleInputError(
+                f"{rule}: padding must be 'VALID', 'SAME', an int or {n} (lo, hi) pairs, got {padding!r}"
+            )
     if any(p < 0 for pair in pads for p in pair):
         raise RuleInputError(f"{rule}: padding must not be negative, got {padding!r}")
     padded = tuple(i + lo + hi for i, (lo, hi) in zip(input_size, pads))

@@ -49,8 +49,10 @@ def _cell(value: object) -> str:
 
 def table(rows: Sequence[Row]) -> str:
     """The rows as an aligned text table with :data:`COLUMNS`."""
-    cells = [[r.quantity, *(_cell(v) for v in (r.hand, r.custom_vjp, r.algorithm, r.jax_grad)), f"{r.difference():.1e}"]
-             for r in rows]
+    cells = [
+        [r.quantity, *(_cell(v) for v in (r.hand, r.custom_vjp, r.algorithm, r.jax_grad)), f"{r.difference():.1e}"]
+        for r in rows
+    ]
     header = ["quantity", *COLUMNS]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *cells)]
     line = lambda row: " │ ".join(str(c).ljust(w) for c, w in zip(row, widths))  # noqa: E731

@@ -16,7 +16,10 @@ def seeds_table() -> str:
 
 def rules_table() -> str:
     """A Markdown table: rule, signature, module, its seeds (:func:`registry.cite`), and where its explanation is."""
-    lines = ["| rule | signature | module | seeds: author, title, section [file] | explanation |", "|---|---|---|---|---|"]
+    lines = [
+        "| rule | signature | module | seeds: author, title, section [file] | explanation |",
+        "|---|---|---|---|---|",
+    ]
     for rule in registry.rules():
         params = inspect.signature(rule.fn).parameters.values()
         shown = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params)

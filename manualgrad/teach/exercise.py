@@ -117,9 +117,11 @@ def _module(path: str | pathlib.Path) -> tuple[Rule, types.ModuleType]:
         raise ExerciseError(f"no file {str(path)!r}")
     first = path.read_text(errors="replace").partition("\n")[0]
     if not first.startswith(HEADER):
-        raise ExerciseError(f"{path} is not an exercise file (its first line must be '{HEADER}RULE'; "
-                            "write one with `manualgrad exercise RULE`)")
-    name = first[len(HEADER):].strip()
+        raise ExerciseError(
+            f"{path} is not an exercise file (its first line must be '{HEADER}RULE'; "
+            "write one with `manualgrad exercise RULE`)"
+        )
+    name = first[len(HEADER) :].strip()
     try:
         rule = registry.get(name)
     except KeyError as error:
@@ -129,7 +131,9 @@ def _module(path: str | pathlib.Path) -> tuple[Rule, types.ModuleType]:
     try:
         spec.loader.exec_module(module)
     except Exception as error:
-        raise ExerciseError(f"{path} does not run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        raise ExerciseError(
+            f"{path} does not run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from None
     missing = [f for f in ("forward", "backward") if not callable(getattr(module, f, None))]
     if missing:
         raise ExerciseError(f"{path} defines no {' or '.join(missing)} function")
@@ -142,8 +146,9 @@ def load(path: str | pathlib.Path) -> tuple[Rule, Rule]:
 
 
 def _student(rule: Rule, module: types.ModuleType) -> tuple[Rule, Rule]:
-    student = rule.with_backward(_checked_backward(rule, module.backward), module.forward,
-                                 primal=lambda *args: module.forward(*args)[0])
+    student = rule.with_backward(
+        _checked_backward(rule, module.backward), module.forward, primal=lambda *args: module.forward(*args)[0]
+    )
     return rule, student
 
 
@@ -161,15 +166,18 @@ def _checked_backward(rule: Rule, backward: Callable[..., Any]) -> Callable[...,
         except TypeError:
             raise checker.BackwardError(
                 f"backward is defined as backward({', '.join(signature.parameters)}) but is called with "
-                f"{len(args)} arguments: write it as backward({', '.join(params)})") from None
+                f"{len(args)} arguments: write it as backward({', '.join(params)})"
+            ) from None
         try:
             out = backward(*args)
         except jax.errors.TracerArrayConversionError:
             raise checker.BackwardError(
-                "use jax.numpy (jnp), not numpy, inside backward: its inputs are traced arrays") from None
+                "use jax.numpy (jnp), not numpy, inside backward: its inputs are traced arrays"
+            ) from None
         except jax.errors.TracerBoolConversionError:
             raise checker.BackwardError(
-                "use jnp.where, not a Python if, and or or, on arrays inside backward: its inputs are traced arrays") from None
+                "use jnp.where, not a Python if, and or or, on arrays inside backward: its inputs are traced arrays"
+            ) from None
         if isinstance(out, tuple) and len(out) == len(returned):
             return out
         if out is None or isinstance(out, list):
@@ -225,7 +233,9 @@ def _forbidden(rule: Rule) -> dict[int, tuple[Any, str, str]]:
         out[id(fn)] = (fn, f"{inspect.getmodule(fn.fwd).__name__}.{other.name}", "a manualgrad rule")
         for key, f in _reachable(fn.bwd).items():
             if key not in allowed:
-                out.setdefault(key, (f, f"{f.__module__}.{f.__qualname__}", f"manualgrad's own backward of {other.name}"))
+                out.setdefault(
+                    key, (f, f"{f.__module__}.{f.__qualname__}", f"manualgrad's own backward of {other.name}")
+                )
     return out
 
 
@@ -238,7 +248,8 @@ def _runs_autodiff(f: Callable[..., Any]) -> bool:
     names = _names_used(f.__code__)
     named = [f.__globals__.get(n) for n in names]
     return any(g is getattr(jax, n, None) for n, g in zip(names, named) if n in AUTODIFF) or (
-        any(g is jax for g in named) and bool(names & set(AUTODIFF)))
+        any(g is jax for g in named) and bool(names & set(AUTODIFF))
+    )
 
 
 @functools.cache
@@ -276,7 +287,11 @@ def _references(tree: ast.Module, namespace: dict[str, Any]) -> Iterator[tuple[a
             for node in ast.walk(statement):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     scope.update(_imported(node))
-                elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)) or isinstance(node, ast.arg):
+                elif (
+                    isinstance(node, ast.Name)
+                    and isinstance(node.ctx, (ast.Store, ast.Del))
+                    or isinstance(node, ast.arg)
+                ):
                     scope.pop(node.id if isinstance(node, ast.Name) else node.arg, None)
         yield from _named(statement, scope)
 
@@ -292,8 +307,11 @@ def _imported(node: ast.Import | ast.ImportFrom) -> dict[str, Any]:
                 out[alias.asname or top] = module if alias.asname else importlib.import_module(top)
             elif not node.level:
                 source = importlib.import_module(node.module)
-                out[alias.asname or alias.name] = (getattr(source, alias.name) if hasattr(source, alias.name)
-                                                   else importlib.import_module(f"{node.module}.{alias.name}"))
+                out[alias.asname or alias.name] = (
+                    getattr(source, alias.name)
+                    if hasattr(source, alias.name)
+                    else importlib.import_module(f"{node.module}.{alias.name}")
+                )
         except Exception:  # a module that cannot be imported names nothing
             continue
     return out
@@ -329,17 +347,21 @@ def grade(path: str | pathlib.Path, dtype: str = "float64") -> tuple[str, bool]:
     graded = [c for c in checker.CHECKS if c != "adjoint" or rule.linear_in]
     calls = _autodiff_calls(rule, module, path)
     if calls:
-        return "\n".join([
-            f"grading your backward for {rule.name} ({path}), {dtype}: not a hand rule, not graded",
-            "your backward uses JAX's autodiff or manualgrad's own backward instead of a rule derived by hand:",
-            *(f"  {line}" for line in calls),
-            f"score: 0/{len(graded)} checks passed",
-            "derive the cotangents from the docstring and write them with jax.numpy; reread: " + _reread(rule),
-        ]), False
+        return "\n".join(
+            [
+                f"grading your backward for {rule.name} ({path}), {dtype}: not a hand rule, not graded",
+                "your backward uses JAX's autodiff or manualgrad's own backward instead of a rule derived by hand:",
+                *(f"  {line}" for line in calls),
+                f"score: 0/{len(graded)} checks passed",
+                "derive the cotangents from the docstring and write them with jax.numpy; reread: " + _reread(rule),
+            ]
+        ), False
     _, student = _student(rule, module)
     report = checker.check(student, dtype=dtype)
     failures = report.failures()
-    lines = [f"grading your backward for {rule.name} ({path}), {dtype}, {len({f.sample for f in report.findings})} samples"]
+    lines = [
+        f"grading your backward for {rule.name} ({path}), {dtype}, {len({f.sample for f in report.findings})} samples"
+    ]
     forward_raised = {f.sample for f in report.findings if f.check == "forward" and f.where == checker.NOT_RUN}
     passed = 0
     for c in graded:
@@ -355,7 +377,9 @@ def grade(path: str | pathlib.Path, dtype: str = "float64") -> tuple[str, bool]:
         lines.append(f"first failure: {failures[0].describe()}")
         lines.append(f"reread: {_reread(rule)}; and `manualgrad explain {rule.name}` once you have tried again")
     else:
-        lines.append("all checks passed: compare with the rule's own derivation, `manualgrad explain " + rule.name + "`")
+        lines.append(
+            "all checks passed: compare with the rule's own derivation, `manualgrad explain " + rule.name + "`"
+        )
     return "\n".join(lines), not failures
 
 
@@ -371,8 +395,11 @@ def _verdict(mine: list[checker.Finding], forward_raised: set[str]) -> tuple[boo
         return True, f"worst relative error {max(f.max_rel_error for f in mine):.1e}"
     n = len(samples)
     parts = [f"fails on {len(failed)} of {n} samples"] if failed else []
-    parts += [f"not run: the {who} raised on {len(where)} of {n} samples"
-              for who, where in (("forward", not_run & forward_raised), ("backward", not_run - forward_raised)) if where]
+    parts += [
+        f"not run: the {who} raised on {len(where)} of {n} samples"
+        for who, where in (("forward", not_run & forward_raised), ("backward", not_run - forward_raised))
+        if where
+    ]
     return False, "; ".join(parts)
 
 

@@ -31,7 +31,11 @@ def _live(rule: registry.Rule) -> str:
         cotangent = jnp.asarray(generator(jax.random.PRNGKey(1)).standard_normal(jnp.shape(out)), out.dtype)
         hand, reference = hand_vjp(cotangent), reference_vjp(cotangent)
     shapes = ", ".join(f"{name}: {tuple(jnp.shape(a))}" for name, a in zip(rule.argnames, args))
-    lines = [f"Live check on sample '{sample.label}' ({shapes}), float64, random cotangent G of shape {tuple(jnp.shape(out))}:"]
+    lines = [
+        f"Live check on sample '{sample.label}' ({shapes}), float64, "
+        f"random cotangent G of shape {tuple(jnp.shape(out))}:"
+    ]
+
     def show(a) -> str:
         text = np.array2string(np.asarray(a), precision=6, suppress_small=True, max_line_width=90)
         return text.replace("\n", "\n" + " " * 18)
@@ -49,12 +53,14 @@ def explain(name: str) -> str:
     """The text ``manualgrad explain NAME`` prints."""
     rule = registry.get(name)
     report = checker.check(rule, checks=("vjp", "finite_diff"), dtype="float64")
-    return "\n\n".join([
-        f"{rule.name} — {rule.fn.__module__}",
-        "Seeds:\n" + "\n".join(f"  {registry.cite(s, section)}" for s, section in rule.seeds),
-        rule.derivation,
-        _live(rule),
-        "Every sample, hand VJP against jax.grad of the reference and against finite differences "
-        f"(worst relative error):\n{report.table()}\n"
-        + ("all passed" if report.passed else "\n".join("FAIL " + f.describe() for f in report.failures())),
-    ])
+    return "\n\n".join(
+        [
+            f"{rule.name} — {rule.fn.__module__}",
+            "Seeds:\n" + "\n".join(f"  {registry.cite(s, section)}" for s, section in rule.seeds),
+            rule.derivation,
+            _live(rule),
+            "Every sample, hand VJP against jax.grad of the reference and against finite differences "
+            f"(worst relative error):\n{report.table()}\n"
+            + ("all passed" if report.passed else "\n".join("FAIL " + f.describe() for f in report.failures())),
+        ]
+    )

@@ -172,8 +172,9 @@ def _header(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]
     try:
         header = json.loads(arrays.pop(_META).tobytes().decode())
         if header["version"] != VERSION:
-            raise CheckpointError(f"checkpoint {path} has format version {header['version']}; "
-                                  f"this manualgrad reads version {VERSION}")
+            raise CheckpointError(
+                f"checkpoint {path} has format version {header['version']}; this manualgrad reads version {VERSION}"
+            )
         step, meta, leaves, digest = (header[k] for k in ("step", "meta", "leaves", "digest"))
     except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"checkpoint {path}: its {_META} entry is damaged: {error!r}") from error
@@ -187,16 +188,20 @@ def _header(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]
             except (TypeError, ValueError):
                 pass  # reported just below
         if list(array.shape) != shape or _dtype_label(array.dtype) != label:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {key} is {_describe(array.shape, array.dtype)}, "
-                                  f"but its {_META} entry records {label} {shape}")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {key} is {_describe(array.shape, array.dtype)}, "
+                f"but its {_META} entry records {label} {shape}"
+            )
     if _digest(arrays) != digest:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its arrays do not match the SHA-256 digest "
-                              "saved with them")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its arrays do not match the SHA-256 digest saved with them"
+        )
     return {**meta, "step": step}
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``meta`` given to :func:`save` plus ``"step"``, without a template; the arrays are checked as by :func:`load`."""
+    """The ``meta`` given to :func:`save` plus ``"step"``, without a template; the arrays are
+    checked as by :func:`load`."""
     path = pathlib.Path(path)
     return _header(path, _read(path))
 
@@ -234,11 +239,17 @@ def load(path: str | os.PathLike, template: Any) -> tuple[Any, dict[str, Any]]:
     if missing or extra:
         raise CheckpointMismatchError(
             f"checkpoint {path} was written for a different model or optimizer: "
-            + "; ".join(([f"missing {_listed(missing)}"] if missing else [])
-                        + ([f"not in the template: {_listed(extra)}"] if extra else [])))
-    wrong = [f"{key} is {_describe(arrays[key].shape, arrays[key].dtype)} in the file, "
-             f"the template expects {_describe(*expected[key])}"
-             for key in expected if (arrays[key].shape, arrays[key].dtype) != expected[key]]
+            + "; ".join(
+                ([f"missing {_listed(missing)}"] if missing else [])
+                + ([f"not in the template: {_listed(extra)}"] if extra else [])
+            )
+        )
+    wrong = [
+        f"{key} is {_describe(arrays[key].shape, arrays[key].dtype)} in the file, "
+        f"the template expects {_describe(*expected[key])}"
+        for key in expected
+        if (arrays[key].shape, arrays[key].dtype) != expected[key]
+    ]
     if wrong:
         raise CheckpointMismatchError(f"checkpoint {path} does not fit the template: {_listed(wrong)}")
     return jax.tree_util.tree_unflatten(treedef, [arrays[key] for key in expected]), meta

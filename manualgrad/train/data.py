@@ -71,7 +71,7 @@ def load(spec: str, seed: int = 0) -> Dataset:
     """The dataset named by ``spec``: one of :data:`SPECS`; ``seed`` picks the split of the
     built-in datasets (IDX files come split already)."""
     if spec.startswith("idx:") and len(spec) > len("idx:"):
-        return idx(spec[len("idx:"):])
+        return idx(spec[len("idx:") :])
     builders = {"digits": digits, "xor": xor, "spirals": spirals, "moons": moons}
     if spec not in builders:
         raise DataError(f"unknown dataset {spec!r}; expected one of: {', '.join(SPECS)}")
@@ -268,7 +268,7 @@ def batches(
     _check_batch_size(batch_size, len(x))
     order = np.asarray(order)
     starts = range(0, len(order) - batch_size + 1, batch_size)
-    return ((x[order[i:i + batch_size]], y[order[i:i + batch_size]]) for i in starts)
+    return ((x[order[i : i + batch_size]], y[order[i : i + batch_size]]) for i in starts)
 
 
 def evaluation_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -276,7 +276,7 @@ def evaluation_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterato
     _same_length(x, y)
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
-    return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
+    return ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))
 
 
 def _check_batch_size(batch_size: int, n: int) -> None:

@@ -77,8 +77,10 @@ class Interrupted(Exception):
     """Ctrl-C: training stopped between two steps after checkpointing the state reached."""
 
     def __init__(self, step: int, path: Path, directory: Path, arguments: str) -> None:
-        super().__init__(f"train: interrupted at step {step}; checkpoint saved to {path}; "
-                         f"resume with --resume {directory}{arguments}")
+        super().__init__(
+            f"train: interrupted at step {step}; checkpoint saved to {path}; "
+            f"resume with --resume {directory}{arguments}"
+        )
         self.step, self.path, self.directory = step, path, directory
 
 
@@ -131,8 +133,10 @@ def optimizer(name: str, lr: float) -> optax.GradientTransformation:
 
 def _cnn(dataset: data.Dataset, dtype: Any) -> layers.Layer:
     if not dataset.is_image:
-        raise TrainError(f"train: --model cnn needs images (N, H, W, C); dataset {dataset.name} has inputs of shape "
-                         f"{dataset.input_shape}: use --model mlp")
+        raise TrainError(
+            f"train: --model cnn needs images (N, H, W, C); dataset {dataset.name} has inputs of shape "
+            f"{dataset.input_shape}: use --model mlp"
+        )
     return layers.cnn(dataset.classes, dtype=dtype)
 
 
@@ -151,7 +155,8 @@ def model(name: str, dataset: data.Dataset, dtype: Any) -> layers.Layer:
 
 
 def loss_fn(net: layers.Layer, grad: str) -> Callable:
-    """``(params, x, labels) -> (loss, correct)`` through the hand rules (``manual``) or the references (``autodiff``)."""
+    """``(params, x, labels) -> (loss, correct)`` through the hand rules (``manual``) or the
+    references (``autodiff``)."""
     if grad not in GRADS:
         raise TrainError(f"train: --grad must be {_either(GRADS)}, got {grad!r}")
     reference = grad == "autodiff"
@@ -182,8 +187,10 @@ def mesh(devices: int | None) -> Mesh:
     available = jax.local_devices()
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
-        raise TrainError(f"train: --devices must be between 1 and {len(available)} (local {jax.default_backend()} "
-                         f"devices), got {devices}")
+        raise TrainError(
+            f"train: --devices must be between 1 and {len(available)} (local {jax.default_backend()} "
+            f"devices), got {devices}"
+        )
     return Mesh(np.array(available[:n]), ("data",))
 
 
@@ -250,8 +257,15 @@ def plot_curves(rows: list[dict[str, float]], path: Path, title: str) -> Path:
 def _progress(total: int, initial: int, description: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=description, unit="step", leave=False,
-                disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=description,
+        unit="step",
+        leave=False,
+        disable=not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
 
 
 def validate(config: Config) -> None:
@@ -259,15 +273,18 @@ def validate(config: Config) -> None:
     if config.dtype not in DTYPES:
         raise TrainError(f"train: --dtype must be {_either(DTYPES)}, got {config.dtype!r}")
     if config.epochs < 1 or config.batch_size < 1 or config.checkpoint_every < 0:
-        raise TrainError(f"train: --epochs and --batch-size must be ≥ 1 and --checkpoint-every ≥ 0 "
-                         f"(got {config.epochs}, {config.batch_size}, {config.checkpoint_every})")
+        raise TrainError(
+            f"train: --epochs and --batch-size must be ≥ 1 and --checkpoint-every ≥ 0 "
+            f"(got {config.epochs}, {config.batch_size}, {config.checkpoint_every})"
+        )
     if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
         raise TrainError(f"train: --lr must be a finite number > 0, got {config.lr:g}")
     if not 0 <= config.seed < SEEDS:
         raise TrainError(f"train: --seed must be an integer from 0 to {SEEDS - 1}, got {config.seed}")
     if config.cross_check_batches < 0:
-        raise TrainError("train: --cross-check-batches must be ≥ 0 (0: no cross-check), "
-                         f"got {config.cross_check_batches}")
+        raise TrainError(
+            f"train: --cross-check-batches must be ≥ 0 (0: no cross-check), got {config.cross_check_batches}"
+        )
 
 
 def followed(path: Path) -> Path:
@@ -296,16 +313,22 @@ def _directory(config: Config) -> Path | None:
     if config.resume is not None:
         resume = followed(Path(config.resume))
         if config.overwrite:
-            raise TrainError("train: --overwrite and --resume contradict each other: --resume continues the run "
-                             f"in {config.resume}, --overwrite would delete it")
+            raise TrainError(
+                "train: --overwrite and --resume contradict each other: --resume continues the run "
+                f"in {config.resume}, --overwrite would delete it"
+            )
         if config.out is not None and os.path.realpath(followed(Path(config.out))) != os.path.realpath(resume):
-            raise TrainError(f"train: --resume {config.resume} continues the run in {config.resume}, but --out "
-                             f"{config.out} names another folder: drop --out (or give --out {config.resume})")
+            raise TrainError(
+                f"train: --resume {config.resume} continues the run in {config.resume}, but --out "
+                f"{config.out} names another folder: drop --out (or give --out {config.resume})"
+            )
         return resume
     if config.out is None:
         if config.overwrite:
-            raise TrainError("train: --overwrite needs --out DIR; without --out every run gets a new folder under "
-                             f"{RUNS}/ and nothing is overwritten")
+            raise TrainError(
+                "train: --overwrite needs --out DIR; without --out every run gets a new folder under "
+                f"{RUNS}/ and nothing is overwritten"
+            )
         return None
     out = followed(Path(config.out))
     if out.exists() and not out.is_dir():
@@ -313,8 +336,10 @@ def _directory(config: Config) -> Path | None:
     found = run_files(out)
     if found and not config.overwrite:
         listed = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        raise TrainError(f"train: --out {config.out} already holds a run ({listed}); nothing was written: continue "
-                         f"it with --resume {config.out}, replace it with --overwrite, or choose another --out")
+        raise TrainError(
+            f"train: --out {config.out} already holds a run ({listed}); nothing was written: continue "
+            f"it with --resume {config.out}, replace it with --overwrite, or choose another --out"
+        )
     return out
 
 
@@ -342,14 +367,18 @@ def _refuse_another_run(config: Config, directory: Path) -> None:
         except checkpoint.CheckpointError:
             continue  # checkpoint.latest names it, or all of them
         if not isinstance(saved, dict) or not set(RUN_DEFINING) <= set(saved):
-            raise TrainError(f"train: --resume {config.resume}: {path.name} was not written by manualgrad train "
-                             "(it does not record the run's arguments)")
+            raise TrainError(
+                f"train: --resume {config.resume}: {path.name} was not written by manualgrad train "
+                "(it does not record the run's arguments)"
+            )
         now = dataclasses.asdict(config)
         keys = [k for k in RUN_DEFINING if _value(saved, k) != _value(now, k)]
         if keys:
-            raise TrainError(f"train: --resume {config.resume} holds another run: it was trained with "
-                             f"{_flags(saved, keys)}, this command asks for {_flags(now, keys)}; give the run's own "
-                             "arguments to resume it, or start a new run without --resume")
+            raise TrainError(
+                f"train: --resume {config.resume} holds another run: it was trained with "
+                f"{_flags(saved, keys)}, this command asks for {_flags(now, keys)}; give the run's own "
+                "arguments to resume it, or start a new run without --resume"
+            )
         return
 
 
@@ -377,8 +406,10 @@ def point_latest(folder: Path) -> str | None:
     """
     latest = folder.parent / LATEST
     if latest.is_dir() and not latest.is_symlink():
-        return (f"{latest} is a folder of its own (a run of an earlier manualgrad): left as it is, "
-                f"so it does not name {folder}")
+        return (
+            f"{latest} is a folder of its own (a run of an earlier manualgrad): left as it is, "
+            f"so it does not name {folder}"
+        )
     temporary = folder.parent / f".{LATEST}-{secrets.token_hex(4)}"
     try:
         os.symlink(folder.name, temporary, target_is_directory=True)
@@ -402,8 +433,10 @@ def _open_directory(config: Config, directory: Path | None) -> tuple[Path, Path 
         for path in old:
             path.unlink()
         directory.mkdir(parents=True, exist_ok=True)
-        print(f"run folder {directory}" + (f" (deleted the {len(old)} files of the run it held)" if old else ""),
-              flush=True)
+        print(
+            f"run folder {directory}" + (f" (deleted the {len(old)} files of the run it held)" if old else ""),
+            flush=True,
+        )
     return directory, None
 
 
@@ -430,11 +463,20 @@ class _Run:
         net = model(config.model, dataset, dtype)
         devices = mesh(config.devices)
         if config.batch_size % devices.devices.size:
-            raise TrainError(f"train: --batch-size {config.batch_size} must be a multiple of --devices "
-                             f"{devices.devices.size}")
-        return cls(config, dataset, dataset.x_train.astype(dtype), dataset.x_test.astype(dtype), net,
-                   optimizer(config.optimizer, config.learning_rate), loss_fn(net, config.grad), devices,
-                   data.steps_per_epoch(len(dataset.x_train), config.batch_size))
+            raise TrainError(
+                f"train: --batch-size {config.batch_size} must be a multiple of --devices {devices.devices.size}"
+            )
+        return cls(
+            config,
+            dataset,
+            dataset.x_train.astype(dtype),
+            dataset.x_test.astype(dtype),
+            net,
+            optimizer(config.optimizer, config.learning_rate),
+            loss_fn(net, config.grad),
+            devices,
+            data.steps_per_epoch(len(dataset.x_train), config.batch_size),
+        )
 
     def sharding(self, spec: PartitionSpec) -> NamedSharding:
         return NamedSharding(self.devices, spec)
@@ -468,15 +510,28 @@ def _start(run: _Run, directory: Path | None) -> _Progress:
     epoch = meta["step"] // run.steps + 1
     left = "" if epoch <= config.epochs else f": all {config.epochs} epochs are done"
     print(f"resuming from step {meta['step']} (epoch {epoch}) in {directory}{left}", flush=True)
-    return _Progress(state, meta["step"], meta["epoch_loss"], meta["epoch_correct"], list(meta["metrics"]),
-                     directory / f"checkpoint-{meta['step']:08d}.npz")
+    return _Progress(
+        state,
+        meta["step"],
+        meta["epoch_loss"],
+        meta["epoch_correct"],
+        list(meta["metrics"]),
+        directory / f"checkpoint-{meta['step']:08d}.npz",
+    )
 
 
 def _save(config: Config, out: Path, progress: _Progress) -> None:
-    progress.checkpoint = checkpoint.save(out, progress.step, progress.state, {
-        "config": dataclasses.asdict(config), "epoch_loss": progress.epoch_loss,
-        "epoch_correct": progress.epoch_correct, "metrics": progress.rows,
-    })
+    progress.checkpoint = checkpoint.save(
+        out,
+        progress.step,
+        progress.state,
+        {
+            "config": dataclasses.asdict(config),
+            "epoch_loss": progress.epoch_loss,
+            "epoch_correct": progress.epoch_correct,
+            "metrics": progress.rows,
+        },
+    )
 
 
 @contextlib.contextmanager
@@ -512,27 +567,40 @@ def _stop_if_pressed(run: _Run, out: Path, progress: _Progress, pressed: threadi
 
 
 def _diverged(progress: _Progress, value: float, epoch: int) -> Diverged:
-    what = f"the loss became {value}" if not math.isfinite(value) else \
-        "the parameters or the optimizer state became infinite or NaN"
-    kept = f"the last finite checkpoint is {progress.checkpoint}" if progress.checkpoint else \
-        "no checkpoint was written before it"
-    return Diverged(f"train: {what} at step {progress.step + 1} (epoch {epoch + 1}); stopped, and {kept}; "
-                    "try a smaller --lr")
+    what = (
+        f"the loss became {value}"
+        if not math.isfinite(value)
+        else "the parameters or the optimizer state became infinite or NaN"
+    )
+    kept = (
+        f"the last finite checkpoint is {progress.checkpoint}"
+        if progress.checkpoint
+        else "no checkpoint was written before it"
+    )
+    return Diverged(
+        f"train: {what} at step {progress.step + 1} (epoch {epoch + 1}); stopped, and {kept}; try a smaller --lr"
+    )
 
 
-def _train_epoch(run: _Run, step_fn: Callable, out: Path, progress: _Progress, epoch: int,
-                 pressed: threading.Event) -> None:
+def _train_epoch(
+    run: _Run, step_fn: Callable, out: Path, progress: _Progress, epoch: int, pressed: threading.Event
+) -> None:
     """The steps of ``epoch`` not yet done; checkpoints every ``--checkpoint-every`` steps."""
     config, split = run.config, run.sharding(PartitionSpec("data"))
     order = data.epoch_order(config.seed, epoch, len(run.x_train))
     done = progress.step - epoch * run.steps
     bar = _progress(run.steps, done, f"epoch {epoch + 1}/{config.epochs}")
     try:
-        for xb, yb in itertools.islice(data.batches(run.x_train, run.dataset.y_train, config.batch_size, order),
-                                       done, None):
+        for xb, yb in itertools.islice(
+            data.batches(run.x_train, run.dataset.y_train, config.batch_size, order), done, None
+        ):
             _stop_if_pressed(run, out, progress, pressed)
-            *state, value, correct, finite = step_fn(progress.state["params"], progress.state["opt_state"],
-                                                     jax.device_put(xb, split), jax.device_put(yb, split))
+            *state, value, correct, finite = step_fn(
+                progress.state["params"],
+                progress.state["opt_state"],
+                jax.device_put(xb, split),
+                jax.device_put(yb, split),
+            )
             if not finite:
                 raise _diverged(progress, float(value), epoch)
             progress.state = dict(zip(("params", "opt_state"), state))
@@ -552,14 +620,23 @@ def _end_epoch(run: _Run, out: Path, progress: _Progress, epoch: int) -> None:
     config = run.config
     seen = run.steps * config.batch_size
     test_loss, test_accuracy = evaluate(run.loss, progress.state["params"], run.x_test, run.dataset.y_test, 512)
-    progress.rows.append({"epoch": epoch + 1, "train_loss": progress.epoch_loss / seen,
-                          "train_accuracy": progress.epoch_correct / seen,
-                          "test_loss": test_loss, "test_accuracy": test_accuracy})
+    progress.rows.append(
+        {
+            "epoch": epoch + 1,
+            "train_loss": progress.epoch_loss / seen,
+            "train_accuracy": progress.epoch_correct / seen,
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+        }
+    )
     progress.epoch_loss, progress.epoch_correct = 0.0, 0
     _write_metrics(out, progress.rows)
     row = progress.rows[-1]
-    print(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
-          f"test loss {test_loss:.4f} acc {test_accuracy:.4f}", flush=True)
+    print(
+        f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+        f"test loss {test_loss:.4f} acc {test_accuracy:.4f}",
+        flush=True,
+    )
     _save(config, out, progress)
 
 

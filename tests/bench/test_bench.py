@@ -22,14 +22,31 @@ from manualgrad.bench import bench, peers
 from manualgrad.nn import layers
 from manualgrad.train import loop
 
-PER_MODEL = {"compile_s_manual", "compile_s_jax_grad", "compile_ratio_manual_over_jax_grad",
-             "compiled_bytes_manual", "compiled_bytes_jax_grad", "memory_ratio_manual_over_jax_grad",
-             "residual_bytes_manual", "residual_bytes_jax_grad", "residual_ratio_manual_over_jax_grad",
-             "step_ms_manual", "step_ms_jax_grad", "step_ratio_manual_over_jax_grad",
-             "gradient_difference_jax_grad_vs_manual"}
-PER_MLP = {"step_ms_numpy", "step_ratio_manual_over_numpy", "step_ratio_manual_over_torch", "step_flops",
-           "flops_per_s_manual", "matmul_flops_per_s", "flops_fraction_manual_of_matmul",
-           "gradient_difference_numpy_vs_manual"}
+PER_MODEL = {
+    "compile_s_manual",
+    "compile_s_jax_grad",
+    "compile_ratio_manual_over_jax_grad",
+    "compiled_bytes_manual",
+    "compiled_bytes_jax_grad",
+    "memory_ratio_manual_over_jax_grad",
+    "residual_bytes_manual",
+    "residual_bytes_jax_grad",
+    "residual_ratio_manual_over_jax_grad",
+    "step_ms_manual",
+    "step_ms_jax_grad",
+    "step_ratio_manual_over_jax_grad",
+    "gradient_difference_jax_grad_vs_manual",
+}
+PER_MLP = {
+    "step_ms_numpy",
+    "step_ratio_manual_over_numpy",
+    "step_ratio_manual_over_torch",
+    "step_flops",
+    "flops_per_s_manual",
+    "matmul_flops_per_s",
+    "flops_fraction_manual_of_matmul",
+    "gradient_difference_numpy_vs_manual",
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +64,7 @@ def test_json_names_every_figure(quick_run):
     assert PER_MODEL <= figures["digits_cnn"] and not PER_MLP & figures["digits_cnn"]
     assert figures[None] == {"check_seconds_float64"}
     for figure in set().union(*figures.values()):
-        if "ratio" in figure:   # every ratio says both sides, hand rules first
+        if "ratio" in figure:  # every ratio says both sides, hand rules first
             assert re.fullmatch(r"(step|compile|memory|residual)_ratio_manual_over_(jax_grad|numpy|torch)", figure)
     machine = quick_run["machine"]
     assert machine["backend"] == jax.default_backend() and machine["jax"] == jax.__version__
@@ -104,8 +121,7 @@ def test_peers_take_the_same_adam_steps_as_the_jitted_step(peer):
         inputs = (np.asarray(x), np.asarray(labels))
     for _ in range(3):
         model.step(*inputs)
-    got = ([p.detach().numpy() for p in model.params] if peer == "torch"
-           else [a for pair in model.weights for a in pair])
+    got = [p.detach().numpy() for p in model.params] if peer == "torch" else [a for pair in model.weights for a in pair]
     # Adam moves each weight by about lr = 3e-3 per step; float32 round-off stays far below 1e-5.
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
@@ -125,8 +141,23 @@ def test_bench_rejects_unknown_model(capsys):
 
 def test_comparisons_script_runs_the_same_bench(capsys):
     script = pathlib.Path(__file__).resolve().parents[2] / "comparisons" / "performance.py"
-    result = runpy.run_path(str(script))["main"](["--models", "digits_mlp", "--repeats", "1", "--compile-repeats", "1",
-                                                   "--no-peers", "--no-check", "--matmul-size", "64"])
+    result = runpy.run_path(str(script))["main"](
+        [
+            "--models",
+            "digits_mlp",
+            "--repeats",
+            "1",
+            "--compile-repeats",
+            "1",
+            "--no-peers",
+            "--no-check",
+            "--matmul-size",
+            "64",
+        ]
+    )
     assert result["settings"]["models"] == ["digits_mlp"]
-    assert {r["figure"] for r in result["records"]} >= {"step_ratio_manual_over_jax_grad", "flops_fraction_manual_of_matmul"}
+    assert {r["figure"] for r in result["records"]} >= {
+        "step_ratio_manual_over_jax_grad",
+        "flops_fraction_manual_of_matmul",
+    }
     assert "step_ratio_manual_over_jax_grad" in capsys.readouterr().out

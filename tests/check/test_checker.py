@@ -29,13 +29,17 @@ def test_checker_catches_mutation(mutation):
     linear = {wrong.argnames[i] for group in wrong.linear_in for i in group}
     assert {f.argument.split("[")[0] for f in failures if f.check != "adjoint"} == {mutation.argument}
     assert all(mutation.argument in f.argument.split(", ") for f in failures if f.check == "adjoint")
-    assert {f.check for f in failures} == set(mutation.caught_by) | ({"adjoint"} if mutation.argument in linear else set())
+    assert {f.check for f in failures} == set(mutation.caught_by) | (
+        {"adjoint"} if mutation.argument in linear else set()
+    )
     assert "differ beyond" in failures[0].describe()
     # Diagnosed: every failing sample's comparison with the reference names the mistake.
     if mutation.diagnosis:
         diagnoses = [f.diagnosis for f in failures if f.check == "vjp"]
         assert diagnoses and all(mutation.diagnosis in d for d in diagnoses), diagnoses
-        assert mutation.diagnosis in report.diagnoses()[0] and report.diagnoses()[0].startswith(f"{wrong.name}, argument ")
+        assert mutation.diagnosis in report.diagnoses()[0] and report.diagnoses()[0].startswith(
+            f"{wrong.name}, argument "
+        )
 
 
 def test_failure_is_localised():
@@ -48,8 +52,9 @@ def test_failure_is_localised():
 
 
 def test_broken_rule_is_a_finding_not_a_crash():
-    wrong = mutant(next(m for m in MUTATIONS if m.rule == "dense")._replace(
-        vjp=lambda res, g: (g, g)))  # wrong shapes: JAX refuses them
+    wrong = mutant(
+        next(m for m in MUTATIONS if m.rule == "dense")._replace(vjp=lambda res, g: (g, g))
+    )  # wrong shapes: JAX refuses them
     report = manualgrad.check(wrong, checks=("vjp",))
     assert not report.passed
     assert "not run: backward returned a cotangent of shape" in report.failures()[0].describe()

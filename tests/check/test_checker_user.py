@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from mutations import MUTATIONS, mutant
 
 import manualgrad as mg
 from manualgrad.check import finite_differences as fd
 from manualgrad.check.tolerances import TOLERANCES
+from mutations import MUTATIONS, mutant
 
 
 def _net(tanh=mg.tanh, sigmoid=mg.sigmoid):
@@ -35,7 +35,9 @@ def _reference(p, x, t):
     h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     h = jnp.tanh(h.reshape(h.shape[0], -1) @ p["w1"] + p["b1"])
     y = jax.nn.sigmoid(h @ p["w2"] + p["b2"])
-    return jnp.mean(jnp.sum((y - t) ** 2, axis=1)) / 2 + 1e-3 / 2 * sum(jnp.sum(w**2) for w in jax.tree_util.tree_leaves(p))
+    return jnp.mean(jnp.sum((y - t) ** 2, axis=1)) / 2 + 1e-3 / 2 * sum(
+        jnp.sum(w**2) for w in jax.tree_util.tree_leaves(p)
+    )
 
 
 def _args(seed, batch=16, side=14, channels=8):
@@ -43,9 +45,14 @@ def _args(seed, batch=16, side=14, channels=8):
     failed ``finite_diff`` on this network (relative error up to 2e-2)."""
     k = jax.random.split(jax.random.PRNGKey(seed), 7)
     features = ((side - 2) // 2) ** 2 * channels
-    p = {"cw": 0.5 * jax.random.normal(k[0], (3, 3, 1, channels)), "cb": 0.1 * jax.random.normal(k[1], (channels,)),
-         "w1": jax.random.normal(k[2], (features, 16)) / features**0.5, "b1": 0.1 * jax.random.normal(k[3], (16,)),
-         "w2": 0.3 * jax.random.normal(k[4], (16, 3)), "b2": 0.1 * jax.random.normal(k[5], (3,))}
+    p = {
+        "cw": 0.5 * jax.random.normal(k[0], (3, 3, 1, channels)),
+        "cb": 0.1 * jax.random.normal(k[1], (channels,)),
+        "w1": jax.random.normal(k[2], (features, 16)) / features**0.5,
+        "b1": 0.1 * jax.random.normal(k[3], (16,)),
+        "w2": 0.3 * jax.random.normal(k[4], (16, 3)),
+        "b2": 0.1 * jax.random.normal(k[5], (3,)),
+    }
     return p, jax.random.normal(k[6], (batch, side, side, 1)), jax.random.uniform(k[6], (batch, 3))
 
 
@@ -136,8 +143,9 @@ def test_reference_runs_under_the_users_rank_promotion():
     broadcasting = jax.custom_vjp(lambda z, b: mg.bias_add(z, b))
     broadcasting.defvjp(lambda z, b: (mg.bias_add(z, b), b), lambda b, g: (g + b, jnp.sum(g, axis=0)))
     with jax.numpy_rank_promotion("allow"):
-        report = mg.check(broadcasting, reference=lambda z, b: z + b, args=(jnp.ones((3, 2)), jnp.ones(2)),
-                          checks=("vjp",))
+        report = mg.check(
+            broadcasting, reference=lambda z, b: z + b, args=(jnp.ones((3, 2)), jnp.ones(2)), checks=("vjp",)
+        )
     assert not report.passed and "jax_numpy_rank_promotion='raise'" in report.failures()[0].describe()
 
 
@@ -163,8 +171,11 @@ def test_float32_check_of_a_network_with_python_scalars():
 
 def test_check_json_into_a_closed_pipe_exits_without_a_traceback():
     """`manualgrad check --json | head -1`: the reader is gone before the first line is written."""
-    process = subprocess.Popen([sys.executable, "-m", "manualgrad", "check", "identity", "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "manualgrad", "check", "identity", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     process.stdout.close()
     stderr = process.stderr.read().decode()
     assert process.wait() == 141, stderr

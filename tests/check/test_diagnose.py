@@ -26,8 +26,12 @@ def _planted(name, fwd, bwd, samples=None):
 def test_sigma_prime_written_for_the_output_but_taken_at_the_input():
     # The student saved z and applied Remark 8's F(1 − F) to it: g z (1 − z).
     z = jnp.linspace(-0.4, 1.3, 12).reshape(3, 4) + 0.01
-    planted = _planted("sigmoid", lambda z: (activations.sigmoid(z), z), lambda z, g: (g * z * (1 - z),),
-                       [Sample((z,), "z in (0, 1) and beyond")])
+    planted = _planted(
+        "sigmoid",
+        lambda z: (activations.sigmoid(z), z),
+        lambda z, g: (g * z * (1 - z),),
+        [Sample((z,), "z in (0, 1) and beyond")],
+    )
     [failure] = manualgrad.check(planted, checks=("vjp",)).failures()
     assert "σ' written in terms of the output F but taken at the input z" in failure.diagnosis
 
@@ -49,16 +53,28 @@ def _conv2d_dw_channels_first(*args):
     return dx, jnp.moveaxis(dw, -1, 0)
 
 
-@pytest.mark.parametrize("name, bwd, sample, diagnosis", [
-    # dw as (out, in), the right one transposed.
-    ("dense", lambda res, g: (g @ res[1].T, g.T @ res[0]), "batch 4", "the right one transposed"),
-    # dx of flatten reshaped to (N, C, H, W): the axes of the reshape in the wrong order.
-    ("flatten", lambda empty, g: (jnp.reshape(g, (g.shape[0], empty.shape[3], *empty.shape[1:3])),), "NHWC",
-     "the right one reshaped to (2, 2, 3, 4) instead of (2, 3, 4, 2): a reshape with its axes in the wrong order"),
-    # dW of conv2d as (C_out, KH, KW, C_in): its axes permuted.
-    ("conv2d", _conv2d_dw_channels_first, "non-square image and kernel, C_in ≠ C_out",
-     "the right one with its axes in the wrong order: transpose it by (1, 2, 3, 0)"),
-])
+@pytest.mark.parametrize(
+    "name, bwd, sample, diagnosis",
+    [
+        # dw as (out, in), the right one transposed.
+        ("dense", lambda res, g: (g @ res[1].T, g.T @ res[0]), "batch 4", "the right one transposed"),
+        # dx of flatten reshaped to (N, C, H, W): the axes of the reshape in the wrong order.
+        (
+            "flatten",
+            lambda empty, g: (jnp.reshape(g, (g.shape[0], empty.shape[3], *empty.shape[1:3])),),
+            "NHWC",
+            "the right one reshaped to (2, 2, 3, 4) instead of (2, 3, 4, 2): "
+            "a reshape with its axes in the wrong order",
+        ),
+        # dW of conv2d as (C_out, KH, KW, C_in): its axes permuted.
+        (
+            "conv2d",
+            _conv2d_dw_channels_first,
+            "non-square image and kernel, C_in ≠ C_out",
+            "the right one with its axes in the wrong order: transpose it by (1, 2, 3, 0)",
+        ),
+    ],
+)
 def test_a_wrong_shape_cotangent_is_diagnosed_from_the_raw_backward(name, bwd, sample, diagnosis):
     rule = manualgrad.get(name)
     samples = [s for s in rule.sample_inputs(jax.random.PRNGKey(0), jnp.float64) if s.label == sample]
@@ -73,7 +89,9 @@ def _noise(c):
     return c + 1e-3 * (1 + jnp.abs(c)) * flat.astype(c.dtype)
 
 
-@pytest.mark.parametrize("name", ["dense", "sigmoid", "mse", "correlate1d", "conv2d", "avg_pool2d", "batch_norm", "group_norm"])
+@pytest.mark.parametrize(
+    "name", ["dense", "sigmoid", "mse", "correlate1d", "conv2d", "avg_pool2d", "batch_norm", "group_norm"]
+)
 def test_no_diagnosis_is_invented_for_a_random_error(name):
     rule = manualgrad.get(name)
 
@@ -82,8 +100,9 @@ def test_no_diagnosis_is_invented_for_a_random_error(name):
 
     report = manualgrad.check(_planted(name, rule.fn.fwd, bwd), checks=("vjp",))
     failures = report.failures()
-    assert failures and all(f.diagnosis == diagnose.NO_EXPLANATION for f in failures), \
-        [f.diagnosis for f in failures if f.diagnosis != diagnose.NO_EXPLANATION]
+    assert failures and all(f.diagnosis == diagnose.NO_EXPLANATION for f in failures), [
+        f.diagnosis for f in failures if f.diagnosis != diagnose.NO_EXPLANATION
+    ]
 
 
 def test_a_fitted_constant_is_named_and_a_right_answer_is_not_diagnosed():
@@ -91,8 +110,10 @@ def test_a_fitted_constant_is_named_and_a_right_answer_is_not_diagnosed():
     x, w = jnp.ones((4, 3)), jnp.arange(15.0).reshape(3, 5)
     g = jnp.cos(jnp.arange(20.0)).reshape(4, 5)
     right = g @ w.T
-    assert diagnose.diagnose(rule, (x, w), 0, 1.7 * right, g, "float64") == \
-        "your gradient equals 1.7 × the right one: off by a constant factor"
+    assert (
+        diagnose.diagnose(rule, (x, w), 0, 1.7 * right, g, "float64")
+        == "your gradient equals 1.7 × the right one: off by a constant factor"
+    )
     assert diagnose.diagnose(rule, (x, w), 0, right + 1e-3, g, "float64") == diagnose.NO_EXPLANATION
 
 

@@ -35,12 +35,16 @@ def _mlp_loss(hand: bool):
     """``mse(sigmoid(tanh(x W1 + b1) W2), y) + l2_penalty(params, 1e-2)`` as a function of the
     flat parameter vector (24 entries)."""
     k = jax.random.split(jax.random.PRNGKey(0), 5)
-    params = {"w1": jax.random.normal(k[0], (3, 4)), "b1": jax.random.normal(k[1], (4,)),
-              "w2": jax.random.normal(k[2], (4, 2))}
+    params = {
+        "w1": jax.random.normal(k[0], (3, 4)),
+        "b1": jax.random.normal(k[1], (4,)),
+        "w2": jax.random.normal(k[2], (4, 2)),
+    }
     x, y = jax.random.normal(k[3], (5, 3)), jax.random.uniform(k[4], (5, 2))
     flat, unravel = ravel_pytree(params)
     dense, bias_add, tanh, sigmoid, mse, l2 = (
-        _layer(n, hand) for n in ("dense", "bias_add", "tanh", "sigmoid", "mse", "l2_penalty"))
+        _layer(n, hand) for n in ("dense", "bias_add", "tanh", "sigmoid", "mse", "l2_penalty")
+    )
 
     def loss(q):
         p = unravel(q)
@@ -57,8 +61,9 @@ def _cnn_loss(hand: bool):
     x, labels = jax.random.normal(k[2], (2, 4, 4, 1)), jnp.array([0, 2])
     flat, unravel = ravel_pytree(params)
     conv2d, tanh, pool, flatten, dense, xent, l2 = (
-        _layer(n, hand) for n in ("conv2d", "tanh", "max_pool2d", "flatten", "dense", "softmax_cross_entropy",
-                                  "l2_penalty"))
+        _layer(n, hand)
+        for n in ("conv2d", "tanh", "max_pool2d", "flatten", "dense", "softmax_cross_entropy", "l2_penalty")
+    )
 
     def loss(q):
         p = unravel(q)

@@ -20,10 +20,19 @@ def _conv_input_adjoint(g, w, geo, flip=True, dilate=True, shift=0):
     if not dilate:  # upsample by repetition, cropped to the dilated length
         for axis, s in enumerate(geo.strides, start=1):
             g = lax.slice_in_dim(jnp.repeat(g, s, axis=axis), 0, (g.shape[axis] - 1) * s + 1, axis=axis)
-    pads = [(e - 1 - lo + shift, e - 1 - hi + r - shift)
-            for e, (lo, hi), r in zip(geo.effective_window, geo.pads, geo.leftover)]
-    return lax.conv_general_dilated(g, kernel, (1,) * n, pads, lhs_dilation=(1,) * n if not dilate else geo.strides,
-                                    rhs_dilation=geo.dilation, dimension_numbers=convolution.dimension_numbers(n))
+    pads = [
+        (e - 1 - lo + shift, e - 1 - hi + r - shift)
+        for e, (lo, hi), r in zip(geo.effective_window, geo.pads, geo.leftover)
+    ]
+    return lax.conv_general_dilated(
+        g,
+        kernel,
+        (1,) * n,
+        pads,
+        lhs_dilation=(1,) * n if not dilate else geo.strides,
+        rhs_dilation=geo.dilation,
+        dimension_numbers=convolution.dimension_numbers(n),
+    )
 
 
 def _conv_mutation(rule, **mistake):
@@ -47,11 +56,27 @@ def _conv_gradient_taps_flipped(rule):
 
 
 MUTATIONS = [
-    *(Mutation(rule, mistake, "x", _conv_mutation(rule, **kwargs), diagnosis=phrase)
-      for rule in ("conv2d", "conv1d")
-      for mistake, kwargs, phrase in (("kernel not flipped in C†", {"flip": False}, "the kernel was not flipped"),
-                                      ("g repeated instead of dilated by the stride", {"dilate": False},
-                                       "for G repeated instead of dilated by the stride"),
-                                      ("C† padding off by one", {"shift": 1}, "the padding off by one"))),
-    *(Mutation(rule, "kernel taps flipped in C††", "w", _conv_gradient_taps_flipped(rule), diagnosis='the kernel taps reversed') for rule in ("conv2d", "conv1d")),
+    *(
+        Mutation(rule, mistake, "x", _conv_mutation(rule, **kwargs), diagnosis=phrase)
+        for rule in ("conv2d", "conv1d")
+        for mistake, kwargs, phrase in (
+            ("kernel not flipped in C†", {"flip": False}, "the kernel was not flipped"),
+            (
+                "g repeated instead of dilated by the stride",
+                {"dilate": False},
+                "for G repeated instead of dilated by the stride",
+            ),
+            ("C† padding off by one", {"shift": 1}, "the padding off by one"),
+        )
+    ),
+    *(
+        Mutation(
+            rule,
+            "kernel taps flipped in C††",
+            "w",
+            _conv_gradient_taps_flipped(rule),
+            diagnosis="the kernel taps reversed",
+        )
+        for rule in ("conv2d", "conv1d")
+    ),
 ]

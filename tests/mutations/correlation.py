@@ -62,12 +62,35 @@ def _conv_correlate_window(mode, res, g):
 
 
 MUTATIONS = [
-    Mutation("correlate1d", "kernel not flipped in the backward pass", "x", _corr_kernel_not_flipped, diagnosis='the kernel was not flipped'),
-    Mutation("correlate1d", "cotangent padding off by one in the backward pass", "x", _corr_dx_padding_off_by_one, diagnosis='the padding off by one'),
-    Mutation("correlate1d", "input padding off by one in the gradient pass", "w", _corr_dw_padding_off_by_one, diagnosis='the padding off by one'),
-    Mutation("correlate1d", "dw averaged over the batch instead of summed", "w", _corr_dw_averaged, diagnosis='averaged over the batch where it must be summed'),
+    Mutation(
+        "correlate1d",
+        "kernel not flipped in the backward pass",
+        "x",
+        _corr_kernel_not_flipped,
+        diagnosis="the kernel was not flipped",
+    ),
+    Mutation(
+        "correlate1d",
+        "cotangent padding off by one in the backward pass",
+        "x",
+        _corr_dx_padding_off_by_one,
+        diagnosis="the padding off by one",
+    ),
+    Mutation(
+        "correlate1d",
+        "input padding off by one in the gradient pass",
+        "w",
+        _corr_dw_padding_off_by_one,
+        diagnosis="the padding off by one",
+    ),
+    Mutation(
+        "correlate1d",
+        "dw averaged over the batch instead of summed",
+        "w",
+        _corr_dw_averaged,
+        diagnosis="averaged over the batch where it must be summed",
+    ),
     Mutation("convolve1d", "wrong adjoint: dx = dy ∗ w, the correlation's rule", "x", _conv_correlation_adjoint),
-    Mutation("convolve1d", "dw not reversed", "w", _conv_dw_not_reversed, diagnosis='the kernel taps reversed'),
+    Mutation("convolve1d", "dw not reversed", "w", _conv_dw_not_reversed, diagnosis="the kernel taps reversed"),
     Mutation("convolve1d", "numpy.correlate's 'same' window in the backward pass", "x", _conv_correlate_window),
 ]
-

@@ -22,10 +22,27 @@ def _dense_w_averaged(res, g):
 
 
 MUTATIONS = [
-    Mutation("dense", "dw transposed and reshaped", "w", _dense_w_transposed, diagnosis='the right one transposed'),
-    Mutation("dense", "dx scaled by 2", "x", _dense_x_doubled, diagnosis='a missing ½ in the loss'),
-    Mutation("dense", "dw averaged over the batch instead of summed", "w", _dense_w_averaged, diagnosis='averaged over the batch where it must be summed'),
-    Mutation("bias_add", "db averaged instead of summed over broadcast axes", "b",
-             lambda res, g: (g, jnp.mean(g, axis=tuple(range(g.ndim - 1)))), diagnosis='averaged over the batch where it must be summed'),
-    Mutation("bias_add", "dz sign flipped", "z", lambda res, g: (-g, linear.bias_add_gradient(g)), diagnosis='the sign flipped'),
+    Mutation("dense", "dw transposed and reshaped", "w", _dense_w_transposed, diagnosis="the right one transposed"),
+    Mutation("dense", "dx scaled by 2", "x", _dense_x_doubled, diagnosis="a missing ½ in the loss"),
+    Mutation(
+        "dense",
+        "dw averaged over the batch instead of summed",
+        "w",
+        _dense_w_averaged,
+        diagnosis="averaged over the batch where it must be summed",
+    ),
+    Mutation(
+        "bias_add",
+        "db averaged instead of summed over broadcast axes",
+        "b",
+        lambda res, g: (g, jnp.mean(g, axis=tuple(range(g.ndim - 1)))),
+        diagnosis="averaged over the batch where it must be summed",
+    ),
+    Mutation(
+        "bias_add",
+        "dz sign flipped",
+        "z",
+        lambda res, g: (-g, linear.bias_add_gradient(g)),
+        diagnosis="the sign flipped",
+    ),
 ]

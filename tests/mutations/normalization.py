@@ -9,9 +9,9 @@ the rules do not save: they come with a forward that saves it (the same output).
 
 import jax
 import jax.numpy as jnp
-from mutations.mutation import Mutation
 
 from manualgrad.rules import normalization as nz
+from mutations.mutation import Mutation
 
 
 def _leading(a):
@@ -39,8 +39,12 @@ def _bn_unbiased_derivative(eps, res, g):
     m = xhat.size // xhat.shape[-1]
     dgamma, dbeta = nz.batch_norm_gradient(xhat, g)
     n = g.ndim
-    dx = nz._per_channel(gamma, n) * inv / m * (
-        m * g - nz._per_channel(dbeta, n) - m / (m - 1) * xhat * nz._per_channel(dgamma, n))
+    dx = (
+        nz._per_channel(gamma, n)
+        * inv
+        / m
+        * (m * g - nz._per_channel(dbeta, n) - m / (m - 1) * xhat * nz._per_channel(dgamma, n))
+    )
     return dx, dgamma, dbeta
 
 
@@ -108,31 +112,81 @@ def _dropout_another_key(rate, key, g):
 
 
 MUTATIONS = [
-    Mutation("batch_norm", "μ and σ treated as constants: dx = γ G/σ", "x", _bn_constant_statistics,
-             diagnosis="μ and σ treated as constants"),
-    Mutation("batch_norm", "the x̂ Σ(G x̂) term missing", "x", _bn_sigma_term_missing,
-             diagnosis="the path through σ is missing"),
-    Mutation("batch_norm", "unbiased m − 1 in the variance's derivative", "x", _bn_unbiased_derivative,
-             diagnosis="the unbiased m − 1 in the variance's derivative"),
-    Mutation("batch_norm", "dγ from the unbiased variance", "gamma", _bn_unbiased_gamma,
-             diagnosis="for the unbiased variance (÷ (m − 1))"),
-    Mutation("batch_norm", "statistics over the last axis (layer norm's)", "x", _bn_layer_statistics,
-             diagnosis="for statistics over the last axis (layer norm's)",
-             forward=_saving_x(nz.batch_norm_forward)),
-    Mutation("batch_norm", "dβ averaged over the batch, H and W instead of summed", "beta", _bn_beta_averaged,
-             diagnosis="averaged over the batch where it must be summed"),
-    Mutation("layer_norm", "statistics over every axis but the last (batch norm's)", "x", _ln_batch_statistics,
-             diagnosis="for statistics over every axis but the last (batch norm's)",
-             forward=_saving_x(nz.layer_norm_forward)),
-    Mutation("layer_norm", "γ taken out of the row sums", "x", _ln_gamma_outside,
-             diagnosis="γ taken out of the sums"),
-    Mutation("group_norm", "group statistics taken per channel", "x", _gn_per_channel,
-             diagnosis="statistics per channel (groups = C, instance norm)",
-             forward=_saving_x(nz.group_norm_forward)),
-    Mutation("rms_norm", "r treated as a constant: dx = γ G/r", "x", _rms_constant,
-             diagnosis="r treated as a constant"),
-    Mutation("dropout", "not rescaled by 1/(1 − rate)", "x", _dropout_not_rescaled,
-             diagnosis="the kept entries were not rescaled"),
-    Mutation("dropout", "mask drawn again with another key in the backward", "x", _dropout_another_key,
-             diagnosis="the mask drawn with another key (jax.random.split(key)[1])"),
+    Mutation(
+        "batch_norm",
+        "μ and σ treated as constants: dx = γ G/σ",
+        "x",
+        _bn_constant_statistics,
+        diagnosis="μ and σ treated as constants",
+    ),
+    Mutation(
+        "batch_norm",
+        "the x̂ Σ(G x̂) term missing",
+        "x",
+        _bn_sigma_term_missing,
+        diagnosis="the path through σ is missing",
+    ),
+    Mutation(
+        "batch_norm",
+        "unbiased m − 1 in the variance's derivative",
+        "x",
+        _bn_unbiased_derivative,
+        diagnosis="the unbiased m − 1 in the variance's derivative",
+    ),
+    Mutation(
+        "batch_norm",
+        "dγ from the unbiased variance",
+        "gamma",
+        _bn_unbiased_gamma,
+        diagnosis="for the unbiased variance (÷ (m − 1))",
+    ),
+    Mutation(
+        "batch_norm",
+        "statistics over the last axis (layer norm's)",
+        "x",
+        _bn_layer_statistics,
+        diagnosis="for statistics over the last axis (layer norm's)",
+        forward=_saving_x(nz.batch_norm_forward),
+    ),
+    Mutation(
+        "batch_norm",
+        "dβ averaged over the batch, H and W instead of summed",
+        "beta",
+        _bn_beta_averaged,
+        diagnosis="averaged over the batch where it must be summed",
+    ),
+    Mutation(
+        "layer_norm",
+        "statistics over every axis but the last (batch norm's)",
+        "x",
+        _ln_batch_statistics,
+        diagnosis="for statistics over every axis but the last (batch norm's)",
+        forward=_saving_x(nz.layer_norm_forward),
+    ),
+    Mutation("layer_norm", "γ taken out of the row sums", "x", _ln_gamma_outside, diagnosis="γ taken out of the sums"),
+    Mutation(
+        "group_norm",
+        "group statistics taken per channel",
+        "x",
+        _gn_per_channel,
+        diagnosis="statistics per channel (groups = C, instance norm)",
+        forward=_saving_x(nz.group_norm_forward),
+    ),
+    Mutation(
+        "rms_norm", "r treated as a constant: dx = γ G/r", "x", _rms_constant, diagnosis="r treated as a constant"
+    ),
+    Mutation(
+        "dropout",
+        "not rescaled by 1/(1 − rate)",
+        "x",
+        _dropout_not_rescaled,
+        diagnosis="the kept entries were not rescaled",
+    ),
+    Mutation(
+        "dropout",
+        "mask drawn again with another key in the backward",
+        "x",
+        _dropout_another_key,
+        diagnosis="the mask drawn with another key (jax.random.split(key)[1])",
+    ),
 ]

@@ -112,8 +112,20 @@ def _flatten_transposed(empty, g):
 
 
 MUTATIONS = [
-    Mutation("avg_pool2d", "not divided by the window size", "x", _avg_not_divided, diagnosis='not divided by the window size'),
-    Mutation("avg_pool2d", "g not dilated by the stride", "x", _avg_mutation(dilate=False), diagnosis='the stride was not dilated into G'),
+    Mutation(
+        "avg_pool2d",
+        "not divided by the window size",
+        "x",
+        _avg_not_divided,
+        diagnosis="not divided by the window size",
+    ),
+    Mutation(
+        "avg_pool2d",
+        "g not dilated by the stride",
+        "x",
+        _avg_mutation(dilate=False),
+        diagnosis="the stride was not dilated into G",
+    ),
     Mutation("avg_pool2d", "leftover rows padded before g instead of after", "x", _avg_mutation(leftover_first=True)),
     Mutation("max_pool2d", "ties routed to the last tied entry", "x", _max_mutation(order="last"), ("vjp",)),
     Mutation("max_pool2d", "ties routed to every tied entry", "x", _max_mutation(order="every"), ("vjp",)),

@@ -17,9 +17,19 @@ from manualgrad.nn.layers import Conv2D, Dense, Relu
 from manualgrad.rules.validation import RuleInputError
 
 F64 = jnp.float64
-MLP = [Dense(7, "sigmoid", F64), Dense(5, "tanh", F64), Dense(6, "relu", F64), Dense(4, "softplus", F64), Dense(3, dtype=F64)]
-CNN = [Conv2D(4, activation="relu", dtype=F64), Conv2D(5, stride=2, padding="SAME", activation="tanh", dtype=F64),
-       Conv2D(3, (2, 2), dilation=2, padding=1, activation="leaky_relu", dtype=F64), Dense(4, dtype=F64)]
+MLP = [
+    Dense(7, "sigmoid", F64),
+    Dense(5, "tanh", F64),
+    Dense(6, "relu", F64),
+    Dense(4, "softplus", F64),
+    Dense(3, dtype=F64),
+]
+CNN = [
+    Conv2D(4, activation="relu", dtype=F64),
+    Conv2D(5, stride=2, padding="SAME", activation="tanh", dtype=F64),
+    Conv2D(3, (2, 2), dilation=2, padding=1, activation="leaky_relu", dtype=F64),
+    Dense(4, dtype=F64),
+]
 
 
 def _relative(a, b) -> float:
@@ -70,7 +80,7 @@ def test_batch_gradient_is_sum_of_per_sample_gradients(mlp):
     """Seed 004's row form: the batched ``Oᵀ G`` sums the one-sample (seed 002 column) gradients."""
     params, x, y = mlp
     _, batched = backprop.gradients(MLP, params, x, y, "mse")
-    singles = [backprop.gradients(MLP, params, x[i:i + 1], y[i:i + 1], "mse")[1] for i in range(len(x))]
+    singles = [backprop.gradients(MLP, params, x[i : i + 1], y[i : i + 1], "mse")[1] for i in range(len(x))]
     mean = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *singles)  # mse averages over the batch
     assert _relative(batched, mean) <= 1e-12
 
@@ -107,7 +117,11 @@ def test_no_autodiff_in_the_algorithm():
         ([Dense(2, "gelu")], [(np.ones((2, 2)), np.ones(2))], "layer 1 has activation 'gelu'"),
         ([Relu], [(np.ones((2, 2)), np.ones(2))], "layer 1 has map None"),
         ([Dense(2), Dense(2)], [(np.ones((2, 2)), np.ones(2))], "2 layers, got 1 entries"),
-        ([Dense(2)], [(np.ones((3, 2)), np.ones(2))], r"backprop layer 1 \(dense\): dense: x has 2 features but w expects 3"),
+        (
+            [Dense(2)],
+            [(np.ones((3, 2)), np.ones(2))],
+            r"backprop layer 1 \(dense\): dense: x has 2 features but w expects 3",
+        ),
     ],
 )
 def test_bad_network_names_the_layer(network, params, message):
@@ -143,8 +157,9 @@ def _softsign_activation() -> registry.Rule:
         return forward(z)[0]
 
     softsign.defvjp(forward, lambda f, g: (g * (1 - jnp.abs(f)) ** 2,))
-    return registry.Rule("softsign", softsign, lambda z: z / (1 + jnp.abs(z)),
-                         lambda key, dtype: [], (0,), (("002", "Remark 8"),))
+    return registry.Rule(
+        "softsign", softsign, lambda z: z / (1 + jnp.abs(z)), lambda key, dtype: [], (0,), (("002", "Remark 8"),)
+    )
 
 
 def test_activation_table_is_the_registry(mlp, monkeypatch):

@@ -27,7 +27,9 @@ def test_conv2d_forward_equals_lax(config):
     strides = (stride,) * 2 if isinstance(stride, int) else stride
     dilations = (dilation,) * 2 if isinstance(dilation, int) else dilation
     pads = ((padding, padding),) * 2 if isinstance(padding, int) else padding
-    expected = lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilations, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    expected = lax.conv_general_dilated(
+        x, w, strides, pads, rhs_dilation=dilations, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     np.testing.assert_allclose(mg.conv2d(x, w, stride, padding, dilation), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -68,7 +70,12 @@ def test_hand_gradient_equals_jax_grad_of_lax_network():
     def plain(x, w1, w2):
         dn = ("NHWC", "HWIO", "NHWC")
         h = jax.nn.relu(lax.conv_general_dilated(x, w1, (2, 2), "SAME", dimension_numbers=dn))
-        return jnp.sum(jnp.tanh(lax.conv_general_dilated(h, w2, (1, 1), ((1, 1), (1, 1)), rhs_dilation=(2, 2), dimension_numbers=dn)) ** 2)
+        return jnp.sum(
+            jnp.tanh(
+                lax.conv_general_dilated(h, w2, (1, 1), ((1, 1), (1, 1)), rhs_dilation=(2, 2), dimension_numbers=dn)
+            )
+            ** 2
+        )
 
     for a, b in zip(jax.grad(manual, (0, 1, 2))(x, w1, w2), jax.grad(plain, (0, 1, 2))(x, w1, w2)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
@@ -77,24 +84,43 @@ def test_hand_gradient_equals_jax_grad_of_lax_network():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: mg.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((5, 5, 1, 1))),
-         r"conv2d: the window \(5, 5\) is larger than the padded input \(4, 4\) \(x: \(1, 4, 4, 1\), w: \(5, 5, 1, 1\)\)"),
-        (lambda: mg.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), dilation=2),
-         r"conv2d: the window \(3, 3\) \(dilated to \(5, 5\)\) is larger than the padded input"),
-        (lambda: mg.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), stride=0),
-         r"conv2d: stride must be an int or 2 ints, each at least 1, got 0"),
-        (lambda: mg.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), padding=-1),
-         r"conv2d: padding must not be negative, got -1"),
-        (lambda: mg.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), padding="CIRCULAR"),
-         r"conv2d: padding must be 'VALID', 'SAME', an int or 2 \(lo, hi\) pairs, got 'CIRCULAR'"),
-        (lambda: mg.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 2, 1))),
-         r"conv2d: x has 3 channels but w expects 2 \(x: \(1, 4, 4, 3\), w: \(3, 3, 2, 1\)\)"),
-        (lambda: mg.conv2d(jnp.ones((4, 4, 3)), jnp.ones((3, 3, 3, 1))),
-         r"conv2d: x must have shape \(N, H, W, C_in\), got \(4, 4, 3\)"),
-        (lambda: mg.conv1d(jnp.ones((1, 4, 3)), jnp.ones((3, 3))),
-         r"conv1d: w must have shape \(K, C_in, C_out\) with no empty axis, got \(3, 3\)"),
-        (lambda: jax.jit(mg.conv1d)(jnp.ones((1, 4, 2), jnp.int32), jnp.ones((3, 2, 1))),
-         r"conv1d: x must be a floating-point array, got int32"),
+        (
+            lambda: mg.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((5, 5, 1, 1))),
+            r"conv2d: the window \(5, 5\) is larger than the padded input \(4, 4\) "
+            r"\(x: \(1, 4, 4, 1\), w: \(5, 5, 1, 1\)\)",
+        ),
+        (
+            lambda: mg.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), dilation=2),
+            r"conv2d: the window \(3, 3\) \(dilated to \(5, 5\)\) is larger than the padded input",
+        ),
+        (
+            lambda: mg.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), stride=0),
+            r"conv2d: stride must be an int or 2 ints, each at least 1, got 0",
+        ),
+        (
+            lambda: mg.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), padding=-1),
+            r"conv2d: padding must not be negative, got -1",
+        ),
+        (
+            lambda: mg.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), padding="CIRCULAR"),
+            r"conv2d: padding must be 'VALID', 'SAME', an int or 2 \(lo, hi\) pairs, got 'CIRCULAR'",
+        ),
+        (
+            lambda: mg.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 2, 1))),
+            r"conv2d: x has 3 channels but w expects 2 \(x: \(1, 4, 4, 3\), w: \(3, 3, 2, 1\)\)",
+        ),
+        (
+            lambda: mg.conv2d(jnp.ones((4, 4, 3)), jnp.ones((3, 3, 3, 1))),
+            r"conv2d: x must have shape \(N, H, W, C_in\), got \(4, 4, 3\)",
+        ),
+        (
+            lambda: mg.conv1d(jnp.ones((1, 4, 3)), jnp.ones((3, 3))),
+            r"conv1d: w must have shape \(K, C_in, C_out\) with no empty axis, got \(3, 3\)",
+        ),
+        (
+            lambda: jax.jit(mg.conv1d)(jnp.ones((1, 4, 2), jnp.int32), jnp.ones((3, 2, 1))),
+            r"conv1d: x must be a floating-point array, got int32",
+        ),
     ],
 )
 def test_bad_configurations(call, message):

@@ -3,7 +3,6 @@ adjoint identities on finite signals, known values, bad input, and planted mista
 Every check of the cross-checker runs on both rules in ``tests/rules/test_rules.py``.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,8 +35,9 @@ def test_forward_matches_numpy(sig):
 
     @jax.jit  # one program per (N, K): compiling is what costs here
     def outputs(x, w):
-        return {(name, mode): (fn(x, w, mode), ref(x, w, mode))
-                for name, (fn, _, ref) in rules.items() for mode in MODES}
+        return {
+            (name, mode): (fn(x, w, mode), ref(x, w, mode)) for name, (fn, _, ref) in rules.items() for mode in MODES
+        }
 
     rng = np.random.default_rng(0)
     for n, k in PAIRS:
@@ -68,12 +68,10 @@ def test_facts_about_numpy_windows(sig):
 def test_batch_axis_is_independent_samples(sig):
     rng = np.random.default_rng(2)
     x, w = rng.normal(size=(3, 5)), rng.normal(size=7)
-    for name, (fn, np_fn) in rule_fns(sig).items():
+    for fn, np_fn in rule_fns(sig).values():
         for mode in MODES:
             expected = np.stack([np_fn(row, w, mode) for row in x])
             np.testing.assert_allclose(fn(x, w, mode), expected, rtol=1e-13, atol=1e-14)
-
-
 
 
 def test_samples_cover_the_awkward_cases():
@@ -145,8 +143,9 @@ def test_naive_valid_identity_drops_boundary_terms(sig):
     assert float(np.dot(x, extended)) == pytest.approx(lhs, rel=1e-12)
     boundary = np.r_[0 : k - 1, n - k + 1 : n]
     assert float(np.dot(x[boundary], extended[boundary])) == pytest.approx(lhs - naive, rel=1e-12)
-    np.testing.assert_allclose(sig.correlate1d_backward(jnp.asarray(w), n, "valid", jnp.asarray(dy)), extended,
-                               rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(
+        sig.correlate1d_backward(jnp.asarray(w), n, "valid", jnp.asarray(dy)), extended, rtol=1e-13, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("k, holds", [(3, True), (4, False)])
@@ -212,9 +211,13 @@ def test_batch_gradient_sums_over_the_batch(sig):
 def test_bad_input(sig, name):
     fn = getattr(sig, name)
     x, w = jnp.ones(5), jnp.ones(3)
-    with pytest.raises(manualgrad.RuleInputError, match=rf"^{name}: mode must be 'valid', 'same' or 'full', got 'circular'"):
+    with pytest.raises(
+        manualgrad.RuleInputError, match=rf"^{name}: mode must be 'valid', 'same' or 'full', got 'circular'"
+    ):
         fn(x, w, "circular")
-    with pytest.raises(manualgrad.RuleInputError, match=rf"{name}: x must have shape \(N,\) or \(batch, N\).*\(2, 3, 5\)"):
+    with pytest.raises(
+        manualgrad.RuleInputError, match=rf"{name}: x must have shape \(N,\) or \(batch, N\).*\(2, 3, 5\)"
+    ):
         fn(jnp.ones((2, 3, 5)), w)
     with pytest.raises(manualgrad.RuleInputError, match=rf"{name}: x must have shape"):
         fn(jnp.ones(()), w)
@@ -229,7 +232,9 @@ def test_bad_input(sig, name):
     with pytest.raises(manualgrad.RuleDTypeError, match=rf"{name}: arguments must share one dtype"):
         fn(x.astype(jnp.float32), w.astype(jnp.float64))
     backward = getattr(sig, f"{name}_backward")
-    with pytest.raises(manualgrad.RuleInputError, match=rf"{name}: the cotangent must have shape \(3,\) for mode 'valid'"):
+    with pytest.raises(
+        manualgrad.RuleInputError, match=rf"{name}: the cotangent must have shape \(3,\) for mode 'valid'"
+    ):
         backward(w, 5, "valid", jnp.ones(4))
 
 

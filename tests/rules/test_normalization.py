@@ -46,13 +46,21 @@ def _torch_cases():
     """(name, manualgrad call on NHWC arrays, the same in PyTorch on the NCHW transpose)."""
     import torch.nn.functional as F
 
-    nchw = lambda a: a.permute(0, 3, 1, 2)  # noqa: E731
+    def nchw(a):
+        return a.permute(0, 3, 1, 2)
+
     return [
-        ("batch_norm", lambda x, g, b: mg.batch_norm(x, g, b, 1e-5),
-         lambda x, g, b: F.batch_norm(nchw(x), None, None, g, b, training=True, eps=1e-5).permute(0, 2, 3, 1)),
+        (
+            "batch_norm",
+            lambda x, g, b: mg.batch_norm(x, g, b, 1e-5),
+            lambda x, g, b: F.batch_norm(nchw(x), None, None, g, b, training=True, eps=1e-5).permute(0, 2, 3, 1),
+        ),
         ("layer_norm", lambda x, g, b: mg.layer_norm(x, g, b, 1e-5), lambda x, g, b: F.layer_norm(x, (6,), g, b, 1e-5)),
-        ("group_norm", lambda x, g, b: mg.group_norm(x, g, b, 3, 1e-5),
-         lambda x, g, b: F.group_norm(nchw(x), 3, g, b, 1e-5).permute(0, 2, 3, 1)),
+        (
+            "group_norm",
+            lambda x, g, b: mg.group_norm(x, g, b, 3, 1e-5),
+            lambda x, g, b: F.group_norm(nchw(x), 3, g, b, 1e-5).permute(0, 2, 3, 1),
+        ),
         ("rms_norm", lambda x, g, b: mg.rms_norm(x, g, 1e-6), lambda x, g, b: F.rms_norm(x, (6,), g, 1e-6)),
     ]
 
@@ -77,22 +85,36 @@ def test_equal_to_pytorch_forward_and_gradients(name):
 # --------------------------------------------------------------------------- constant channels
 
 
-@pytest.mark.parametrize("call, reference, constant", [
-    (lambda x: mg.batch_norm(x, GAMMA, BETA), lambda x: nz.batch_norm_reference(x, GAMMA, BETA),
-     lambda x: x.at[..., 2].set(0.7)),
-    (lambda x: mg.group_norm(x, GAMMA, BETA, 6), lambda x: nz.group_norm_reference(x, GAMMA, BETA, 6),
-     lambda x: x.at[1, ..., 2].set(0.7)),
-    (lambda x: mg.layer_norm(x, GAMMA, BETA), lambda x: nz.layer_norm_reference(x, GAMMA, BETA),
-     lambda x: x.at[1, 2, 3].set(0.7)),
-], ids=["batch_norm", "group_norm (groups = C)", "layer_norm (a constant row)"])
+@pytest.mark.parametrize(
+    "call, reference, constant",
+    [
+        (
+            lambda x: mg.batch_norm(x, GAMMA, BETA),
+            lambda x: nz.batch_norm_reference(x, GAMMA, BETA),
+            lambda x: x.at[..., 2].set(0.7),
+        ),
+        (
+            lambda x: mg.group_norm(x, GAMMA, BETA, 6),
+            lambda x: nz.group_norm_reference(x, GAMMA, BETA, 6),
+            lambda x: x.at[1, ..., 2].set(0.7),
+        ),
+        (
+            lambda x: mg.layer_norm(x, GAMMA, BETA),
+            lambda x: nz.layer_norm_reference(x, GAMMA, BETA),
+            lambda x: x.at[1, 2, 3].set(0.7),
+        ),
+    ],
+    ids=["batch_norm", "group_norm (groups = C)", "layer_norm (a constant row)"],
+)
 def test_a_constant_channel_normalises_to_beta_with_finite_gradients(call, reference, constant):
     """At the default ε: ``v = 0``, so ``x̂`` is the round-off of ``x − μ`` (about 1e-16) over
     ``√ε``, a few 1e-14 at most, and ``1/σ = 1/√ε`` keeps the gradient finite."""
     x = constant(X)
     where = np.asarray(constant(jnp.zeros(X.shape))) == 0.7
     out, (dx,) = _pull(call, x)
-    np.testing.assert_allclose(np.asarray(out)[where], np.broadcast_to(np.asarray(BETA), X.shape)[where], rtol=0,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(out)[where], np.broadcast_to(np.asarray(BETA), X.shape)[where], rtol=0, atol=1e-12
+    )
     assert np.all(np.isfinite(np.asarray(dx)))
     # Against the reference's autodiff: 1/√ε ≈ 316 scales the round-off of both.
     np.testing.assert_allclose(np.asarray(dx), np.asarray(jax.vjp(reference, x)[1](G)[0]), rtol=1e-10, atol=1e-10)
@@ -117,16 +139,22 @@ def test_batch_norm_saves_xhat_and_one_over_sigma_not_x():
     np.testing.assert_allclose(np.ravel(inv), 1 / np.sqrt(var + 1e-5), rtol=1e-12)
 
 
-@pytest.mark.parametrize("name, call", [
-    ("batch_norm", lambda x, g, b: mg.batch_norm(x, g, b)), ("layer_norm", lambda x, g, b: mg.layer_norm(x, g, b)),
-    ("group_norm", lambda x, g, b: mg.group_norm(x, g, b, 2)), ("rms_norm", lambda x, g, b: mg.rms_norm(x, g)),
-])
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("batch_norm", lambda x, g, b: mg.batch_norm(x, g, b)),
+        ("layer_norm", lambda x, g, b: mg.layer_norm(x, g, b)),
+        ("group_norm", lambda x, g, b: mg.group_norm(x, g, b, 2)),
+        ("rms_norm", lambda x, g, b: mg.rms_norm(x, g)),
+    ],
+)
 def test_statistics_and_gradients_in_the_inputs_dtype(name, call):
     args = [a.astype(f32) for a in (X, GAMMA, BETA)]
     out, grads = _pull(call, *args)
     assert out.dtype == f32 and all(g.dtype == f32 for g in grads)
-    residuals = jax.tree_util.tree_leaves(mg.get(name).fn.fwd(*args[: 2 if name == "rms_norm" else 3],
-                                                             *([2] if name == "group_norm" else []))[1])
+    residuals = jax.tree_util.tree_leaves(
+        mg.get(name).fn.fwd(*args[: 2 if name == "rms_norm" else 3], *([2] if name == "group_norm" else []))[1]
+    )
     assert all(r.dtype == f32 for r in residuals)
 
 
@@ -166,38 +194,77 @@ def test_dropout_key_gets_a_float0_cotangent_and_vmaps_over_keys():
 
 KEY = jax.random.PRNGKey(0)
 CASES = [
-    (mg.RuleInputError, r"^batch_norm: gamma must have shape \(6,\) to match the channels \(last axis\) of x "
-                        r"\(x: \(3, 4, 5, 6\), gamma: \(5,\)\)",
-     lambda: mg.batch_norm(X, GAMMA[:5], BETA)),
-    (mg.RuleInputError, r"^layer_norm: beta must have shape \(6,\) .* \(x: \(3, 4, 5, 6\), beta: \(1, 6\)\)",
-     lambda: mg.layer_norm(X, GAMMA, BETA[None])),
-    (mg.RuleInputError, r"^rms_norm: gamma must have shape \(6,\)",
-     lambda: mg.rms_norm(X, jnp.ones(3))),
-    (mg.RuleInputError, r"^group_norm: groups must be a positive Python int that divides the 6 channels of x, "
-                        r"got 4 \(x: \(3, 4, 5, 6\)\)",
-     lambda: mg.group_norm(X, GAMMA, BETA, 4)),
+    (
+        mg.RuleInputError,
+        r"^batch_norm: gamma must have shape \(6,\) to match the channels \(last axis\) of x "
+        r"\(x: \(3, 4, 5, 6\), gamma: \(5,\)\)",
+        lambda: mg.batch_norm(X, GAMMA[:5], BETA),
+    ),
+    (
+        mg.RuleInputError,
+        r"^layer_norm: beta must have shape \(6,\) .* \(x: \(3, 4, 5, 6\), beta: \(1, 6\)\)",
+        lambda: mg.layer_norm(X, GAMMA, BETA[None]),
+    ),
+    (mg.RuleInputError, r"^rms_norm: gamma must have shape \(6,\)", lambda: mg.rms_norm(X, jnp.ones(3))),
+    (
+        mg.RuleInputError,
+        r"^group_norm: groups must be a positive Python int that divides the 6 channels of x, "
+        r"got 4 \(x: \(3, 4, 5, 6\)\)",
+        lambda: mg.group_norm(X, GAMMA, BETA, 4),
+    ),
     (mg.RuleInputError, r"^group_norm: groups must be .* got 2.0", lambda: mg.group_norm(X, GAMMA, BETA, 2.0)),
-    (mg.RuleInputError, r"^group_norm: x must have at least 2 axes \(N, \*spatial, C\), got shape \(6,\)",
-     lambda: mg.group_norm(GAMMA, GAMMA, BETA, 2)),
-    (mg.RuleInputError, r"^batch_norm: each channel needs more than one value to normalise over, got 1 \(x: \(1, 6\)\)",
-     lambda: mg.batch_norm(X[:1, 0, 0], GAMMA, BETA)),
-    (mg.RuleInputError, r"^batch_norm: eps must be a Python number > 0 .* got 0", lambda: mg.batch_norm(X, GAMMA, BETA, 0)),
-    (mg.RuleDTypeError, r"^batch_norm: x must be a floating-point array, got int32 with shape \(2, 3\)",
-     lambda: mg.batch_norm(jnp.ones((2, 3), jnp.int32), jnp.ones(3), jnp.ones(3))),
-    (mg.RuleDTypeError, r"^layer_norm: gamma must be a floating-point array, got int32",
-     lambda: mg.layer_norm(X, jnp.ones(6, jnp.int32), BETA)),
-    (mg.RuleDTypeError, r"^rms_norm: arguments must share one dtype, got x: float32, gamma: float64",
-     lambda: mg.rms_norm(X.astype(f32), GAMMA)),
-    (mg.RuleInputError, r"^dropout: rate must be a Python number in \[0, 1\), .* got 1.0",
-     lambda: mg.dropout(X, KEY, 1.0)),
+    (
+        mg.RuleInputError,
+        r"^group_norm: x must have at least 2 axes \(N, \*spatial, C\), got shape \(6,\)",
+        lambda: mg.group_norm(GAMMA, GAMMA, BETA, 2),
+    ),
+    (
+        mg.RuleInputError,
+        r"^batch_norm: each channel needs more than one value to normalise over, got 1 \(x: \(1, 6\)\)",
+        lambda: mg.batch_norm(X[:1, 0, 0], GAMMA, BETA),
+    ),
+    (
+        mg.RuleInputError,
+        r"^batch_norm: eps must be a Python number > 0 .* got 0",
+        lambda: mg.batch_norm(X, GAMMA, BETA, 0),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^batch_norm: x must be a floating-point array, got int32 with shape \(2, 3\)",
+        lambda: mg.batch_norm(jnp.ones((2, 3), jnp.int32), jnp.ones(3), jnp.ones(3)),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^layer_norm: gamma must be a floating-point array, got int32",
+        lambda: mg.layer_norm(X, jnp.ones(6, jnp.int32), BETA),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^rms_norm: arguments must share one dtype, got x: float32, gamma: float64",
+        lambda: mg.rms_norm(X.astype(f32), GAMMA),
+    ),
+    (
+        mg.RuleInputError,
+        r"^dropout: rate must be a Python number in \[0, 1\), .* got 1.0",
+        lambda: mg.dropout(X, KEY, 1.0),
+    ),
     (mg.RuleInputError, r"^dropout: rate must be .* got -0.1", lambda: mg.dropout(X, KEY, -0.1)),
-    (mg.RuleDTypeError, r"^dropout: key must be one PRNG key, jax.random.key\(seed\) or jax.random.PRNGKey\(seed\) "
-                        r"\(uint32 of shape \(2,\)\), got float32 with shape \(2,\)",
-     lambda: mg.dropout(X, jnp.zeros(2, f32), 0.5)),
-    (mg.RuleInputError, r"^dropout: key must be one PRNG key.* got uint32 with shape \(3, 2\)",
-     lambda: mg.dropout(X, jax.random.split(KEY, 3), 0.5)),
-    (mg.RuleDTypeError, r"^dropout: x must be a floating-point array, got int32",
-     lambda: mg.dropout(jnp.ones(3, jnp.int32), KEY, 0.5)),
+    (
+        mg.RuleDTypeError,
+        r"^dropout: key must be one PRNG key, jax.random.key\(seed\) or jax.random.PRNGKey\(seed\) "
+        r"\(uint32 of shape \(2,\)\), got float32 with shape \(2,\)",
+        lambda: mg.dropout(X, jnp.zeros(2, f32), 0.5),
+    ),
+    (
+        mg.RuleInputError,
+        r"^dropout: key must be one PRNG key.* got uint32 with shape \(3, 2\)",
+        lambda: mg.dropout(X, jax.random.split(KEY, 3), 0.5),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^dropout: x must be a floating-point array, got int32",
+        lambda: mg.dropout(jnp.ones(3, jnp.int32), KEY, 0.5),
+    ),
 ]
 
 
@@ -235,8 +302,10 @@ def test_dgamma_not_summed_is_diagnosed_as_a_broadcast_axis_left_in():
         g = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape))
         found = diagnose.diagnose_raw(planted, sample.args, g, "float64")
         assert set(found) == ({1, 2} if x.ndim > 2 else {1}), sample.label  # (N, C): Σ over N is all of dβ
-        assert found[1].diagnosis == (f"your gradient equals the right one with axis {tuple(range(x.ndim - 1)) if x.ndim > 2 else 0} "
-                            f"not summed: a broadcast axis left in (shape {x.shape}, expected {x.shape[-1:]})")
+        assert found[1].diagnosis == (
+            f"your gradient equals the right one with axis {tuple(range(x.ndim - 1)) if x.ndim > 2 else 0} "
+            f"not summed: a broadcast axis left in (shape {x.shape}, expected {x.shape[-1:]})"
+        )
         if x.ndim > 2:
             assert f"axis {tuple(range(x.ndim - 2)) if x.ndim > 3 else 0} not summed" in found[2].diagnosis
 
@@ -249,8 +318,9 @@ def test_the_candidates_do_not_name_the_right_answer():
         args = rule.sample_inputs(jax.random.PRNGKey(0), f64)[0].args
         g = jnp.asarray(np.random.default_rng(0).standard_normal(jnp.shape(rule.fn(*args))))
         for i in rule.differentiable:
-            right = diagnose.vjp(lambda a, i=i, args=args, rule=rule: rule.reference(*args[:i], a, *args[i + 1:]),
-                                 args[i], g)
+            right = diagnose.vjp(
+                lambda a, i=i, args=args, rule=rule: rule.reference(*args[:i], a, *args[i + 1 :]), args[i], g
+            )
             assert diagnose.diagnose(rule, args, i, right, g, "float64") == diagnose.NO_EXPLANATION
 
 

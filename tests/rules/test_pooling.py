@@ -5,7 +5,6 @@ cross-checker runs on these rules in ``tests/rules/test_rules.py``, and their pl
 (``tests/mutations/pooling.py``) in ``tests/check/test_checker.py``.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,16 +76,25 @@ def test_forward_equals_lax_reduce_window(pool, config):
 
     @jax.jit
     def outputs(x):
-        return {op: (lax_pool(x, op, window, stride, padding), fn(x, window, stride, padding),
-                     ref(x, window, stride, padding))
-                for op, fn, ref in (("avg", pool.avg_pool2d, pool.avg_pool2d_reference),
-                                    ("max", pool.max_pool2d, pool.max_pool2d_reference))}
+        return {
+            op: (
+                lax_pool(x, op, window, stride, padding),
+                fn(x, window, stride, padding),
+                ref(x, window, stride, padding),
+            )
+            for op, fn, ref in (
+                ("avg", pool.avg_pool2d, pool.avg_pool2d_reference),
+                ("max", pool.max_pool2d, pool.max_pool2d_reference),
+            )
+        }
 
     for expected, rule, reference in outputs(x).values():
         np.testing.assert_allclose(rule, expected, rtol=1e-14, atol=1e-15)
         np.testing.assert_allclose(reference, expected, rtol=1e-14, atol=1e-15)
     # and eagerly, once
-    np.testing.assert_array_equal(pool.max_pool2d(x, window, stride, padding), lax_pool(x, "max", window, stride, padding))
+    np.testing.assert_array_equal(
+        pool.max_pool2d(x, window, stride, padding), lax_pool(x, "max", window, stride, padding)
+    )
 
 
 def test_avg_pool_counts_the_padding(pool):
@@ -127,12 +135,12 @@ def test_max_pool_ties_broken_exactly_as_jax_autodiff(pool, dtype):
         out_shape = lax_pool(x, "max", window, stride, padding).shape
         g = jnp.asarray(np.random.default_rng(n).integers(1, 9, out_shape), dtype)  # exact sums
 
-        def loss(pool_fn):
-            return lambda x: jnp.sum(g * pool_fn(x, window, stride, padding))
+        def loss(pool_fn, g=g, window=window, stride=stride, padding=padding):
+            return lambda v: jnp.sum(g * pool_fn(v, window, stride, padding))
 
         plain = loss(lambda x, *a: lax_pool(x, "max", *a))
         fns = (plain, loss(pool.max_pool2d), loss(pool.max_pool2d_reference))
-        expected, *received = jax.jit(lambda x: [jax.grad(f)(x) for f in fns])(x)
+        expected, *received = jax.jit(lambda x, fns=fns: [jax.grad(f)(x) for f in fns])(x)
         assert np.any(np.asarray(expected) != 0)
         for r in received:
             np.testing.assert_array_equal(r, expected, err_msg=f"tie input {n}")
@@ -156,8 +164,9 @@ def test_first_tie_in_row_major_order_wins(pool):
 def test_rows_no_window_reaches_get_exactly_zero(pool):
     """Input 7, window 2, stride 2: windows cover rows 0..5, so row 6 and column 6 get nothing."""
     x, g = normal(0, (2, 7, 7, 3)), normal(1, (2, 3, 3, 3))
-    pullbacks = jax.jit(lambda x, g: [jax.vjp(lambda x: fn(x, 2, 2), x)[1](g)[0]
-                                      for fn in (pool.avg_pool2d, pool.max_pool2d)])
+    pullbacks = jax.jit(
+        lambda x, g: [jax.vjp(lambda x, fn=fn: fn(x, 2, 2), x)[1](g)[0] for fn in (pool.avg_pool2d, pool.max_pool2d)]
+    )
     avg_dx, max_dx = (np.asarray(dx) for dx in pullbacks(x, g))
     for dx in (avg_dx, max_dx):
         assert np.all(dx[:, 6, :, :] == 0) and np.all(dx[:, :, 6, :] == 0)
@@ -174,8 +183,10 @@ def test_known_values_4x4_window_2(pool):
     g = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
     y, pull = jax.vjp(lambda x: pool.avg_pool2d(x, 2), x)
     np.testing.assert_array_equal(y[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
-    np.testing.assert_array_equal(pull(g)[0][0, :, :, 0], [[0.25, 0.25, 0.5, 0.5], [0.25, 0.25, 0.5, 0.5],
-                                                           [0.75, 0.75, 1.0, 1.0], [0.75, 0.75, 1.0, 1.0]])
+    np.testing.assert_array_equal(
+        pull(g)[0][0, :, :, 0],
+        [[0.25, 0.25, 0.5, 0.5], [0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 1.0, 1.0], [0.75, 0.75, 1.0, 1.0]],
+    )
     y, pull = jax.vjp(lambda x: pool.max_pool2d(x, 2), x)
     np.testing.assert_array_equal(y[0, :, :, 0], [[5, 7], [13, 15]])
     np.testing.assert_array_equal(pull(g)[0][0, :, :, 0], [[0, 0, 0, 0], [0, 1, 0, 2], [0, 0, 0, 0], [0, 3, 0, 4]])
@@ -195,32 +206,49 @@ def test_known_values_4x4_window_2(pool):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda p: p.avg_pool2d(jnp.ones((4, 4, 3)), 2),
-         r"avg_pool2d: x must have shape \(N, H, W, C\), got \(4, 4, 3\)"),
-        (lambda p: p.max_pool2d(jnp.ones((1, 4, 4, 1), jnp.int32), 2),
-         r"max_pool2d: x must be a floating-point array, got int32 with shape \(1, 4, 4, 1\)"),
-        (lambda p: p.max_pool2d(jnp.ones((1, 4, 3, 1)), (2, 4)),
-         r"max_pool2d: the window \(2, 4\) is larger than the padded input \(4, 3\) \(x: \(1, 4, 3, 1\)\)"),
-        (lambda p: p.avg_pool2d(jnp.ones((1, 4, 4, 1)), 2, 0),
-         r"avg_pool2d: stride must be an int or 2 ints, each at least 1, got 0"),
-        (lambda p: p.max_pool2d(jnp.ones((1, 4, 4, 1)), 2, (1, 0)),
-         r"max_pool2d: stride must be an int or 2 ints, each at least 1, got \(1, 0\)"),
-        (lambda p: p.avg_pool2d(jnp.ones((1, 4, 4, 1)), 0),
-         r"avg_pool2d: window must be an int or 2 ints, each at least 1, got 0"),
-        (lambda p: p.max_pool2d(jnp.ones((1, 4, 4, 1)), 2, 1, -1),
-         r"max_pool2d: padding must not be negative, got -1"),
-        (lambda p: p.avg_pool2d(jnp.ones((1, 4, 4, 1)), 2, 1, ((0, 0), (-1, 1))),
-         r"avg_pool2d: padding must not be negative"),
-        (lambda p: p.avg_pool2d(jnp.ones((1, 4, 4, 1)), 2, 1, "FULL"),
-         r"avg_pool2d: padding must be 'VALID', 'SAME', an int or 2 \(lo, hi\) pairs, got 'FULL'"),
-        (lambda p: jax.jit(p.avg_pool2d, static_argnums=(1,))(jnp.ones((1, 4, 4, 1), jnp.int32), 2),
-         r"avg_pool2d: x must be a floating-point array, got int32"),
-        (lambda p: jax.eval_shape(lambda x: p.max_pool2d(x, 3), jnp.ones((2, 2, 5, 1))),
-         r"max_pool2d: the window \(3, 3\) is larger than the padded input \(2, 5\)"),
-        (lambda p: p.flatten(jnp.ones(())),
-         r"flatten: x must have at least 1 axes \(N, \.\.\.\), got shape \(\)"),
-        (lambda p: p.flatten(jnp.ones((2, 3), jnp.int32)),
-         r"flatten: x must be a floating-point array, got int32"),
+        (
+            lambda p: p.avg_pool2d(jnp.ones((4, 4, 3)), 2),
+            r"avg_pool2d: x must have shape \(N, H, W, C\), got \(4, 4, 3\)",
+        ),
+        (
+            lambda p: p.max_pool2d(jnp.ones((1, 4, 4, 1), jnp.int32), 2),
+            r"max_pool2d: x must be a floating-point array, got int32 with shape \(1, 4, 4, 1\)",
+        ),
+        (
+            lambda p: p.max_pool2d(jnp.ones((1, 4, 3, 1)), (2, 4)),
+            r"max_pool2d: the window \(2, 4\) is larger than the padded input \(4, 3\) \(x: \(1, 4, 3, 1\)\)",
+        ),
+        (
+            lambda p: p.avg_pool2d(jnp.ones((1, 4, 4, 1)), 2, 0),
+            r"avg_pool2d: stride must be an int or 2 ints, each at least 1, got 0",
+        ),
+        (
+            lambda p: p.max_pool2d(jnp.ones((1, 4, 4, 1)), 2, (1, 0)),
+            r"max_pool2d: stride must be an int or 2 ints, each at least 1, got \(1, 0\)",
+        ),
+        (
+            lambda p: p.avg_pool2d(jnp.ones((1, 4, 4, 1)), 0),
+            r"avg_pool2d: window must be an int or 2 ints, each at least 1, got 0",
+        ),
+        (lambda p: p.max_pool2d(jnp.ones((1, 4, 4, 1)), 2, 1, -1), r"max_pool2d: padding must not be negative, got -1"),
+        (
+            lambda p: p.avg_pool2d(jnp.ones((1, 4, 4, 1)), 2, 1, ((0, 0), (-1, 1))),
+            r"avg_pool2d: padding must not be negative",
+        ),
+        (
+            lambda p: p.avg_pool2d(jnp.ones((1, 4, 4, 1)), 2, 1, "FULL"),
+            r"avg_pool2d: padding must be 'VALID', 'SAME', an int or 2 \(lo, hi\) pairs, got 'FULL'",
+        ),
+        (
+            lambda p: jax.jit(p.avg_pool2d, static_argnums=(1,))(jnp.ones((1, 4, 4, 1), jnp.int32), 2),
+            r"avg_pool2d: x must be a floating-point array, got int32",
+        ),
+        (
+            lambda p: jax.eval_shape(lambda x: p.max_pool2d(x, 3), jnp.ones((2, 2, 5, 1))),
+            r"max_pool2d: the window \(3, 3\) is larger than the padded input \(2, 5\)",
+        ),
+        (lambda p: p.flatten(jnp.ones(())), r"flatten: x must have at least 1 axes \(N, \.\.\.\), got shape \(\)"),
+        (lambda p: p.flatten(jnp.ones((2, 3), jnp.int32)), r"flatten: x must be a floating-point array, got int32"),
     ],
 )
 def test_bad_input(pool, call, message):

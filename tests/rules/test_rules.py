@@ -58,7 +58,9 @@ def test_rule_module_order(name):
 def test_rule_passes_take_the_cotangent_last(name):
     """``NAME_backward`` (the input's cotangent, C†) and ``NAME_gradient`` (the weights', C††): ``g`` last."""
     module = inspect.getmodule(manualgrad.get(name).reference)
-    passes = [getattr(module, f"{name}_{kind}") for kind in ("backward", "gradient") if hasattr(module, f"{name}_{kind}")]
+    passes = [
+        getattr(module, f"{name}_{kind}") for kind in ("backward", "gradient") if hasattr(module, f"{name}_{kind}")
+    ]
     assert passes, f"{module.__name__} has no {name}_backward"
     for fn in passes:
         assert list(inspect.signature(fn).parameters)[-1] == "g", f"{fn.__name__}{inspect.signature(fn)}"

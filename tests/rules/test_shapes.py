@@ -40,7 +40,10 @@ def test_bias_add(lead, features):
 
 
 @SETTINGS
-@given(shape=st.lists(sizes, min_size=0, max_size=3).map(tuple), name=st.sampled_from(["sigmoid", "tanh", "softplus", "relu"]))
+@given(
+    shape=st.lists(sizes, min_size=0, max_size=3).map(tuple),
+    name=st.sampled_from(["sigmoid", "tanh", "softplus", "relu"]),
+)
 def test_activations(shape, name):
     assert_passes(name, (normal(0, shape),))
 

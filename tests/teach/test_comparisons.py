@@ -34,7 +34,11 @@ def test_seed_001_names_its_typos(capsys):
     runpy.run_path(str(COMPARISONS / "seed_001.py"))["main"]()
     out = capsys.readouterr().out
     assert sorted(line.split(":")[0].strip() for line in out.splitlines() if "TYPO" in line) == [
-        "∂L/∂w_0", "∂L/∂w_1", "∂L/∂w_2", "∂L/∂w_3"]
+        "∂L/∂w_0",
+        "∂L/∂w_1",
+        "∂L/∂w_2",
+        "∂L/∂w_3",
+    ]
 
 
 def test_script_runs_from_the_command_line():
@@ -76,7 +80,6 @@ def test_explain_list_and_unknown(capsys):
     assert len(capsys.readouterr().out.splitlines()) == len(manualgrad.rules())
     assert cli.main(["explain", "nope"]) == 2
     assert "unknown rule nope" in capsys.readouterr().err
-
 
 
 def test_manual_vs_autodiff_labels_each_training_run(tmp_path, capsys):

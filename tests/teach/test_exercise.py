@@ -44,8 +44,10 @@ def _check_lines(out):
 
 
 # Right solutions, derived by hand (no autodiff, no call into manualgrad's backward functions).
-DENSE = ("    x, w = residuals\n    lead = tuple(range(x.ndim - 1))\n"
-         "    return g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))\n")
+DENSE = (
+    "    x, w = residuals\n    lead = tuple(range(x.ndim - 1))\n"
+    "    return g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))\n"
+)
 LEAKY_RELU = "    f = residuals\n    return (jnp.where(f > 0, g, negative_slope * g),)\n"
 # conv2d, tap by tap: tap (i, j) reads the strided window x_pad[:, i·d : i·d + (o−1)s + 1 : s, ...].
 CONV2D = """    x, w = residuals
@@ -71,7 +73,7 @@ def test_exercise_exists_for_every_rule(name, tmp_path):
     assert text.startswith(f"{exercise.HEADER}{name}\n")
     # The derivation up to its result, and nothing of the result itself.
     setup = rule.derivation_setup
-    result = rule.derivation[len(setup):].split(registry.RESULT_MARKER, 1)[1].strip()
+    result = rule.derivation[len(setup) :].split(registry.RESULT_MARKER, 1)[1].strip()
     first_result_line = result.splitlines()[0].strip()
     assert all(line.strip() in text for line in setup.splitlines())
     assert first_result_line and first_result_line not in text
@@ -83,8 +85,9 @@ def test_exercise_exists_for_every_rule(name, tmp_path):
         namespace["backward"](*[None] * len(inspect.signature(namespace["backward"]).parameters))
 
 
-@pytest.mark.parametrize("name, body, score", [("dense", DENSE, "7/7"), ("leaky_relu", LEAKY_RELU, "6/6"),
-                                               ("conv2d", CONV2D, "7/7")])
+@pytest.mark.parametrize(
+    "name, body, score", [("dense", DENSE, "7/7"), ("leaky_relu", LEAKY_RELU, "6/6"), ("conv2d", CONV2D, "7/7")]
+)
 def test_right_solution_passes(name, body, score, tmp_path, capsys):
     code, out = _grade(_write(tmp_path, name, body), capsys)
     assert code == 0 and f"score: {score} checks passed" in out and "FAIL" not in out, out
@@ -98,15 +101,32 @@ def test_unwritten_backward_passes_only_the_forward(tmp_path, capsys):
     assert "adjoint       -     relu is linear in no argument" in out
 
 
-@pytest.mark.parametrize("name, body, diagnosis, reread", [
-    ("dense", DENSE.replace("return g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))",
-                            "dw = jnp.tensordot(x, g, axes=(lead, lead))\n    return g @ w.T, jnp.reshape(dw.T, dw.shape)"),
-     "diagnosis: dense, argument w: your gradient equals the right one transposed", "seed 004"),
-    ("sigmoid", "    f = residuals\n    return (g * jax.nn.sigmoid(f) * (1 - jax.nn.sigmoid(f)),)\n",
-     "diagnosis: sigmoid, argument z: your gradient equals the right one with σ' taken at the output", "Remark 8"),
-    ("mse", "    return g * residuals, -g * residuals\n",
-     "diagnosis: mse, argument pred: your gradient equals 4 × the right one: a missing mean over the batch", "§3 mse"),
-])
+@pytest.mark.parametrize(
+    "name, body, diagnosis, reread",
+    [
+        (
+            "dense",
+            DENSE.replace(
+                "return g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))",
+                "dw = jnp.tensordot(x, g, axes=(lead, lead))\n    return g @ w.T, jnp.reshape(dw.T, dw.shape)",
+            ),
+            "diagnosis: dense, argument w: your gradient equals the right one transposed",
+            "seed 004",
+        ),
+        (
+            "sigmoid",
+            "    f = residuals\n    return (g * jax.nn.sigmoid(f) * (1 - jax.nn.sigmoid(f)),)\n",
+            "diagnosis: sigmoid, argument z: your gradient equals the right one with σ' taken at the output",
+            "Remark 8",
+        ),
+        (
+            "mse",
+            "    return g * residuals, -g * residuals\n",
+            "diagnosis: mse, argument pred: your gradient equals 4 × the right one: a missing mean over the batch",
+            "§3 mse",
+        ),
+    ],
+)
 def test_wrong_solution_fails_with_its_diagnosis(name, body, diagnosis, reread, tmp_path, capsys):
     assert cli.main(["grade", str(_write(tmp_path, name, body))]) == 1
     out = capsys.readouterr().out
@@ -122,8 +142,12 @@ def test_grade_bad_input_exits_2_with_one_line(tmp_path, capsys):
     unknown.write_text(f"{exercise.HEADER}densse\n")
     broken = tmp_path / "broken.py"
     broken.write_text(f"{exercise.HEADER}dense\ndef backward(:\n")
-    cases = [(tmp_path / "missing.py", "no file"), (not_exercise, "is not an exercise file"),
-             (unknown, "no rule named 'densse'"), (broken, "does not run: SyntaxError")]
+    cases = [
+        (tmp_path / "missing.py", "no file"),
+        (not_exercise, "is not an exercise file"),
+        (unknown, "no rule named 'densse'"),
+        (broken, "does not run: SyntaxError"),
+    ]
     for path, message in cases:
         assert cli.main(["grade", str(path)]) == 2
         err = capsys.readouterr().err
@@ -142,8 +166,10 @@ def test_exercise_command_writes_and_refuses_to_overwrite(tmp_path, capsys):
 
 # Issue 11, item 1: the transpose of the right dw, (out, in): custom_vjp refuses it on every sample but
 # 'width 1' (w of shape 1 × 1). It used to score 6/7, the checks that could not run counted as passed.
-TRANSPOSED_DW = ("    x, w = residuals\n    x2 = jnp.reshape(x, (-1, x.shape[-1]))\n"
-                 "    g2 = jnp.reshape(g, (-1, g.shape[-1]))\n    return g @ w.T, g2.T @ x2\n")
+TRANSPOSED_DW = (
+    "    x, w = residuals\n    x2 = jnp.reshape(x, (-1, x.shape[-1]))\n"
+    "    g2 = jnp.reshape(g, (-1, g.shape[-1]))\n    return g @ w.T, g2.T @ x2\n"
+)
 
 
 def test_a_check_that_could_not_run_on_a_sample_fails_on_it(tmp_path, capsys):
@@ -166,20 +192,45 @@ def test_a_wrong_shape_cotangent_is_diagnosed(tmp_path, capsys):
 # Issue 11, item 3: the usual slips of the backward's contract, each one plain sentence.
 MUST = "it must return a tuple with one cotangent per argument of the forward, here "
 SLIPS = {
-    "no return": ("dense", "    x, w = residuals\n    dx = g @ w.T\n", None,
-                  "backward returned None: " + MUST + "(dx, dw)"),
-    "a bare array": ("relu", "    return g * (residuals > 0)\n", None,
-                     "backward returned an array, not a tuple: " + MUST + "(dz,)"),
-    "a list": ("dense", DENSE.replace("return g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))",
-                                      "return [g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))]"), None,
-               "backward returned a list: " + MUST + "(dx, dw)"),
-    "one cotangent short": ("dense", "    x, w = residuals\n    return (g @ w.T,)\n", None,
-                            "backward returned a tuple of 1 cotangent: " + MUST + "(dx, dw)"),
-    "wrong number of arguments": ("dense", None, "def backward(g):\n    return g, g\n",
-                                  ("backward is defined as backward(g) but is called with 2 arguments: "
-                                   "write it as backward(residuals, g)")),
-    "numpy on a traced array": ("dense", DENSE.replace("    lead", "    x = np.asarray(x)\n    lead"), None,
-                                "use jax.numpy (jnp), not numpy, inside backward: its inputs are traced arrays"),
+    "no return": (
+        "dense",
+        "    x, w = residuals\n    dx = g @ w.T\n",
+        None,
+        "backward returned None: " + MUST + "(dx, dw)",
+    ),
+    "a bare array": (
+        "relu",
+        "    return g * (residuals > 0)\n",
+        None,
+        "backward returned an array, not a tuple: " + MUST + "(dz,)",
+    ),
+    "a list": (
+        "dense",
+        DENSE.replace(
+            "return g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))",
+            "return [g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))]",
+        ),
+        None,
+        "backward returned a list: " + MUST + "(dx, dw)",
+    ),
+    "one cotangent short": (
+        "dense",
+        "    x, w = residuals\n    return (g @ w.T,)\n",
+        None,
+        "backward returned a tuple of 1 cotangent: " + MUST + "(dx, dw)",
+    ),
+    "wrong number of arguments": (
+        "dense",
+        None,
+        "def backward(g):\n    return g, g\n",
+        ("backward is defined as backward(g) but is called with 2 arguments: write it as backward(residuals, g)"),
+    ),
+    "numpy on a traced array": (
+        "dense",
+        DENSE.replace("    lead", "    x = np.asarray(x)\n    lead"),
+        None,
+        "use jax.numpy (jnp), not numpy, inside backward: its inputs are traced arrays",
+    ),
 }
 
 
@@ -196,18 +247,32 @@ def test_a_common_slip_is_a_graded_failure_with_one_sentence(slip, tmp_path, cap
 # Issue 11, item 4: autodiff, or manualgrad's own backward, inside a hand backward.
 AUTODIFF = {
     "jax.vjp": ("    x, w = residuals\n    return jax.vjp(lambda a, b: a @ b, x, w)[1](g)\n", "jax.vjp"),
-    "from jax import": ("    from jax import vjp\n    x, w = residuals\n    return vjp(jnp.matmul, x, w)[1](g)\n",
-                        "vjp, that is jax.vjp"),
-    "import jax as j": (("    import jax as j\n    x, w = residuals\n"
-                         "    return j.grad(lambda a, b: jnp.vdot(a @ b, g), argnums=(0, 1))(x, w)\n"),
-                        "j.grad, that is jax.grad"),
+    "from jax import": (
+        "    from jax import vjp\n    x, w = residuals\n    return vjp(jnp.matmul, x, w)[1](g)\n",
+        "vjp, that is jax.vjp",
+    ),
+    "import jax as j": (
+        (
+            "    import jax as j\n    x, w = residuals\n"
+            "    return j.grad(lambda a, b: jnp.vdot(a @ b, g), argnums=(0, 1))(x, w)\n"
+        ),
+        "j.grad, that is jax.grad",
+    ),
     "jax.jacrev": ("    x, w = residuals\n    return jax.jacrev(jnp.matmul)(x, w), x\n", "jax.jacrev"),
-    "dense_backward": (("    from manualgrad.rules import linear\n    x, w = residuals\n"
-                        "    return linear.dense_backward(w, g), x.T @ g\n"),
-                       "linear.dense_backward, that is manualgrad.rules.linear.dense_backward"),
-    "mg.dense": (("    import manualgrad as mg\n    x, w = residuals\n"
-                  "    return jax.linear_transpose(lambda a: mg.dense(a, w), x)(g)[0], x.T @ g\n"),
-                 "mg.dense, that is manualgrad.rules.linear.dense"),
+    "dense_backward": (
+        (
+            "    from manualgrad.rules import linear\n    x, w = residuals\n"
+            "    return linear.dense_backward(w, g), x.T @ g\n"
+        ),
+        "linear.dense_backward, that is manualgrad.rules.linear.dense_backward",
+    ),
+    "mg.dense": (
+        (
+            "    import manualgrad as mg\n    x, w = residuals\n"
+            "    return jax.linear_transpose(lambda a: mg.dense(a, w), x)(g)[0], x.T @ g\n"
+        ),
+        "mg.dense, that is manualgrad.rules.linear.dense",
+    ),
 }
 
 
@@ -217,8 +282,11 @@ def test_autodiff_in_a_hand_backward_scores_zero(call, tmp_path, capsys):
     path = _write(tmp_path, "dense", body)
     code, out = _grade(path, capsys)
     assert code == 1 and "score: 0/7 checks passed" in out, out
-    first = next(i for i, line in enumerate(path.read_text().splitlines(), 1)
-                 if named.split(",")[0] in line and "import" not in line)
+    first = next(
+        i
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if named.split(",")[0] in line and "import" not in line
+    )
     assert f"  line {first}: {named}" in out, out
 
 

@@ -15,11 +15,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def test_cite_names_author_title_section_then_file():
     assert registry.cite("000", "§4 Linear") == (
-        'seed 000: N. Kumar, "Proofs for Neural Network Library" (2020), §4 Linear [000_a6d29114e988ce87.txt]')
+        'seed 000: N. Kumar, "Proofs for Neural Network Library" (2020), §4 Linear [000_a6d29114e988ce87.txt]'
+    )
     assert registry.cite("002", "Remark 8") == (
         'seed 002: T. Hamm, "A Derivation of Feedforward Neural Network Gradients Using Fréchet Calculus", '
-        "Remark 8 [002_3df32e287afc1568.txt]")
-    assert registry.cite("004", "For bias: ∇_b = 1ᵀ G").startswith('seed 004: "Basic Knowledge" (notes, author not named), ')
+        "Remark 8 [002_3df32e287afc1568.txt]"
+    )
+    assert registry.cite("004", "For bias: ∇_b = 1ᵀ G").startswith(
+        'seed 004: "Basic Knowledge" (notes, author not named), '
+    )
 
 
 def test_every_seed_has_a_title_and_its_file():

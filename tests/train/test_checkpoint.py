@@ -114,8 +114,10 @@ def test_meta_round_trips_and_step_is_added(tmp_path):
         "epoch": 4,
         "data_seed": 123456789,
         "epoch_loss": 0.1 + 0.2,  # floats come back exactly
-        "metrics": [{"epoch": 1, "train_loss": 0.693147, "test_accuracy": 0.5},
-                    {"epoch": 2, "train_loss": float("nan")}],
+        "metrics": [
+            {"epoch": 1, "train_loss": 0.693147, "test_accuracy": 0.5},
+            {"epoch": 2, "train_loss": float("nan")},
+        ],
         "config": {"model": "mlp", "lr": None, "hidden": [32, 32], "resume": "runs/x"},
     }
     checkpoint.save(tmp_path, 42, _state(), meta)
@@ -165,8 +167,7 @@ def test_a_resumed_run_never_deletes_what_it_just_wrote(tmp_path):
         path = tmp_path / f"checkpoint-{step:08d}.npz"
         path.write_bytes(path.read_bytes()[:100])
     checkpoint.save(tmp_path, 11, _state(), {})
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == [
-        f"checkpoint-{s:08d}.npz" for s in (10, 11, 20, 30)]
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == [f"checkpoint-{s:08d}.npz" for s in (10, 11, 20, 30)]
     _, meta, warnings = checkpoint.latest(tmp_path, _state())
     assert meta["step"] == 11 and len(warnings) == 2
 
@@ -181,7 +182,10 @@ def test_checkpoints_are_ordered_by_step_and_ignore_other_files(tmp_path):
     (tmp_path / "checkpoint-1.npz").write_bytes(b"not ours")
     (tmp_path / ".checkpoint-00000099-0000.tmp").write_bytes(b"stray")
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == [
-        "checkpoint-00000009.npz", "checkpoint-00000080.npz", "checkpoint-123456789.npz"]
+        "checkpoint-00000009.npz",
+        "checkpoint-00000080.npz",
+        "checkpoint-123456789.npz",
+    ]
     assert checkpoint.latest(tmp_path, _state())[1]["step"] == 123_456_789
 
 
@@ -345,19 +349,26 @@ def test_different_model_names_the_leaves(tmp_path):
 
 def test_shape_and_dtype_mismatches_name_the_leaf(tmp_path):
     small = checkpoint.save(tmp_path / "small", 1, {"w": np.zeros((3, 4), np.float32)}, {})
-    with pytest.raises(CheckpointMismatchError, match=r"does not fit the template: \['w'\] is float32\[3, 4\] "
-                                                      r"in the file, the template expects float32\[4, 3\]$"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"does not fit the template: \['w'\] is float32\[3, 4\] "
+        r"in the file, the template expects float32\[4, 3\]$",
+    ):
         checkpoint.load(small, {"w": np.zeros((4, 3), np.float32)})
     path = checkpoint.save(tmp_path, 1, _state(), {})
     with pytest.raises(CheckpointMismatchError) as error:
         checkpoint.load(path, _state(hidden=4))  # 9 leaves differ: the first 5 are named
     assert "['opt_state'][0].mu['dense']['w'] is float32[2, 3] in the file, the template expects float32[2, 4]" in str(
-        error.value)
+        error.value
+    )
     assert str(error.value).endswith(" and 4 more")
     wider = _state()
     wider["count"] = np.int64(5)
-    with pytest.raises(CheckpointMismatchError, match=r"\['count'\] is int32\[\] in the file, "
-                                                      r"the template expects int64\[\]"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"\['count'\] is int32\[\] in the file, "
+        r"the template expects int64\[\]",
+    ):
         checkpoint.load(path, wider)
     # latest() does not fall back past a checkpoint that is intact but for another model.
     with pytest.raises(CheckpointMismatchError):

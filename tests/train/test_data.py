@@ -169,7 +169,10 @@ def test_idx_layout_is_the_mnist_one(tmp_path):
         (b"", r"bad magic number \(empty file\)"),
         (b"\x01\x00\x08\x01\0\0\0\1x", r"bad magic number 01 00 08 01, expected 00 00 <type> <ndim>"),
         (b"\x00\x00\x0a\x01\0\0\0\1x", r"bad magic number 00 00 0a 01, .* one of 08, 09, 0b, 0c, 0d, 0e"),
-        (b"\x00\x00\x08\x03" + struct.pack(">2i", 2, 2), r"truncated IDX header: 3 dimensions need 16 bytes, the file has 12"),
+        (
+            b"\x00\x00\x08\x03" + struct.pack(">2i", 2, 2),
+            r"truncated IDX header: 3 dimensions need 16 bytes, the file has 12",
+        ),
         (
             b"\x00\x00\x08\x02" + struct.pack(">2i", 2, 5) + bytes(9),
             r"truncated: the header says uint8 of shape \(2, 5\), which is 22 bytes .* the file has 21",
@@ -254,7 +257,12 @@ def test_idx_missing_file_names_what_is_expected_and_what_is_there(tmp_path):
     (tmp_path / "t10k-labels.idx1-ubyte").write_bytes(b"")
     expected = ", ".join(
         f"{name}[.gz]"
-        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+        for name in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
     )
     found = "t10k-images-idx3-ubyte.gz, t10k-labels.idx1-ubyte, train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz"
     with pytest.raises(DataError) as error:
@@ -295,9 +303,21 @@ def test_idx_image_and_label_counts_must_agree(tmp_path):
 @pytest.mark.parametrize(
     "name, array, message",
     [
-        (TEST_IMAGES, np.zeros((10, 14, 14), np.uint8), r"train images are \(28, 28, 1\) but test images are \(14, 14, 1\)"),
-        (TEST_IMAGES, np.zeros((10, 784), np.uint8), r"images must have shape \(N, H, W\) or \(N, H, W, C\), got \(10, 784\)"),
-        (TEST_IMAGES, np.zeros((10, 28, 28), np.int16), r"images must be uint8 \(0..255\) or floating point, got int16"),
+        (
+            TEST_IMAGES,
+            np.zeros((10, 14, 14), np.uint8),
+            r"train images are \(28, 28, 1\) but test images are \(14, 14, 1\)",
+        ),
+        (
+            TEST_IMAGES,
+            np.zeros((10, 784), np.uint8),
+            r"images must have shape \(N, H, W\) or \(N, H, W, C\), got \(10, 784\)",
+        ),
+        (
+            TEST_IMAGES,
+            np.zeros((10, 28, 28), np.int16),
+            r"images must be uint8 \(0..255\) or floating point, got int16",
+        ),
         (TEST_LABELS, np.zeros(10, np.float32), r"labels must be one axis of integers, got float32 of shape \(10,\)"),
         (TEST_LABELS, np.full(10, -1, np.int8), r"labels must be class indices ≥ 0, found -1"),
     ],
@@ -343,7 +363,7 @@ def test_batches_are_full_in_order_and_drop_the_remainder():
     assert len(out) == 3 == data.steps_per_epoch(10, 3)
     for i, (xb, yb) in enumerate(out):
         assert xb.shape == (3, 3) and yb.shape == (3,)
-        np.testing.assert_array_equal(yb, order[3 * i:3 * i + 3])
+        np.testing.assert_array_equal(yb, order[3 * i : 3 * i + 3])
         np.testing.assert_array_equal(xb, x[yb])
     seen = np.concatenate([yb for _, yb in out])
     assert len(np.unique(seen)) == 9 and order[9] not in seen

@@ -32,18 +32,36 @@ def _relative(a, b) -> float:
 
 
 def test_layers_init_shapes_and_plain_pytrees():
-    net = layers.serial(layers.Conv2D(4, (3, 3), padding="SAME"), layers.Relu, layers.MaxPool2D(2),
-                        layers.Conv2D(6, (3, 3), stride=2), layers.Tanh, layers.AvgPool2D(1), layers.Flatten,
-                        layers.Dense(5), layers.Sigmoid)
+    net = layers.serial(
+        layers.Conv2D(4, (3, 3), padding="SAME"),
+        layers.Relu,
+        layers.MaxPool2D(2),
+        layers.Conv2D(6, (3, 3), stride=2),
+        layers.Tanh,
+        layers.AvgPool2D(1),
+        layers.Flatten,
+        layers.Dense(5),
+        layers.Sigmoid,
+    )
     out_shape, params = net.init(jax.random.PRNGKey(0), (-1, 16, 16, 3))
     assert out_shape == (-1, 5)
     assert [jax.tree_util.tree_map(jnp.shape, p) for p in params] == [
-        {"w": (3, 3, 3, 4), "b": (4,)}, (), (), {"w": (3, 3, 4, 6), "b": (6,)}, (), (), (), {"w": (54, 5), "b": (5,)}, ()]
+        {"w": (3, 3, 3, 4), "b": (4,)},
+        (),
+        (),
+        {"w": (3, 3, 4, 6), "b": (6,)},
+        (),
+        (),
+        (),
+        {"w": (54, 5), "b": (5,)},
+        (),
+    ]
     x = jnp.ones((2, 16, 16, 3), jnp.float32)
     assert net.apply(params, x).shape == (2, 5)
     opt_state = optax.adam(1e-3).init(params)  # optax takes the params as they are
-    assert jax.tree_util.tree_structure(optax.adam(1e-3).update(params, opt_state, params)[0]) == \
-        jax.tree_util.tree_structure(params)
+    assert jax.tree_util.tree_structure(
+        optax.adam(1e-3).update(params, opt_state, params)[0]
+    ) == jax.tree_util.tree_structure(params)
     conv1d = layers.serial(layers.Conv1D(3, 3), layers.LeakyRelu(0.1), layers.Softplus, layers.Identity)
     assert conv1d.init(jax.random.PRNGKey(1), (-1, 10, 2))[0] == (-1, 8, 3)
 
@@ -133,7 +151,9 @@ def uninterrupted(tmp_path_factory):
 
 def _start_then(signal_number, out, checkpoints=1):
     """Starts the LONG run in ``out``, sends ``signal_number`` once ``checkpoints`` checkpoints exist."""
-    process = subprocess.Popen(_cli(*LONG, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        _cli(*LONG, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while len(checkpoint.checkpoints(out)) < checkpoints and time.time() < deadline and process.poll() is None:
         time.sleep(0.005)
@@ -178,8 +198,9 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_ends_the_same(tmp_path, u
     step = _final_params(cut)[1]["step"]
     assert 0 < step < LONG_TOTAL, "the run finished before it could be interrupted"
     saved = cut / f"checkpoint-{step:08d}.npz"
-    assert line.startswith(f"manualgrad train: interrupted at step {step}; checkpoint saved to {saved}; "
-                           f"resume with --resume {cut}")
+    assert line.startswith(
+        f"manualgrad train: interrupted at step {step}; checkpoint saved to {saved}; resume with --resume {cut}"
+    )
     resumed = subprocess.run(_cli(*LONG, "--resume", str(cut)), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from step {step} (epoch {step // 25 + 1})" in resumed.stdout
@@ -228,7 +249,9 @@ def test_without_out_every_run_gets_a_folder_and_latest_names_the_newest(tmp_pat
         assert f"runs/latest names {folder}" in lines[-1]
         folders.append(folder)
     assert folders[0] != folders[1]
-    assert sorted(p.name for p in pathlib.Path("runs").iterdir()) == sorted([folders[0].name, folders[1].name, "latest"])
+    assert sorted(p.name for p in pathlib.Path("runs").iterdir()) == sorted(
+        [folders[0].name, folders[1].name, "latest"]
+    )
     assert os.readlink("runs/latest") == folders[1].name
     assert checkpoint.checkpoints(folders[0]) and checkpoint.checkpoints(folders[1])
 
@@ -275,7 +298,8 @@ def test_resume_continues_in_its_folder(tmp_path, monkeypatch, capsys):
     assert _train("--epochs", "3", "--out", str(tmp_path / "elsewhere"), "--resume", str(run)) == 2
     assert capsys.readouterr().err == (
         f"manualgrad train: --resume {run} continues the run in {run}, but --out {tmp_path / 'elsewhere'} names "
-        f"another folder: drop --out (or give --out {run})\n")
+        f"another folder: drop --out (or give --out {run})\n"
+    )
     assert not (tmp_path / "elsewhere").exists()
     assert _train("--epochs", "2", "--resume", str(run), "--overwrite") == 2
     assert "--overwrite and --resume" in capsys.readouterr().err
@@ -289,18 +313,22 @@ def one_epoch(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("args, saved, asked", [
-    (("--lr", "0.5"), "--lr 0.003", "--lr 0.5"),
-    (("--optimizer", "sgd"), "--optimizer adam --lr 0.003", "--optimizer sgd --lr 0.1"),
-    (("--seed", "1", "--batch-size", "16"), "--batch-size 32 --seed 0", "--batch-size 16 --seed 1"),
-    (("--model", "cnn"), "--model mlp", "--model cnn"),  # not the leaves' paths, not "needs images"
-])
+@pytest.mark.parametrize(
+    "args, saved, asked",
+    [
+        (("--lr", "0.5"), "--lr 0.003", "--lr 0.5"),
+        (("--optimizer", "sgd"), "--optimizer adam --lr 0.003", "--optimizer sgd --lr 0.1"),
+        (("--seed", "1", "--batch-size", "16"), "--batch-size 32 --seed 0", "--batch-size 16 --seed 1"),
+        (("--model", "cnn"), "--model mlp", "--model cnn"),  # not the leaves' paths, not "needs images"
+    ],
+)
 def test_resume_refuses_a_different_run_in_the_users_words(one_epoch, capsys, args, saved, asked):
     before = _snapshot(one_epoch)
     assert _train("--epochs", "2", "--resume", str(one_epoch), *args) == 2
     assert capsys.readouterr().err == (
         f"manualgrad train: --resume {one_epoch} holds another run: it was trained with {saved}, this command asks "
-        f"for {asked}; give the run's own arguments to resume it, or start a new run without --resume\n")
+        f"for {asked}; give the run's own arguments to resume it, or start a new run without --resume\n"
+    )
     assert _snapshot(one_epoch) == before
 
 
@@ -321,16 +349,19 @@ def _sgd_template():
     return {"params": params, "opt_state": optax.sgd(1.0).init(params)}
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--lr", "nan"), "--lr must be a finite number > 0, got nan"),
-    (("--lr", "inf"), "--lr must be a finite number > 0, got inf"),
-    (("--lr", "-0.1"), "--lr must be a finite number > 0, got -0.1"),
-    (("--lr", "0"), "--lr must be a finite number > 0, got 0"),
-    (("--seed", "-1"), "--seed must be an integer from 0 to 4294967295, got -1"),
-    (("--seed", str(2**32)), "--seed must be an integer from 0 to 4294967295, got 4294967296"),
-    (("--cross-check-batches", "-1"), "--cross-check-batches must be ≥ 0 (0: no cross-check), got -1"),
-    (("--overwrite",), "--overwrite needs --out DIR"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--lr", "nan"), "--lr must be a finite number > 0, got nan"),
+        (("--lr", "inf"), "--lr must be a finite number > 0, got inf"),
+        (("--lr", "-0.1"), "--lr must be a finite number > 0, got -0.1"),
+        (("--lr", "0"), "--lr must be a finite number > 0, got 0"),
+        (("--seed", "-1"), "--seed must be an integer from 0 to 4294967295, got -1"),
+        (("--seed", str(2**32)), "--seed must be an integer from 0 to 4294967295, got 4294967296"),
+        (("--cross-check-batches", "-1"), "--cross-check-batches must be ≥ 0 (0: no cross-check), got -1"),
+        (("--overwrite",), "--overwrite needs --out DIR"),
+    ],
+)
 def test_bad_values_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
     assert _train("--epochs", "1", *args) == 2
