@@ -205,13 +205,6 @@ def _reference(rule: str, x, w, stride, padding, dilation):
     return jnp.einsum("...kc,kcd->...d", patches, jnp.reshape(w, (len(taps), *jnp.shape(w)[-2:])))
 
 
-def _forward(rule: str, x, w, stride, padding, dilation):
-    """``(C(x, W), (x, W))`` after validating ``x`` and ``W`` against the rule's layout."""
-    _validate(rule, x, w, *_LAYOUTS[rule])
-    geo = geometry(rule, jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    return _convolve(x, w, geo), (x, w)
-
-
 def _conv_vjp(rule: str, backward, gradient):
     """The VJP of ``rule`` from its backward pass ``C†`` and gradient pass ``C††``."""
 
@@ -309,7 +302,9 @@ def conv2d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
 
 
 def conv2d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
-    return _forward("conv2d", x, w, stride, padding, dilation)
+    _validate("conv2d", x, w, *_LAYOUTS["conv2d"])
+    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return _convolve(x, w, geo), (x, w)
 
 
 def conv2d_backward(w, geo: Geometry, g):
@@ -383,7 +378,9 @@ def conv1d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
 
 
 def conv1d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
-    return _forward("conv1d", x, w, stride, padding, dilation)
+    _validate("conv1d", x, w, *_LAYOUTS["conv1d"])
+    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return _convolve(x, w, geo), (x, w)
 
 
 def conv1d_backward(w, geo: Geometry, g):
