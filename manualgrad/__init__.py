@@ -34,6 +34,7 @@ from manualgrad.rules import (  # isort: skip
     tanh,
 )
 from manualgrad.check import Report, check  # isort: skip
+from manualgrad.check.audit import audit  # isort: skip
 from manualgrad.registry import Rule, Sample, get, register, rules  # isort: skip
 from manualgrad.rules.validation import RuleDTypeError, RuleInputError  # isort: skip
 
@@ -43,6 +44,7 @@ __all__ = [
     "RuleDTypeError",
     "RuleInputError",
     "Sample",
+    "audit",
     "avg_pool2d",
     "batch_norm",
     "bias_add",

@@ -1,0 +1,211 @@
+"""manualgrad.audit: every custom_vjp inside a function checked at the values it receives there.
+
+The network: manualgrad's dense, tanh and softmax cross-entropy, a user's custom_vjp that closes
+over an array (``mix``) and a user's custom_vjp ``square`` whose backward is planted wrong (1.5 ×
+the right cotangent). Shapes are small and shared, so each audit is one pass of a few eager ops."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import manualgrad as mg
+from manualgrad.check import audit as audit_module
+
+MIX = jnp.asarray(np.random.default_rng(0).standard_normal((3, 3)))
+
+
+@jax.custom_vjp
+def mix(h):
+    return h @ MIX
+
+
+mix.defvjp(lambda h: (h @ MIX, None), lambda _, g: (g @ MIX.T,))
+
+
+def _square(factor):
+    @jax.custom_vjp
+    def square(h):
+        return h * h
+
+    square.defvjp(lambda h: (h * h, h), lambda h, g: (factor * g * h,))
+    return square
+
+
+RIGHT, PLANTED = _square(2.0), _square(3.0)  # 3 g h: 1.5 × the right 2 g h
+
+
+def _network(square):
+    def loss(x, w, labels):
+        h = mix(mg.tanh(mg.dense(x, w)))
+        return mg.softmax_cross_entropy(square(h), labels)
+
+    return loss
+
+
+X = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3)))
+W = jnp.asarray(np.random.default_rng(2).standard_normal((3, 3)))
+LABELS = jnp.asarray([0, 2, 1, 2])
+
+
+def _failing(report):
+    return [s.name for s in report.sites if not s.passed]
+
+
+def test_the_planted_mistake_is_named_and_only_it():
+    report = mg.audit(_network(PLANTED), X, W, LABELS)
+    assert not report.passed
+    assert [s.name for s in report.sites] == ["softmax_cross_entropy", "square", "mix", "tanh", "dense"]
+    assert _failing(report) == ["square"]
+    first = report.first_failure()
+    assert first.name == "square" and first.defined.endswith(f"test_audit.py:{_square.__code__.co_firstlineno + 1}")
+    lines, start = inspect.getsourcelines(_network)
+    called = start + next(i for i, line in enumerate(lines) if "square(h)" in line)
+    assert first.called.endswith(f"test_audit.py:{called}")
+    (failure,) = report.failures()
+    assert failure.argument == "h" and failure.max_rel_error == pytest.approx(1 / 3)
+    assert "1.5 × the right one" in failure.diagnosis
+    text = report.text()
+    assert "the gradient first goes wrong at square" in text and "1.5 × the right one" in failure.describe()
+
+
+def test_a_correct_network_passes_with_every_site_checked():
+    report = mg.audit(_network(RIGHT), X, W, LABELS)
+    assert report.passed, report.text()
+    assert all(s.calls == 1 and s.checked == 1 for s in report.sites)
+    # Every floating argument of every call is compared, the closed-over MIX is not an argument of mix.
+    assert sorted((f.rule.split(" ")[0], f.argument) for f in report.findings) == [
+        ("dense", "w"),
+        ("dense", "x"),
+        ("mix", "h"),
+        ("softmax_cross_entropy", "logits"),
+        ("square", "h"),
+        ("tanh", "z"),
+    ]
+    assert max(f.max_rel_error for f in report.findings) < 1e-13
+    assert "every custom_vjp call site agrees" in report.text()
+
+
+def test_the_values_are_those_the_call_receives_inside_the_function():
+    seen = []
+
+    @jax.custom_vjp
+    def spy(h):
+        return h
+
+    def bwd(h, g):
+        seen.append(np.asarray(h))
+        return (g,)
+
+    spy.defvjp(lambda h: (h, h), bwd)
+    mg.audit(lambda x, w: jnp.sum(spy(mg.dense(x, w))), X, W)
+    np.testing.assert_array_equal(seen[0], X @ W)
+
+
+def _scanned(square):
+    def loss(x, w):
+        def step(h, _):
+            return mix(square(mg.tanh(h))), None
+
+        h, _ = jax.lax.scan(step, mg.dense(x, w), None, length=5)
+        return jnp.sum(h)
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        "jit",
+        "nested jit",
+        "vmap",
+        "scan",
+    ],
+)
+def test_under_transformations_the_planted_mistake_is_still_the_only_one(transform):
+    if transform == "jit":
+        report = mg.audit(jax.jit(_network(PLANTED)), X, W, LABELS)
+    elif transform == "nested jit":
+        inner = jax.jit(lambda h: PLANTED(mix(h)))
+        report = mg.audit(jax.jit(lambda x, w: jnp.sum(inner(jax.jit(mg.dense)(x, w)))), X, W)
+    elif transform == "vmap":
+        report = mg.audit(jax.vmap(_network(PLANTED), (0, None, 0)), jnp.stack([X, -X]), W, jnp.stack([LABELS] * 2))
+    else:
+        report = mg.audit(_scanned(PLANTED), X, W)
+        sites = {s.name: s for s in report.sites}
+        assert sites["square"].calls == 5 and sites["square"].checked == audit_module.CALLS_PER_SITE
+        samples = {f.sample for f in report.failures()}
+        assert samples == {f"called at {sites['square'].called} (scan iteration {i})" for i in (0, 2, 4)}
+    assert _failing(report) == ["square"], report.text()
+    assert all("1.5 × the right one" in f.diagnosis for f in report.failures())
+
+
+def test_under_scan_a_correct_network_passes():
+    report = mg.audit(_scanned(RIGHT), X, W)
+    assert report.passed and {s.name: s.calls for s in report.sites} == {"mix": 5, "square": 5, "tanh": 5, "dense": 1}
+
+
+def test_the_first_wrong_site_in_backward_order_is_named():
+    before = _square(1.0)  # half the right one, earlier in the forward: later in the backward
+    report = mg.audit(lambda x, w: jnp.sum(PLANTED(mix(before(mg.dense(x, w))))), X, W)
+    assert [s.name for s in report.sites] == ["square", "mix", "square", "dense"]
+    assert _failing(report) == ["square", "square"]
+    assert report.first_failure() is report.sites[0] and "1.5 ×" in report.sites[0].findings[0].diagnosis
+    assert "half the right one" in report.sites[2].findings[0].diagnosis
+
+
+def test_a_branch_not_taken_is_listed_as_not_reached():
+    def loss(x, w):
+        h = mg.dense(x, w)
+        return jnp.sum(jax.lax.cond(jnp.sum(h) > 1e9, PLANTED, mg.tanh, h))
+
+    report = mg.audit(loss, X, W)
+    assert report.passed, report.text()
+    (unreached,) = [s for s in report.sites if not s.calls]
+    assert unreached.name == "square" and unreached.findings == []
+    assert "1 call site(s) never ran on these arguments" in report.text()
+
+
+@jax.custom_vjp
+def _sines(x):
+    """sin applied three times in a while loop: JAX cannot reverse-differentiate the primal."""
+    return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.sin(c[1])), (0, x))[1]
+
+
+def _sines_bwd(factor):
+    def bwd(x, g):
+        d = jnp.cos(x) * jnp.cos(jnp.sin(x)) * jnp.cos(jnp.sin(jnp.sin(x)))
+        return (factor * g * d,)
+
+    return bwd
+
+
+def test_a_primal_jax_cannot_differentiate_is_checked_by_finite_differences():
+    _sines.defvjp(lambda x: (_sines(x), x), _sines_bwd(1.0))
+    right = mg.audit(lambda x: jnp.sum(_sines(x)), X)
+    assert right.passed and {f.check for f in right.findings} == {"finite_diff"}
+    _sines.defvjp(lambda x: (_sines(x), x), _sines_bwd(1.01))
+    wrong = mg.audit(lambda x: jnp.sum(_sines(x)), X)
+    assert _failing(wrong) == ["_sines"]
+    # In float32 finite differences are not trusted: the call could not be checked, so it fails.
+    f32 = mg.audit(lambda x: jnp.sum(_sines(x)), X.astype(jnp.float32))
+    assert not f32.passed and "finite differences need float64" in f32.failures()[0].note
+
+
+def test_a_backward_that_raises_fails_its_site_and_the_audit_goes_on():
+    @jax.custom_vjp
+    def broken(h):
+        return h
+
+    broken.defvjp(lambda h: (h, None), lambda _, g: (g.reshape(-1),))
+    report = mg.audit(lambda x, w: jnp.sum(broken(mg.tanh(mg.dense(x, w)))), X, W)
+    assert _failing(report) == ["broken"]
+    assert report.failures()[0].note.startswith("the backward raised ValueError")
+    assert [s.passed for s in report.sites] == [False, True, True]
+
+
+def test_calls_per_site_must_be_positive():
+    with pytest.raises(ValueError, match="calls_per_site must be at least 1, got 0"):
+        mg.audit(_network(RIGHT), X, W, LABELS, calls_per_site=0)
