@@ -5,6 +5,8 @@ rules, names the usual mistake behind a failure (``DIAGNOSIS`` lines) and exits 
 check fails (2 for a bad command line, as argparse does).
 ``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``).
 ``manualgrad bench [...]`` measures the hand rules against ``jax.grad``, NumPy and PyTorch.
+``manualgrad audit FILE:FUNCTION [--args NAME]`` checks every ``custom_vjp`` inside FUNCTION at the
+values it receives there (its arguments from FILE's ``audit_args()``): exit 0 if all agree, 1 if not.
 ``manualgrad explain RULE`` prints a rule's derivation and checks it live; ``--list`` lists rules.
 ``manualgrad exercise RULE [--out FILE]`` writes a rule's exercise (forward, derivation up to the
 result, an empty backward); ``manualgrad grade FILE`` grades it: exit 0 if every check passes,
@@ -140,6 +142,39 @@ def _grade(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from manualgrad.teach import exercise
+
+    file, sep, name = args.target.rpartition(":")
+    if not sep or not file or not name.isidentifier():
+        print(f"manualgrad audit: give FILE:FUNCTION, e.g. model.py:loss; got {args.target!r}", file=sys.stderr)
+        return 2
+    if not pathlib.Path(file).is_file():
+        print(f"manualgrad audit: no file {file!r}", file=sys.stderr)
+        return 2
+    try:
+        module = exercise.run_file(file, "manualgrad_audited")
+    except exercise.ExerciseError as error:
+        print(f"manualgrad audit: {error}", file=sys.stderr)
+        return 2
+    fn, make = getattr(module, name, None), getattr(module, args.args, None)
+    for what, f, role in ((name, fn, "to audit"), (args.args, make, f"returning the arguments of {name} (--args)")):
+        if not callable(f):
+            print(f"manualgrad audit: {file} defines no function {what} {role}", file=sys.stderr)
+            return 2
+    try:
+        values = make()
+        if not isinstance(values, (tuple, list)):
+            raise TypeError(f"it returned {type(values).__name__}, not a tuple of {name}'s positional arguments")
+        report = manualgrad.audit(fn, *values, seed=args.seed)
+    except Exception as error:  # the user's code: its error in one line, the audit never began
+        first = str(error).splitlines()[0] if str(error) else ""
+        print(f"manualgrad audit: {file}:{name} with {args.args}(): {type(error).__name__}: {first}", file=sys.stderr)
+        return 2
+    print(report.text())
+    return 0 if report.passed else 1
+
+
 def _train(args: argparse.Namespace) -> int:
     config = loop.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(loop.Config)})
     try:
@@ -204,6 +239,21 @@ def _add_grade(commands: argparse._SubParsersAction) -> None:
     gr.add_argument("file", metavar="FILE", help="a file written by `manualgrad exercise`")
     gr.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
     gr.set_defaults(run=_grade)
+
+
+def _add_audit(commands: argparse._SubParsersAction) -> None:
+    au = commands.add_parser(
+        "audit", help="check every custom_vjp inside a function at the values it receives there (no reference needed)"
+    )
+    au.add_argument("target", metavar="FILE:FUNCTION", help="the function to audit, e.g. model.py:loss")
+    au.add_argument(
+        "--args",
+        default="audit_args",
+        metavar="NAME",
+        help="the function in FILE that returns FUNCTION's arguments as a tuple (default: audit_args)",
+    )
+    au.add_argument("--seed", type=int, default=0, help="the random output cotangents")
+    au.set_defaults(run=_audit)
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
@@ -307,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``manualgrad`` parser: one sub-parser per command, each added by its ``_add_COMMAND``."""
     parser = argparse.ArgumentParser(prog="manualgrad", description=manualgrad.__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_check, _add_explain, _add_exercise, _add_grade, _add_train, _add_bench):
+    for add in (_add_check, _add_audit, _add_explain, _add_exercise, _add_grade, _add_train, _add_bench):
         add(commands)
     return parser
 

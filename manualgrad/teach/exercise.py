@@ -126,7 +126,16 @@ def _module(path: str | pathlib.Path) -> tuple[Rule, types.ModuleType]:
         rule = registry.get(name)
     except KeyError as error:
         raise ExerciseError(f"{path} is for {error.args[0]}") from None
-    spec = importlib.util.spec_from_file_location(f"manualgrad_exercise_{name}", path)
+    module = run_file(path, f"manualgrad_exercise_{name}")
+    missing = [f for f in ("forward", "backward") if not callable(getattr(module, f, None))]
+    if missing:
+        raise ExerciseError(f"{path} defines no {' or '.join(missing)} function")
+    return rule, module
+
+
+def run_file(path: str | pathlib.Path, name: str) -> types.ModuleType:
+    """The Python file at ``path`` run as a module called ``name``; :class:`ExerciseError` if it raises."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -134,10 +143,7 @@ def _module(path: str | pathlib.Path) -> tuple[Rule, types.ModuleType]:
         raise ExerciseError(
             f"{path} does not run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         ) from None
-    missing = [f for f in ("forward", "backward") if not callable(getattr(module, f, None))]
-    if missing:
-        raise ExerciseError(f"{path} defines no {' or '.join(missing)} function")
-    return rule, module
+    return module
 
 
 def load(path: str | pathlib.Path) -> tuple[Rule, Rule]:

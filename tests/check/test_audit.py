@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import manualgrad as mg
+from manualgrad import cli
 from manualgrad.check import audit as audit_module
 
 MIX = jnp.asarray(np.random.default_rng(0).standard_normal((3, 3)))
@@ -209,3 +210,63 @@ def test_a_backward_that_raises_fails_its_site_and_the_audit_goes_on():
 def test_calls_per_site_must_be_positive():
     with pytest.raises(ValueError, match="calls_per_site must be at least 1, got 0"):
         mg.audit(_network(RIGHT), X, W, LABELS, calls_per_site=0)
+
+
+NETWORK_FILE = """
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import manualgrad as mg
+
+jax.config.update("jax_enable_x64", True)
+
+
+@jax.custom_vjp
+def square(h):
+    return h * h
+
+
+square.defvjp(lambda h: (h * h, h), lambda h, g: (FACTOR * g * h,))
+
+
+def loss(x, w):
+    return jnp.sum(square(mg.tanh(mg.dense(x, w))))
+
+
+def audit_args():
+    rng = np.random.default_rng(0)
+    return jnp.asarray(rng.standard_normal((4, 3))), jnp.asarray(rng.standard_normal((3, 2)))
+"""
+
+
+@pytest.mark.parametrize("factor, code", [(2.0, 0), (3.0, 1)])
+def test_audit_command_on_a_file(factor, code, tmp_path, capsys):
+    path = tmp_path / "net.py"
+    path.write_text(f"FACTOR = {factor}\n" + NETWORK_FILE)
+    assert cli.main(["audit", f"{path}:loss"]) == code
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith("audit of loss: 3 custom_vjp call sites, 3 calls checked"), err + out
+    if code:
+        assert "the gradient first goes wrong at square" in out and "1.5 × the right one" in out
+    else:
+        assert "every custom_vjp call site agrees" in out
+
+
+def test_audit_command_bad_input_is_one_line(tmp_path, capsys):
+    path = tmp_path / "net.py"
+    path.write_text("FACTOR = 2.0\n" + NETWORK_FILE.replace("def audit_args", "def other_args"))
+    raising = tmp_path / "raising.py"
+    raising.write_text("def loss(x):\n    return x\n\ndef audit_args():\n    return 1.0\n")
+    cases = [
+        ([str(path)], "give FILE:FUNCTION"),
+        ([f"{tmp_path}/missing.py:loss"], "no file"),
+        ([f"{path}:nope"], "defines no function nope to audit"),
+        ([f"{path}:loss"], "defines no function audit_args returning the arguments of loss"),
+        ([f"{raising}:loss"], "TypeError: it returned float, not a tuple of loss's positional arguments"),
+    ]
+    for argv, message in cases:
+        assert cli.main(["audit", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("manualgrad audit: ") and message in err and err.count("\n") == 1, err
+    assert cli.main(["audit", f"{path}:loss", "--args", "other_args"]) == 0
