@@ -8,9 +8,11 @@ check fails (2 for a bad command line, as argparse does).
 ``manualgrad audit FILE:FUNCTION [--args NAME]`` checks every ``custom_vjp`` inside FUNCTION at the
 values it receives there (its arguments from FILE's ``audit_args()``): exit 0 if all agree, 1 if not.
 ``manualgrad explain RULE`` prints a rule's derivation and checks it live; ``--list`` lists rules.
-``manualgrad exercise RULE [--out FILE]`` writes a rule's exercise (forward, derivation up to the
-result, an empty backward); ``manualgrad grade FILE`` grades it: exit 0 if every check passes,
-1 if some fail, 2 for a file that cannot be graded.
+``manualgrad exercise RULE [--notebook] [--out FILE]`` writes a rule's exercise (forward, derivation
+up to the result, an empty backward), as a file or a notebook; ``manualgrad grade FILE ...`` grades
+them, each in its own process (``--timeout``), with a summary table and ``--format
+gradescope|json|junit --out FILE``: exit 0 if every check passes, 1 if some fail, 2 for a file that
+cannot be graded. ``manualgrad autograder RULE ... --out autograder.zip`` builds a Gradescope bundle.
 Output into a pipe its reader has closed (``manualgrad check --json | head -1``) ends the command
 quietly with status 141, as if killed by SIGPIPE.
 """
@@ -113,33 +115,111 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _exercise(args: argparse.Namespace) -> int:
-    from manualgrad.teach import exercise
+    from manualgrad.teach import exercise, notebook
 
     if _refuse_unknown_rules("exercise", [args.rule]):
         return 2
-    out = pathlib.Path(args.out or f"{args.rule}_exercise.py")
+    out = pathlib.Path(args.out or f"{args.rule}_exercise.{'ipynb' if args.notebook else 'py'}")
     if out.exists():
         print(f"manualgrad exercise: {out} exists; remove it or choose another --out FILE", file=sys.stderr)
         return 2
     try:
-        out.write_text(exercise.exercise(args.rule))
+        if args.notebook:
+            notebook.write(args.rule, out)
+        else:
+            out.write_text(exercise.exercise(args.rule))
     except OSError as error:
         print(f"manualgrad exercise: cannot write {out}: {error.strerror}", file=sys.stderr)
         return 2
-    print(f"wrote {out}: write its backward, then run `manualgrad grade {out}`")
+    then = "run its last cell, or" if args.notebook else "then run"
+    print(f"wrote {out}: write its backward, {then} `manualgrad grade {out}`")
     return 0
 
 
-def _grade(args: argparse.Namespace) -> int:
-    from manualgrad.teach import exercise
+def _grade_settings(args: argparse.Namespace) -> dict[str, float] | None:
+    """The weights, after refusing a bad command line with one line on stderr (``None``)."""
+    from manualgrad.teach import grading, results
 
+    def refuse(message: str) -> None:
+        print(f"manualgrad grade: {message}", file=sys.stderr)
+
+    if not args.files and not args.expect:
+        return refuse("give the FILEs to grade (or --expect RULE ... for an autograder run)")
+    if args.expect and _refuse_unknown_rules("grade: --expect", args.expect):
+        return None
+    if args.timeout <= 0:
+        return refuse(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if args.out and args.format == "text":
+        return refuse("--out writes a document: give --format gradescope, json or junit")
+    if args.out and pathlib.Path(args.out).exists():
+        return refuse(f"{args.out} exists; remove it or choose another --out FILE")
     try:
-        text, passed = exercise.grade(args.file, dtype=args.dtype)
-    except exercise.ExerciseError as error:
-        print(f"manualgrad grade: {error}", file=sys.stderr)
+        weights = results.load_weights(args.weights) if args.weights else {}
+    except results.WeightsError as error:
+        return refuse(f"--weights: {error}")
+    unknown = sorted(set(weights) - grading.test_names())
+    if unknown:
+        return refuse(f"--weights: {', '.join(map(repr, unknown))} name no rule and no RULE: CHECK test")
+    return weights
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from manualgrad.teach import grading, results
+
+    weights = _grade_settings(args)
+    if weights is None:
         return 2
-    print(text)
-    return 0 if passed else 1
+    files = args.files
+    if args.expect:
+        files = [f for f in args.files if grading.rule_name(f) in args.expect]
+        for f in sorted(set(args.files) - set(files)):
+            print(f"ignored {f}: not an exercise for {', '.join(args.expect)}")
+    graded = grading.grade_files(files, args.dtype, args.timeout)
+    graded += [grading.missing(rule) for rule in args.expect if rule not in {r.rule for r in graded}]
+    if args.format == "text" or args.out:
+        for result in graded:
+            if result.status == results.ERROR and not args.expect:
+                print(f"manualgrad grade: {result.rows[0].output}", file=sys.stderr)
+            else:
+                print(result.report)
+        if len(graded) > 1:
+            print(results.summary(graded, weights))
+    if args.format != "text":
+        document = results.document(graded, args.format, weights, args.dtype)
+        if not args.out:
+            print(document, end="")
+        else:
+            try:
+                pathlib.Path(args.out).write_text(document)
+            except OSError as error:
+                print(f"manualgrad grade: cannot write {args.out}: {error.strerror}", file=sys.stderr)
+                return 2
+            print(f"wrote {args.out} ({args.format})")
+    if any(r.status == results.ERROR for r in graded) and not args.expect:
+        return 2
+    return 0 if all(r.passed for r in graded) else 1
+
+
+def _autograder(args: argparse.Namespace) -> int:
+    from manualgrad.teach import autograder, results
+
+    if _refuse_unknown_rules("autograder", args.rules):
+        return 2
+    out = pathlib.Path(args.out)
+    if out.exists():
+        print(f"manualgrad autograder: {out} exists; remove it or choose another --out FILE", file=sys.stderr)
+        return 2
+    try:
+        weights = results.load_weights(args.weights) if args.weights else None
+        names = autograder.bundle(args.rules, out, weights=weights, timeout=args.timeout, dtype=args.dtype)
+    except (results.WeightsError, autograder.BundleError) as error:
+        print(f"manualgrad autograder: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"manualgrad autograder: cannot write {out}: {error.strerror}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: {', '.join(names)}; upload it as a Gradescope autograder (Ubuntu, Python 3)")
+    return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -230,15 +310,56 @@ def _add_exercise(commands: argparse._SubParsersAction) -> None:
         "exercise", help="write a rule's exercise: forward, derivation up to the result, empty backward"
     )
     ex.add_argument("rule", metavar="RULE", help="the rule to practise")
-    ex.add_argument("--out", metavar="FILE", default=None, help="where to write it (default: RULE_exercise.py)")
+    ex.add_argument("--notebook", action="store_true", help="write a Jupyter notebook (.ipynb) that grades in place")
+    ex.add_argument(
+        "--out", metavar="FILE", default=None, help="where to write it (default: RULE_exercise.py or .ipynb)"
+    )
     ex.set_defaults(run=_exercise)
 
 
 def _add_grade(commands: argparse._SubParsersAction) -> None:
-    gr = commands.add_parser("grade", help="grade an exercise file's backward with every check, and diagnose it")
-    gr.add_argument("file", metavar="FILE", help="a file written by `manualgrad exercise`")
+    from manualgrad.teach import results
+
+    gr = commands.add_parser(
+        "grade", help="grade exercise files' backwards with every check, each in its own process, and diagnose them"
+    )
+    gr.add_argument("files", nargs="*", metavar="FILE", help="files or notebooks written by `manualgrad exercise`")
     gr.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
+    gr.add_argument("--format", choices=results.FORMATS, default="text", help="text, or a document (see --out)")
+    gr.add_argument("--out", metavar="FILE", default=None, help="write the --format document here (default: stdout)")
+    gr.add_argument(
+        "--weights",
+        metavar="FILE",
+        default=None,
+        help='JSON points: {"RULE": points, "RULE: CHECK": points} (default 1 a test)',
+    )
+    gr.add_argument(
+        "--timeout",
+        type=float,
+        default=results.DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"a submission still running after this fails (default {results.DEFAULT_TIMEOUT:g})",
+    )
+    gr.add_argument(
+        "--expect",
+        nargs="+",
+        default=[],
+        metavar="RULE",
+        help="grade the FILEs for these rules only; a rule with no file fails (autograder runs)",
+    )
     gr.set_defaults(run=_grade)
+
+
+def _add_autograder(commands: argparse._SubParsersAction) -> None:
+    from manualgrad.teach import results
+
+    ag = commands.add_parser("autograder", help="build a Gradescope autograder bundle (.zip) for rules' exercises")
+    ag.add_argument("rules", nargs="+", metavar="RULE", help="the exercises a submission must contain")
+    ag.add_argument("--out", metavar="FILE", default="autograder.zip", help="the bundle (default: autograder.zip)")
+    ag.add_argument("--weights", metavar="FILE", default=None, help="JSON points, as for `manualgrad grade`")
+    ag.add_argument("--timeout", type=float, default=results.DEFAULT_TIMEOUT, metavar="SECONDS")
+    ag.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
+    ag.set_defaults(run=_autograder)
 
 
 def _add_audit(commands: argparse._SubParsersAction) -> None:
@@ -357,7 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``manualgrad`` parser: one sub-parser per command, each added by its ``_add_COMMAND``."""
     parser = argparse.ArgumentParser(prog="manualgrad", description=manualgrad.__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_check, _add_audit, _add_explain, _add_exercise, _add_grade, _add_train, _add_bench):
+    for add in (
+        _add_check,
+        _add_audit,
+        _add_explain,
+        _add_exercise,
+        _add_grade,
+        _add_autograder,
+        _add_train,
+        _add_bench,
+    ):
         add(commands)
     return parser
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import functools
 import importlib
 import importlib.util
 import inspect
 import pathlib
 import sys
+import time
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,6 +35,7 @@ import jax
 from manualgrad import registry
 from manualgrad.check import checker
 from manualgrad.registry import Rule
+from manualgrad.teach import results
 
 HEADER = "# manualgrad exercise: "
 # JAX's automatic differentiation: none of it belongs in a hand-written backward.
@@ -65,8 +68,25 @@ def _cotangents(returned: list[str]) -> str:
     return "(" + ", ".join(returned) + ("," if len(returned) == 1 else "") + ")"
 
 
-def exercise(name: str) -> str:
-    """The exercise file for rule ``name``."""
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """An exercise's pieces, which the file (:func:`exercise`) and the notebook put together."""
+
+    rule: Rule
+    derivation: str  # the docstring's derivation up to its result
+    task: str  # what to write, and how to get graded
+    seeds: list[str]  # the seed sections to reread, cited
+    imports: str
+    forward: str
+    backward: str  # the empty backward
+
+
+FILE_GRADING = ("run ``manualgrad grade THIS_FILE``", "then run `manualgrad grade` on this file")
+
+
+def parts(name: str, grading: tuple[str, str] = FILE_GRADING) -> Parts:
+    """The pieces of rule ``name``'s exercise; ``grading`` says how to get graded, in the task
+    and in the empty backward's error."""
     rule = registry.get(name)
     forward = rule.fn.fwd
     module = inspect.getmodule(forward)
@@ -75,43 +95,51 @@ def exercise(name: str) -> str:
     used = sorted(n for n in _names_used(forward.__code__) - given if n in vars(module) and not hasattr(builtins, n))
     params, returned = _backward_signature(rule)
     cotangents = _cotangents(returned)[1:-1]
-    seeds = "\n".join(f"    {registry.cite(s, section)}" for s, section in rule.seeds)
-    derivation = "\n".join(("    " + line).rstrip() for line in rule.derivation_setup.splitlines())
-    return f'''{HEADER}{rule.name}
-"""Exercise: the backward rule of ``{rule.name}``.
+    task = f"""Your task: carry the derivation through to the result and write ``backward`` below. It
+receives {", ".join(f"``{p}``" for p in params)} — ``residuals`` is the second value ``forward``
+returns — and returns ``({cotangents})``, one cotangent per input, shaped like that input
+(an integer input such as class labels gets ``np.zeros(shape, jax.dtypes.float0)``).
+Then {grading[0]}."""
+    imports = "from __future__ import annotations\n\nimport jax\nimport jax.numpy as jnp\nimport numpy as np\n"
+    imports += f"from {module.__name__} import {', '.join(used)}\n" if used else "\n"
+    backward = f"""def backward({", ".join(params)}):
+    raise NotImplementedError(
+        "{rule.name}: write backward({", ".join(params)}) returning ({cotangents}); "
+        "derive it from the docstring above, {grading[1]}"
+    )
+"""
+    seeds = [registry.cite(s, section) for s, section in rule.seeds]
+    return Parts(rule, rule.derivation_setup, task, seeds, imports, source, backward)
 
-{derivation}
 
-    Your task: carry the derivation through to the result and write ``backward`` below. It
-    receives {", ".join(f"``{p}``" for p in params)} — ``residuals`` is the second value ``forward``
-    returns — and returns ``({cotangents})``, one cotangent per input, shaped like that input
-    (an integer input such as class labels gets ``np.zeros(shape, jax.dtypes.float0)``).
-    Then run ``manualgrad grade THIS_FILE``.
+def exercise(name: str) -> str:
+    """The exercise file for rule ``name``."""
+    p = parts(name)
+
+    def indented(text: str) -> str:
+        return "\n".join(("    " + line).rstrip() for line in text.splitlines())
+
+    seeds = "\n".join(f"    {s}" for s in p.seeds)
+    return f'''{HEADER}{p.rule.name}
+"""Exercise: the backward rule of ``{p.rule.name}``.
+
+{indented(p.derivation)}
+
+{indented(p.task)}
 
     Reread:
 {seeds}
 """
 
-from __future__ import annotations
+{p.imports}
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-{f"from {module.__name__} import {', '.join(used)}" if used else ""}
+{p.forward}
 
-
-{source}
-
-def backward({", ".join(params)}):
-    raise NotImplementedError(
-        "{rule.name}: write backward({", ".join(params)}) returning ({cotangents}); "
-        "derive it from the docstring above, then run `manualgrad grade` on this file"
-    )
-'''
+{p.backward}'''
 
 
-def _module(path: str | pathlib.Path) -> tuple[Rule, types.ModuleType]:
-    """The registered rule an exercise file is for, and the file run as a module."""
+def rule_of(path: str | pathlib.Path) -> Rule:
+    """The registered rule the exercise file at ``path`` is for, read from its first line (nothing runs)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ExerciseError(f"no file {str(path)!r}")
@@ -123,10 +151,15 @@ def _module(path: str | pathlib.Path) -> tuple[Rule, types.ModuleType]:
         )
     name = first[len(HEADER) :].strip()
     try:
-        rule = registry.get(name)
+        return registry.get(name)
     except KeyError as error:
         raise ExerciseError(f"{path} is for {error.args[0]}") from None
-    module = run_file(path, f"manualgrad_exercise_{name}")
+
+
+def _module(path: str | pathlib.Path) -> tuple[Rule, types.ModuleType]:
+    """The registered rule an exercise file is for, and the file run as a module."""
+    rule = rule_of(path)
+    module = run_file(path, f"manualgrad_exercise_{rule.name}")
     missing = [f for f in ("forward", "backward") if not callable(getattr(module, f, None))]
     if missing:
         raise ExerciseError(f"{path} defines no {' or '.join(missing)} function")
@@ -151,7 +184,7 @@ def load(path: str | pathlib.Path) -> tuple[Rule, Rule]:
     return _student(*_module(path))
 
 
-def _student(rule: Rule, module: types.ModuleType) -> tuple[Rule, Rule]:
+def _student(rule: Rule, module: Any) -> tuple[Rule, Rule]:
     student = rule.with_backward(
         _checked_backward(rule, module.backward), module.forward, primal=lambda *args: module.forward(*args)[0]
     )
@@ -206,11 +239,16 @@ def autodiff_calls(path: str | pathlib.Path) -> list[str]:
     import vjp``, ``j.grad`` after ``import jax as j``, ``mg.linear.dense_backward``) is looked
     up, through the file's imports, as the object it names, and compared with those functions.
     """
-    return _autodiff_calls(*_module(path), path)
+    return _autodiff_calls(*_module(path), _source(path))
 
 
-def _autodiff_calls(rule: Rule, module: types.ModuleType, path: str | pathlib.Path) -> list[str]:
-    tree = ast.parse(pathlib.Path(path).read_text(errors="replace"))
+def _source(path: str | pathlib.Path) -> str:
+    return pathlib.Path(path).read_text(errors="replace")
+
+
+def _autodiff_calls(rule: Rule, module: Any, source: str) -> list[str]:
+    """:func:`autodiff_calls` in ``source``, its names looked up in ``module``'s namespace."""
+    tree = ast.parse(source)
     references = list(_references(tree, vars(module)))  # first: it imports what the file's functions import
     forbidden = _forbidden(rule)
     found = []
@@ -347,36 +385,51 @@ def _named(tree: ast.AST, scope: dict[str, Any]) -> Iterator[tuple[ast.expr, str
             yield node, ".".join(parts), obj
 
 
-def grade(path: str | pathlib.Path, dtype: str = "float64") -> tuple[str, bool]:
-    """The graded report of the exercise file at ``path`` and whether every check passed."""
+def graded_checks(rule: Rule) -> list[str]:
+    """The checks an exercise of ``rule`` is graded on: every check, the adjoint only for a rule linear in something."""
+    return [c for c in checker.CHECKS if c != "adjoint" or rule.linear_in]
+
+
+def grade(path: str | pathlib.Path, dtype: str = "float64", shown: str | None = None) -> results.Result:
+    """The graded exercise file at ``path`` (named ``shown`` in the report, default ``path``): one
+    row per graded check, the report's text, and the time it took."""
+    start = time.perf_counter()
     rule, module = _module(path)
-    graded = [c for c in checker.CHECKS if c != "adjoint" or rule.linear_in]
-    calls = _autodiff_calls(rule, module, path)
+    text, rows = grade_module(rule, module, _source(path), shown or str(path), dtype)
+    return results.Result(shown or str(path), rule.name, results.GRADED, rows, text, time.perf_counter() - start)
+
+
+def grade_module(rule: Rule, module: Any, source: str, shown: str, dtype: str) -> tuple[str, tuple[results.Row, ...]]:
+    """Grades the ``forward`` and ``backward`` of ``module`` (anything with those attributes and
+    the namespace they were defined in), ``source`` their code: the report and one row per check."""
+    graded = graded_checks(rule)
+    calls = _autodiff_calls(rule, module, source)
     if calls:
+        why = "not a hand rule: " + "; ".join(calls)
         return "\n".join(
             [
-                f"grading your backward for {rule.name} ({path}), {dtype}: not a hand rule, not graded",
+                f"grading your backward for {rule.name} ({shown}), {dtype}: not a hand rule, not graded",
                 "your backward uses JAX's autodiff or manualgrad's own backward instead of a rule derived by hand:",
                 *(f"  {line}" for line in calls),
                 f"score: 0/{len(graded)} checks passed",
                 "derive the cotangents from the docstring and write them with jax.numpy; reread: " + _reread(rule),
             ]
-        ), False
+        ), tuple(results.Row(rule.name, c, False, why) for c in graded)
     _, student = _student(rule, module)
     report = checker.check(student, dtype=dtype)
     failures = report.failures()
     lines = [
-        f"grading your backward for {rule.name} ({path}), {dtype}, {len({f.sample for f in report.findings})} samples"
+        f"grading your backward for {rule.name} ({shown}), {dtype}, {len({f.sample for f in report.findings})} samples"
     ]
     forward_raised = {f.sample for f in report.findings if f.check == "forward" and f.where == checker.NOT_RUN}
-    passed = 0
+    rows = []
     for c in graded:
         ok, detail = _verdict([f for f in report.findings if f.check == c], forward_raised)
-        passed += ok
+        rows.append(results.Row(rule.name, c, ok, detail))
         lines.append(f"  {c:<13} {'ok' if ok else 'FAIL':<5} {detail}")
     if "adjoint" not in graded:
         lines.append(f"  {'adjoint':<13} -     {rule.name} is linear in no argument: no dot-product test")
-    lines.append(f"score: {passed}/{len(graded)} checks passed")
+    lines.append(f"score: {sum(r.passed for r in rows)}/{len(graded)} checks passed")
     lines += _why_not_run([f for f in failures if f.where == checker.NOT_RUN])
     lines += [f"diagnosis: {line}" for line in report.diagnoses()]
     if failures:
@@ -386,7 +439,7 @@ def grade(path: str | pathlib.Path, dtype: str = "float64") -> tuple[str, bool]:
         lines.append(
             "all checks passed: compare with the rule's own derivation, `manualgrad explain " + rule.name + "`"
         )
-    return "\n".join(lines), not failures
+    return "\n".join(lines), tuple(rows)
 
 
 def _verdict(mine: list[checker.Finding], forward_raised: set[str]) -> tuple[bool, str]:
