@@ -31,7 +31,7 @@ def _write(tmp_path, name, body=None, backward=None):
 
 def _grade(path, capsys):
     """``manualgrad grade path``: (exit code, stdout); nothing may go to stderr (no traceback)."""
-    code = cli.main(["grade", str(path)])
+    code = cli.main(["grade", "--in-process", str(path)])
     out, err = capsys.readouterr()
     assert err == "" and "Traceback" not in out, err + out
     return code, out
@@ -94,7 +94,7 @@ def test_right_solution_passes(name, body, score, tmp_path, capsys):
 
 
 def test_unwritten_backward_passes_only_the_forward(tmp_path, capsys):
-    assert cli.main(["grade", str(_write(tmp_path, "relu"))]) == 1
+    assert cli.main(["grade", "--in-process", str(_write(tmp_path, "relu"))]) == 1
     out = capsys.readouterr().out
     assert "score: 1/6 checks passed" in out and "not written yet" in out
     assert _check_lines(out)["vjp"] == ("FAIL", "not run: the backward raised on 5 of 5 samples")
@@ -128,7 +128,7 @@ def test_unwritten_backward_passes_only_the_forward(tmp_path, capsys):
     ],
 )
 def test_wrong_solution_fails_with_its_diagnosis(name, body, diagnosis, reread, tmp_path, capsys):
-    assert cli.main(["grade", str(_write(tmp_path, name, body))]) == 1
+    assert cli.main(["grade", "--in-process", str(_write(tmp_path, name, body))]) == 1
     out = capsys.readouterr().out
     assert "vjp           FAIL" in out and "forward       ok" in out
     assert any(line.startswith(diagnosis) for line in out.splitlines()), out
@@ -149,7 +149,7 @@ def test_grade_bad_input_exits_2_with_one_line(tmp_path, capsys):
         (broken, "does not run: SyntaxError"),
     ]
     for path, message in cases:
-        assert cli.main(["grade", str(path)]) == 2
+        assert cli.main(["grade", "--in-process", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("manualgrad grade: ") and message in err and err.count("\n") == 1
 
