@@ -144,7 +144,8 @@ def _read(path: str | pathlib.Path) -> tuple[str, str]:
     try:
         nb = nbformat.read(str(path), as_version=4)
     except Exception as error:  # nbformat raises JSON, schema and OS errors of its own kinds
-        raise exercise.ExerciseError(f"{path} is not a notebook: {type(error).__name__}: {error}") from None
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise exercise.ExerciseError(f"{path} is not a notebook: {type(error).__name__}: {first}") from None
     rule = nb.metadata.get(KEY, {}).get("rule") if isinstance(nb.metadata.get(KEY), dict) else None
     if not rule:
         raise exercise.ExerciseError(
