@@ -80,17 +80,17 @@ def bundle(
     wheel_name, wheel_bytes = wheel()
     weights_flag = ' --weights "$ROOT/source/weights.json"' if weights else ""
     run = RUN.format(rules=" ".join(map(shlex.quote, rules)), timeout=timeout, dtype=dtype, weights=weights_flag)
-    files = {"setup.sh": SETUP.format(wheel=wheel_name), "run_autograder": run}
+    files: dict[str, str | bytes] = {"setup.sh": SETUP.format(wheel=wheel_name), "run_autograder": run}
     if weights:
         files["weights.json"] = json.dumps(weights, indent=2) + "\n"
+    files[wheel_name] = wheel_bytes
     with zipfile.ZipFile(out, "x", zipfile.ZIP_DEFLATED) as z:
-        for name, text in files.items():
+        for name, content in files.items():
             info = zipfile.ZipInfo(name)
-            info.external_attr = 0o100755 << 16 if name in ("setup.sh", "run_autograder") else 0o100644 << 16
+            info.external_attr = (0o100755 if name in ("setup.sh", "run_autograder") else 0o100644) << 16
             info.compress_type = zipfile.ZIP_DEFLATED
-            z.writestr(info, text)
-        z.writestr(wheel_name, wheel_bytes)
-    return [*files, wheel_name]
+            z.writestr(info, content)
+    return list(files)
 
 
 def wheel() -> tuple[str, bytes]:

@@ -84,7 +84,8 @@ def grade_files(
 
 
 def grade_isolated(path: str | pathlib.Path, dtype: str, timeout: float) -> results.Result:
-    """:func:`grade_file` in a new process, killed after ``timeout`` seconds."""
+    """:func:`grade_file` in a new process, killed after ``timeout`` seconds; its time is the
+    process's, from start to end."""
     shown = str(path)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="manualgrad-grade-") as folder:
@@ -107,7 +108,8 @@ def grade_isolated(path: str | pathlib.Path, dtype: str, timeout: float) -> resu
             return failed(shown, rule_name(path), results.TIMEOUT, reason, time.perf_counter() - start)
         if out.is_file():
             result = results.Result(**json.loads(out.read_text()))
-            return dataclasses.replace(result, rows=tuple(results.Row(**r) for r in result.rows))
+            rows = tuple(results.Row(**r) for r in result.rows)
+            return dataclasses.replace(result, rows=rows, seconds=time.perf_counter() - start)
     ended = (
         f"was killed by {signal.Signals(-process.returncode).name}"
         if process.returncode < 0
