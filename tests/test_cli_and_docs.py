@@ -78,9 +78,10 @@ def test_readme_python_examples_run():
     namespaces = [{} for _ in blocks]
     for code, namespace in zip(blocks, namespaces):
         exec(compile(code, "README.md", "exec"), namespace)
-    quickstart, backprop_example = namespaces
+    quickstart, audit_example, backprop_example = namespaces
     assert set(quickstart["grads"]) == {"w1", "b1", "w2"}
     assert quickstart["report"].passed
+    assert [s.name for s in audit_example["report"].sites if not s.passed] == ["square"]
     assert [g[0].shape for g in backprop_example["grads"]] == [(3, 3, 1, 8), (3, 3, 8, 16), (2304, 10)]
 
 
