@@ -51,14 +51,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Literal
+
+try:
+    from jax.extend.core import Literal
+except ImportError:  # a jax without jax.extend.core.Literal: the older public name
+    from jax.core import Literal
 
 from manualgrad import registry
 from manualgrad.check import diagnose
 from manualgrad.check.comparison import compare
 from manualgrad.check.finite_differences import finite_differences
 from manualgrad.check.report import NOT_RUN, Finding, Report
-from manualgrad.check.tolerances import ATOL, TOLERANCES
+from manualgrad.check.tolerances import ATOL, TOLERANCES, compiler_options
 from manualgrad.check.trees import closure, is_float, random_like
 from manualgrad.registry import Rule, Sample
 
@@ -94,9 +98,10 @@ class CallSite:
         return all(f.passed for f in self.findings)
 
     def row(self) -> tuple[str, ...]:
-        """``(function, defined at, called at, calls, argument, worst error, verdict, diagnosis)``."""
+        """``(function, defined at, called at, calls, argument, worst relative error, worst error over
+        the error allowed it, verdict, diagnosis)``."""
         if not self.calls:
-            return self.name, self.defined, self.called, "0", "-", "-", "not reached", self.reached
+            return self.name, self.defined, self.called, "0", "-", "-", "-", "not reached", self.reached
         worst = max(self.findings, key=lambda f: (not f.passed, f.max_rel_error))
         verdict = "ok" if self.passed else ("not run" if worst.where == NOT_RUN else "FAIL")
         explanation = worst.diagnosis or (worst.note if not worst.passed else "")
@@ -107,6 +112,7 @@ class CallSite:
             str(self.calls),
             worst.argument,
             f"{worst.max_rel_error:.1e}",
+            f"{worst.error_over_allowed:.2g}",
             verdict,
             explanation,
         )
@@ -131,7 +137,10 @@ class AuditReport(Report):
             f"audit of {self.function}: {len(self.sites)} custom_vjp call sites, {checked} calls checked, "
             f"{self.seconds:.1f} s (backward order)"
         )
-        header = ("function", "defined at", "called at", "calls", "argument", "worst", "verdict", "diagnosis")
+        header = (
+            *("function", "defined at", "called at", "calls", "argument"),
+            *("worst", "/allowed", "verdict", "diagnosis"),
+        )
         rows = [header, *(s.row() for s in self.sites)]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = [head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
@@ -166,6 +175,7 @@ def audit(fn: Callable[..., Any], *args: Any, seed: int = 0, calls_per_site: int
     for key, reason in _unentered(closed.jaxpr):
         sites[key].reached = reason
     key = jax.random.PRNGKey(seed)
+    pullbacks: dict[int, _Pullbacks] = {}
     for eqn_id, calls in recorder.calls.items():
         site = sites[eqn_id]
         site.calls, site.last = len(calls), calls[-1].position
@@ -173,7 +183,7 @@ def audit(fn: Callable[..., Any], *args: Any, seed: int = 0, calls_per_site: int
         site.checked = len(chosen)
         for call in chosen:
             key, sub = jax.random.split(key)
-            site.findings += _check_call(site, call, sub)
+            site.findings += _check_call(site, call, pullbacks, sub)
     for site in sites.values():
         if not site.calls and not site.reached:
             site.reached = "in a branch or loop that did not run on these arguments"
@@ -203,13 +213,16 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: dict[int, list[_Call]] = {}
         self.count = 0
+        self.forward: dict[int, Callable[..., list[Any]]] = {}  # by eqn id: the call, compiled
 
     def on_call(self, interpreter: _Interpreter, eqn, values: list[Any]) -> list[Any]:
         n = eqn.params.get("num_consts", 0)
         call = _Call(eqn, values[:n], values[n:], self.count, ", ".join(interpreter.where))
         self.calls.setdefault(id(eqn), []).append(call)
         self.count += 1
-        return _bind(eqn, values)
+        if id(eqn) not in self.forward:
+            self.forward[id(eqn)] = jax.jit(functools.partial(_bind, eqn), compiler_options=compiler_options())
+        return self.forward[id(eqn)](values)
 
 
 class _Interpreter:
@@ -418,16 +431,31 @@ def _parsed(file: str) -> ast.Module | None:
 
 
 def _argnames(file: str, line: int, n: int) -> tuple[str, ...]:
-    """The parameter names of the function defined at ``file:line``, read from its source, where
-    there are ``n`` of them (a ``nondiff_argnums`` function has fewer inputs in the jaxpr); else ``args[i]``."""
+    """The parameter names of the function defined at ``file:line``, read from its source, less
+    those its decorator's ``nondiff_argnums`` names (they are no inputs of the jaxpr's call), where
+    ``n`` remain; else ``args[i]``."""
     tree = _parsed(file)
     for node in ast.walk(tree) if tree else ():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
             names = [a.arg for a in [*node.args.posonlyargs, *node.args.args]]
+            static = {i for d in node.decorator_list for i in _nondiff_argnums(d)}
+            names = [name for i, name in enumerate(names) if i not in static]
             if line in (first, node.lineno) and len(names) == n and not node.args.vararg:
                 return tuple(names)
     return tuple(f"args[{i}]" for i in range(n))
+
+
+def _nondiff_argnums(decorator: ast.expr) -> tuple[int, ...]:
+    """The literal ``nondiff_argnums`` of a decorator such as ``@partial(jax.custom_vjp, nondiff_argnums=(1,))``."""
+    for keyword in decorator.keywords if isinstance(decorator, ast.Call) else ():
+        if keyword.arg == "nondiff_argnums":
+            try:
+                value = ast.literal_eval(keyword.value)
+            except ValueError:
+                return ()
+            return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return ()
 
 
 def _spread(calls: list[_Call], k: int) -> list[_Call]:
@@ -457,8 +485,29 @@ def _call_dtype(args: list[Any], diff: list[int]) -> str:
     return min(dtypes, key=lambda d: jnp.finfo(d).bits)
 
 
-def _check_call(site: CallSite, call: _Call, key) -> list[Finding]:
-    """The findings of one call: one per floating argument (or one for the whole call where nothing could run)."""
+class _Pullbacks:
+    """A call site's two VJPs, each compiled once for all its calls (with the checker's compiler
+    options): the call's own, by its fwd and bwd, and JAX's of its primal function."""
+
+    def __init__(self, eqn, diff: list[int]) -> None:
+        self.eqn, self.diff = eqn, diff
+        options = compiler_options()
+        self.hand = jax.jit(functools.partial(self._pull, self.call), compiler_options=options)
+        self.reference = jax.jit(functools.partial(self._pull, self.primal), compiler_options=options)
+
+    def call(self, consts: list[Any], args: list[Any]) -> Any:
+        return _one(_bind(self.eqn, [*consts, *args]))
+
+    def primal(self, consts: list[Any], args: list[Any]) -> Any:
+        return _one(_primal(self.eqn, [*consts, *args]))
+
+    def _pull(self, fn, consts, args, u):
+        f = closure(lambda *a: fn(consts, list(a)), args, self.diff)
+        return jax.vjp(f, *[args[i] for i in self.diff])[1](u)
+
+
+def _check_call(site: CallSite, call: _Call, pullbacks: dict[int, _Pullbacks], key) -> list[Finding]:
+    """The findings of one call: one per floating argument (one per argument, not run, where the checks raise)."""
     args = [jnp.asarray(a) for a in call.args]
     diff = [i for i, a in enumerate(args) if is_float(a)]
     if not diff:
@@ -477,31 +526,22 @@ def _check_call(site: CallSite, call: _Call, key) -> list[Finding]:
 
     if dtype not in TOLERANCES:
         return failed(f"{dtype} arguments: the audit has tolerances for {', '.join(TOLERANCES)} only")
-
-    def call_hand(*a):
-        return _one(_bind(call.eqn, [*call.consts, *a]))
-
-    def call_primal(*a):
-        return _one(_primal(call.eqn, [*call.consts, *a]))
-
-    hand, ref = closure(call_hand, args, diff), closure(call_primal, args, diff)
-    primals = [args[i] for i in diff]
+    pull = pullbacks.setdefault(id(call.eqn), _Pullbacks(call.eqn, diff))
     try:
-        outputs, pullback = jax.vjp(hand, *primals)
-        u = _cotangent(key, outputs)
-        received = pullback(u)
+        u = _cotangent(key, jax.eval_shape(pull.call, call.consts, args))
+        received = pull.hand(call.consts, args, u)
     except Exception as error:  # a backward that raises is a failure of this call, not a crash of the audit
         return failed(f"the backward raised {type(error).__name__}: {_first_line(error)}")
     try:
-        expected = jax.vjp(ref, *primals)[1](u)
+        expected = pull.reference(call.consts, args, u)
     except Exception as error:  # JAX cannot differentiate the primal: finite differences, where they can be trusted
         if dtype != "float64":
             return failed(
                 f"JAX cannot differentiate its primal function ({type(error).__name__}) and finite "
                 "differences need float64: audit it with float64 arguments (jax.enable_x64)"
             )
-        return _finite_differences(site, call_hand, args, diff, names, label, key)
-    rule = _rule(site, call, call_primal, diff)
+        return _finite_differences(site, lambda *a: pull.call(call.consts, list(a)), args, diff, names, label, key)
+    rule = _rule(site, call, lambda *a: pull.primal(call.consts, list(a)), diff)
     tol = TOLERANCES[dtype]["vjp"]
     findings = []
     for i, name, r, e in zip(diff, names, received, expected):
@@ -548,7 +588,7 @@ def _finite_differences(site: CallSite, fn: Callable[..., Any], args, diff, name
     tol = TOLERANCES["float64"]["finite_diff"]
     findings = []
     for d in finite_differences(rule, Sample(tuple(args), label), diff, names, key):
-        values, hand = d.evaluate(*d.inputs)
+        values, hand = jax.jit(d.evaluate, compiler_options=compiler_options())(*d.inputs)
         findings.append(d.finding(site.label, label, "float64", tol, np.asarray(values), np.asarray(hand)))
     return findings
 
