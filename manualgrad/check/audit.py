@@ -31,8 +31,8 @@ goes wrong.
 
 JAX's primitive names differ between releases (``custom_vjp_call`` / ``custom_vjp_call_jaxpr``,
 ``pjit`` / ``jit``, ``remat2`` / ``checkpoint``): they are matched by substring, and a higher-order
-primitive the interpreter does not know is run as it is, the call sites inside it listed as not
-reached.
+primitive the interpreter does not know (``shard_map``, say) is run as it is, and each call site
+inside it fails, not run: it ran unseen.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from manualgrad.registry import Rule, Sample
 __all__ = ["CALLS_PER_SITE", "AuditReport", "CallSite", "audit"]
 
 # Calls checked per call site (a site inside a loop runs once per iteration): the first, the last
-# and evenly between. Each check is a few eager passes of the call.
+# and evenly between. A site's two VJPs are compiled once; each call checked runs them once.
 CALLS_PER_SITE = 3
 _CALLS = ("jit", "call", "remat", "checkpoint")  # call-like primitives: the sub-jaxpr takes the eqn's inputs
 _SOURCE = re.compile(r"^(?P<name>.+) at (?P<file>.+):(?P<line>\d+)$")
@@ -85,9 +85,9 @@ class CallSite:
     argnames: tuple[str, ...]
     calls: int = 0  # times it ran
     checked: int = 0  # of those, the calls checked (CALLS_PER_SITE at most)
-    last: int = -1  # its last call's position in the forward order of every recorded call
+    last: int = -1  # its last call's position in the forward order of every call (-1: none ran)
     findings: list[Finding] = dataclasses.field(default_factory=list)
-    reached: str = ""  # why it never ran, for a site that did not
+    reached: str = ""  # why it never ran, for a site that did not ("" once it ran)
 
     @property
     def label(self) -> str:
@@ -100,8 +100,10 @@ class CallSite:
     def row(self) -> tuple[str, ...]:
         """``(function, defined at, called at, calls, argument, worst relative error, worst error over
         the error allowed it, verdict, diagnosis)``."""
-        if not self.calls:
+        if not self.calls and not self.findings:
             return self.name, self.defined, self.called, "0", "-", "-", "-", "not reached", self.reached
+        if not self.findings:
+            return self.name, self.defined, self.called, str(self.calls), "-", "-", "-", "-", "no floating argument"
         worst = max(self.findings, key=lambda f: (not f.passed, f.max_rel_error))
         verdict = "ok" if self.passed else ("not run" if worst.where == NOT_RUN else "FAIL")
         explanation = worst.diagnosis or (worst.note if not worst.passed else "")
@@ -151,7 +153,7 @@ class AuditReport(Report):
             where = f", called at {first.called}" if first.called else ""
             lines.append(f"the gradient first goes wrong at {first.name} (defined at {first.defined}{where}):")
             lines += [f"  {f.describe()}" for f in first.findings if not f.passed][:3]
-        unreached = [s for s in self.sites if not s.calls]
+        unreached = [s for s in self.sites if not s.calls and not s.findings]
         if unreached:
             lines.append(f"{len(unreached)} call site(s) never ran on these arguments and were not checked")
         return "\n".join(line.rstrip() for line in lines)
@@ -170,23 +172,22 @@ def audit(fn: Callable[..., Any], *args: Any, seed: int = 0, calls_per_site: int
     start = time.perf_counter()
     closed = jax.make_jaxpr(fn)(*args)
     recorder = _Recorder()
-    _Interpreter(recorder.on_call).run(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
-    sites = {id(eqn): _site(eqn, called) for eqn, called in _site_eqns(closed.jaxpr)}
-    for key, reason in _unentered(closed.jaxpr):
-        sites[key].reached = reason
+    interpreter = _Interpreter(recorder.on_call, recorder.on_unentered)
+    interpreter.run(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+    sites = _sites(closed.jaxpr)
+    for eqn_id, position in recorder.last.items():
+        sites[eqn_id].last = position
     key = jax.random.PRNGKey(seed)
     pullbacks: dict[int, _Pullbacks] = {}
     for eqn_id, calls in recorder.calls.items():
         site = sites[eqn_id]
-        site.calls, site.last = len(calls), calls[-1].position
+        site.calls = len(calls)
         chosen = _spread(calls, calls_per_site)
         site.checked = len(chosen)
         for call in chosen:
             key, sub = jax.random.split(key)
             site.findings += _check_call(site, call, pullbacks, sub)
-    for site in sites.values():
-        if not site.calls and not site.reached:
-            site.reached = "in a branch or loop that did not run on these arguments"
+        site.reached = ""
     ordered = sorted(sites.values(), key=lambda s: -s.last)
     dtypes = sorted({f.dtype for s in ordered for f in s.findings})
     return AuditReport(
@@ -196,6 +197,22 @@ def audit(fn: Callable[..., Any], *args: Any, seed: int = 0, calls_per_site: int
         function=getattr(fn, "__name__", type(fn).__name__),
         sites=ordered,
     )
+
+
+def _sites(jaxpr) -> dict[int, CallSite]:
+    """Every call site of ``jaxpr`` by its eqn's id, each said not reached until a call is recorded;
+    one inside a primitive the interpreter does not enter fails, not run."""
+    sites = {
+        id(eqn): _site(eqn, called, "in a branch or loop that did not run on these arguments")
+        for eqn, called in _site_eqns(jaxpr)
+    }
+    for eqn_id, reason in _unentered(jaxpr):  # it ran, but unseen: a check that could not run, failed
+        site = sites[eqn_id]
+        site.reached = reason
+        site.findings.append(
+            Finding(site.label, "vjp", "-", "(not entered)", "(all)", np.inf, np.inf, 0.0, 1, 1, NOT_RUN, note=reason)
+        )
+    return sites
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,11 +231,20 @@ class _Recorder:
         self.calls: dict[int, list[_Call]] = {}
         self.count = 0
         self.forward: dict[int, Callable[..., list[Any]]] = {}  # by eqn id: the call, compiled
+        self.last: dict[int, int] = {}  # by eqn id: its last call's position, seen or not
+
+    def on_unentered(self, eqn) -> None:
+        """A primitive run whole: the positions of the calls inside it, unseen."""
+        for sub in _sub_jaxprs(eqn.params):
+            for inner, _ in _site_eqns(sub):
+                self.last[id(inner)] = self.count
+                self.count += 1
 
     def on_call(self, interpreter: _Interpreter, eqn, values: list[Any]) -> list[Any]:
         n = eqn.params.get("num_consts", 0)
         call = _Call(eqn, values[:n], values[n:], self.count, ", ".join(interpreter.where))
         self.calls.setdefault(id(eqn), []).append(call)
+        self.last[id(eqn)] = self.count
         self.count += 1
         if id(eqn) not in self.forward:
             self.forward[id(eqn)] = jax.jit(functools.partial(_bind, eqn), compiler_options=compiler_options())
@@ -229,8 +255,12 @@ class _Interpreter:
     """Evaluates a jaxpr eqn by eqn, calling ``on_custom(self, eqn, inputs)`` for each custom_vjp
     call, and entering a higher-order primitive only where a custom_vjp call lies inside it."""
 
-    def __init__(self, on_custom: Callable[[_Interpreter, Any, list[Any]], list[Any]]) -> None:
-        self.on_custom = on_custom
+    def __init__(
+        self,
+        on_custom: Callable[[_Interpreter, Any, list[Any]], list[Any]],
+        on_unentered: Callable[[Any], None] = lambda eqn: None,
+    ) -> None:
+        self.on_custom, self.on_unentered = on_custom, on_unentered
         self.where: list[str] = []
         self._encloses: dict[int, bool] = {}  # by eqn id: whether a custom_vjp call lies inside
 
@@ -266,6 +296,7 @@ class _Interpreter:
             return self.cond(eqn, values)
         sub = _call_jaxpr(eqn)
         if sub is None:
+            self.on_unentered(eqn)
             return _bind(eqn, values)
         return self.run(*sub, values)
 
@@ -383,11 +414,11 @@ def _unentered(jaxpr) -> Iterator[tuple[int, str]]:
                 yield id(inner), f"inside {eqn.primitive.name}, which the audit does not enter"
 
 
-def _site(eqn, called: str) -> CallSite:
+def _site(eqn, called: str, reached: str) -> CallSite:
     jaxpr, _ = _primal_jaxpr(eqn)
     name, (file, line) = _definition(eqn, jaxpr)
     n = len(eqn.invars) - eqn.params.get("num_consts", 0)
-    return CallSite(name, f"{_shown(file)}:{line}", called, _argnames(file, line, n))
+    return CallSite(name, f"{_shown(file)}:{line}", called, _argnames(file, line, n), reached=reached)
 
 
 def _shown(file: str) -> str:

@@ -170,6 +170,16 @@ def test_a_branch_not_taken_is_listed_as_not_reached():
     assert "1 call site(s) never ran on these arguments" in report.text()
 
 
+def test_a_site_inside_a_primitive_the_audit_does_not_enter_fails_not_run():
+    mesh = jax.make_mesh((1,), ("i",))
+    spec = jax.sharding.PartitionSpec()
+    sharded = jax.shard_map(mg.tanh, mesh=mesh, in_specs=spec, out_specs=spec)
+    report = mg.audit(lambda x, w: jnp.sum(sharded(mg.dense(x, w))), X, W)
+    assert _failing(report) == ["tanh"] and report.sites[0].calls == 0
+    assert report.failures()[0].note == "inside shard_map, which the audit does not enter"
+    assert "tanh" in report.text() and "not run" in report.text()
+
+
 @jax.custom_vjp
 def _sines(x):
     """sin applied three times in a while loop: JAX cannot reverse-differentiate the primal."""
