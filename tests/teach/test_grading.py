@@ -179,3 +179,14 @@ def test_grade_command_refuses_weights_that_name_nothing(tmp_path, capsys):
     assert cli.main(["grade", "x.py", "--weights", str(weights)]) == 2
     err = capsys.readouterr().err
     assert "--weights: 'rellu', 'relu: vpj' name no rule and no RULE: CHECK test" in err
+
+
+def test_grade_command_in_its_own_process_says_why_a_file_cannot_be_graded(tmp_path, capsys):
+    plain = tmp_path / "plain.py"
+    plain.write_text("print('hello')\n")
+    assert cli.main(["grade", str(plain)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"manualgrad grade: {plain} is not an exercise file (its first line must be "
+        f"'{exercise.HEADER}RULE'; write one with `manualgrad exercise RULE`)\n"
+    )
