@@ -255,15 +255,16 @@ rnn.defvjp(rnn_forward, _rnn_vjp)
 
 
 def _recurrent_samples(gates: int, states: int):
-    """``(x, *states, w_x, w_h, b)`` samples. The weights are drawn with scale ``1/√(D + H)`` so
-    that the pre-activations are of order one: no step saturates ``tanh`` or ``σ`` (where
-    ``1 − F²`` keeps few correct digits in float32) and no gradient vanishes within 12 steps."""
+    """``(x, *states, w_x, w_h, b)`` samples. ``x`` is drawn with scale ½ and the weights with
+    ``1/√(D + H)``, so that the pre-activations are of order one: no step saturates ``tanh`` or
+    ``σ`` (where ``1 − F²`` keeps few correct digits in float32), no gradient vanishes within
+    12 steps, and the float32 round-off of the sums over the steps stays under the checker's
+    absolute tolerance (ten ulps of 1)."""
     configs = [
         ((3, 4, 2, 3), "batch 3, 4 steps"),
         ((2, 1, 3, 2), "one step (T = 1)"),
-        ((1, 5, 2, 3), "batch 1 (N = 1)"),
         ((3, 4, 1, 1), "width 1 (H = 1, D = 1)"),
-        ((2, 12, 2, 2), "12 steps"),
+        ((1, 12, 2, 2), "batch 1 (N = 1), 12 steps"),
     ]
 
     def samples(key, dtype):
@@ -271,7 +272,7 @@ def _recurrent_samples(gates: int, states: int):
         out = []
         for (n, t, d, h), label in configs:
             scale = (d + h) ** -0.5
-            x = normal(next(k), (n, t, d), dtype)
+            x = normal(next(k), (n, t, d), dtype, 0.5)
             initial = [normal(next(k), (n, h), dtype, 0.5) for _ in range(states)]
             w_x, w_h = normal(next(k), (d, gates * h), dtype, scale), normal(next(k), (h, gates * h), dtype, scale)
             out.append(Sample((x, *initial, w_x, w_h, normal(next(k), (gates * h,), dtype, 0.5)), label))
