@@ -104,10 +104,7 @@ SLIPS = {
     "tanh' at the output of tanh(c)": "tanh' of h_t = σ(o) ⊙ tanh(c_t) taken at tanh(c_t): 1 − tanh²(tanh c_t)",
     "1 − c²": "tanh' of h_t = σ(o) ⊙ tanh(c_t) as 1 − c_t², the output's formula fed the cell state",
     "last step": "the weights' gradients of the last step t = T only",
-    "first step": "the weights' gradients of the step t = 1 only (an accumulator overwritten in the reverse loop)",
     "ifog": "the gates' cotangents laid out as (i, f, o, g), CS231n's order, instead of PyTorch's (i, f, g, o)",
-    "igfo": "the gates' cotangents laid out as (i, g, f, o), TensorFlow's LSTMCell order, not PyTorch's (i, f, g, o)",
-    "iofg": "the gates' cotangents laid out as (i, o, f, g), ONNX's order, instead of PyTorch's (i, f, g, o)",
 }
 """Every ``slip`` the references take, and the wrong backward it reproduces: the reference's
 value is unchanged, only its derivative is the slipped one (the ``stop_gradient`` s below)."""
@@ -123,12 +120,11 @@ def _tanh(a: jax.Array, slip: str, wrong: tuple[str, str]) -> jax.Array:
 
 
 def _weights_at(t, steps: int, slip: str, weights: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """The weights as step ``t`` uses them: with their derivative at the last (or first) step only
-    for the slips ``"last step"`` (``"first step"``)."""
-    only = {"last step": steps - 1, "first step": 0}.get(slip)
-    if only is None:
+    """The weights as step ``t`` uses them: for the slip ``"last step"``, with their derivative at
+    the last step only."""
+    if slip != "last step":
         return weights
-    return tuple(jnp.where(t == only, w, lax.stop_gradient(w)) for w in weights)
+    return tuple(jnp.where(t == steps - 1, w, lax.stop_gradient(w)) for w in weights)
 
 
 def _carried(h: jax.Array, slip: str) -> jax.Array:
@@ -293,7 +289,7 @@ register(
             rnn_reference,
             {
                 (0, 1, 2, 3, 4): _slips("truncated", "tanh' at the output", "1 − a²"),
-                (2, 3, 4): _slips("last step", "first step"),
+                (2, 3, 4): _slips("last step"),
             },
         ),
     )
@@ -307,7 +303,7 @@ def _gate_blocks(z: jax.Array, slip: str) -> dict[str, jax.Array]:
     slip naming another order, each gate keeps its value but takes its derivative from the
     block that order puts it in: a backward that lays out the gates' cotangents in that order."""
     blocks = dict(zip(GATES, jnp.split(z, 4, axis=-1)))
-    if slip not in ("ifog", "igfo", "iofg"):
+    if slip != "ifog":
         return blocks
     wrong = dict(zip(slip, jnp.split(z, 4, axis=-1)))
     return {k: lax.stop_gradient(blocks[k]) + wrong[k] - lax.stop_gradient(wrong[k]) for k in GATES}
@@ -470,10 +466,8 @@ register(
         mistakes=mistakes.slipped(
             lstm_reference,
             {
-                (0, 1, 2, 3, 4, 5): _slips(
-                    "truncated", "forget path", "tanh' at the output of tanh(c)", "1 − c²", "ifog", "igfo", "iofg"
-                ),
-                (3, 4, 5): _slips("last step", "first step"),
+                (0, 1, 2, 3, 4, 5): _slips("truncated", "forget path", "tanh' at the output of tanh(c)", "1 − c²", "ifog"),
+                (3, 4, 5): _slips("last step"),
             },
         ),
     )
