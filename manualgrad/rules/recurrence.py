@@ -202,7 +202,7 @@ def rnn(x: jax.Array, h0: jax.Array, w_x: jax.Array, w_h: jax.Array, b: jax.Arra
 
 def rnn_forward(x, h0, w_x, w_h, b):
     _validate("rnn", x, {"h0": h0}, w_x, w_h, b, 1)
-    hs = _rnn_scan(x, h0, w_x, w_h, b)
+    hs = _rnn_scan(x, h0, w_x, w_h, b)  # time-major (T, N, H), as the scan makes it
     return _time_major(hs), (x, h0, hs, w_x, w_h)
 
 
@@ -354,7 +354,8 @@ def lstm(x: jax.Array, h0: jax.Array, c0: jax.Array, w_x: jax.Array, w_h: jax.Ar
 
         D_z c_t(k) = g ⊙ σ'(z_i) ⊙ k_i + c_{t−1} ⊙ σ'(z_f) ⊙ k_f + i ⊙ tanh'(z_g) ⊙ k_g
         D_{c_{t−1}} c_t(k) = f ⊙ k,    D_{c_t} h_t(k) = o ⊙ tanh'(c_t) ⊙ k,    D_z h_t(k) = tanh(c_t) ⊙ σ'(z_o) ⊙ k_o
-        D_{h_{t−1}} z(k) = k w_h,   D_{x_t} z(k) = k w_x,   D_{w_h} z(K) = h_{t−1} K,   D_{w_x} z(K) = x_t K,   D_b z = ι
+        D_{h_{t−1}} z(k) = k w_h,    D_{x_t} z(k) = k w_x,
+        D_{w_h} z(K) = h_{t−1} K,    D_{w_x} z(K) = x_t K,    D_b z(k) = ι(k)
 
     By Remark 8 every derivative comes from a saved output: ``σ' = F (1 − F)`` of the gates
     ``i, f, o``, ``tanh' = 1 − g²``, and ``1 − tanh²(c_t)`` from ``c_t``. ``c_t`` reaches the
@@ -380,7 +381,7 @@ def lstm(x: jax.Array, h0: jax.Array, c0: jax.Array, w_x: jax.Array, w_h: jax.Ar
 
 def lstm_forward(x, h0, c0, w_x, w_h, b):
     _validate("lstm", x, {"h0": h0, "c0": c0}, w_x, w_h, b, 4)
-    hs, cs, gates = _lstm_scan(x, h0, c0, w_x, w_h, b)
+    hs, cs, gates = _lstm_scan(x, h0, c0, w_x, w_h, b)  # time-major (T, N, ...), as the scan makes them
     return _time_major(hs), (x, h0, c0, hs, cs, gates, w_x, w_h)
 
 
@@ -466,7 +467,9 @@ register(
         mistakes=mistakes.slipped(
             lstm_reference,
             {
-                (0, 1, 2, 3, 4, 5): _slips("truncated", "forget path", "tanh' at the output of tanh(c)", "1 − c²", "ifog"),
+                (0, 1, 2, 3, 4, 5): _slips(
+                    "truncated", "forget path", "tanh' at the output of tanh(c)", "1 − c²", "ifog"
+                ),
                 (3, 4, 5): _slips("last step"),
             },
         ),
