@@ -50,6 +50,7 @@ from manualgrad.rules.correlation import convolve1d, correlate1d  # isort: skip
 from manualgrad.rules.convolution import conv1d, conv2d  # isort: skip
 from manualgrad.rules.pooling import avg_pool2d, flatten, max_pool2d  # isort: skip
 from manualgrad.rules.normalization import batch_norm, dropout, group_norm, layer_norm, rms_norm  # isort: skip
+from manualgrad.rules.recurrence import lstm, rnn  # isort: skip
 
 __all__ = [
     "rms_norm",
@@ -68,9 +69,11 @@ __all__ = [
     "identity",
     "l2_penalty",
     "leaky_relu",
+    "lstm",
     "max_pool2d",
     "mse",
     "relu",
+    "rnn",
     "sigmoid",
     "softmax_cross_entropy",
     "softplus",

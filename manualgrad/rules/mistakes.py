@@ -11,6 +11,7 @@ The rule families attach these builders to their rules; the mistakes every rule 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -135,3 +136,24 @@ def windowed(
         yield text.format("repeated", geo.strides), vjp(dense, x, repeated)
 
     return (*(padding_candidates(i) for i in arguments), Mistake(0, stride_candidates))
+
+
+def slipped(
+    reference: Callable[..., Any], slips: dict[tuple[int, ...], tuple[tuple[str, str], ...]]
+) -> tuple[Mistake, ...]:
+    """Mistakes that the reference reproduces through its ``slip`` keyword: for each group of
+    arguments, ``(slip, text)`` pairs, the wrong answer for each argument of the group being the VJP
+    of ``reference(*args, slip=slip)`` (the same value, the slipped derivative)."""
+    by_argument: dict[int, list[tuple[str, str]]] = {}
+    for arguments, pairs in slips.items():
+        for i in arguments:
+            by_argument.setdefault(i, []).extend(pairs)
+
+    def mistake(i: int) -> Mistake:
+        def candidates(vjp: VJP, args, g) -> Iterator[tuple[str, Any]]:
+            for slip, text in by_argument[i]:
+                yield text, reference_vjp(functools.partial(reference, slip=slip), args, i, g, vjp)
+
+        return Mistake(i, candidates)
+
+    return tuple(mistake(i) for i in sorted(by_argument))

@@ -14,6 +14,7 @@ from mutations import (
     losses,
     normalization,
     pooling,
+    recurrence,
 )
 from mutations.mutation import Mutation
 
@@ -25,6 +26,7 @@ MUTATIONS: list[Mutation] = [
     *convolution.MUTATIONS,
     *pooling.MUTATIONS,
     *normalization.MUTATIONS,
+    *recurrence.MUTATIONS,
 ]
 
 

@@ -1,4 +1,4 @@
-"""One hand-computed value per rule of the vector and convolution families: forward and gradients.
+"""One hand-computed value per rule of the vector, convolution and recurrence families: forward and gradients.
 
 Every expected number below is worked out in the comment beside it; nothing is computed by
 the code under test or by another library. (The signal and pooling rules have theirs in
@@ -136,3 +136,39 @@ def test_conv1d_stride_two():
     dx, dw = pull(jnp.array([1.0, 10.0]).reshape(1, 2, 1))
     assert_equal(dx.ravel(), [1, 1, 10, 10, 0])
     assert_equal(dw.ravel(), [31, 42])  # 1·1 + 3·10, 2·1 + 4·10
+
+
+def test_rnn_two_steps_carries_dh_back():
+    # N = D = H = 1, w_x = w_h = 1, b = 0, h0 = 0: a_1 = x_1 = ln 2, a_2 = x_2 + h_1 = ln 3.
+    x = jnp.array([np.log(2.0), np.log(3.0) - 0.6]).reshape(1, 2, 1)
+    one, zero = jnp.ones((1, 1)), jnp.zeros((1, 1))
+    y, pull = jax.vjp(mg.rnn, x, zero, one, one, jnp.zeros(1))
+    assert_equal(y.ravel(), [0.6, 0.8])  # tanh ln 2 = 3/5, tanh ln 3 = 4/5
+    dx, dh0, dw_x, dw_h, db = pull(jnp.ones((1, 2, 1)))
+    # da_2 = 1 · (1 − 0.8²) = 0.36; dh_1 = G_1 + da_2 w_h = 1.36; da_1 = 1.36 · (1 − 0.6²) = 0.8704
+    assert_equal(dx.ravel(), [0.8704, 0.36])  # da_t w_x
+    assert_equal(dh0, [[0.8704]])  # da_1 w_h
+    assert_equal(dw_x, [[np.log(2.0) * 0.8704 + (np.log(3.0) - 0.6) * 0.36]])  # Σ x_t da_t
+    assert_equal(dw_h, [[0.216]])  # h_0 da_1 + h_1 da_2 = 0 + 0.6 · 0.36
+    assert_equal(db, [1.2304])  # 0.8704 + 0.36
+
+
+def test_lstm_one_step_in_pytorchs_gate_order():
+    # N = D = H = 1, x = h0 = 0: z = b = (z_i, z_f, z_g, z_o) = (0, 0, ln 3, 0), so i = f = o = ½ and
+    # g = tanh ln 3 = 0.8; c0 = 2 ln 2 − 0.8 makes c_1 = ½ c0 + ½ · 0.8 = ln 2, tanh c_1 = 0.6.
+    c0 = jnp.array([[2 * np.log(2.0) - 0.8]])
+    w_x, w_h = jnp.array([[1.0, -1.0, 0.5, 2.0]]), jnp.array([[1.0, 2.0, 3.0, 4.0]])
+    b = jnp.array([0.0, 0.0, np.log(3.0), 0.0])
+    y, pull = jax.vjp(mg.lstm, jnp.zeros((1, 1, 1)), jnp.zeros((1, 1)), c0, w_x, w_h, b)
+    assert_equal(y, [[[0.3]]])  # o tanh c_1 = ½ · 0.6
+    dx, dh0, dc0, dw_x, dw_h, db = pull(jnp.ones((1, 1, 1)))
+    # dc = o (1 − tanh² c_1) = ½ · 0.64 = 0.32; σ' = ¼ at 0, tanh' = 1 − 0.64 = 0.36 at z_g;
+    # dz = (dc g σ'(z_i), dc c0 σ'(z_f), dc i tanh'(z_g), tanh c_1 σ'(z_o))
+    dz_f = 0.32 * float(c0[0, 0]) * 0.25
+    dz = [0.32 * 0.8 * 0.25, dz_f, 0.32 * 0.5 * 0.36, 0.6 * 0.25]
+    assert_equal(db, dz)  # [0.064, dz_f, 0.0576, 0.15]
+    assert_equal(dc0, [[0.16]])  # dc f: the forget-gate path
+    assert_equal(dh0, [[0.064 + 2 * dz_f + 3 * 0.0576 + 4 * 0.15]])  # dz w_hᵀ, w_h's blocks in the order i, f, g, o
+    assert_equal(dx, [[[0.064 - dz_f + 0.5 * 0.0576 + 2 * 0.15]]])  # dz w_xᵀ
+    assert_equal(dw_x, [[0.0, 0.0, 0.0, 0.0]])  # x = 0
+    assert_equal(dw_h, [[0.0, 0.0, 0.0, 0.0]])  # h0 = 0
