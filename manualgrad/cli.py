@@ -1,8 +1,9 @@
 """The ``manualgrad`` command line.
 
-``manualgrad check [RULE ...] [--dtype float32|float64] [--json]`` cross-checks the registered
-rules, names the usual mistake behind a failure (``DIAGNOSIS`` lines) and exits 1 if any
-check fails (2 for a bad command line, as argparse does).
+``manualgrad check [RULE ...] [--dtype float32|float64] [--json] [--no-cache]`` cross-checks the
+registered rules, names the usual mistake behind a failure (``DIAGNOSIS`` lines) and exits 1 if
+any check fails (2 for a bad command line, as argparse does); compiled programs are kept in JAX's
+persistent compilation cache (:mod:`manualgrad.check.cache`) unless ``--no-cache``.
 ``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``).
 ``manualgrad bench [...]`` measures the hand rules against ``jax.grad``, NumPy and PyTorch.
 ``manualgrad audit FILE:FUNCTION [--args NAME]`` checks every ``custom_vjp`` inside FUNCTION at the
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 import manualgrad
 from manualgrad import registry
 from manualgrad.bench import bench
-from manualgrad.check import checker
+from manualgrad.check import cache, checker
 from manualgrad.train import checkpoint, data, loop
 
 
@@ -50,12 +51,14 @@ def _check(args: argparse.Namespace) -> int:
     names = args.rules or [r.name for r in registry.rules()]
     if _refuse_unknown_rules("check", names, "rule(s)"):
         return 2
-    report = manualgrad.check(names, dtype=args.dtype)
+    with cache.command_settings(not args.no_cache) as cached_in:
+        report = manualgrad.check(names, dtype=args.dtype)
     if args.json:
         for record in report.records():
             print(json.dumps(record))
         return 0 if report.passed else 1
-    print(f"manualgrad check: {len(names)} rules, dtype {args.dtype}, worst relative error per check")
+    where = f"programs cached in {cached_in}" if cached_in else "no compilation cache"
+    print(f"manualgrad check: {len(names)} rules, dtype {args.dtype}, {where}; worst relative error per check")
     print(report.table())
     failures = report.failures()
     for f in failures:
@@ -64,7 +67,7 @@ def _check(args: argparse.Namespace) -> int:
         print("DIAGNOSIS " + line)
     checks = len(report.worst())
     failed = len({(f.rule, f.check) for f in failures})
-    print(f"{checks - failed} passed, {failed} failed in {report.seconds:.1f} s")
+    print(f"{checks - failed} passed, {failed} failed in {report.timing()}")
     return 0 if report.passed else 1
 
 
@@ -300,6 +303,11 @@ def _add_check(commands: argparse._SubParsersAction) -> None:
     check.add_argument("rules", nargs="*", metavar="RULE", help="rules to check (default: all)")
     check.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
     check.add_argument("--json", action="store_true", help="one JSON record per rule and check")
+    check.add_argument(
+        "--no-cache",
+        action="store_true",
+        help=f"compile every program afresh: no persistent compilation cache (also {cache.OFF_VARIABLE}=1)",
+    )
     check.set_defaults(run=_check)
 
 

@@ -52,6 +52,7 @@ from manualgrad.check.comparison import compare
 from manualgrad.check.finite_differences import Differences, finite_differences
 from manualgrad.check.report import NOT_RUN, BackwardError, Finding, Report
 from manualgrad.check.targets import ReferenceFailed, select
+from manualgrad.check.timing import CompileClock
 from manualgrad.check.tolerances import ATOL, CHECKS, TOLERANCES, compiler_options
 from manualgrad.check.trees import (
     closure,
@@ -97,6 +98,12 @@ def check(
         raise ValueError(f"check: unknown checks {sorted(unknown)}; choose from {CHECKS}")
     selected = select(target, reference, args, argnums)
     start = time.perf_counter()
+    with CompileClock() as clock:
+        results = _check_all(selected, dtype, checks, seed)
+    return Report(dtype, [f for result in results for f in result], time.perf_counter() - start, clock.seconds)
+
+
+def _check_all(selected: list[Rule], dtype: str, checks, seed: int) -> list[list[Finding]]:
     jobs = []
     with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
         for rule in selected:
@@ -106,11 +113,9 @@ def check(
                 jobs.append((rule, sample, jax.random.fold_in(check_key, i)))
     options = compiler_options()
     if WORKERS == 1:
-        results = [_check_job(*job, dtype, checks, options) for job in jobs]
-    else:
-        with ThreadPoolExecutor(WORKERS) as pool:
-            results = list(pool.map(lambda job: _check_job(*job, dtype, checks, options), jobs))
-    return Report(dtype, [f for result in results for f in result], time.perf_counter() - start)
+        return [_check_job(*job, dtype, checks, options) for job in jobs]
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return list(pool.map(lambda job: _check_job(*job, dtype, checks, options), jobs))
 
 
 def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> list[Finding]:
