@@ -617,11 +617,9 @@ def _finite_differences(site: CallSite, fn: Callable[..., Any], args, diff, name
     """The VJP of the call ``fn`` (of every argument) against finite differences of ``fn`` itself, in float64."""
     rule = Rule(site.name, fn, fn, lambda key, dtype: (), tuple(diff), ())
     tol = TOLERANCES["float64"]["finite_diff"]
-    findings = []
-    for d in finite_differences(rule, Sample(tuple(args), label), diff, names, key):
-        values, hand = jax.jit(d.evaluate, compiler_options=compiler_options())(*d.inputs)
-        findings.append(d.finding(site.label, label, "float64", tol, np.asarray(values), np.asarray(hand)))
-    return findings
+    differences = finite_differences(rule, Sample(tuple(args), label), diff, names, key)
+    values, hand = jax.jit(differences.evaluate, compiler_options=compiler_options())(*differences.inputs)
+    return differences.findings(site.label, label, "float64", tol, np.asarray(values), np.asarray(hand))
 
 
 def _first_line(error: Exception) -> str:

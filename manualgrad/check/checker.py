@@ -49,7 +49,7 @@ import numpy as np
 
 from manualgrad.check import adjoint, diagnose
 from manualgrad.check.comparison import compare
-from manualgrad.check.finite_differences import Differences, finite_differences
+from manualgrad.check.finite_differences import SampleDifferences, finite_differences
 from manualgrad.check.report import NOT_RUN, BackwardError, Finding, Report
 from manualgrad.check.targets import ReferenceFailed, select
 from manualgrad.check.timing import CompileClock
@@ -99,23 +99,29 @@ def check(
     selected = select(target, reference, args, argnums)
     start = time.perf_counter()
     with CompileClock() as clock:
-        results = _check_all(selected, dtype, checks, seed)
-    return Report(dtype, [f for result in results for f in result], time.perf_counter() - start, clock.seconds)
+        results = _check_all(selected, dtype, checks, seed, clock)
+    seconds = time.perf_counter() - start
+    return Report(dtype, [f for result in results for f in result], seconds, clock.compile_seconds(seconds))
 
 
-def _check_all(selected: list[Rule], dtype: str, checks, seed: int) -> list[list[Finding]]:
+def _check_all(selected: list[Rule], dtype: str, checks, seed: int, clock: CompileClock) -> list[list[Finding]]:
     jobs = []
-    with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
+    with clock.working(), jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
         for rule in selected:
             rule_key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(rule.name.encode()))
             sample_key, check_key = jax.random.split(rule_key)
             for i, sample in enumerate(rule.sample_inputs(sample_key, jnp.dtype(dtype))):
                 jobs.append((rule, sample, jax.random.fold_in(check_key, i)))
     options = compiler_options()
+
+    def run(job) -> list[Finding]:
+        with clock.working():
+            return _check_job(*job, dtype, checks, options)
+
     if WORKERS == 1:
-        return [_check_job(*job, dtype, checks, options) for job in jobs]
+        return [run(job) for job in jobs]
     with ThreadPoolExecutor(WORKERS) as pool:
-        return list(pool.map(lambda job: _check_job(*job, dtype, checks, options), jobs))
+        return list(pool.map(run, jobs))
 
 
 def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> list[Finding]:
@@ -180,7 +186,7 @@ class _Draws:
     batched_u: Any
     groups: list[tuple[int, ...]]
     adjoint: list[tuple[list[Any], Any]]
-    differences: list[Differences]
+    differences: SampleDifferences | None  # None: no finite_diff check, or nothing to differentiate
 
 
 def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
@@ -204,7 +210,7 @@ def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
         batched_u=stack_perturbed(ku, u),
         groups=groups,
         adjoint=[adjoint.draws(k, args, group, u) for k, group in zip(jax.random.split(ka, len(groups)), groups)],
-        differences=finite_differences(rule, sample, diff, names, key) if "finite_diff" in checks else [],
+        differences=finite_differences(rule, sample, diff, names, key) if "finite_diff" in checks and diff else None,
     )
 
 
@@ -212,32 +218,39 @@ def _pull(fn):
     return lambda p, c: jax.vjp(fn, *p)[1](c)
 
 
-def _programs(d: _Draws) -> dict[str, Callable[..., Any]]:
-    """The hand and reference sides of each autodiff check, of ``(primals, u, batched, batched_u)``."""
+def _side(fn: Callable[..., Any], d: _Draws, wanted, p, c, pb, cb) -> dict[str, Any]:
+    """One side's (the hand rule's or the reference's) values of the autodiff checks ``wanted``.
 
-    def second(fn, p):
-        return jax.grad(lambda p: vdot(_pull(fn)(p, d.u), d.v))(p)
-
-    return {
-        "forward": lambda p, c, pb, cb: (d.hand(*p), d.ref(*p)),
-        "jit": lambda p, c, pb, cb: (_pull(d.hand)(p, c), _pull(d.ref)(p, c)),
-        "vmap": lambda p, c, pb, cb: (jax.vmap(_pull(d.hand))(pb, cb), jax.vmap(_pull(d.ref))(pb, cb)),
-        "grad_of_grad": lambda p, c, pb, cb: (second(d.hand, p), second(d.ref, p)),
-    }
+    The ``jit`` VJP and ``grad_of_grad`` come from one trace of the backward: the VJP of
+    ``p ↦ VJP(p, c)``, whose value is the VJP and whose pullback of ``v`` is the gradient of
+    ``⟨VJP(p, c), v⟩``, reverse over reverse.
+    """
+    out = {}
+    if "forward" in wanted:
+        out["forward"] = fn(*p)
+    if "vmap" in wanted:
+        out["vmap"] = jax.vmap(_pull(fn))(pb, cb)
+    if "grad_of_grad" in wanted:
+        out["jit"], second = jax.vjp(lambda q: _pull(fn)(q, c), p)
+        (out["grad_of_grad"],) = second(tuple(d.v))
+    elif "jit" in wanted:
+        out["jit"] = _pull(fn)(p, c)
+    return out
 
 
 def _run(rule: Rule, sample: Sample, d: _Draws, checks, options):
     """Every check's values: one compiled program with the XLA ``options``, and the eager hand VJP."""
-    programs = _programs(d)
-    wanted = [c for c in programs if c in checks or (c == "jit" and "vjp" in checks)]
+    wanted = [c for c in ("forward", "jit", "vmap", "grad_of_grad") if c in checks or (c == "jit" and "vjp" in checks)]
+    fd_inputs = d.differences.inputs if d.differences else None
 
     def program(inputs, fd_inputs, adjoint_inputs):
         pairs = [adjoint.pair(rule.fn, sample.args, group, *drawn) for group, drawn in zip(d.groups, adjoint_inputs)]
-        differences = [f.evaluate(*x) for f, x in zip(d.differences, fd_inputs)]
-        return {c: programs[c](*inputs) for c in wanted}, differences, pairs
+        differences = d.differences.evaluate(*fd_inputs) if d.differences else None
+        hand, ref = (_side(fn, d, wanted, *inputs) for fn in (d.hand, d.ref))
+        return {c: (hand[c], ref[c]) for c in wanted}, differences, pairs
 
     values, fd_values, adjoint_values = jax.jit(program, compiler_options=options)(
-        (d.primals, d.u, d.batched, d.batched_u), [f.inputs for f in d.differences], d.adjoint
+        (d.primals, d.u, d.batched, d.batched_u), fd_inputs, d.adjoint
     )
     if "vjp" in checks:
         values["vjp"] = (_pull(d.hand)(d.primals, d.u), values["jit"][1])
@@ -279,8 +292,9 @@ def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) 
     return [
         *_autodiff_findings(rule, sample, dtype, checks, d, values),
         *(
-            f.finding(rule.name, sample.label, dtype, tol["finite_diff"], np.asarray(v), np.asarray(h))
-            for f, (v, h) in zip(d.differences, fd_values)
+            d.differences.findings(rule.name, sample.label, dtype, tol["finite_diff"], *map(np.asarray, fd_values))
+            if d.differences
+            else ()
         ),
         *(
             adjoint.finding(

@@ -48,44 +48,28 @@ FAST_DIRECTIONS = 3
 
 @dataclasses.dataclass(frozen=True)
 class Differences:
-    """Finite differences in float64 for one argument, evaluated inside the sample's program.
+    """The finite-difference check of one argument, ``arg``: the exact Jacobian (``directions``
+    and ``cotangents`` ``None``: unit vectors) or ``uᵀ J v`` along :data:`FAST_DIRECTIONS`
+    random unit directions ``v`` (rows of ``directions``) and cotangents ``u`` (rows of
+    ``cotangents``). Each derivative is the Richardson estimate of :func:`richardson`; an input
+    entry or a direction along which the differences straddle a kink is left out and counted.
 
-    ``fn`` maps the argument to the rule's output, every other argument fixed. The exact
-    Jacobian (``directions`` and ``cotangents`` ``None``: unit vectors) or ``uᵀ J v`` along
-    :data:`FAST_DIRECTIONS` random unit directions ``v`` (rows of ``directions``) and
-    cotangents ``u`` (rows of ``cotangents``). Each derivative is the Richardson estimate of
-    :func:`richardson`; an input entry or a direction along which the differences straddle a
-    kink is left out and counted.
+    Its values are a slice of :meth:`SampleDifferences.evaluate`'s: the directions ``rows``,
+    the argument's entries ``columns`` of the raveled arguments, the ``cotangent_rows``.
     """
 
     name: str
-    fn: Callable[[Any], Any]
     arg: Any
     directions: np.ndarray | None
     cotangents: np.ndarray | None
-
-    @property
-    def inputs(self) -> tuple[Any, np.ndarray | None, np.ndarray | None]:
-        return self.arg, self.directions, self.cotangents
-
-    def evaluate(self, arg, directions, cotangents):
-        """Traced: ``f`` at ``x + s·h·d`` for every ``s`` in :data:`FD_STEPS` and every direction
-        ``d``, then at ``x``; and the hand VJP of every cotangent, one row each."""
-        flat, unravel = ravel_pytree(arg)
-
-        def f(x):
-            return ravel_pytree(self.fn(unravel(x)))[0]
-
-        out, pullback = jax.vjp(f, flat)
-        if directions is None:
-            directions, cotangents = jnp.eye(flat.size, dtype=flat.dtype), jnp.eye(out.size, dtype=out.dtype)
-        points = [flat[None] + s * FD_STEP * directions for s in FD_STEPS]
-        return jax.vmap(f)(jnp.concatenate([*points, flat[None]])), jax.vmap(lambda c: pullback(c)[0])(cotangents)
+    rows: slice
+    columns: slice
+    cotangent_rows: slice
 
     def finding(self, rule: str, label: str, dtype: str, tol: float, values: np.ndarray, hand: np.ndarray) -> Finding:
-        """Compares ``hand`` with the differences of ``values``, as returned by :meth:`evaluate`."""
-        k = (len(values) - 1) // len(FD_STEPS)
-        steps, f0 = values[:-1].reshape(len(FD_STEPS), k, values.shape[-1]), values[-1]
+        """Compares the hand VJP with the differences, both as returned by :meth:`SampleDifferences.evaluate`."""
+        steps = values[:-1].reshape(len(FD_STEPS), -1, values.shape[-1])[:, self.rows]
+        f0, hand = values[-1], hand[self.cotangent_rows, self.columns]
         if self.directions is None:
             return self._exact_jacobian(rule, label, dtype, tol, steps, f0, hand)
         return self._random_directions(rule, label, dtype, tol, steps, f0, hand)
@@ -138,6 +122,47 @@ class Differences:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleDifferences:
+    """The finite-difference checks of a sample's differentiated arguments ``args`` (float64),
+    one :class:`Differences` each, evaluated together inside the sample's program: one
+    ``vmap`` of ``fn`` (the rule as a function of those arguments, the others fixed) over
+    every step of every argument's directions, and one of its hand VJP over the cotangents,
+    whatever the number of arguments.
+
+    ``directions`` holds every argument's directions as rows over the raveled arguments (zero
+    off the argument's own entries: a unit vector per entry for an exact Jacobian);
+    ``cotangents`` the cotangent rows: the unit vectors of the output, shared by the exact
+    Jacobians, then each random-direction argument's own.
+    """
+
+    fn: Callable[..., Any]
+    args: list[Any]
+    directions: np.ndarray
+    cotangents: np.ndarray
+    parts: list[Differences]
+
+    @property
+    def inputs(self) -> tuple[list[Any], np.ndarray, np.ndarray]:
+        return self.args, self.directions, self.cotangents
+
+    def evaluate(self, args, directions, cotangents):
+        """Traced: ``f`` at ``x + s·h·d`` for every ``s`` in :data:`FD_STEPS` and every row ``d``
+        of ``directions``, then at ``x``; and the hand VJP of every cotangent row, one row each."""
+        flat, unravel = ravel_pytree(list(args))
+
+        def f(x):
+            return ravel_pytree(self.fn(*unravel(x)))[0]
+
+        _, pullback = jax.vjp(f, flat)
+        points = [flat[None] + s * FD_STEP * directions for s in FD_STEPS]
+        return jax.vmap(f)(jnp.concatenate([*points, flat[None]])), jax.vmap(lambda c: pullback(c)[0])(cotangents)
+
+    def findings(self, rule: str, label: str, dtype: str, tol: float, values: np.ndarray, hand: np.ndarray):
+        """One :class:`Finding` per argument, from :meth:`evaluate`'s ``values`` and ``hand``."""
+        return [part.finding(rule, label, dtype, tol, values, hand) for part in self.parts]
+
+
 def richardson(steps, f0, magnitude, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Derivatives ``g'(0)`` of functions ``g`` sampled at ``s·h`` (``steps``, one ``s`` of
     :data:`FD_STEPS` per row) and at 0 (``f0``); whether each straddles a kink; and the
@@ -168,19 +193,32 @@ def richardson(steps, f0, magnitude, tol: float) -> tuple[np.ndarray, np.ndarray
 
 def finite_differences(
     rule: Rule, sample: Sample, diff: list[int], names: list[str], key: jax.Array
-) -> list[Differences]:
+) -> SampleDifferences:
     """The finite-difference checks of a sample, one per differentiable argument, in float64."""
     args = jax.tree_util.tree_map(lambda a: host(a, np.float64) if is_float(a) else a, sample.args)
-    out = []
-    for k, (i, name) in zip(jax.random.split(key, len(diff)), zip(diff, names)):
-        fn = closure(rule.fn, args, [i])
-        n = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(args[i]))
-        if n <= EXACT_JACOBIAN_MAX:
-            out.append(Differences(name, fn, args[i], None, None))
-            continue
-        m = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(jax.eval_shape(fn, args[i])))
-        rng = generator(k)
-        draws = [(rng.standard_normal(n), rng.standard_normal(m)) for _ in range(FAST_DIRECTIONS)]
-        directions = np.stack([d / np.linalg.norm(d) for d, _ in draws])
-        out.append(Differences(name, fn, args[i], directions, np.stack([c for _, c in draws])))
-    return out
+    fn = closure(rule.fn, args, diff)
+    primals = [args[i] for i in diff]
+    sizes = [sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(p)) for p in primals]
+    m = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(jax.eval_shape(fn, *primals)))
+    exact = [n <= EXACT_JACOBIAN_MAX for n in sizes]
+    blocks, cotangents, parts = [], [np.eye(m)] if any(exact) else [], []
+    start, column, cotangent = 0, 0, m if any(exact) else 0
+    for k, name, primal, n, whole in zip(jax.random.split(key, len(diff)), names, primals, sizes, exact):
+        if whole:
+            block, own, u, cotangent_rows = np.eye(n), None, None, slice(0, m)
+        else:
+            rng = generator(k)
+            draws = [(rng.standard_normal(n), rng.standard_normal(m)) for _ in range(FAST_DIRECTIONS)]
+            block = own = np.stack([d / np.linalg.norm(d) for d, _ in draws])
+            u, cotangent_rows = np.stack([c for _, c in draws]), slice(cotangent, cotangent + FAST_DIRECTIONS)
+            cotangents.append(u)
+            cotangent += FAST_DIRECTIONS
+        blocks.append(block)
+        parts.append(
+            Differences(name, primal, own, u, slice(start, start + len(block)), slice(column, column + n), cotangent_rows)
+        )
+        start, column = start + len(block), column + n
+    directions = np.zeros((start, column))
+    for part, block in zip(parts, blocks):
+        directions[part.rows, part.columns] = block
+    return SampleDifferences(fn, primals, directions, np.concatenate(cotangents or [np.zeros((0, m))]), parts)

@@ -2,15 +2,21 @@
 
 JAX reports each stage of building a program as a time span through :mod:`jax.monitoring`:
 tracing to a jaxpr, lowering to StableHLO, and XLA's compile (or the load of the executable
-from the persistent compilation cache, :mod:`~manualgrad.check.cache`). The checker builds
-programs in several threads at once, so the spans overlap; their union is the wall time
-during which something was being compiled, and the rest of the wall time is running:
-executing, eager dispatch of cached programs, drawing inputs and comparing on the host.
+from the persistent compilation cache, :mod:`~manualgrad.check.cache`). The checker works in
+several threads at once, and at almost every instant one of them is compiling, so the wall
+time is split in proportion to the threads' time: the compile share is the time the threads
+spent inside those spans (each thread's spans merged, as they nest) over the time they spent
+working; the rest is running: executing, eager dispatch of built programs, drawing inputs and
+comparing on the host.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from jax import monitoring
@@ -36,17 +42,18 @@ def union_seconds(spans: list[tuple[float, float]]) -> float:
 
 
 class CompileClock:
-    """While entered, gathers the spans of :data:`COMPILE_EVENTS` (any thread's);
-    :attr:`seconds` is the wall time they cover, :func:`union_seconds`."""
+    """While entered, gathers each thread's spans of :data:`COMPILE_EVENTS`; :meth:`working`
+    marks the threads' work. :meth:`compile_seconds` splits a wall time by their ratio."""
 
     def __init__(self) -> None:
-        self._spans: list[tuple[float, float]] = []
+        self._compiling: dict[int, list[tuple[float, float]]] = collections.defaultdict(list)
+        self._working = 0.0
         self._lock = threading.Lock()
 
     def _listen(self, event: str, start: float, end: float, **_: Any) -> None:
         if event in COMPILE_EVENTS:
             with self._lock:
-                self._spans.append((start, end))
+                self._compiling[threading.get_ident()].append((start, end))
 
     def __enter__(self) -> CompileClock:
         monitoring.register_event_time_span_listener(self._listen)
@@ -55,7 +62,19 @@ class CompileClock:
     def __exit__(self, *exc: object) -> None:
         monitoring.unregister_event_time_span_listener(self._listen)
 
-    @property
-    def seconds(self) -> float:
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """Counts the time inside as one thread's work."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._working += time.perf_counter() - start
+
+    def compile_seconds(self, wall: float) -> float:
+        """The compile share of ``wall``: ``wall · Σ_threads |∪ compile spans| / Σ work``, at most ``wall``."""
         with self._lock:
-            return union_seconds(self._spans)
+            compiling = sum(union_seconds(spans) for spans in self._compiling.values())
+            working = self._working
+        return wall * min(compiling / working, 1.0) if working > 0 else 0.0
