@@ -135,6 +135,32 @@ def test_threads_and_fast_compile_change_no_verdict(monkeypatch):
         assert abs(fast.max_abs_error - default.max_abs_error) <= round_off
 
 
+def test_each_sample_traces_the_hand_backward_six_times():
+    """Building programs is the checker's cost, and every trace of the backward is built. Per
+    sample of dense (two arguments, each a linear group): the eager ``vjp``; ``jit`` and
+    ``grad_of_grad`` together; ``vmap``; the finite differences of both arguments together;
+    one adjoint test per group. (Each check on its own, finite differences per argument: 8.)"""
+    rule = manualgrad.get("dense")
+    calls = []
+
+    def counted(residuals, g):
+        calls.append(g.shape)
+        return rule.fn.bwd(residuals, g)
+
+    report = manualgrad.check(rule.with_backward(counted))
+    assert report.passed
+    assert len(calls) == 6 * len({f.sample for f in report.findings}) == 30
+
+
+def test_report_splits_its_time_into_compile_and_run():
+    report = manualgrad.check("identity", checks=("forward", "jit"))
+    assert 0 < report.compile_seconds < report.seconds  # cold programs: compiling, then running them
+    assert np.isclose(report.compile_seconds + report.run_seconds, report.seconds)
+    assert report.timing() == (
+        f"{report.seconds:.1f} s (compile {report.compile_seconds:.1f} s, run {report.run_seconds:.1f} s)"
+    )
+
+
 def test_bad_arguments_to_check():
     with pytest.raises(ValueError, match="dtype must be one of"):
         manualgrad.check("dense", dtype="float16")
