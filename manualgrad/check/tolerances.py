@@ -46,9 +46,15 @@ TOLERANCES = {
 ATOL = {"float64": 10 * float(np.finfo(np.float64).eps), "float32": 10 * float(np.finfo(np.float32).eps)}
 FD_ATOL = 1e-8
 # XLA:CPU builds the sample programs about five times faster without LLVM's optimisation
-# passes and with its older loop emitters. Only code generation changes: the computation,
-# and so every check, is the same; results may differ from a default build by round-off.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+# passes and with its older loop emitters, and about twice as fast again as one LLVM module
+# rather than split into parts built in parallel (each part pays for its own LLVM set-up,
+# and the checker's threads keep the cores busy anyway). Only code generation changes: the
+# computation, and so every check, is the same; results may differ from a default build by round-off.
+FAST_COMPILE = {
+    "xla_backend_optimization_level": 0,
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_cpu_parallel_codegen_split_count": 1,
+}
 
 
 @functools.cache
