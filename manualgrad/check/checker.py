@@ -28,9 +28,15 @@ reference=..., args=...)``) run under the caller's setting; the backward passes 
 rules inside the function still run under ``"raise"``. A reference that raises fails every
 check of its sample, with a note that names the reference.
 
-The run time is compile time: every sample's checks but the eager one are fused into one
-program (built with :data:`~manualgrad.check.tolerances.FAST_COMPILE` on CPU), and samples are
-checked :data:`WORKERS` at a time, so that one sample's compile overlaps another's tracing and eager dispatch.
+The run time is compile time (the report splits it, :mod:`~manualgrad.check.timing`): every
+sample's checks but the eager one are fused into one program (built with
+:data:`~manualgrad.check.tolerances.FAST_COMPILE` on CPU), in which the backward is traced as few
+times as the checks allow (``jit`` and ``grad_of_grad`` share one trace, the finite differences
+of all arguments another), and samples are checked :data:`WORKERS` at a time, so that one
+sample's compile overlaps another's tracing and eager dispatch. Samples are not batched into one
+program per rule: XLA's compile time grows with the program, and one program per rule built as
+much as the per-sample ones together, one thread at a time. ``manualgrad check`` also keeps what
+it built in JAX's persistent compilation cache (:mod:`~manualgrad.check.cache`).
 """
 
 from __future__ import annotations
@@ -59,7 +65,6 @@ from manualgrad.check.trees import (
     is_float_tree,
     random_like,
     stack_perturbed,
-    vdot,
 )
 from manualgrad.registry import Rule, Sample
 

@@ -200,25 +200,31 @@ def finite_differences(
     primals = [args[i] for i in diff]
     sizes = [sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(p)) for p in primals]
     m = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(jax.eval_shape(fn, *primals)))
-    exact = [n <= EXACT_JACOBIAN_MAX for n in sizes]
-    blocks, cotangents, parts = [], [np.eye(m)] if any(exact) else [], []
-    start, column, cotangent = 0, 0, m if any(exact) else 0
-    for k, name, primal, n, whole in zip(jax.random.split(key, len(diff)), names, primals, sizes, exact):
-        if whole:
-            block, own, u, cotangent_rows = np.eye(n), None, None, slice(0, m)
+    cotangents = [np.eye(m)] if any(n <= EXACT_JACOBIAN_MAX for n in sizes) else []
+    parts, blocks, row, cotangent_row = [], [], 0, sum(map(len, cotangents))
+    for k, name, primal, n, column in zip(
+        jax.random.split(key, len(diff)), names, primals, sizes, np.cumsum([0, *sizes])
+    ):
+        if n <= EXACT_JACOBIAN_MAX:
+            own, u, block, cotangent_rows = None, None, np.eye(n), slice(0, m)
         else:
-            rng = generator(k)
-            draws = [(rng.standard_normal(n), rng.standard_normal(m)) for _ in range(FAST_DIRECTIONS)]
-            block = own = np.stack([d / np.linalg.norm(d) for d, _ in draws])
-            u, cotangent_rows = np.stack([c for _, c in draws]), slice(cotangent, cotangent + FAST_DIRECTIONS)
+            own, u = _random_directions(k, n, m)
+            block, cotangent_rows = own, slice(cotangent_row, cotangent_row + len(u))
             cotangents.append(u)
-            cotangent += FAST_DIRECTIONS
+            cotangent_row += len(u)
+        rows, columns = slice(row, row + len(block)), slice(int(column), int(column) + n)
+        parts.append(Differences(name, primal, own, u, rows, columns, cotangent_rows))
         blocks.append(block)
-        parts.append(
-            Differences(name, primal, own, u, slice(start, start + len(block)), slice(column, column + n), cotangent_rows)
-        )
-        start, column = start + len(block), column + n
-    directions = np.zeros((start, column))
+        row += len(block)
+    directions = np.zeros((row, sum(sizes)))
     for part, block in zip(parts, blocks):
         directions[part.rows, part.columns] = block
     return SampleDifferences(fn, primals, directions, np.concatenate(cotangents or [np.zeros((0, m))]), parts)
+
+
+def _random_directions(key: jax.Array, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """:data:`FAST_DIRECTIONS` random unit directions in the ``n`` entries of an argument, and as
+    many standard normal cotangents of the ``m`` entries of the output."""
+    rng = generator(key)
+    draws = [(rng.standard_normal(n), rng.standard_normal(m)) for _ in range(FAST_DIRECTIONS)]
+    return np.stack([d / np.linalg.norm(d) for d, _ in draws]), np.stack([c for _, c in draws])

@@ -55,11 +55,6 @@ def stack_perturbed(key: jax.Array, tree: Any) -> Any:
     return jax.tree_util.tree_map(stack, tree, noise)
 
 
-def vdot(a: Any, b: Any) -> Any:
-    """``Σ ⟨a_leaf, b_leaf⟩`` over two pytrees of one structure (traceable)."""
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
-
-
 def closure(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int]) -> Callable[..., Any]:
     """``fn`` as a function of ``args[i]`` for ``i`` in ``diff``, the other arguments fixed."""
 
