@@ -21,7 +21,7 @@ Checkpoints (:mod:`manualgrad.train.checkpoint`) hold the parameters, the optimi
 model's state, the step, the running sums of the current epoch, every finished epoch's metrics
 and the arguments; the data order of epoch ``e`` is a pure function of ``(seed, e)``
 (:func:`manualgrad.train.data.epoch_order`) and step ``s``'s dropout key of ``(seed, s)``
-(:func:`step_key`). A run resumed from a checkpoint therefore repeats the uninterrupted run bit for bit.
+(:func:`step_keys`). A run resumed from a checkpoint therefore repeats the uninterrupted run bit for bit.
 
 Nothing is lost or silently overwritten. Without ``--out`` every run gets a folder of its own,
 ``runs/<start time>`` (``-2``, ``-3``, … within one second; created with an exclusive ``mkdir``,
@@ -195,9 +195,12 @@ def model(config: Config, dataset: data.Dataset, dtype: Any) -> layers.Layer:
     return MODELS[config.model](dataset, config, dtype)
 
 
-def step_key(seed: int, step: int) -> jax.Array:
-    """The PRNG key of training step ``step`` (dropout's masks): a function of ``(seed, step)`` only."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _DROPOUT_STREAM), step)
+def step_keys(seed: int, steps: Sequence[int]) -> np.ndarray:
+    """The PRNG keys (raw ``uint32[2]`` rows) of the training steps ``steps``, dropout's masks: step ``s``'s is
+    ``fold_in(fold_in(PRNGKey(seed), 1), s)``, a function of ``(seed, s)`` only. Drawn for many
+    steps in one program and handed over as numpy rows, so that a step costs no extra dispatch."""
+    root = jax.random.fold_in(jax.random.PRNGKey(seed), _DROPOUT_STREAM)
+    return np.asarray(jax.vmap(lambda step: jax.random.fold_in(root, step))(jnp.asarray(steps, jnp.uint32)))
 
 
 def loss_fn(net: layers.Layer, grad: str) -> Callable:
@@ -702,17 +705,19 @@ def _train_epoch(
     config, split = run.config, run.sharding(PartitionSpec("data"))
     order = data.epoch_order(config.seed, epoch, len(run.x_train))
     done = progress.step - epoch * run.steps
+    keys = step_keys(config.seed, range(progress.step, (epoch + 1) * run.steps))
     bar = _progress(run.steps, done, f"epoch {epoch + 1}/{config.epochs}")
     try:
-        for xb, yb in itertools.islice(
-            data.batches(run.x_train, run.dataset.y_train, config.batch_size, order), done, None
+        for (xb, yb), key in zip(
+            itertools.islice(data.batches(run.x_train, run.dataset.y_train, config.batch_size, order), done, None),
+            keys,
         ):
             _stop_if_pressed(run, out, progress, pressed)
             *state, value, correct, finite = step_fn(
                 *(progress.state[k] for k in STATE),
                 jax.device_put(xb, split),
                 jax.device_put(yb, split),
-                step_key(config.seed, progress.step),
+                key,
             )
             if not finite:
                 raise _diverged(progress, float(value), epoch)
@@ -759,7 +764,7 @@ def _final_cross_check(run: _Run, params: Any) -> tuple[float | None, int]:
     """The cross-check on the first ``--cross-check-batches`` training batches in order; ``None`` for 0 batches."""
     in_order = data.batches(run.x_train, run.dataset.y_train, run.config.batch_size, np.arange(len(run.x_train)))
     batches = list(itertools.islice(in_order, run.config.cross_check_batches))
-    key = step_key(run.config.seed, 0)
+    key = step_keys(run.config.seed, [0])[0]
     return (cross_check(run.net, params, batches, key) if batches else None), len(batches)
 
 

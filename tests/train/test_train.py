@@ -87,7 +87,7 @@ def test_training_step_runs_the_registered_backward():
     def one_step(grad):
         step = loop.make_step(loop.loss_fn(net, grad), tx)
         p = jax.tree_util.tree_map(jnp.copy, params)
-        return step(p, tx.init(p), net.init_state(p), x, y, loop.step_key(0, 0))[0]
+        return step(p, tx.init(p), net.init_state(p), x, y, loop.step_keys(0, [0])[0])[0]
 
     before = {grad: one_step(grad) for grad in ("manual", "autodiff")}
     activations.relu.defvjp(activations.relu_forward, lambda f, g: (2 * g,))  # forgets the mask, doubles
