@@ -92,7 +92,7 @@ def test_state_is_apart_from_params_gradient_and_optimizer():
         value, _, new_state = layers.classifier_loss(net, p, X, LABELS, state=state, train=True, key=key)
         return value, new_state
 
-    grads, new_state = jax.grad(loss, has_aux=True)(params)
+    grads, new_state = jax.jit(jax.grad(loss, has_aux=True))(params)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
     assert not np.allclose(new_state[1]["mean"], state[1]["mean"])
@@ -118,8 +118,8 @@ def test_every_norm_with_dropout_is_the_hand_rules_and_matches_jax_grad(norm):
     key = jax.random.PRNGKey(3)
 
     def grad(reference):
-        return jax.grad(
-            lambda p: layers.classifier_loss(net, p, X, LABELS, train=True, key=key, reference=reference)[0]
+        return jax.jit(
+            jax.grad(lambda p: layers.classifier_loss(net, p, X, LABELS, train=True, key=key, reference=reference)[0])
         )(params)
 
     manual, auto = grad(False), grad(True)
