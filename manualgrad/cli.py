@@ -405,6 +405,26 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help="hand rules, or jax.grad of the same model built from the references",
     )
     tr.add_argument(
+        "--norm",
+        choices=tuple(loop.NORMS),
+        default=defaults.norm,
+        help="normalisation after every hidden conv and dense layer, before its ReLU (batch: running statistics)",
+    )
+    tr.add_argument(
+        "--groups",
+        type=int,
+        default=None,
+        metavar="G",
+        help=f"channel groups of --norm group (default {loop.DEFAULT_GROUPS}; must divide every width)",
+    )
+    tr.add_argument(
+        "--dropout",
+        type=float,
+        default=defaults.dropout,
+        metavar="RATE",
+        help="inverted dropout after every dense hidden ReLU while training, in [0, 1) (default 0: none)",
+    )
+    tr.add_argument(
         "--out",
         default=None,
         metavar="DIR",

@@ -7,9 +7,12 @@ other, the order reversed every repetition — and a ratio is the median of the 
 ratios, hand rules first (``step_ratio_manual_over_jax_grad``).
 
 The step is :func:`manualgrad.train.loop.make_step`: forward, backward and the optax update in one
-jitted program with parameters and optimizer state donated. ``manual`` runs the registered hand
-rules; ``jax_grad`` is the same :mod:`manualgrad.nn.layers` model built from the rules' plain-``jnp``
-references and differentiated by JAX (``--grad autodiff`` of ``manualgrad train``).
+jitted program with parameters, optimizer state and model state donated, the model in training
+mode (batch norm's running statistics updated). ``manual`` runs the registered hand rules;
+``jax_grad`` is the same :mod:`manualgrad.nn.layers` model built from the rules' plain-``jnp``
+references and differentiated by JAX (``--grad autodiff`` of ``manualgrad train``). For models
+with normalisation layers the bench also reports those layers' own residual bytes, each layer's
+VJP taken alone at the activations it sees (:func:`norm_residual_bytes`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from manualgrad.nn import backprop, layers
 from manualgrad.train import loop
 
 LEARNING_RATE = 3e-3
+KEY = jax.random.PRNGKey(0)  # dropout's key in every benchmarked step
+NORMS = ("batch_norm", "layer_norm", "group_norm", "rms_norm")  # the maps of the normalisation layers
 
 
 class Model(NamedTuple):
@@ -60,6 +65,13 @@ MODELS: dict[str, Model] = {
     "cnn_28": Model(
         "CNN 28x28x1: conv3x3x32, conv3x3x64/2, dense 128, dense 10, batch 128",
         lambda: layers.cnn(10, (32, 64), 128),
+        (28, 28, 1),
+        128,
+        False,
+    ),
+    "bn_cnn": Model(
+        "cnn_28 with batch_norm after each conv and the dense 128 (train --norm batch; no bias before it), batch 128",
+        lambda: layers.cnn(10, (32, 64), 128, norm=layers.BatchNorm()),
         (28, 28, 1),
         128,
         False,
@@ -178,7 +190,8 @@ def compile_step(net: layers.Layer, grad: str, params: Any, x: jax.Array, labels
     """``loop.make_step`` for ``grad`` (``manual`` or ``autodiff``), lowered and compiled; and the seconds that took."""
     tx = optax.adam(LEARNING_RATE)
     start = time.perf_counter()
-    compiled = loop.make_step(loop.loss_fn(net, grad), tx).lower(params, tx.init(params), x, labels).compile()
+    step = loop.make_step(loop.loss_fn(net, grad), tx)
+    compiled = step.lower(params, tx.init(params), net.init_state(params), x, labels, KEY).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -202,14 +215,15 @@ def step_flops(params: Any, batch: int) -> int:
     return sum((4 if k == 0 else 6) * batch * fan_in * fan_out for k, (fan_in, fan_out) in enumerate(sizes))
 
 
-def _stepper(compiled: Any, params: Any, x: jax.Array, labels: jax.Array) -> Callable[[], Any]:
-    """A closure that runs one donated step and keeps the new state."""
+def _stepper(compiled: Any, net: layers.Layer, params: Any, x: jax.Array, labels: jax.Array) -> Callable[[], Any]:
+    """A closure that runs one donated step and keeps the new parameters, optimizer and model state."""
     tx = optax.adam(LEARNING_RATE)
-    state = [jax.tree_util.tree_map(jnp.copy, params), tx.init(params)]
+    state = [jax.tree_util.tree_map(jnp.copy, params), tx.init(params), net.init_state(params)]
 
     def run():
-        state[0], state[1], loss, *_ = compiled(state[0], state[1], x, labels)
-        return loss
+        out = compiled(*state, x, labels, KEY)
+        state[:] = out[:3]
+        return out[3]
 
     return run
 
@@ -265,9 +279,13 @@ def _compile_both(
 def _gradients_and_memory(
     net: layers.Layer, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array
 ) -> tuple[dict[str, Any], list[Record]]:
-    """Each side's gradient, their difference, and the compiled and residual bytes."""
+    """Each side's gradient, their difference, and the compiled and residual bytes (training mode)."""
     loss = {
-        side: (lambda p, x, y, ref=(side == "jax_grad"): layers.classifier_loss(net, p, x, y, reference=ref)[0])
+        side: (
+            lambda p, x, y, ref=(side == "jax_grad"): layers.classifier_loss(
+                net, p, x, y, train=True, key=KEY, reference=ref
+            )[0]
+        )
         for side in ("manual", "jax_grad")
     }
     grads = {side: jax.jit(jax.grad(fn))(params, x, labels) for side, fn in loss.items()}
@@ -289,6 +307,10 @@ def _gradients_and_memory(
     residuals = {side: residual_bytes(fn, params, x, labels) for side, fn in loss.items()}
     records += [record(f"residual_bytes_{side}", residuals[side], "bytes") for side in residuals]
     records.append(record("residual_ratio_manual_over_jax_grad", residuals["manual"] / residuals["jax_grad"], "ratio"))
+    norms = norm_residual_bytes(net, params, x)
+    if norms is not None:
+        records += [record(f"norm_residual_bytes_{side}", norms[side], "bytes") for side in norms]
+        records.append(record("norm_residual_ratio_manual_over_jax_grad", norms["manual"] / norms["jax_grad"], "ratio"))
     return grads, records
 
 
@@ -297,7 +319,7 @@ def _contenders(
 ) -> tuple[dict[str, Callable[[], Any]], list[Record], str | None]:
     """What is timed: both steps, and for MLPs the matmul and the peers (with the peers' gradient checks
     and the reason PyTorch is missing, if it is)."""
-    contenders = {side: _stepper(c, params, x, labels) for side, c in compiled.items()}
+    contenders = {side: _stepper(c, model.build(), params, x, labels) for side, c in compiled.items()}
     if not model.mlp:
         return contenders, [], None
     n = settings.matmul_n()
@@ -382,6 +404,27 @@ def residual_bytes(loss: Callable[..., Any], params: Any, *args: Any) -> int:
     given = {id(leaf) for leaf in jax.tree_util.tree_leaves((params, args))}
     _, pullback = jax.vjp(lambda p: loss(p, *args), params)
     return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(pullback) if id(leaf) not in given)
+
+
+def norm_residual_bytes(net: layers.Layer, params: Any, x: jax.Array) -> dict[str, int] | None:
+    """The residual bytes (:func:`residual_bytes`) of the normalisation layers of a :func:`~manualgrad.nn.layers.serial`
+    ``net``, hand rules and ``jax.grad``: each layer's VJP in its input and params, taken alone at
+    the activation it sees in training mode, summed; ``None`` for a model without such layers."""
+    seen = []  # (layer, params, input) of each normalisation layer
+    for layer, p in zip(net.layers, params):
+        if layer.map in NORMS:
+            seen.append((layer, p, x))
+        x = layer.apply(p, x, train=True, key=KEY)
+    if not seen:
+        return None
+
+    def alone(layer: layers.Layer, reference: bool) -> Callable[[Any], jax.Array]:
+        return lambda args: layer.apply(args[1], args[0], train=True, reference=reference)
+
+    return {
+        side: sum(residual_bytes(alone(layer, side == "jax_grad"), (h, p)) for layer, p, h in seen)
+        for side in ("manual", "jax_grad")
+    }
 
 
 def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256, seed: int = 0) -> dict[str, Any]:

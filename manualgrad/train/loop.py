@@ -11,10 +11,17 @@ optimizer state are replicated (``P()``). XLA inserts the all-reduce that the su
 batch in each gradient pass (``Oᵀ G``, ``1ᵀ G``) needs, so the step is the same program on one
 device or many.
 
-Checkpoints (:mod:`manualgrad.train.checkpoint`) hold the parameters, the optimizer state, the step,
-the running sums of the current epoch, every finished epoch's metrics and the arguments; the
-data order of epoch ``e`` is a pure function of ``(seed, e)`` (:func:`manualgrad.train.data.epoch_order`).
-A run resumed from a checkpoint therefore repeats the uninterrupted run bit for bit.
+``--norm`` puts a normalisation layer after every hidden convolution and dense layer, before
+its ReLU, and ``--dropout`` a :func:`~manualgrad.nn.layers.Dropout` after every dense hidden
+ReLU (:func:`~manualgrad.nn.layers.cnn`, :func:`~manualgrad.nn.layers.mlp`). The model's state
+(batch norm's running statistics) is a pytree of its own beside the parameters: the jitted
+step returns it updated, ``jax.grad`` and optax never see it, evaluation normalises with it.
+
+Checkpoints (:mod:`manualgrad.train.checkpoint`) hold the parameters, the optimizer state, the
+model's state, the step, the running sums of the current epoch, every finished epoch's metrics
+and the arguments; the data order of epoch ``e`` is a pure function of ``(seed, e)``
+(:func:`manualgrad.train.data.epoch_order`) and step ``s``'s dropout key of ``(seed, s)``
+(:func:`step_keys`). A run resumed from a checkpoint therefore repeats the uninterrupted run bit for bit.
 
 Nothing is lost or silently overwritten. Without ``--out`` every run gets a folder of its own,
 ``runs/<start time>`` (``-2``, ``-3``, … within one second; created with an exclusive ``mkdir``,
@@ -58,7 +65,23 @@ from manualgrad.train import checkpoint, data
 METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 3e-3}
 # Arguments that must match for --resume to continue the same run.
-RUN_DEFINING = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "dtype", "grad")
+RUN_DEFINING = (
+    "model",
+    "dataset",
+    "optimizer",
+    "lr",
+    "batch_size",
+    "seed",
+    "dtype",
+    "grad",
+    "norm",
+    "dropout",
+    "groups",
+)
+ADDED_LATER = ("norm", "dropout", "groups")  # runs saved before these existed had their defaults
+DEFAULT_GROUPS = 4  # --norm group's groups: divides every width of the ready-made models
+STATE = ("params", "opt_state", "model_state")  # what the jitted step carries from one step to the next
+_DROPOUT_STREAM = 1  # fold_in(PRNGKey(seed), 1): the dropout keys' root, apart from the initialisation's key
 RUNS = Path("runs")  # where runs without --out get their folders, relative to the working directory
 LATEST = "latest"
 RUN_FILES = ("metrics.csv", "curves.png")  # with the checkpoints, what marks a folder as holding a run
@@ -97,6 +120,9 @@ class Config:
     seed: int = 0
     dtype: str = "float32"
     grad: str = "manual"
+    norm: str = "none"
+    dropout: float = 0.0
+    groups: int | None = None
     out: str | None = None
     overwrite: bool = False
     checkpoint_every: int = 0
@@ -131,36 +157,64 @@ def optimizer(name: str, lr: float) -> optax.GradientTransformation:
     return OPTIMIZERS[name](lr)
 
 
-def _cnn(dataset: data.Dataset, dtype: Any) -> layers.Layer:
+# --norm NAME -> (groups, dtype) -> the layer after every hidden convolution and dense layer (None: none).
+NORMS: dict[str, Callable[[int, Any], layers.Layer | None]] = {
+    "none": lambda groups, dtype: None,
+    "batch": lambda groups, dtype: layers.BatchNorm(dtype=dtype),
+    "layer": lambda groups, dtype: layers.LayerNorm(dtype=dtype),
+    "group": lambda groups, dtype: layers.GroupNorm(groups, dtype=dtype),
+    "rms": lambda groups, dtype: layers.RMSNorm(dtype=dtype),
+}
+
+
+def _norm(config: Config, dtype: Any) -> layers.Layer | None:
+    return NORMS[config.norm](_value(dataclasses.asdict(config), "groups"), dtype)
+
+
+def _cnn(dataset: data.Dataset, config: Config, dtype: Any) -> layers.Layer:
     if not dataset.is_image:
         raise TrainError(
             f"train: --model cnn needs images (N, H, W, C); dataset {dataset.name} has inputs of shape "
             f"{dataset.input_shape}: use --model mlp"
         )
-    return layers.cnn(dataset.classes, dtype=dtype)
+    return layers.cnn(dataset.classes, dtype=dtype, norm=_norm(config, dtype), dropout=config.dropout)
 
 
-def _mlp(dataset: data.Dataset, dtype: Any) -> layers.Layer:
-    return layers.mlp(dataset.classes, hidden=(128,) if dataset.is_image else (32, 32), dtype=dtype)
+def _mlp(dataset: data.Dataset, config: Config, dtype: Any) -> layers.Layer:
+    hidden = (128,) if dataset.is_image else (32, 32)
+    return layers.mlp(dataset.classes, hidden, dtype, norm=_norm(config, dtype), dropout=config.dropout)
 
 
-MODELS: dict[str, Callable[[data.Dataset, Any], layers.Layer]] = {"cnn": _cnn, "mlp": _mlp}
+MODELS: dict[str, Callable[[data.Dataset, Config, Any], layers.Layer]] = {"cnn": _cnn, "mlp": _mlp}
 
 
-def model(name: str, dataset: data.Dataset, dtype: Any) -> layers.Layer:
-    """The ready-made ``cnn`` or ``mlp`` for ``dataset`` (:data:`MODELS`)."""
-    if name not in MODELS:
-        raise TrainError(f"train: --model must be {_either(tuple(MODELS))}, got {name!r}")
-    return MODELS[name](dataset, dtype)
+def model(config: Config, dataset: data.Dataset, dtype: Any) -> layers.Layer:
+    """The ready-made ``cnn`` or ``mlp`` (:data:`MODELS`) for ``dataset``, with ``config``'s norm and dropout."""
+    if config.model not in MODELS:
+        raise TrainError(f"train: --model must be {_either(tuple(MODELS))}, got {config.model!r}")
+    return MODELS[config.model](dataset, config, dtype)
+
+
+def step_keys(seed: int, steps: Sequence[int]) -> np.ndarray:
+    """The PRNG keys (raw ``uint32[2]`` rows) of the training steps ``steps``, dropout's masks: step ``s``'s is
+    ``fold_in(fold_in(PRNGKey(seed), 1), s)``, a function of ``(seed, s)`` only. Drawn for many
+    steps in one program and handed over as numpy rows, so that a step costs no extra dispatch."""
+    root = jax.random.fold_in(jax.random.PRNGKey(seed), _DROPOUT_STREAM)
+    return np.asarray(jax.vmap(lambda step: jax.random.fold_in(root, step))(jnp.asarray(steps, jnp.uint32)))
 
 
 def loss_fn(net: layers.Layer, grad: str) -> Callable:
-    """``(params, x, labels) -> (loss, correct)`` through the hand rules (``manual``) or the
-    references (``autodiff``)."""
+    """``(params, state, x, labels, *, train=False, key=None) -> (loss, correct, new_state)`` through the
+    hand rules (``manual``) or the references (``autodiff``); ``state`` is the model's
+    (:func:`~manualgrad.nn.layers.classifier_loss`)."""
     if grad not in GRADS:
         raise TrainError(f"train: --grad must be {_either(GRADS)}, got {grad!r}")
     reference = grad == "autodiff"
-    return lambda params, x, labels: layers.classifier_loss(net, params, x, labels, reference=reference)
+
+    def loss(params, state, x, labels, *, train=False, key=None):
+        return layers.classifier_loss(net, params, x, labels, state=state, train=train, key=key, reference=reference)
+
+    return loss
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -168,18 +222,27 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def make_step(loss: Callable, tx: optax.GradientTransformation) -> Callable:
-    """One jitted step: ``(params, opt_state, x, labels) -> (params, opt_state, loss, correct, finite)``.
+    """One jitted training step of :func:`loss_fn`'s ``loss``:
+    ``(params, opt_state, state, x, labels, key) -> (params, opt_state, state, loss, correct, finite)``.
 
-    ``finite`` is true when the loss and every leaf of the new parameters and optimizer state are finite.
+    The model runs in training mode with dropout's masks drawn from ``key``; the gradient is taken
+    in ``params`` alone, and the model's new ``state`` (running statistics) comes out beside it,
+    untouched by the optimizer. ``finite`` is true when the loss and every leaf of the new
+    parameters, optimizer state and model state are finite.
     """
 
-    def step(params, opt_state, x, labels):
-        (value, correct), grads = jax.value_and_grad(loss, has_aux=True)(params, x, labels)
+    def step(params, opt_state, state, x, labels, key):
+        def objective(p):
+            value, correct, new_state = loss(p, state, x, labels, train=True, key=key)
+            return value, (correct, new_state)
+
+        (value, (correct, state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, value, correct, jnp.isfinite(value) & _all_finite((params, opt_state))
+        finite = jnp.isfinite(value) & _all_finite((params, opt_state, state))
+        return params, opt_state, state, value, correct, finite
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 def mesh(devices: int | None) -> Mesh:
@@ -194,20 +257,31 @@ def mesh(devices: int | None) -> Mesh:
     return Mesh(np.array(available[:n]), ("data",))
 
 
-def cross_check(net: layers.Layer, params: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+def cross_check(
+    net: layers.Layer, params: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]], key: jax.Array
+) -> float:
     """Max relative difference (:func:`~manualgrad.check.tolerances.relative_error`) of the hand-rule gradient from
-    ``jax.grad`` of the references over ``batches`` (≥ 1)."""
-    manual = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y)[0]))
-    auto = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y, reference=True)[0]))
+    ``jax.grad`` of the references over ``batches`` (≥ 1), in training mode (batch statistics,
+    dropout's masks from ``key``, the same on both sides)."""
+
+    def gradient(reference):
+        return jax.jit(
+            jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y, train=True, key=key, reference=reference)[0])
+        )
+
+    manual, auto = gradient(False), gradient(True)
     return max(relative_error(manual(params, x, y), auto(params, x, y)) for x, y in batches)
 
 
-def evaluate(loss: Callable, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """Mean loss and accuracy over every sample of ``(x, y)``."""
-    fn = jax.jit(loss)
+def evaluate(
+    loss: Callable, params: Any, state: Any, x: np.ndarray, y: np.ndarray, batch_size: int
+) -> tuple[float, float]:
+    """Mean loss and accuracy over every sample of ``(x, y)``, in evaluation mode (running statistics
+    from the model's ``state``, no dropout)."""
+    fn = jax.jit(lambda p, s, x, y: loss(p, s, x, y)[:2])
     total, correct = 0.0, 0
     for xb, yb in data.evaluation_batches(x, y, batch_size):
-        value, right = fn(params, xb, yb)
+        value, right = fn(params, state, xb, yb)
         total += float(value) * len(xb)
         correct += int(right)
     return total / len(x), correct / len(x)
@@ -285,6 +359,30 @@ def validate(config: Config) -> None:
         raise TrainError(
             f"train: --cross-check-batches must be ≥ 0 (0: no cross-check), got {config.cross_check_batches}"
         )
+    _validate_regularisers(config)
+
+
+def _validate_regularisers(config: Config) -> None:
+    """``--norm``, ``--groups`` and ``--dropout``: each known, in range, and only where it acts."""
+    if config.norm not in NORMS:
+        raise TrainError(f"train: --norm must be {_either(tuple(NORMS))}, got {config.norm!r}")
+    if not (math.isfinite(config.dropout) and 0 <= config.dropout < 1):
+        raise TrainError(
+            f"train: --dropout must be a number in [0, 1), the probability of dropping a hidden unit, "
+            f"got {config.dropout:g}"
+        )
+    if config.groups is not None and config.norm != "group":
+        raise TrainError(
+            f"train: --groups is the number of channel groups of --norm group, and this run has --norm "
+            f"{config.norm}: drop --groups, or give --norm group"
+        )
+    if config.groups is not None and config.groups < 1:
+        raise TrainError(f"train: --groups must be ≥ 1, got {config.groups}")
+    if config.norm == "batch" and config.batch_size < 2:
+        raise TrainError(
+            f"train: --norm batch normalises every unit over the batch and needs --batch-size ≥ 2, "
+            f"got {config.batch_size}"
+        )
 
 
 def followed(path: Path) -> Path:
@@ -344,15 +442,20 @@ def _directory(config: Config) -> Path | None:
 
 
 def _value(values: dict[str, Any], key: str) -> Any:
-    """Argument ``key`` of ``values`` (a :class:`Config` as a dict) as it acts: ``lr`` with its default filled in."""
+    """Argument ``key`` of ``values`` (a :class:`Config` as a dict) as it acts: ``lr`` with its default
+    filled in, ``groups`` too under ``--norm group``."""
     if key == "lr" and values["lr"] is None:
         return DEFAULT_LR[values["optimizer"]]
+    if key == "groups" and values["groups"] is None and values["norm"] == "group":
+        return DEFAULT_GROUPS
     return values[key]
 
 
 def _flags(values: dict[str, Any], keys: Sequence[str]) -> str:
-    """``--model mlp --lr 0.003``: the arguments ``keys`` of ``values`` as the command line spells them."""
-    spelled = {k: f"{v:g}" if isinstance(v, float) else v for k, v in ((k, _value(values, k)) for k in keys)}
+    """``--model mlp --lr 0.003``: the arguments ``keys`` of ``values`` as the command line spells them
+    (those that do not act, ``--groups`` without ``--norm group``, left out)."""
+    acting = ((k, _value(values, k)) for k in keys)
+    spelled = {k: f"{v:g}" if isinstance(v, float) else v for k, v in acting if v is not None}
     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in spelled.items())
 
 
@@ -366,12 +469,13 @@ def _refuse_another_run(config: Config, directory: Path) -> None:
             saved = checkpoint.read_meta(path).get("config")
         except checkpoint.CheckpointError:
             continue  # checkpoint.latest names it, or all of them
-        if not isinstance(saved, dict) or not set(RUN_DEFINING) <= set(saved):
+        if not isinstance(saved, dict) or not set(RUN_DEFINING) - set(ADDED_LATER) <= set(saved):
             raise TrainError(
                 f"train: --resume {config.resume}: {path.name} was not written by manualgrad train "
                 "(it does not record the run's arguments)"
             )
         now = dataclasses.asdict(config)
+        saved = {**{k: getattr(Config(), k) for k in ADDED_LATER}, **saved}
         keys = [k for k in RUN_DEFINING if _value(saved, k) != _value(now, k)]
         if keys:
             raise TrainError(
@@ -460,7 +564,7 @@ class _Run:
             jax.config.update("jax_enable_x64", True)
         dtype = jnp.dtype(config.dtype)
         dataset = data.load(config.dataset, seed=config.seed)
-        net = model(config.model, dataset, dtype)
+        net = model(config, dataset, dtype)
         devices = mesh(config.devices)
         if config.batch_size % devices.devices.size:
             raise TrainError(
@@ -494,11 +598,23 @@ class _Progress:
     checkpoint: Path | None = None
 
 
-def _start(run: _Run, directory: Path | None) -> _Progress:
-    """Freshly initialised parameters and optimizer state, or with ``--resume`` the newest intact checkpoint."""
+def _initialised(run: _Run) -> dict[str, Any]:
+    """Parameters, optimizer state and model state as :data:`STATE` at step 0; a norm that does not fit
+    the model's widths (``--groups``) is refused in the command line's words."""
     config = run.config
-    _, params = run.net.init(jax.random.PRNGKey(config.seed), (-1, *run.dataset.input_shape))
-    state = {"params": params, "opt_state": run.tx.init(params)}
+    try:
+        _, params = run.net.init(jax.random.PRNGKey(config.seed), (-1, *run.dataset.input_shape))
+    except layers.LayerError as error:
+        flags = _flags(dataclasses.asdict(config), ("model", "norm", "groups"))
+        raise TrainError(f"train: {flags} cannot be built for dataset {run.dataset.name}: {error}") from error
+    return {"params": params, "opt_state": run.tx.init(params), "model_state": run.net.init_state(params)}
+
+
+def _start(run: _Run, directory: Path | None) -> _Progress:
+    """Freshly initialised parameters, optimizer and model state, or with ``--resume`` the newest intact
+    checkpoint."""
+    config = run.config
+    state = _initialised(run)
     if config.resume is None:
         return _Progress(state)
     found = checkpoint.latest(directory, state)
@@ -570,7 +686,7 @@ def _diverged(progress: _Progress, value: float, epoch: int) -> Diverged:
     what = (
         f"the loss became {value}"
         if not math.isfinite(value)
-        else "the parameters or the optimizer state became infinite or NaN"
+        else "the parameters, the optimizer state or the model's running statistics became infinite or NaN"
     )
     kept = (
         f"the last finite checkpoint is {progress.checkpoint}"
@@ -589,21 +705,23 @@ def _train_epoch(
     config, split = run.config, run.sharding(PartitionSpec("data"))
     order = data.epoch_order(config.seed, epoch, len(run.x_train))
     done = progress.step - epoch * run.steps
+    keys = step_keys(config.seed, range(progress.step, (epoch + 1) * run.steps))
     bar = _progress(run.steps, done, f"epoch {epoch + 1}/{config.epochs}")
     try:
-        for xb, yb in itertools.islice(
-            data.batches(run.x_train, run.dataset.y_train, config.batch_size, order), done, None
+        for (xb, yb), key in zip(
+            itertools.islice(data.batches(run.x_train, run.dataset.y_train, config.batch_size, order), done, None),
+            keys,
         ):
             _stop_if_pressed(run, out, progress, pressed)
             *state, value, correct, finite = step_fn(
-                progress.state["params"],
-                progress.state["opt_state"],
+                *(progress.state[k] for k in STATE),
                 jax.device_put(xb, split),
                 jax.device_put(yb, split),
+                key,
             )
             if not finite:
                 raise _diverged(progress, float(value), epoch)
-            progress.state = dict(zip(("params", "opt_state"), state))
+            progress.state = dict(zip(STATE, state))
             progress.epoch_loss += float(value) * len(xb)
             progress.epoch_correct += int(correct)
             progress.step += 1
@@ -619,7 +737,9 @@ def _end_epoch(run: _Run, out: Path, progress: _Progress, epoch: int) -> None:
     """Evaluates on the test split, appends and writes the epoch's metrics, prints them, checkpoints."""
     config = run.config
     seen = run.steps * config.batch_size
-    test_loss, test_accuracy = evaluate(run.loss, progress.state["params"], run.x_test, run.dataset.y_test, 512)
+    test_loss, test_accuracy = evaluate(
+        run.loss, progress.state["params"], progress.state["model_state"], run.x_test, run.dataset.y_test, 512
+    )
     progress.rows.append(
         {
             "epoch": epoch + 1,
@@ -644,7 +764,8 @@ def _final_cross_check(run: _Run, params: Any) -> tuple[float | None, int]:
     """The cross-check on the first ``--cross-check-batches`` training batches in order; ``None`` for 0 batches."""
     in_order = data.batches(run.x_train, run.dataset.y_train, run.config.batch_size, np.arange(len(run.x_train)))
     batches = list(itertools.islice(in_order, run.config.cross_check_batches))
-    return (cross_check(run.net, params, batches) if batches else None), len(batches)
+    key = step_keys(run.config.seed, [0])[0]
+    return (cross_check(run.net, params, batches, key) if batches else None), len(batches)
 
 
 def train(config: Config) -> dict[str, Any]:

@@ -63,9 +63,12 @@ def test_json_names_every_figure(quick_run):
     assert PER_MODEL | PER_MLP <= figures["digits_mlp"]
     assert PER_MODEL <= figures["digits_cnn"] and not PER_MLP & figures["digits_cnn"]
     assert figures[None] == {"check_seconds_float64"}
+    assert not any(f.startswith("norm_") for f in set().union(*figures.values()))  # no norm layers there
     for figure in set().union(*figures.values()):
         if "ratio" in figure:  # every ratio says both sides, hand rules first
-            assert re.fullmatch(r"(step|compile|memory|residual)_ratio_manual_over_(jax_grad|numpy|torch)", figure)
+            assert re.fullmatch(
+                r"(step|compile|memory|residual|norm_residual)_ratio_manual_over_(jax_grad|numpy|torch)", figure
+            )
     machine = quick_run["machine"]
     assert machine["backend"] == jax.default_backend() and machine["jax"] == jax.__version__
     assert machine["cores"] >= 1 and machine["cpu"]
@@ -108,10 +111,11 @@ def test_peers_take_the_same_adam_steps_as_the_jitted_step(peer):
     params, x, labels = bench._inputs(bench.MODELS["digits_mlp"], 1)
     weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
     tx = optax.adam(bench.LEARNING_RATE)
-    step = loop.make_step(loop.loss_fn(layers.mlp(10, (128,)), "manual"), tx)
-    state = (params, tx.init(params))
+    net = layers.mlp(10, (128,))
+    step = loop.make_step(loop.loss_fn(net, "manual"), tx)
+    state = (params, tx.init(params), net.init_state(params))
     for _ in range(3):
-        *state, _, _, _ = step(*state, x, labels)  # loss, correct, finite
+        *state, _, _, _ = step(*state, x, labels, bench.KEY)  # loss, correct, finite
     expected = [a for pair in peers.dense_weights(state[0]) for a in map(np.asarray, pair)]
     if peer == "torch":
         model = peers.TorchMLP(weights, bench.LEARNING_RATE)
@@ -161,3 +165,21 @@ def test_comparisons_script_runs_the_same_bench(capsys):
         "flops_fraction_manual_of_matmul",
     }
     assert "step_ratio_manual_over_jax_grad" in capsys.readouterr().out
+
+
+def test_a_model_with_batch_norm_is_benched_with_its_norms_residuals(monkeypatch):
+    """bn_cnn's figures on a small stand-in (digits CNN with batch norm, batch 8): every per-model
+    figure, and the norm layers' residuals: the hand rule keeps x̂ and 1/σ per channel, exactly."""
+    model = bench.Model(
+        "digits CNN with batch norm", lambda: layers.cnn(10, norm=layers.BatchNorm()), (8, 8, 1), 8, False
+    )
+    monkeypatch.setitem(bench.MODELS, "tiny_bn", model)
+    values = {r["figure"]: r["value"] for r in bench.bench_model("tiny_bn", bench.QUICK)}
+    assert PER_MODEL <= set(values)
+    assert all(math.isfinite(v) and v >= 0 for v in values.values())
+    assert values["gradient_difference_jax_grad_vs_manual"] < 1e-5  # float32 round-off, batch of 8
+    # x̂ of (8, 8, 8, 16), (8, 4, 4, 32) and (8, 64), and 1/σ with its channel axis, in float32
+    expected = 4 * sum(n * c + c for n, c in ((8 * 8 * 8, 16), (8 * 4 * 4, 32), (8, 64)))
+    assert values["norm_residual_bytes_manual"] == expected
+    assert values["norm_residual_ratio_manual_over_jax_grad"] < 1
+    assert bench.norm_residual_bytes(layers.cnn(10), *bench._inputs(bench.MODELS["digits_cnn"], 0)[:2]) is None
