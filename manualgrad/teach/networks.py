@@ -28,6 +28,8 @@ import contextlib
 import dataclasses
 import functools
 import pathlib
+import re
+import textwrap
 import time
 import traceback
 import types
@@ -43,8 +45,8 @@ from manualgrad.check import comparison, diagnose
 from manualgrad.check.tolerances import ATOL, TOLERANCES, compiler_options
 from manualgrad.teach import exercise, results
 
+WRAP = 96  # the docstring's paragraphs, refilled after their numbers are put in
 PREFIX = "network "  # an exercise file's first line: ``# manualgrad exercise: network NAME``
-FILE_GRADING = ("run ``manualgrad grade THIS_FILE``", "manualgrad grade")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +235,7 @@ def _mlp_bn_inputs() -> dict[str, Any]:
 
 MLP_BN = Network(
     "mlp_bn",
-    "embedding → dense → batch_norm → tanh → dense → softmax cross-entropy, every intermediate",
+    "embedding → dense → batch_norm → tanh → dense → softmax cross-entropy",
     f"""The classic whole-network exercise (A. Karpathy, "Building makemore Part 4: Becoming a
 Backprop Ninja", 2022): a character-level MLP predicting the next character of a name from the
 {BLOCK} before it, on a fixed batch of {BATCH} contexts drawn from {len(WORDS)} names built in
@@ -480,7 +482,7 @@ class Parts:
     backward: str  # the backward to fill in
 
 
-def parts(name: str, grading: tuple[str, str] = FILE_GRADING) -> Parts:
+def parts(name: str, grading: tuple[str, str] = exercise.FILE_GRADING) -> Parts:
     """The pieces of network ``name``'s exercise; ``grading`` says how to get graded, in the task
     and in the backward's docstring."""
     net = get(name)
@@ -488,31 +490,41 @@ def parts(name: str, grading: tuple[str, str] = FILE_GRADING) -> Parts:
     width = max(len(f"{s.name} = {s.code}") for s in net.steps)
     forward = "\n".join(f"{f'{s.name} = {s.code}':<{width}}  # {_shape(vals[s.name])}" for s in net.steps)
     graded = order(net)
-    task = f"""Your task: write ``backward(values)``. ``values`` maps every name of the forward (its
+    task = _fill(
+        f"""Your task: write ``backward(values)``. ``values`` maps every name of the forward (its
 inputs, parameters and intermediates) to its value on the fixed inputs; ``backward`` returns the
 gradient of ``{net.loss}`` with respect to each of the {len(graded)} names in its return
-statement, each shaped like that value. Fill them in in the order given: backward order, each
+statement, each shaped like that value. Fill them in in the order given, backward order: each
 needs only those above it; one left as None fails alone. Use jax.numpy or NumPy, not autodiff.
-To try it: ``from manualgrad.teach import networks; backward(networks.values({name!r}))``.
-Then {grading[0]}: one row per gradient, in backward order — exact (bit-equal), close (within
-float round-off), the max abs difference and the diagnosis — so the first wrong one shows where
-your backward first goes wrong."""
+To try it: ``from manualgrad.teach import networks`` and ``backward(networks.values("{name}"))``.
+Then {grading[0]}: one row per gradient, in backward order, says exact (bit-equal), close (within
+float round-off), the max abs difference and the diagnosis, so that the first wrong one shows
+where your backward first goes wrong."""
+    )
     imports = "from __future__ import annotations\n\nimport jax\nimport jax.numpy as jnp\nimport numpy as np\n"
     return Parts(
         net, forward, task, [registry.cite(s, sec) for s, sec in net.seeds], imports, _template(net, vals, grading)
     )
 
 
+def _fill(text: str) -> str:
+    """``text`` refilled to :data:`WRAP` columns, never breaking a ````span````."""
+    kept = re.sub(r"``.+?``", lambda m: m[0].replace(" ", "\0"), " ".join(text.split()), flags=re.S)
+    return textwrap.fill(kept, WRAP, break_on_hyphens=False).replace("\0", " ")
+
+
 def _template(net: Network, vals: dict[str, Any], grading: tuple[str, str]) -> str:
-    """``def backward(values)``: the values unpacked by name, one ``dNAME = None`` per graded name in backward order."""
-    known = [k for k in vals if k != net.loss]
-    unpack = "\n".join(f"    {k} = values[{k!r}]" for k in known)
+    """``def backward(values)``: the values unpacked by name (inputs, then steps), one ``dNAME =
+    None`` per graded name in backward order, and the dict it returns."""
+    known = [*net.inputs(), *(s.name for s in net.steps[:-1])]
+    unpack = "\n".join(f'    {k} = values["{k}"]' for k in known)
     blanks = "\n".join(
         f"    d{n} = None  # {_shape(vals[n])}, used by {', '.join(s.name for s in users(net, n))}" for n in order(net)
     )
-    returned = "\n".join(f"        {n!r}: d{n}," for n in order(net))
+    returned = "\n".join(f'        "{n}": d{n},' for n in order(net))
     return f'''def backward(values):
-    """∂{net.loss}/∂(every intermediate and parameter) of {net.name}, by hand; graded by `{grading[1]}`."""
+    """∂{net.loss}/∂(every intermediate and parameter) of {net.name}, by hand: fill in each d... below,
+    {grading[1]}."""
 {unpack}
     d{net.loss} = 1.0  # where the backward pass starts
 {blanks}
@@ -533,7 +545,7 @@ def exercise_text(name: str) -> str:
     return f'''{header(name)}
 """Exercise: backpropagate {name} by hand, every intermediate: {p.net.title}.
 
-{indented(p.net.about)}
+{indented(_fill(p.net.about))}
 
     The forward, on fixed inputs (the grader computes it, and passes every value to backward):
 
