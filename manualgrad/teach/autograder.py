@@ -5,9 +5,10 @@
 * ``setup.sh``, which Gradescope runs once when it builds the grading image: it installs the
   bundled wheel of manualgrad (its dependencies, JAX and the rest, come from PyPI then);
 * ``run_autograder``, which Gradescope runs for each submission: ``manualgrad grade --expect NAME
-  ... --format gradescope`` (each NAME a rule or a network) on ``/autograder/submission/*.py`` and ``*.ipynb``, each file in its
-  own process under the time limit, into ``/autograder/results/results.json`` (the root is
-  ``$AUTOGRADER_ROOT`` where that is set, for testing the bundle outside Gradescope);
+  ... --format gradescope`` (each NAME a rule or a network) on ``/autograder/submission/*.py``
+  and ``*.ipynb``, each file in its own process under the time limit, into
+  ``/autograder/results/results.json`` (the root is ``$AUTOGRADER_ROOT`` where that is set, for
+  testing the bundle outside Gradescope);
 * ``manualgrad-VERSION-py3-none-any.whl``, a wheel of the manualgrad that built the bundle
   (:func:`wheel`), so that grading runs the rules and checks the teacher ran;
 * ``weights.json`` where weights are given.
