@@ -343,6 +343,8 @@ def _add_explain(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_exercise(commands: argparse._SubParsersAction) -> None:
+    from manualgrad.teach import networks
+
     ex = commands.add_parser(
         "exercise", help="write a rule's exercise: forward, derivation up to the result, empty backward"
     )
@@ -351,7 +353,7 @@ def _add_exercise(commands: argparse._SubParsersAction) -> None:
         "--network",
         metavar="NAME",
         default=None,
-        help="a whole network instead: the gradient of every intermediate (seed001, seed003, mlp_bn, gpt_block)",
+        help=f"a whole network instead, the gradient of every intermediate: {', '.join(networks.NETWORKS)}",
     )
     ex.add_argument("--notebook", action="store_true", help="write a Jupyter notebook (.ipynb) that grades in place")
     ex.add_argument(

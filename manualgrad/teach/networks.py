@@ -635,9 +635,17 @@ def grade_module(net: Network, module: Any, source: str, shown: str, dtype: str)
             f"score: 0/{len(graded)} gradients right",
         ]
         return "\n".join(lines), tuple(results.Row(net.name, f"d{n}", False, why) for n in graded)
+    cells, failure = _graded_all(net, module.backward, dtype)
+    return _report(net, head, cells, failure), tuple(
+        results.Row(net.name, f"d{c.name}", c.close, c.output) for c in cells
+    )
+
+
+def _graded_all(net: Network, backward: Callable[..., Any], dtype: str) -> tuple[list[Graded], str]:
+    """Every gradient of ``backward`` graded, in backward order, and why none could be (or ``""``)."""
     vals, grads = reference(net.name, dtype)
     with _numerics():  # the student's gradients, and the diagnoses' candidates, in float64 where asked
-        received, failure = _call(module.backward, vals)
+        received, failure = _call(backward, vals)
         cells = [
             _graded(
                 net,
@@ -648,23 +656,38 @@ def grade_module(net: Network, module: Any, source: str, shown: str, dtype: str)
                 failure or ("" if n in received else f"backward's dict has no {n!r}"),
                 received.get(n),
             )
-            for n in graded
+            for n in order(net)
         ]
-    lines = [head, *_table(cells)]
+    wrong = next((c for c in cells if not c.close), None)
+    return [_after(c, wrong) if wrong and i > cells.index(wrong) else c for i, c in enumerate(cells)], failure
+
+
+def _report(net: Network, head: str, cells: list[Graded], failure: str) -> str:
+    """The table, the score, and where the backward first goes wrong (or why it did not run)."""
     right = [c for c in cells if c.close]
     exact = sum(c.exact for c in cells)
+    lines = [head, *_table(cells)]
     lines.append(f"score: {len(right)}/{len(cells)} gradients right ({exact} exact, {len(right) - exact} close)")
     wrong = next((c for c in cells if not c.close), None)
     if failure:
         lines.append(failure)
-    if wrong is None:
+    elif wrong is None:
         lines.append("every gradient is right: each one bit-equal to jax.vjp of the forward, or within float round-off")
     else:
         uses = "; ".join(f"{s.name} = {s.code}" for s in users(net, wrong.name))
         above = "every gradient above it is right" if cells.index(wrong) else "it is the first in backward order"
         lines.append(f"first wrong: d{wrong.name}, the gradient of {wrong.name}, used by {uses}; {above}")
+    if wrong is not None:
         lines.append(f"reread: {net.seed_text}")
-    return "\n".join(lines), tuple(results.Row(net.name, f"d{c.name}", c.close, c.output) for c in cells)
+    return "\n".join(lines)
+
+
+def _after(cell: Graded, first: Graded) -> Graded:
+    """A wrong gradient below the first wrong one that no mistake explains: it may only carry that one's error."""
+    if cell.close or cell.diagnosis != diagnose.NO_EXPLANATION:
+        return cell
+    carried = f"{cell.diagnosis}: it may only carry the error of d{first.name} above"
+    return dataclasses.replace(cell, diagnosis=carried, output=cell.output.replace(cell.diagnosis, carried))
 
 
 def _call(backward: Callable[..., Any], vals: dict[str, Any]) -> tuple[dict[str, Any], str]:

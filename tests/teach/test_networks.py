@@ -116,8 +116,13 @@ PLANTED = [
     ("seed003", "dW = jnp.outer(dz0, x) + dZ3", "dW = dZ3", "W", "the path through Z₃ = W + V alone"),
     ("mlp_bn", "1.0 / (n - 1) * jnp.ones_like(bndiff2)", "1.0 / n * jnp.ones_like(bndiff2)", "bndiff2", "Bessel"),
     ("mlp_bn", "db2 = dlogits.sum(0)", "db2 = dlogits", "b2", "with axis 0 not summed"),
-    ("mlp_bn", "dlogprobs = jnp.zeros_like(logprobs).at[jnp.arange(n), Yb].set(-1.0 / n)",
-     "dlogprobs = jnp.zeros_like(logprobs).at[jnp.arange(n), Yb].set(-1.0)", "logprobs", "a missing mean over the batch (1/16)"),
+    (
+        "mlp_bn",
+        "dlogprobs = jnp.zeros_like(logprobs).at[jnp.arange(n), Yb].set(-1.0 / n)",
+        "dlogprobs = jnp.zeros_like(logprobs).at[jnp.arange(n), Yb].set(-1.0)",
+        "logprobs",
+        "a missing mean over the batch (1/16)",
+    ),
     ("gpt_block", "dWo = y.T @ dattn", "dWo = dattn.T @ y", "Wo", "the right one transposed"),
     ("gpt_block", "dv = att.T @ dy", "dv = -(att.T @ dy)", "v", "the sign flipped"),
 ]
@@ -149,7 +154,9 @@ def _table(report):
 
 def test_the_networks_are_well_formed():
     rules = {r.name for r in registry.rules()}
-    assert set(networks.NETWORKS) == {"seed001", "seed003", "mlp_bn", "gpt_block"} and not rules & set(networks.NETWORKS)
+    assert set(networks.NETWORKS) == {"seed001", "seed003", "mlp_bn", "gpt_block"} and not rules & set(
+        networks.NETWORKS
+    )
     for net in networks.NETWORKS.values():
         known = set(net.inputs())
         for step in net.steps:
@@ -162,8 +169,18 @@ def test_the_networks_are_well_formed():
 
 def test_backward_order_completes_each_gradient_before_it_is_needed():
     assert networks.order(networks.MLP_BN)[:12] == [
-        "logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits",
-        "logit_maxes", "logits", "h", "W2", "b2", "hpreact",
+        "logprobs",
+        "probs",
+        "counts_sum_inv",
+        "counts_sum",
+        "counts",
+        "norm_logits",
+        "logit_maxes",
+        "logits",
+        "h",
+        "W2",
+        "b2",
+        "hpreact",
     ]
     assert networks.order(networks.SEED003) == ["c", "z5", "z4", "Z3", "z2", "V", "z1", "z0", "b", "W"]
     for net in networks.NETWORKS.values():
@@ -212,14 +229,19 @@ def test_what_cannot_be_graded_fails_its_rows_in_one_sentence(tmp_path):
     (tmp_path / "template.py").write_text(networks.exercise_text("seed003"))
     template = grading.grade_file(tmp_path / "template.py")
     assert template.status == results.GRADED and not any(r.passed for r in template.rows)
-    assert template.rows[0].output == "dc is None: not computed yet" and "score: 0/10 gradients right" in template.report
+    assert (
+        template.rows[0].output == "dc is None: not computed yet" and "score: 0/10 gradients right" in template.report
+    )
     raising = grading.grade_file(_write(tmp_path, "seed003", SEED003.replace("Z3.T @ dz4", "Z3 @ x[:2]"), "r.py"))
     assert all(not r.passed for r in raising.rows)
     assert re.match(r"not run: your backward raised TypeError at line \d+: ", raising.rows[0].output), raising.rows[0]
     cheat = SEED003 + "    dW = jax.grad(lambda w: 0.0)(W)\n"
     autodiff = grading.grade_file(_write(tmp_path, "seed003", cheat, "cheat.py"))
     assert not any(r.passed for r in autodiff.rows) and "jax.grad (JAX's autodiff)" in autodiff.rows[0].output
-    peek = SEED003 + "    from manualgrad.teach import networks\n    dW = networks.reference('seed003', 'float64')[1]['W']\n"
+    peek = (
+        SEED003
+        + "    from manualgrad.teach import networks\n    dW = networks.reference('seed003', 'float64')[1]['W']\n"
+    )
     peeked = grading.grade_file(_write(tmp_path, "seed003", peek, "peek.py"))
     assert "manualgrad's reference gradients" in peeked.rows[0].output
     unknown = tmp_path / "unknown.py"
@@ -234,14 +256,19 @@ def test_grading_in_its_own_process_and_in_float32(tmp_path):
     result = grading.grade_isolated(path, "float64", 600)
     assert result.status == results.GRADED and result.rule == "mlp_bn" and len(result.rows) == 26
     assert [r.passed for r in result.rows][:11] == [True] * 9 + [False, True]
-    assert result.rows[9].output == "wrong shape (27, 16), expected (16, 27): your gradient equals the right one transposed"
+    assert (
+        result.rows[9].output
+        == "wrong shape (27, 16), expected (16, 27): your gradient equals the right one transposed"
+    )
     single = grading.grade_file(_write(tmp_path, "mlp_bn", MLP_BN, "single.py"), "float32")
     assert single.passed and "float32" in single.report
 
 
 def test_the_formats_carry_one_test_per_gradient(tmp_path):
     right = grading.grade_file(_write(tmp_path, "seed003", SEED003, "right.py"))
-    wrong = grading.grade_file(_write(tmp_path, "seed003", SEED003.replace("dW = jnp.outer(dz0, x) + dZ3", "dW = dZ3"), "w.py"))
+    wrong = grading.grade_file(
+        _write(tmp_path, "seed003", SEED003.replace("dW = jnp.outer(dz0, x) + dZ3", "dW = dZ3"), "w.py")
+    )
     doc = results.gradescope([wrong], {"seed003": 18, "seed003: dW": 2})
     assert [t["name"] for t in doc["tests"]] == [f"seed003: d{n}" for n in networks.order(networks.SEED003)]
     assert [t["max_score"] for t in doc["tests"]] == [2.0] * 9 + [2.0] and doc["score"] == 18.0
@@ -249,7 +276,12 @@ def test_the_formats_carry_one_test_per_gradient(tmp_path):
     mine = json.loads(results.document([right, wrong], "json", {}, "float64"))
     assert [s["rule"] for s in mine["submissions"]] == ["seed003", "seed003"] and mine["score"] == 19.0
     assert mine["submissions"][1]["tests"][0] == {
-        "name": "seed003: dc", "group": "seed003", "test": "dc", "passed": True, "score": 1.0, "max_score": 1.0,
+        "name": "seed003: dc",
+        "group": "seed003",
+        "test": "dc",
+        "passed": True,
+        "score": 1.0,
+        "max_score": 1.0,
         "output": mine["submissions"][1]["tests"][0]["output"],
     }
     root = ET.fromstring(results.junit([wrong]))
@@ -268,7 +300,9 @@ def test_failed_and_missing_network_submissions_have_a_row_per_gradient():
 def test_exercise_command_writes_a_network_file_and_a_notebook(tmp_path, capsys):
     out = tmp_path / "net.py"
     assert cli.main(["exercise", "--network", "seed003", "--out", str(out)]) == 0
-    assert out.read_text() == networks.exercise_text("seed003") and out.read_text().startswith(networks.header("seed003"))
+    assert out.read_text() == networks.exercise_text("seed003") and out.read_text().startswith(
+        networks.header("seed003")
+    )
     capsys.readouterr()
     for argv, message in [
         (["exercise", "--network", "seed003", "--out", str(out)], "exists"),
@@ -305,7 +339,12 @@ def test_a_network_notebook_grades_saved_and_in_place(tmp_path, capsys):
     assert "score: 10/10 gradients right" in capsys.readouterr().out
     assert grading.rule_name(saved) == "seed003"
     script = tmp_path / "cells.py"  # the cells run in order, from a file, as IPython's cells can be read
-    script.write_text("\n\n".join(c.source for c in nb.cells if c.cell_type == "code").replace("dW = jnp.outer(dz0, x) + dZ3", "dW = dZ3") + "\n")
+    script.write_text(
+        "\n\n".join(c.source for c in nb.cells if c.cell_type == "code").replace(
+            "dW = jnp.outer(dz0, x) + dZ3", "dW = dZ3"
+        )
+        + "\n"
+    )
     namespace = {}
     exec(compile(script.read_text(), str(script), "exec"), namespace)
     out = capsys.readouterr().out
