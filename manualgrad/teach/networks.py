@@ -111,8 +111,8 @@ def _rng(seed: int) -> np.random.Generator:
 def _seed001_inputs() -> dict[str, Any]:
     r = _rng(1)
     names = ["x0", "x1", "y", *(f"w{i}" for i in range(6)), *(f"b{i}" for i in range(3))]
-    out = {n: np.float64(v) for n, v in zip(names, r.normal(size=len(names)))}
-    out["y"] = np.float64(0.8)
+    out = {n: np.asarray(v) for n, v in zip(names, r.normal(size=len(names)))}  # arrays of shape (), not constants
+    out["y"] = np.asarray(0.8)
     return out
 
 

@@ -167,6 +167,15 @@ def test_the_networks_are_well_formed():
     assert len(networks.order(networks.SEED001)) == 15  # 6 intermediates, the 6 weights and 3 biases
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_floating_value_and_gradient_is_in_the_dtype_graded(dtype):
+    for name in networks.NETWORKS:
+        vals, grads = networks.reference(name, dtype)
+        arrays = {k: v for k, v in {**vals, **grads}.items() if hasattr(v, "dtype")}  # not the Python constants
+        floating = {k: v.dtype for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating)}
+        assert set(floating.values()) == {np.dtype(dtype)}, (name, floating)
+
+
 def test_backward_order_completes_each_gradient_before_it_is_needed():
     assert networks.order(networks.MLP_BN)[:12] == [
         "logprobs",
