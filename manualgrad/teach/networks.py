@@ -103,13 +103,9 @@ class Network:
         return "; ".join(registry.cite(s, section) for s, section in self.seeds)
 
 
-def _rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
 # seed001: the 2-2-1 sigmoid network of seed 001, every weight and bias a scalar.
 def _seed001_inputs() -> dict[str, Any]:
-    r = _rng(1)
+    r = np.random.default_rng(1)
     names = ["x0", "x1", "y", *(f"w{i}" for i in range(6)), *(f"b{i}" for i in range(3))]
     out = {n: np.asarray(v) for n, v in zip(names, r.normal(size=len(names)))}  # arrays of shape (), not constants
     out["y"] = np.asarray(0.8)
@@ -150,7 +146,7 @@ Beware: the seed's scalar answers have index typos (it writes ``∂L/∂z₁`` w
 
 # seed003: W used twice, y = cᵀ Ψ((W + V) Φ(Wx + b)), with Φ = tanh and Ψ = sigmoid.
 def _seed003_inputs() -> dict[str, Any]:
-    r = _rng(3)
+    r = np.random.default_rng(3)
     n = 4
     return {
         "x": r.normal(size=n),
@@ -215,7 +211,7 @@ def contexts(words: tuple[str, ...] = WORDS, block: int = BLOCK) -> tuple[np.nda
 
 
 def _mlp_bn_inputs() -> dict[str, Any]:
-    r = _rng(4)
+    r = np.random.default_rng(4)
     xs, ys = contexts()
     pick = np.sort(r.choice(len(xs), BATCH, replace=False))
     fan_in = EMBED * BLOCK
@@ -290,7 +286,7 @@ SEQ, WIDTH, MLP = 4, 8, 16
 
 
 def _gpt_block_inputs() -> dict[str, Any]:
-    r = _rng(5)
+    r = np.random.default_rng(5)
 
     def dense(fan_in, fan_out):
         return r.normal(size=(fan_in, fan_out)) / fan_in**0.5
@@ -451,13 +447,12 @@ def gradients(net: Network, given: dict[str, Any]) -> dict[str, Any]:
 def order(net: Network) -> list[str]:
     """The graded names (every step but the loss, and the parameters) in backward order: by the
     first step that uses each, latest first; ties in the order that step names them."""
-    index = {s.name: i for i, s in enumerate(net.steps)}
     first: dict[str, tuple[int, int]] = {}
     for i, step in enumerate(net.steps):
         for j, name in enumerate(step.operands):
             first.setdefault(name, (-i, j))
     graded = [s.name for s in net.steps[:-1]] + list(net.params)
-    return sorted(graded, key=lambda name: (first[name], index.get(name, -1)))
+    return sorted(graded, key=first.__getitem__)
 
 
 def users(net: Network, name: str) -> list[Step]:
