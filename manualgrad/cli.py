@@ -9,10 +9,12 @@ check fails (2 for a bad command line, as argparse does).
 values it receives there (its arguments from FILE's ``audit_args()``): exit 0 if all agree, 1 if not.
 ``manualgrad explain RULE`` prints a rule's derivation and checks it live; ``--list`` lists rules.
 ``manualgrad exercise RULE [--notebook] [--out FILE]`` writes a rule's exercise (forward, derivation
-up to the result, an empty backward), as a file or a notebook; ``manualgrad grade FILE ...`` grades
+up to the result, an empty backward), as a file or a notebook; ``manualgrad exercise --network NAME``
+a whole network's (the gradient of every intermediate); ``manualgrad grade FILE ...`` grades
 them, each in its own process (``--timeout``), with a summary table and ``--format
 gradescope|json|junit --out FILE``: exit 0 if every check passes, 1 if some fail, 2 for a file that
-cannot be graded. ``manualgrad autograder RULE ... --out autograder.zip`` builds a Gradescope bundle.
+cannot be graded. ``manualgrad autograder RULE ... [--network NAME ...] --out autograder.zip``
+builds a Gradescope bundle.
 Output into a pipe its reader has closed (``manualgrad check --json | head -1``) ends the command
 quietly with status 141, as if killed by SIGPIPE.
 """
@@ -34,13 +36,28 @@ from manualgrad.check import checker
 from manualgrad.train import checkpoint, data, loop
 
 
-def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule") -> bool:
-    """Prints ``manualgrad COMMAND: unknown WHAT NAMES; registered: ...``; True if a name is not registered."""
+def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule", networks: Sequence[str] = ()) -> bool:
+    """Prints ``manualgrad COMMAND: unknown WHAT NAMES; registered: ...``; True if a name is not a
+    registered rule (nor one of ``networks``, where given)."""
     known = [r.name for r in registry.rules()]
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in known and n not in networks]
+    if unknown:
+        also = f"; networks: {', '.join(networks)}" if networks else ""
+        print(
+            f"manualgrad {command}: unknown {what} {', '.join(unknown)}; registered: {', '.join(known)}{also}",
+            file=sys.stderr,
+        )
+    return bool(unknown)
+
+
+def _refuse_unknown_networks(command: str, names: Sequence[str]) -> bool:
+    """Prints ``manualgrad COMMAND: unknown network NAMES; known: ...``; True if a name is not a network."""
+    from manualgrad.teach import networks
+
+    unknown = [n for n in names if n not in networks.NETWORKS]
     if unknown:
         print(
-            f"manualgrad {command}: unknown {what} {', '.join(unknown)}; registered: {', '.join(known)}",
+            f"manualgrad {command}: unknown network {', '.join(unknown)}; known: {', '.join(networks.NETWORKS)}",
             file=sys.stderr,
         )
     return bool(unknown)
@@ -115,19 +132,27 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _exercise(args: argparse.Namespace) -> int:
-    from manualgrad.teach import exercise, notebook
+    from manualgrad.teach import exercise, networks, notebook
 
-    if _refuse_unknown_rules("exercise", [args.rule]):
+    if (args.rule is None) == (args.network is None):
+        print("manualgrad exercise: give a RULE or --network NAME (one of them)", file=sys.stderr)
         return 2
-    out = pathlib.Path(args.out or f"{args.rule}_exercise.{'ipynb' if args.notebook else 'py'}")
+    if (
+        _refuse_unknown_rules("exercise", [args.rule])
+        if args.rule
+        else _refuse_unknown_networks("exercise", [args.network])
+    ):
+        return 2
+    name = args.rule or args.network
+    out = pathlib.Path(args.out or f"{name}_exercise.{'ipynb' if args.notebook else 'py'}")
     if out.exists():
         print(f"manualgrad exercise: {out} exists; remove it or choose another --out FILE", file=sys.stderr)
         return 2
     try:
         if args.notebook:
-            notebook.write(args.rule, out)
+            (notebook.write_network if args.network else notebook.write)(name, out)
         else:
-            out.write_text(exercise.exercise(args.rule))
+            out.write_text(networks.exercise_text(name) if args.network else exercise.exercise(name))
     except OSError as error:
         print(f"manualgrad exercise: cannot write {out}: {error.strerror}", file=sys.stderr)
         return 2
@@ -138,14 +163,14 @@ def _exercise(args: argparse.Namespace) -> int:
 
 def _grade_settings(args: argparse.Namespace) -> dict[str, float] | None:
     """The weights, after refusing a bad command line with one line on stderr (``None``)."""
-    from manualgrad.teach import grading, results
+    from manualgrad.teach import grading, networks, results
 
     def refuse(message: str) -> None:
         print(f"manualgrad grade: {message}", file=sys.stderr)
 
     if not args.files and not args.expect:
         return refuse("give the FILEs to grade (or --expect RULE ... for an autograder run)")
-    if args.expect and _refuse_unknown_rules("grade: --expect", args.expect):
+    if args.expect and _refuse_unknown_rules("grade: --expect", args.expect, networks=list(networks.NETWORKS)):
         return None
     if args.in_process and args.timeout is not None:
         return refuse("--in-process grades without a time limit: give --timeout or --in-process, not both")
@@ -161,7 +186,10 @@ def _grade_settings(args: argparse.Namespace) -> dict[str, float] | None:
         return refuse(f"--weights: {error}")
     unknown = sorted(set(weights) - grading.test_names())
     if unknown:
-        return refuse(f"--weights: {', '.join(map(repr, unknown))} name no rule and no RULE: CHECK test")
+        return refuse(
+            f"--weights: {', '.join(map(repr, unknown))} name no rule, network or test of one "
+            "(RULE: CHECK, NETWORK: dNAME)"
+        )
     return weights
 
 
@@ -208,7 +236,10 @@ def _grade(args: argparse.Namespace) -> int:
 def _autograder(args: argparse.Namespace) -> int:
     from manualgrad.teach import autograder, results
 
-    if _refuse_unknown_rules("autograder", args.rules):
+    if not args.rules and not args.networks:
+        print("manualgrad autograder: give the RULEs (or --network NAME) a submission must contain", file=sys.stderr)
+        return 2
+    if _refuse_unknown_rules("autograder", args.rules) or _refuse_unknown_networks("autograder", args.networks):
         return 2
     out = pathlib.Path(args.out)
     if out.exists():
@@ -216,7 +247,8 @@ def _autograder(args: argparse.Namespace) -> int:
         return 2
     try:
         weights = results.load_weights(args.weights) if args.weights else None
-        names = autograder.bundle(args.rules, out, weights=weights, timeout=args.timeout, dtype=args.dtype)
+        exercises = [*args.rules, *args.networks]
+        names = autograder.bundle(exercises, out, weights=weights, timeout=args.timeout, dtype=args.dtype)
     except (results.WeightsError, autograder.BundleError) as error:
         print(f"manualgrad autograder: {error}", file=sys.stderr)
         return 2
@@ -311,13 +343,21 @@ def _add_explain(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_exercise(commands: argparse._SubParsersAction) -> None:
+    from manualgrad.teach import networks
+
     ex = commands.add_parser(
         "exercise", help="write a rule's exercise: forward, derivation up to the result, empty backward"
     )
-    ex.add_argument("rule", metavar="RULE", help="the rule to practise")
+    ex.add_argument("rule", nargs="?", metavar="RULE", help="the rule to practise")
+    ex.add_argument(
+        "--network",
+        metavar="NAME",
+        default=None,
+        help=f"a whole network instead, the gradient of every intermediate: {', '.join(networks.NETWORKS)}",
+    )
     ex.add_argument("--notebook", action="store_true", help="write a Jupyter notebook (.ipynb) that grades in place")
     ex.add_argument(
-        "--out", metavar="FILE", default=None, help="where to write it (default: RULE_exercise.py or .ipynb)"
+        "--out", metavar="FILE", default=None, help="where to write it (default: NAME_exercise.py or .ipynb)"
     )
     ex.set_defaults(run=_exercise)
 
@@ -336,7 +376,7 @@ def _add_grade(commands: argparse._SubParsersAction) -> None:
         "--weights",
         metavar="FILE",
         default=None,
-        help='JSON points: {"RULE": points, "RULE: CHECK": points} (default 1 a test)',
+        help='JSON points: {"RULE": points, "RULE: CHECK": points, "NETWORK: dNAME": points} (default 1 a test)',
     )
     gr.add_argument(
         "--timeout",
@@ -354,8 +394,8 @@ def _add_grade(commands: argparse._SubParsersAction) -> None:
         "--expect",
         nargs="+",
         default=[],
-        metavar="RULE",
-        help="grade the FILEs for these rules only; a rule with no file fails (autograder runs)",
+        metavar="NAME",
+        help="grade the FILEs for these rules or networks only; one with no file fails (autograder runs)",
     )
     gr.set_defaults(run=_grade)
 
@@ -363,8 +403,18 @@ def _add_grade(commands: argparse._SubParsersAction) -> None:
 def _add_autograder(commands: argparse._SubParsersAction) -> None:
     from manualgrad.teach import results
 
-    ag = commands.add_parser("autograder", help="build a Gradescope autograder bundle (.zip) for rules' exercises")
-    ag.add_argument("rules", nargs="+", metavar="RULE", help="the exercises a submission must contain")
+    ag = commands.add_parser(
+        "autograder", help="build a Gradescope autograder bundle (.zip) for rules' and networks' exercises"
+    )
+    ag.add_argument("rules", nargs="*", metavar="RULE", help="the rule exercises a submission must contain")
+    ag.add_argument(
+        "--network",
+        dest="networks",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a network exercise a submission must contain (repeat for more)",
+    )
     ag.add_argument("--out", metavar="FILE", default="autograder.zip", help="the bundle (default: autograder.zip)")
     ag.add_argument("--weights", metavar="FILE", default=None, help="JSON points, as for `manualgrad grade`")
     ag.add_argument("--timeout", type=float, default=results.DEFAULT_TIMEOUT, metavar="SECONDS")
