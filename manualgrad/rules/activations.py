@@ -345,7 +345,6 @@ def _gelu_gate(z: jax.Array, approximate: bool) -> jax.Array:
     return 0.5 * (1 + jax.scipy.special.erf(z / math.sqrt(2)))
 
 
-
 def gelu_reference(z: jax.Array, approximate: bool = True) -> jax.Array:
     return z * _gelu_gate(z, approximate)
 
@@ -374,7 +373,7 @@ def gelu(z: jax.Array, approximate: bool = True) -> jax.Array:
 
     For z ≪ 0, ``1 + t`` and ``1 − t²`` cancel to a few digits (none at all below z ≈ −7 in
     float64), so the backward writes them with the logistic σ, which keeps every digit:
-    ``½(1 + t) = σ(2u)`` and ``½(1 − t²) = 2 σ(2u) σ(−2u)``, ``F'(z) = σ(2u)(1 + 2 z σ(−2u) u')``.
+    ``½(1 + t) = σ(2u)`` and ``½(1 − t²) = 2 σ(2u) σ(−2u)``, ``F'(z) = σ(2u) + 2 z u' σ(2u) σ(−2u)``.
 
     Seed 002's Remark 8 does not apply: gelu is not monotone (its minimum is near z = −0.75),
     so ``F'`` is no function of the output ``F``, and the residual is the input ``z``. The
@@ -396,11 +395,15 @@ def gelu_forward(z: jax.Array, approximate: bool = True) -> tuple[jax.Array, jax
 
 
 def gelu_backward(z: jax.Array, approximate: bool, g: jax.Array) -> jax.Array:
-    """``dz = G ⊙ F'(z)``: ``Φ(z) + z φ(z)``, or the tanh form's ``σ(2u) (1 + 2 z σ(−2u) u')``."""
+    """``dz = G ⊙ F'(z)``: ``Φ(z) + z φ(z)``, or the tanh form's ``σ(2u) + 2 z u' σ(2u) σ(−2u)``."""
     if approximate:
-        gate = jax.nn.sigmoid(2 * _gelu_u(z))
+        u = _gelu_u(z)
+        # σ(−2|u|) ≤ ½, from which σ(2u) and σ(2u)σ(−2u) keep every digit, also under jax.grad
+        # (JAX differentiates σ as σ(1 − σ), which loses them where σ is near 1).
+        small = jnp.where(u >= 0, jax.nn.sigmoid(-2 * u), jax.nn.sigmoid(2 * u))
+        gate = jnp.where(u >= 0, 1 - small, small)
         du = math.sqrt(2 / math.pi) * (1 + 3 * _GELU_CUBIC * z * z)
-        return g * gate * (1 + 2 * z * jax.nn.sigmoid(-2 * _gelu_u(z)) * du)
+        return g * (gate + 2 * z * du * small * (1 - small))
     cdf = 0.5 * lax.erfc(-z * math.sqrt(0.5))
     pdf = jnp.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
     return g * (cdf + z * pdf)

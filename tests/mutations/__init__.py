@@ -8,8 +8,10 @@ checks that the cross-checker reports every one as failing and names the rule an
 import manualgrad
 from mutations import (
     activations,
+    attention,
     convolution,
     correlation,
+    embedding,
     linear,
     losses,
     normalization,
@@ -25,6 +27,8 @@ MUTATIONS: list[Mutation] = [
     *convolution.MUTATIONS,
     *pooling.MUTATIONS,
     *normalization.MUTATIONS,
+    *embedding.MUTATIONS,
+    *attention.MUTATIONS,
 ]
 
 
