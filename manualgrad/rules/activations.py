@@ -339,7 +339,8 @@ def _gelu_u(z):
 
 
 def _gelu_gate(z: jax.Array, approximate: bool) -> jax.Array:
-    """The gate ``s`` of ``F = z s(z)``, plain ``jnp``: ``½(1 + tanh u) = 1/(1 + e^{−2u})`` or ``Φ(z) = ½(1 + erf(z/√2))``."""
+    """The gate ``s`` of ``F = z s(z)``, plain ``jnp``: ``½(1 + tanh u) = 1/(1 + e^{−2u})`` or
+    ``Φ(z) = ½(1 + erf(z/√2))``."""
     if approximate:
         return 1 / (1 + jnp.exp(-2 * _gelu_u(z)))
     return 0.5 * (1 + jax.scipy.special.erf(z / math.sqrt(2)))
