@@ -63,7 +63,7 @@ def embedding(ids: jax.Array, table: jax.Array) -> jax.Array:
     return embedding_forward(ids, table)[0]
 
 
-def embedding_forward(ids: jax.Array, table: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def _validate_embedding(ids, table) -> None:
     dtype = jnp.result_type(ids)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise validation.RuleDTypeError(
@@ -75,6 +75,10 @@ def embedding_forward(ids: jax.Array, table: jax.Array) -> tuple[jax.Array, tupl
         raise validation.RuleInputError(
             f"embedding: table must have shape (vocab, dim) with vocab ≥ 1, got {jnp.shape(table)}"
         )
+
+
+def embedding_forward(ids: jax.Array, table: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    _validate_embedding(ids, table)
     valid, clipped = _valid(ids, table)
     return jnp.where(valid[..., None], table[clipped], jnp.nan), (ids, table)
 

@@ -1,6 +1,7 @@
 """The rules of a transformer — embedding, gelu, softmax, log_softmax, attention — against PyTorch and
-``jax.nn``, attention's O(T) residuals, its causal alignment for ``S ≠ T``, and the planted mistakes
-that wrong several arguments at once (``tests/mutations/attention.py``'s ``JOINT``).
+``jax.nn``, attention's O(T) residuals, its causal alignment for ``S ≠ T``, the planted mistakes
+that wrong several arguments at once (``tests/mutations/attention.py``'s ``JOINT``), and the
+exercises' grading.
 
 The registry-wide checks (every check in both dtypes, the module order, the exercises, the
 single-argument mutations and their diagnoses) run in ``test_rules.py``, ``test_exercise.py`` and
@@ -17,10 +18,13 @@ import numpy as np
 import pytest
 
 import manualgrad as mg
+from manualgrad import cli
 from manualgrad.check.report import NOT_RUN
 from manualgrad.rules.attention import _pulled_back, attention_forward
+from manualgrad.teach import exercise
 from mutations import mutant
 from mutations.attention import JOINT
+
 
 def _normal(*shape):
     """Standard normal draws, the same for the same shape whatever ran before."""
@@ -234,3 +238,40 @@ def test_checker_catches_mistakes_in_several_arguments(mutation):
     assert refused == (
         {label for label, square in shapes.items() if not square} if "swapped" in mutation.mistake else set()
     )
+
+
+# --------------------------------------------------------------------------- exercises
+
+ATTENTION = """    q, k, v, o, lse = residuals
+    p = jnp.exp(_scores(q, k, causal) - lse[..., None])
+    ds = p * (jnp.einsum("btnh,bsnh->bnts", g, v) - jnp.einsum("btnh,btnh->bnt", g, o)[..., None])
+    scale = 1 / np.sqrt(q.shape[-1])
+    dq, dk = jnp.einsum("bnts,bsnh->btnh", ds, k) * scale, jnp.einsum("bnts,btnh->bsnh", ds, q) * scale
+    return dq, dk, jnp.einsum("bnts,btnh->bsnh", p, g)
+"""
+EMBEDDING_SET = """    ids, table = residuals
+    return np.zeros(ids.shape, jax.dtypes.float0), jnp.zeros_like(table).at[ids].set(g)
+"""
+
+
+@pytest.mark.parametrize(
+    "name, body, code, expected",
+    [
+        ("attention", ATTENTION, 0, "score: 7/7 checks passed"),
+        (
+            "embedding",
+            EMBEDDING_SET,
+            1,
+            "diagnosis: embedding, argument table: your gradient equals the right one with .set instead of .add",
+        ),
+    ],
+)
+def test_exercises_grade_like_the_others(name, body, code, expected, tmp_path, capsys):
+    """A hand solution of the attention exercise (its forward's _scores allowed) passes every check;
+    the embedding's scatter written with .set fails, diagnosed."""
+    text = exercise.exercise(name)
+    path = tmp_path / f"{name}_exercise.py"
+    path.write_text(text[: text.index("    raise NotImplementedError(")] + body)
+    assert cli.main(["grade", str(path)]) == code
+    out, err = capsys.readouterr()
+    assert err == "" and expected in out, out
