@@ -417,15 +417,20 @@ def _gelu_vjp(approximate, z, g):
 gelu.defvjp(gelu_forward, _gelu_vjp)
 
 
+# The forms of the four shared activation samples, alternating.
+_GELU_FORMS = ((True, "tanh"), (False, "exact"), (True, "tanh"), (False, "exact"))
+
+
 def _gelu_samples(key, dtype):
     z = _activation_samples(2.0)(key, dtype)
     # The tails, where F and F' are tiny. The tanh form is computed from 1 + tanh u, which keeps
     # no correct digit once tanh u is within an ulp of −1 (u < −18.7, z < −7.3 in float64), so
     # its tail stops at −5 (1 + tanh u ≈ 9e-8); erfc keeps the exact form accurate to −7.
     return [
-        *(Sample((s.args[0], True), f"{s.label}, tanh form") for s in z[:3]),
-        *(Sample((s.args[0], False), f"{s.label}, exact form") for s in z[:3]),
-        Sample((z[3].args[0], True), "scalar, tanh form"),
+        *(
+            Sample((s.args[0], approximate), f"{s.label}, {form} form")
+            for s, (approximate, form) in zip(z, _GELU_FORMS)
+        ),
         Sample((jnp.linspace(-5.0, 5.0, 11, dtype=dtype), True), "z from −5 to 5, tanh form"),
         Sample((jnp.linspace(-7.0, 7.0, 15, dtype=dtype), False), "z from −7 to 7, exact form"),
     ]
