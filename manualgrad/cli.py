@@ -313,7 +313,7 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f} after "
         f"{summary['epoch']} epochs ({summary['steps']} steps on {summary['devices']} device(s)) "
-        f"in {summary['seconds']:.1f} s"
+        f"in {summary['seconds']:.1f} s ({summary['steps_per_second']:.1f} steps/s)"
     )
     if summary["cross_check_max_relative_error"] is None:
         print("no cross-check of the hand-rule gradient (--cross-check-batches 0)")
@@ -322,8 +322,11 @@ def _train(args: argparse.Namespace) -> int:
             f"hand-rule gradient vs jax.grad of the references on {summary['cross_check_batches']} batches: "
             f"max relative error {summary['cross_check_max_relative_error']:.1e}"
         )
+    if summary["samples"] is not None:
+        print(f"{len(summary['samples'])} samples from the model: {' '.join(summary['samples'])}")
     latest = f"; {summary['latest']} names {summary['directory']}" if summary["latest"] else ""
-    print(f"wrote {summary['metrics']}, {summary['curves']}, {summary['checkpoint']}{latest}")
+    samples = f", {pathlib.Path(summary['directory']) / 'samples.txt'}" if summary["samples"] is not None else ""
+    print(f"wrote {summary['metrics']}, {summary['curves']}{samples}, {summary['checkpoint']}{latest}")
     return 0
 
 
@@ -441,11 +444,31 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     defaults = loop.Config()
     tr = commands.add_parser("train", help="train a model on the hand rules (jitted, optax, checkpoints, many devices)")
     tr.add_argument("--model", choices=tuple(loop.MODELS), default=defaults.model)
-    tr.add_argument("--dataset", default=defaults.dataset, metavar="|".join(data.SPECS))
-    tr.add_argument("--optimizer", choices=tuple(loop.OPTIMIZERS), default=defaults.optimizer)
-    tr.add_argument("--lr", type=float, default=None, help="learning rate (default: sgd 0.1, momentum 0.05, adam 3e-3)")
-    tr.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    tr.add_argument("--epochs", type=int, default=defaults.epochs)
+    model_defaults = "; ".join(
+        f"{'other models' if name == '*' else name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in given.items())
+        for name, given in loop.MODEL_DEFAULTS.items()
+    )
+    tr.add_argument(
+        "--dataset", default=defaults.dataset, metavar="|".join((*data.SPECS, *data.SEQUENCE_SPECS))
+    )
+    tr.add_argument(
+        "--optimizer",
+        choices=tuple(loop.OPTIMIZERS),
+        default=None,
+        help=f"default: the model's ({model_defaults}); adamw warms up, then decays as a cosine over the run",
+    )
+    tr.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: sgd 0.1, momentum 0.05, adam and adamw 3e-3)"
+    )
+    tr.add_argument("--batch-size", type=int, default=None, help="default: the model's (see --optimizer)")
+    tr.add_argument("--epochs", type=int, default=None, help="default: the model's (see --optimizer)")
+    tr.add_argument(
+        "--clip",
+        type=float,
+        default=None,
+        metavar="NORM",
+        help="scale each gradient down to global norm NORM if larger (optax.clip_by_global_norm; default: none)",
+    )
     tr.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, split and data order")
     tr.add_argument("--dtype", choices=loop.DTYPES, default=defaults.dtype)
     tr.add_argument(

@@ -35,7 +35,8 @@ import optax
 
 from manualgrad.bench import peers
 from manualgrad.check.tolerances import relative_l2
-from manualgrad.nn import backprop, layers
+from manualgrad.nn import backprop, gpt, layers
+from manualgrad.rules.attention import attention, attention_reference
 from manualgrad.train import loop
 
 LEARNING_RATE = 3e-3
@@ -44,13 +45,24 @@ NORMS = ("batch_norm", "layer_norm", "group_norm", "rms_norm")  # the maps of th
 
 
 class Model(NamedTuple):
-    """A benchmarked model: a :mod:`manualgrad.nn.layers` network, its input shape (no batch) and batch size."""
+    """A benchmarked model: a :mod:`manualgrad.nn.layers` network, its input shape (no batch) and batch size;
+    for a sequence model (:mod:`manualgrad.nn.gpt`) ``vocab`` > 0, ``input_shape`` ``(T,)`` and its attention's ``heads``."""
 
     description: str
     build: Callable[[], layers.Layer]
     input_shape: tuple[int, ...]
     batch: int
     mlp: bool
+    vocab: int = 0
+    heads: int = 0
+
+    @property
+    def sequences(self) -> bool:
+        return self.vocab > 0
+
+
+WORDS_VOCAB, WORDS_LENGTH = 27, 23  # --dataset words: "." and a–z; the longest word, 22 letters, and its "."
+LONG = {"width": 64, "depth": 1, "heads": 4, "context": 512}  # gpt_long: one block, attention over 512 positions
 
 
 MODELS: dict[str, Model] = {
@@ -76,6 +88,28 @@ MODELS: dict[str, Model] = {
         128,
         False,
     ),
+    "gpt": Model(
+        "the default GPT of train --model gpt --dataset words (width {width}, {depth} blocks, {heads} heads), ".format(
+            **loop.GPT
+        )
+        + f"T = {WORDS_LENGTH}, "
+        f"batch {loop.MODEL_DEFAULTS['gpt']['batch_size']}",
+        lambda: gpt.gpt(WORDS_VOCAB, WORDS_LENGTH, **loop.GPT),
+        (WORDS_LENGTH,),
+        loop.MODEL_DEFAULTS["gpt"]["batch_size"],
+        False,
+        WORDS_VOCAB,
+        loop.GPT["heads"],
+    ),
+    "gpt_long": Model(
+        f"a GPT of one block, width 64, 4 heads, T = S = 512, vocabulary {WORDS_VOCAB}, batch 8",
+        lambda: gpt.gpt(WORDS_VOCAB, **LONG),
+        (LONG["context"],),
+        8,
+        False,
+        WORDS_VOCAB,
+        LONG["heads"],
+    ),
 }
 # Goals of issue 7, per figure: (comparison, bound) — applied to every model unless keyed by one.
 GOALS: dict[str, tuple[str, float]] = {
@@ -84,6 +118,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "step_ratio_manual_over_numpy": ("<=", 1.0),
     "step_ratio_manual_over_torch": ("<=", 1.0),
     "mlp_large/flops_fraction_manual_of_matmul": (">=", 0.90),
+    "gpt_long/residual_ratio_manual_over_jax_grad": ("<=", 0.5),  # issue 14: no T×S probabilities kept
     "check_seconds_float64": ("<", 30.0),
 }
 
@@ -180,17 +215,26 @@ def median_ratio(times: dict[str, list[float]], top: str, bottom: str) -> float:
 
 
 def _inputs(model: Model, seed: int) -> tuple[Any, jax.Array, jax.Array]:
+    """Parameters and a batch: images or features and labels below 10, or random token rows (``T + 1`` ids)
+    with every target counted."""
     kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
     _, params = model.build().init(kp, (-1, *model.input_shape))
+    if model.sequences:
+        (length,) = model.input_shape
+        tokens = jax.random.randint(kx, (model.batch, length + 1), 0, model.vocab)
+        return params, tokens, jnp.ones((model.batch, length), bool)
     x = jax.random.normal(kx, (model.batch, *model.input_shape), jnp.float32)
     return params, x, jax.random.randint(ky, (model.batch,), 0, 10)
 
 
-def compile_step(net: layers.Layer, grad: str, params: Any, x: jax.Array, labels: jax.Array) -> tuple[Any, float]:
-    """``loop.make_step`` for ``grad`` (``manual`` or ``autodiff``), lowered and compiled; and the seconds that took."""
+def compile_step(
+    net: layers.Layer, grad: str, params: Any, x: jax.Array, labels: jax.Array, sequences: bool = False
+) -> tuple[Any, float]:
+    """``loop.make_step`` for ``grad`` (``manual`` or ``autodiff``), lowered and compiled; and the seconds that took.
+    ``(x, labels)`` are token rows and target mask for a sequence model (``sequences``)."""
     tx = optax.adam(LEARNING_RATE)
     start = time.perf_counter()
-    step = loop.make_step(loop.loss_fn(net, grad), tx)
+    step = loop.make_step(loop.loss_fn(net, grad, sequences), tx)
     compiled = step.lower(params, tx.init(params), net.init_state(params), x, labels, KEY).compile()
     return compiled, time.perf_counter() - start
 
@@ -258,7 +302,7 @@ def _peer_contenders(
 
 
 def _compile_both(
-    net: layers.Layer, params: Any, x: jax.Array, labels: jax.Array, repeats: int
+    net: layers.Layer, params: Any, x: jax.Array, labels: jax.Array, repeats: int, sequences: bool = False
 ) -> tuple[dict[str, Any], list[Record]]:
     """The step compiled for each side, ``repeats`` times interleaved, and the compile-time figures."""
     compiled: dict[str, Any] = {}
@@ -266,7 +310,7 @@ def _compile_both(
     for i in range(max(repeats, 1)):
         for side in ("manual", "jax_grad") if i % 2 == 0 else ("jax_grad", "manual"):
             compiled[side], seconds = compile_step(
-                net, "autodiff" if side == "jax_grad" else "manual", params, x, labels
+                net, "autodiff" if side == "jax_grad" else "manual", params, x, labels, sequences
             )
             compile_times[side].append(seconds)
     records = [record(f"compile_s_{side}", statistics.median(compile_times[side]), "s") for side in compile_times]
@@ -277,16 +321,14 @@ def _compile_both(
 
 
 def _gradients_and_memory(
-    net: layers.Layer, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array
+    net: layers.Layer, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array, model: Model
 ) -> tuple[dict[str, Any], list[Record]]:
     """Each side's gradient, their difference, and the compiled and residual bytes (training mode)."""
     loss = {
         side: (
-            lambda p, x, y, ref=(side == "jax_grad"): layers.classifier_loss(
-                net, p, x, y, train=True, key=KEY, reference=ref
-            )[0]
+            lambda p, x, y, grad=grad: loop.loss_fn(net, grad, model.sequences)(p, None, x, y, train=True, key=KEY)[0]
         )
-        for side in ("manual", "jax_grad")
+        for side, grad in (("manual", "manual"), ("jax_grad", "autodiff"))
     }
     grads = {side: jax.jit(jax.grad(fn))(params, x, labels) for side, fn in loss.items()}
     records = [
@@ -307,8 +349,13 @@ def _gradients_and_memory(
     residuals = {side: residual_bytes(fn, params, x, labels) for side, fn in loss.items()}
     records += [record(f"residual_bytes_{side}", residuals[side], "bytes") for side in residuals]
     records.append(record("residual_ratio_manual_over_jax_grad", residuals["manual"] / residuals["jax_grad"], "ratio"))
-    norms = norm_residual_bytes(net, params, x)
-    if norms is not None:
+    norms = norm_residual_bytes(net, params, x) if not model.sequences else attention_residual_bytes(model)
+    if model.sequences:
+        records += [record(f"attention_residual_bytes_{side}", norms[side], "bytes") for side in norms]
+        records.append(
+            record("attention_residual_ratio_manual_over_jax_grad", norms["manual"] / norms["jax_grad"], "ratio")
+        )
+    elif norms is not None:
         records += [record(f"norm_residual_bytes_{side}", norms[side], "bytes") for side in norms]
         records.append(record("norm_residual_ratio_manual_over_jax_grad", norms["manual"] / norms["jax_grad"], "ratio"))
     return grads, records
@@ -377,8 +424,8 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
     model = MODELS[name]
     net = model.build()
     params, x, labels = _inputs(model, settings.seed)
-    compiled, records = _compile_both(net, params, x, labels, settings.compile_repeats)
-    grads, memory = _gradients_and_memory(net, compiled, params, x, labels)
+    compiled, records = _compile_both(net, params, x, labels, settings.compile_repeats, model.sequences)
+    grads, memory = _gradients_and_memory(net, compiled, params, x, labels, model)
     contenders, checks, torch_reason = _contenders(model, settings, compiled, params, x, labels, grads)
     times = interleaved(contenders, settings.repeats, settings.warmup, settings.sample_seconds)
     records += memory + checks + _step_records(times, torch_reason)
@@ -425,6 +472,16 @@ def norm_residual_bytes(net: layers.Layer, params: Any, x: jax.Array) -> dict[st
         side: sum(residual_bytes(alone(layer, side == "jax_grad"), (h, p)) for layer, p, h in seen)
         for side in ("manual", "jax_grad")
     }
+
+
+def attention_residual_bytes(model: Model) -> dict[str, int]:
+    """The residual bytes (:func:`residual_bytes`) of one causal ``attention`` of a sequence ``model`` alone, in
+    ``q, k, v`` of its shape ``(batch, T, heads, width/heads)``, hand rule and ``jax.grad`` of the reference."""
+    params = jax.eval_shape(lambda: model.build().init(KEY, (model.batch, *model.input_shape))[1])
+    width = params["blocks"][0]["q"]["w"].shape[0]
+    q, k, v = jax.random.normal(KEY, (3, model.batch, *model.input_shape, model.heads, width // model.heads))
+    rules = {"manual": attention, "jax_grad": attention_reference}
+    return {side: residual_bytes(lambda qkv, f=f: f(*qkv, True), (q, k, v)) for side, f in rules.items()}
 
 
 def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256, seed: int = 0) -> dict[str, Any]:

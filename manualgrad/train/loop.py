@@ -59,11 +59,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from manualgrad.check.tolerances import relative_error
-from manualgrad.nn import layers
+from manualgrad.nn import gpt, layers
 from manualgrad.train import checkpoint, data
 
 METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 3e-3}
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 3e-3, "adamw": 3e-3}
 # Arguments that must match for --resume to continue the same run.
 RUN_DEFINING = (
     "model",
@@ -77,14 +77,15 @@ RUN_DEFINING = (
     "norm",
     "dropout",
     "groups",
+    "clip",
 )
-ADDED_LATER = ("norm", "dropout", "groups")  # runs saved before these existed had their defaults
+ADDED_LATER = ("norm", "dropout", "groups", "clip")  # runs saved before these existed had their defaults
 DEFAULT_GROUPS = 4  # --norm group's groups: divides every width of the ready-made models
 STATE = ("params", "opt_state", "model_state")  # what the jitted step carries from one step to the next
 _DROPOUT_STREAM = 1  # fold_in(PRNGKey(seed), 1): the dropout keys' root, apart from the initialisation's key
 RUNS = Path("runs")  # where runs without --out get their folders, relative to the working directory
 LATEST = "latest"
-RUN_FILES = ("metrics.csv", "curves.png")  # with the checkpoints, what marks a folder as holding a run
+RUN_FILES = ("metrics.csv", "curves.png", "samples.txt")  # with the checkpoints, what marks a folder as holding a run
 SEEDS = 2**32  # jax.random.PRNGKey wraps larger seeds around silently
 
 
@@ -113,16 +114,17 @@ class Config:
 
     model: str = "cnn"
     dataset: str = "digits"
-    optimizer: str = "adam"
+    optimizer: str | None = None  # None: the model's (MODEL_DEFAULTS), as batch_size and epochs
     lr: float | None = None
-    batch_size: int = 32
-    epochs: int = 10
+    batch_size: int | None = None
+    epochs: int | None = None
     seed: int = 0
     dtype: str = "float32"
     grad: str = "manual"
     norm: str = "none"
     dropout: float = 0.0
     groups: int | None = None
+    clip: float | None = None
     out: str | None = None
     overwrite: bool = False
     checkpoint_every: int = 0
@@ -145,16 +147,39 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     "sgd": optax.sgd,
     "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
     "adam": optax.adam,
+    "adamw": optax.adamw,
+}
+SCHEDULED = ("adamw",)  # the learning rate warms up linearly, then decays as a cosine over the run
+WARMUP = 0.05  # the fraction of the run's steps spent warming up
+# The arguments left out (None) take the model's values; a model not named here takes "*"'s.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {"optimizer": "adam", "batch_size": 32, "epochs": 10},
+    "gpt": {"optimizer": "adamw", "batch_size": 64, "epochs": 2},
 }
 GRADS = ("manual", "autodiff")  # the hand rules, or jax.grad of the same model built from the references
 DTYPES = ("float32", "float64")
 
 
-def optimizer(name: str, lr: float) -> optax.GradientTransformation:
-    """``sgd``, ``momentum`` (0.9) or ``adam``, from optax (:data:`OPTIMIZERS`)."""
+def resolved(config: Config) -> Config:
+    """``config`` with the arguments left out (``None``) set to the model's :data:`MODEL_DEFAULTS`."""
+    defaults = MODEL_DEFAULTS.get(config.model, MODEL_DEFAULTS["*"])
+    return dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
+
+
+def optimizer(name: str, lr: float, steps: int = 1, clip: float | None = None) -> optax.GradientTransformation:
+    """``sgd``, ``momentum`` (0.9), ``adam`` or ``adamw`` (weight decay 10⁻⁴), from optax (:data:`OPTIMIZERS`),
+    after ``optax.clip_by_global_norm(clip)`` if ``clip`` is given.
+
+    ``adamw`` (:data:`SCHEDULED`) runs ``steps`` steps: its rate rises linearly from 0 to ``lr`` over the first
+    :data:`WARMUP` of them, then falls as a cosine to ``lr/10`` (``optax.warmup_cosine_decay_schedule``).
+    """
     if name not in OPTIMIZERS:
         raise TrainError(f"train: --optimizer must be {_either(tuple(OPTIMIZERS))}, got {name!r}")
-    return OPTIMIZERS[name](lr)
+    if name in SCHEDULED:
+        warmup = max(1, round(WARMUP * steps))
+        lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 10)
+    tx = OPTIMIZERS[name](lr)
+    return tx if clip is None else optax.chain(optax.clip_by_global_norm(clip), tx)
 
 
 # --norm NAME -> (groups, dtype) -> the layer after every hidden convolution and dense layer (None: none).
@@ -185,11 +210,21 @@ def _mlp(dataset: data.Dataset, config: Config, dtype: Any) -> layers.Layer:
     return layers.mlp(dataset.classes, hidden, dtype, norm=_norm(config, dtype), dropout=config.dropout)
 
 
-MODELS: dict[str, Callable[[data.Dataset, Config, Any], layers.Layer]] = {"cnn": _cnn, "mlp": _mlp}
+GPT = {"width": 64, "depth": 2, "heads": 4}  # the default GPT's shape
 
 
-def model(config: Config, dataset: data.Dataset, dtype: Any) -> layers.Layer:
-    """The ready-made ``cnn`` or ``mlp`` (:data:`MODELS`) for ``dataset``, with ``config``'s norm and dropout."""
+def _gpt(sequences: data.Sequences, config: Config, dtype: Any) -> layers.Layer:
+    return gpt.gpt(len(sequences.vocab), sequences.length, dtype=dtype, **GPT)
+
+
+# Sequence models map token ids (N, T) to logits (N, T, V) (manualgrad.nn.gpt's interface) and
+# train on data.Sequences; a model named here gets that training path.
+SEQUENCE_MODELS: dict[str, Callable[[data.Sequences, Config, Any], layers.Layer]] = {"gpt": _gpt}
+MODELS: dict[str, Callable[[Any, Config, Any], layers.Layer]] = {"cnn": _cnn, "mlp": _mlp, **SEQUENCE_MODELS}
+
+
+def model(config: Config, dataset: data.Dataset | data.Sequences, dtype: Any) -> layers.Layer:
+    """The ready-made model ``config.model`` (:data:`MODELS`) for ``dataset``, with ``config``'s norm and dropout."""
     if config.model not in MODELS:
         raise TrainError(f"train: --model must be {_either(tuple(MODELS))}, got {config.model!r}")
     return MODELS[config.model](dataset, config, dtype)
@@ -203,16 +238,24 @@ def step_keys(seed: int, steps: Sequence[int]) -> np.ndarray:
     return np.asarray(jax.vmap(lambda step: jax.random.fold_in(root, step))(jnp.asarray(steps, jnp.uint32)))
 
 
-def loss_fn(net: layers.Layer, grad: str) -> Callable:
-    """``(params, state, x, labels, *, train=False, key=None) -> (loss, correct, new_state)`` through the
-    hand rules (``manual``) or the references (``autodiff``); ``state`` is the model's
-    (:func:`~manualgrad.nn.layers.classifier_loss`)."""
+def _sequence_loss(net, params, tokens, mask, *, state=None, train=False, key=None, reference=False):
+    """:func:`~manualgrad.nn.gpt.sequence_loss` in :func:`~manualgrad.nn.layers.classifier_loss`'s protocol."""
+    value, correct = gpt.sequence_loss(net, params, tokens, mask, train=train, key=key, reference=reference)
+    return (value, correct) if state is None else (value, correct, state)
+
+
+def loss_fn(net: layers.Layer, grad: str, sequences: bool = False) -> Callable:
+    """``(params, state, x, y, *, train=False, key=None) -> (loss, correct, new_state)`` through the
+    hand rules (``manual``) or the references (``autodiff``); ``state`` is the model's. ``(x, y)``
+    are images or features and labels (:func:`~manualgrad.nn.layers.classifier_loss`) or, for a
+    sequence model, token rows and their target mask (:func:`~manualgrad.nn.gpt.sequence_loss`)."""
     if grad not in GRADS:
         raise TrainError(f"train: --grad must be {_either(GRADS)}, got {grad!r}")
     reference = grad == "autodiff"
+    objective = _sequence_loss if sequences else layers.classifier_loss
 
-    def loss(params, state, x, labels, *, train=False, key=None):
-        return layers.classifier_loss(net, params, x, labels, state=state, train=train, key=key, reference=reference)
+    def loss(params, state, x, y, *, train=False, key=None):
+        return objective(net, params, x, y, state=state, train=train, key=key, reference=reference)
 
     return loss
 
@@ -258,33 +301,54 @@ def mesh(devices: int | None) -> Mesh:
 
 
 def cross_check(
-    net: layers.Layer, params: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]], key: jax.Array
+    net: layers.Layer,
+    params: Any,
+    batches: Sequence[tuple[np.ndarray, np.ndarray]],
+    key: jax.Array,
+    sequences: bool = False,
 ) -> float:
     """Max relative difference (:func:`~manualgrad.check.tolerances.relative_error`) of the hand-rule gradient from
     ``jax.grad`` of the references over ``batches`` (≥ 1), in training mode (batch statistics,
-    dropout's masks from ``key``, the same on both sides)."""
+    dropout's masks from ``key``, the same on both sides); ``sequences`` as for :func:`loss_fn`."""
+    objective = _sequence_loss if sequences else layers.classifier_loss
 
     def gradient(reference):
-        return jax.jit(
-            jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y, train=True, key=key, reference=reference)[0])
-        )
+        return jax.jit(jax.grad(lambda p, x, y: objective(net, p, x, y, train=True, key=key, reference=reference)[0]))
 
     manual, auto = gradient(False), gradient(True)
     return max(relative_error(manual(params, x, y), auto(params, x, y)) for x, y in batches)
 
 
+CROP = 8  # a sequence batch is cut to a multiple of this many positions: a few shapes, a few compilations
+
+
+def cropped(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of token rows and target masks cut after its last counted target, rounded up to a
+    multiple of :data:`CROP` positions: what is cut is padding after every counted target, which a
+    causal model's counted predictions do not depend on (:class:`~manualgrad.train.data.Sequences`),
+    so the loss is the same, for less work on short words."""
+    counted = np.flatnonzero(mask.any(axis=0))
+    length = min(mask.shape[1], -(-(int(counted[-1]) + 1 if counted.size else 1) // CROP) * CROP)
+    return tokens[:, : length + 1], mask[:, :length]
+
+
+def targets(y: np.ndarray, sequences: bool) -> int:
+    """How many predictions the loss of a batch with labels (or target mask) ``y`` averages over."""
+    return int(np.sum(y)) if sequences else len(y)
+
+
 def evaluate(
-    loss: Callable, params: Any, state: Any, x: np.ndarray, y: np.ndarray, batch_size: int
+    loss: Callable, params: Any, state: Any, x: np.ndarray, y: np.ndarray, batch_size: int, sequences: bool = False
 ) -> tuple[float, float]:
-    """Mean loss and accuracy over every sample of ``(x, y)``, in evaluation mode (running statistics
-    from the model's ``state``, no dropout)."""
+    """Mean loss and accuracy over every prediction of ``(x, y)`` (every sample, or every counted target
+    of a sequence model), in evaluation mode (running statistics from the model's ``state``, no dropout)."""
     fn = jax.jit(lambda p, s, x, y: loss(p, s, x, y)[:2])
     total, correct = 0.0, 0
     for xb, yb in data.evaluation_batches(x, y, batch_size):
-        value, right = fn(params, state, xb, yb)
-        total += float(value) * len(xb)
+        value, right = fn(params, state, *(cropped(xb, yb) if sequences else (xb, yb)))
+        total += float(value) * targets(yb, sequences)
         correct += int(right)
-    return total / len(x), correct / len(x)
+    return total / targets(y, sequences), correct / targets(y, sequences)
 
 
 def _write_metrics(out: Path, rows: list[dict[str, float]]) -> None:
@@ -343,7 +407,9 @@ def _progress(total: int, initial: int, description: str):
 
 
 def validate(config: Config) -> None:
-    """Raises :class:`TrainError` naming the flag of the first value that cannot run."""
+    """Raises :class:`TrainError` naming the flag of the first value that cannot run (``config`` :func:`resolved`)."""
+    if config.model not in MODELS:
+        raise TrainError(f"train: --model must be {_either(tuple(MODELS))}, got {config.model!r}")
     if config.dtype not in DTYPES:
         raise TrainError(f"train: --dtype must be {_either(DTYPES)}, got {config.dtype!r}")
     if config.epochs < 1 or config.batch_size < 1 or config.checkpoint_every < 0:
@@ -359,7 +425,34 @@ def validate(config: Config) -> None:
         raise TrainError(
             f"train: --cross-check-batches must be ≥ 0 (0: no cross-check), got {config.cross_check_batches}"
         )
+    if config.clip is not None and not (math.isfinite(config.clip) and config.clip > 0):
+        raise TrainError(f"train: --clip must be a finite number > 0, the largest global gradient norm, got {config.clip:g}")
     _validate_regularisers(config)
+    _validate_task(config)
+
+
+def _is_sequence_spec(spec: str) -> bool:
+    return spec == "words" or spec.startswith("text:")
+
+
+def _validate_task(config: Config) -> None:
+    """A sequence model on sequence data without ``--norm``/``--dropout``, any other model on the other data."""
+    if config.model in SEQUENCE_MODELS:
+        if not _is_sequence_spec(config.dataset):
+            raise TrainError(
+                f"train: --model {config.model} is a sequence model and needs --dataset "
+                f"{_either(data.SEQUENCE_SPECS)}, got {config.dataset!r}"
+            )
+        if config.norm != "none" or config.dropout:
+            raise TrainError(
+                f"train: --norm and --dropout act on the hidden layers of cnn and mlp; --model {config.model} "
+                f"has its own layer norms and no dropout: drop them (got --norm {config.norm} --dropout {config.dropout:g})"
+            )
+    elif _is_sequence_spec(config.dataset):
+        raise TrainError(
+            f"train: --dataset {config.dataset} is token sequences for a sequence model "
+            f"({_either(tuple(SEQUENCE_MODELS))}); --model {config.model} classifies images or feature vectors"
+        )
 
 
 def _validate_regularisers(config: Config) -> None:
@@ -476,7 +569,8 @@ def _refuse_another_run(config: Config, directory: Path) -> None:
             )
         now = dataclasses.asdict(config)
         saved = {**{k: getattr(Config(), k) for k in ADDED_LATER}, **saved}
-        keys = [k for k in RUN_DEFINING if _value(saved, k) != _value(now, k)]
+        defining = (*RUN_DEFINING, "epochs") if config.optimizer in SCHEDULED else RUN_DEFINING  # the schedule's length
+        keys = [k for k in defining if _value(saved, k) != _value(now, k)]
         if keys:
             raise TrainError(
                 f"train: --resume {config.resume} holds another run: it was trained with "
@@ -546,12 +640,17 @@ def _open_directory(config: Config, directory: Path | None) -> tuple[Path, Path 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Run:
-    """What a run is built from: the data, the model, the optimizer, the devices."""
+    """What a run is built from: the data, the model, the optimizer, the devices.
+
+    ``(x, y)`` are images or features and their labels, or for a sequence model token rows and their
+    target masks (:class:`~manualgrad.train.data.Sequences`)."""
 
     config: Config
-    dataset: data.Dataset
+    dataset: data.Dataset | data.Sequences
     x_train: np.ndarray
+    y_train: np.ndarray
     x_test: np.ndarray
+    y_test: np.ndarray
     net: layers.Layer
     tx: optax.GradientTransformation
     loss: Callable
@@ -563,24 +662,39 @@ class _Run:
         if config.dtype == "float64":
             jax.config.update("jax_enable_x64", True)
         dtype = jnp.dtype(config.dtype)
-        dataset = data.load(config.dataset, seed=config.seed)
+        sequences = config.model in SEQUENCE_MODELS
+        if sequences:
+            dataset = data.load_sequences(config.dataset, seed=config.seed)
+            split = (dataset.tokens_train, dataset.mask_train, dataset.tokens_test, dataset.mask_test)
+        else:
+            dataset = data.load(config.dataset, seed=config.seed)
+            split = (dataset.x_train.astype(dtype), dataset.y_train, dataset.x_test.astype(dtype), dataset.y_test)
         net = model(config, dataset, dtype)
         devices = mesh(config.devices)
         if config.batch_size % devices.devices.size:
             raise TrainError(
                 f"train: --batch-size {config.batch_size} must be a multiple of --devices {devices.devices.size}"
             )
+        steps = data.steps_per_epoch(len(split[0]), config.batch_size)
         return cls(
             config,
             dataset,
-            dataset.x_train.astype(dtype),
-            dataset.x_test.astype(dtype),
+            *split,
             net,
-            optimizer(config.optimizer, config.learning_rate),
-            loss_fn(net, config.grad),
+            optimizer(config.optimizer, config.learning_rate, steps * config.epochs, config.clip),
+            loss_fn(net, config.grad, sequences),
             devices,
-            data.steps_per_epoch(len(dataset.x_train), config.batch_size),
+            steps,
         )
+
+    @property
+    def sequences(self) -> bool:
+        return self.config.model in SEQUENCE_MODELS
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's model input: an image's or features' shape, or a row's ``L`` token ids."""
+        return (self.dataset.length,) if self.sequences else self.dataset.input_shape
 
     def sharding(self, spec: PartitionSpec) -> NamedSharding:
         return NamedSharding(self.devices, spec)
@@ -603,7 +717,7 @@ def _initialised(run: _Run) -> dict[str, Any]:
     the model's widths (``--groups``) is refused in the command line's words."""
     config = run.config
     try:
-        _, params = run.net.init(jax.random.PRNGKey(config.seed), (-1, *run.dataset.input_shape))
+        _, params = run.net.init(jax.random.PRNGKey(config.seed), (-1, *run.input_shape))
     except layers.LayerError as error:
         flags = _flags(dataclasses.asdict(config), ("model", "norm", "groups"))
         raise TrainError(f"train: {flags} cannot be built for dataset {run.dataset.name}: {error}") from error
@@ -676,7 +790,7 @@ def _ctrl_c_between_steps() -> Iterator[threading.Event]:
 def _stop_if_pressed(run: _Run, out: Path, progress: _Progress, pressed: threading.Event) -> None:
     if pressed.is_set():
         _save(run.config, out, progress)
-        defaults = Config()
+        defaults = resolved(Config(model=run.config.model))
         given = [k for k in (*RUN_DEFINING, "epochs") if getattr(run.config, k) != getattr(defaults, k)]
         arguments = " " + _flags(dataclasses.asdict(run.config), given) if given else ""
         raise Interrupted(progress.step, progress.checkpoint, out, arguments)
@@ -709,10 +823,11 @@ def _train_epoch(
     bar = _progress(run.steps, done, f"epoch {epoch + 1}/{config.epochs}")
     try:
         for (xb, yb), key in zip(
-            itertools.islice(data.batches(run.x_train, run.dataset.y_train, config.batch_size, order), done, None),
+            itertools.islice(data.batches(run.x_train, run.y_train, config.batch_size, order), done, None),
             keys,
         ):
             _stop_if_pressed(run, out, progress, pressed)
+            xb, yb = cropped(xb, yb) if run.sequences else (xb, yb)
             *state, value, correct, finite = step_fn(
                 *(progress.state[k] for k in STATE),
                 jax.device_put(xb, split),
@@ -722,7 +837,7 @@ def _train_epoch(
             if not finite:
                 raise _diverged(progress, float(value), epoch)
             progress.state = dict(zip(STATE, state))
-            progress.epoch_loss += float(value) * len(xb)
+            progress.epoch_loss += float(value) * targets(yb, run.sequences)
             progress.epoch_correct += int(correct)
             progress.step += 1
             bar.update(1)
@@ -736,9 +851,10 @@ def _train_epoch(
 def _end_epoch(run: _Run, out: Path, progress: _Progress, epoch: int) -> None:
     """Evaluates on the test split, appends and writes the epoch's metrics, prints them, checkpoints."""
     config = run.config
-    seen = run.steps * config.batch_size
+    trained = data.epoch_order(config.seed, epoch, len(run.x_train))[: run.steps * config.batch_size]
+    seen = targets(run.y_train[trained], run.sequences)
     test_loss, test_accuracy = evaluate(
-        run.loss, progress.state["params"], progress.state["model_state"], run.x_test, run.dataset.y_test, 512
+        run.loss, progress.state["params"], progress.state["model_state"], run.x_test, run.y_test, 512, run.sequences
     )
     progress.rows.append(
         {
@@ -752,9 +868,10 @@ def _end_epoch(run: _Run, out: Path, progress: _Progress, epoch: int) -> None:
     progress.epoch_loss, progress.epoch_correct = 0.0, 0
     _write_metrics(out, progress.rows)
     row = progress.rows[-1]
+    unit = " nats/char" if run.sequences else ""
     print(
-        f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
-        f"test loss {test_loss:.4f} acc {test_accuracy:.4f}",
+        f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f}{unit} acc {row['train_accuracy']:.4f}  "
+        f"test loss {test_loss:.4f}{unit} acc {test_accuracy:.4f}",
         flush=True,
     )
     _save(config, out, progress)
@@ -762,10 +879,32 @@ def _end_epoch(run: _Run, out: Path, progress: _Progress, epoch: int) -> None:
 
 def _final_cross_check(run: _Run, params: Any) -> tuple[float | None, int]:
     """The cross-check on the first ``--cross-check-batches`` training batches in order; ``None`` for 0 batches."""
-    in_order = data.batches(run.x_train, run.dataset.y_train, run.config.batch_size, np.arange(len(run.x_train)))
+    in_order = data.batches(run.x_train, run.y_train, run.config.batch_size, np.arange(len(run.x_train)))
     batches = list(itertools.islice(in_order, run.config.cross_check_batches))
     key = step_keys(run.config.seed, [0])[0]
-    return (cross_check(run.net, params, batches, key) if batches else None), len(batches)
+    return (cross_check(run.net, params, batches, key, run.sequences) if batches else None), len(batches)
+
+
+SAMPLES = 10
+_SAMPLE_STREAM = 2  # fold_in(PRNGKey(seed), 2): the samples' key
+
+
+def write_samples(run: _Run, params: Any, path: Path) -> list[str]:
+    """:data:`SAMPLES` sequences drawn from the trained model (seeded by ``--seed``), one a line in ``path``.
+
+    Words start after the boundary token and end at the next one (or after ``L`` characters); a text's
+    samples are ``L`` characters after the first character of the training text.
+    """
+    sequences, boundary = run.dataset, run.dataset.boundary
+    start = sequences.vocab.index(boundary) if boundary is not None else int(sequences.tokens_train[0, 0])
+    stop = None if boundary is None else start
+    key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), _SAMPLE_STREAM)
+    ids = np.asarray(gpt.sample(run.net, params, key, SAMPLES, sequences.length, start, stop))
+    texts = [sequences.decode(row[1:]) for row in ids]
+    if boundary is not None:
+        texts = [t.split(boundary)[0] for t in texts]
+    path.write_text("".join(f"{t}\n" for t in texts))
+    return texts
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -775,6 +914,7 @@ def train(config: Config) -> dict[str, Any]:
     :class:`Diverged` when the loss or the state stops being finite, and :class:`Interrupted` on Ctrl-C.
     """
     started = time.perf_counter()
+    config = resolved(config)
     validate(config)
     directory = _directory(config)
     if config.resume is not None:
@@ -784,20 +924,25 @@ def train(config: Config) -> dict[str, Any]:
     progress.state = jax.device_put(progress.state, run.sharding(PartitionSpec()))
     out, latest = _open_directory(config, directory)
     step_fn = make_step(run.loss, run.tx)
+    first_step, training = progress.step, time.perf_counter()
     with _ctrl_c_between_steps() as pressed:
         for epoch in range(progress.step // run.steps, config.epochs):
             _train_epoch(run, step_fn, out, progress, epoch, pressed)
             _end_epoch(run, out, progress, epoch)
             _stop_if_pressed(run, out, progress, pressed)
+    training = time.perf_counter() - training
     title = f"manualgrad train: {config.model} on {run.dataset.name}, {config.optimizer}, grad {config.grad}"
     curves = plot_curves(progress.rows, out / "curves.png", title)
     params = jax.device_get(progress.state["params"])
     error, checked = _final_cross_check(run, params)
+    samples = write_samples(run, params, out / "samples.txt") if run.sequences else None
     return {
         **progress.rows[-1],
+        "samples": samples,
         "cross_check_max_relative_error": error,
         "cross_check_batches": checked,
         "seconds": time.perf_counter() - started,
+        "steps_per_second": (progress.step - first_step) / training,  # compiling and evaluating included
         "steps": progress.step,
         "devices": run.devices.devices.size,
         "directory": str(out),
