@@ -35,7 +35,7 @@ import optax
 
 from manualgrad.bench import peers
 from manualgrad.check.tolerances import relative_l2
-from manualgrad.nn import backprop, gpt, layers
+from manualgrad.nn import backprop, gpt, layers, recurrent
 from manualgrad.rules.attention import attention, attention_reference
 from manualgrad.train import loop
 
@@ -100,6 +100,17 @@ MODELS: dict[str, Model] = {
         False,
         WORDS_VOCAB,
         loop.GPT["heads"],
+    ),
+    "lstm": Model(
+        "the default character LSTM of train --model lstm --dataset words (embedding {embed}, width {width}), ".format(
+            **recurrent.DEFAULTS["lstm"]._asdict()
+        )
+        + f"T = {WORDS_LENGTH}, batch {recurrent.DEFAULTS['lstm'].batch_size}; jax_grad differentiates the reference's scan",
+        lambda: recurrent.char_model("lstm", WORDS_VOCAB),
+        (WORDS_LENGTH,),
+        recurrent.DEFAULTS["lstm"].batch_size,
+        False,
+        WORDS_VOCAB,
     ),
     "gpt_long": Model(
         f"a GPT of one block, width 64, 4 heads, T = S = 512, vocabulary {WORDS_VOCAB}, batch 8",
@@ -350,7 +361,7 @@ def _gradients_and_memory(
     records += [record(f"residual_bytes_{side}", residuals[side], "bytes") for side in residuals]
     records.append(record("residual_ratio_manual_over_jax_grad", residuals["manual"] / residuals["jax_grad"], "ratio"))
     norms = norm_residual_bytes(net, params, x) if not model.sequences else attention_residual_bytes(model)
-    if model.sequences:
+    if model.heads:
         records += [record(f"attention_residual_bytes_{side}", norms[side], "bytes") for side in norms]
         records.append(
             record("attention_residual_ratio_manual_over_jax_grad", norms["manual"] / norms["jax_grad"], "ratio")
@@ -474,9 +485,12 @@ def norm_residual_bytes(net: layers.Layer, params: Any, x: jax.Array) -> dict[st
     }
 
 
-def attention_residual_bytes(model: Model) -> dict[str, int]:
+def attention_residual_bytes(model: Model) -> dict[str, int] | None:
     """The residual bytes (:func:`residual_bytes`) of one causal ``attention`` of a sequence ``model`` alone, in
-    ``q, k, v`` of its shape ``(batch, T, heads, width/heads)``, hand rule and ``jax.grad`` of the reference."""
+    ``q, k, v`` of its shape ``(batch, T, heads, width/heads)``, hand rule and ``jax.grad`` of the reference;
+    ``None`` for a model without attention (``heads`` 0)."""
+    if not model.heads:
+        return None
     params = jax.eval_shape(lambda: model.build().init(KEY, (model.batch, *model.input_shape))[1])
     width = params["blocks"][0]["q"]["w"].shape[0]
     q, k, v = jax.random.normal(KEY, (3, model.batch, *model.input_shape, model.heads, width // model.heads))

@@ -33,10 +33,11 @@ FORGET_BIAS = 1.0
 
 
 class Defaults(NamedTuple):
-    """A character model's sizes and how it is trained by default (adam, global-norm clipping)."""
+    """A character model's sizes and how ``manualgrad train`` trains it by default (global-norm clipping)."""
 
     width: int  # H, the hidden state
     embed: int  # E, the embedding's dimension
+    optimizer: str  # adamw: linear warm-up, then a cosine decay to lr/10 over the run
     batch_size: int
     lr: float
     clip: float  # optax.clip_by_global_norm's bound
@@ -44,8 +45,8 @@ class Defaults(NamedTuple):
 
 
 DEFAULTS: dict[str, Defaults] = {
-    "lstm": Defaults(width=256, embed=32, batch_size=64, lr=3e-3, clip=1.0, epochs=3),
-    "rnn": Defaults(width=256, embed=32, batch_size=64, lr=2e-3, clip=1.0, epochs=3),
+    "lstm": Defaults(width=256, embed=32, optimizer="adamw", batch_size=128, lr=4e-3, clip=1.0, epochs=4),
+    "rnn": Defaults(width=256, embed=32, optimizer="adamw", batch_size=128, lr=3e-3, clip=1.0, epochs=4),
 }
 
 

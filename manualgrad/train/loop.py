@@ -59,7 +59,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from manualgrad.check.tolerances import relative_error
-from manualgrad.nn import gpt, layers
+from manualgrad.nn import gpt, layers, recurrent
 from manualgrad.train import checkpoint, data
 
 METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
@@ -155,6 +155,10 @@ WARMUP = 0.05  # the fraction of the run's steps spent warming up
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "*": {"optimizer": "adam", "batch_size": 32, "epochs": 10},
     "gpt": {"optimizer": "adamw", "batch_size": 64, "epochs": 2},
+    **{
+        kind: {"optimizer": d.optimizer, "batch_size": d.batch_size, "lr": d.lr, "clip": d.clip, "epochs": d.epochs}
+        for kind, d in recurrent.DEFAULTS.items()
+    },
 }
 GRADS = ("manual", "autodiff")  # the hand rules, or jax.grad of the same model built from the references
 DTYPES = ("float32", "float64")
@@ -217,9 +221,17 @@ def _gpt(sequences: data.Sequences, config: Config, dtype: Any) -> layers.Layer:
     return gpt.gpt(len(sequences.vocab), sequences.length, dtype=dtype, **GPT)
 
 
+def _char_model(kind: str) -> Callable[[data.Sequences, Config, Any], layers.Layer]:
+    """``embedding → kind → dense`` of :data:`manualgrad.nn.recurrent.DEFAULTS`'s sizes for ``sequences``."""
+    return lambda sequences, config, dtype: recurrent.char_model(kind, len(sequences.vocab), dtype=dtype)
+
+
 # Sequence models map token ids (N, T) to logits (N, T, V) (manualgrad.nn.gpt's interface) and
 # train on data.Sequences; a model named here gets that training path.
-SEQUENCE_MODELS: dict[str, Callable[[data.Sequences, Config, Any], layers.Layer]] = {"gpt": _gpt}
+SEQUENCE_MODELS: dict[str, Callable[[data.Sequences, Config, Any], layers.Layer]] = {
+    "gpt": _gpt,
+    **{kind: _char_model(kind) for kind in recurrent.KINDS},
+}
 MODELS: dict[str, Callable[[Any, Config, Any], layers.Layer]] = {"cnn": _cnn, "mlp": _mlp, **SEQUENCE_MODELS}
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from manualgrad import cli
 from manualgrad.bench import bench, peers
-from manualgrad.nn import layers
+from manualgrad.nn import layers, recurrent
 from manualgrad.train import loop
 
 PER_MODEL = {
@@ -183,3 +183,21 @@ def test_a_model_with_batch_norm_is_benched_with_its_norms_residuals(monkeypatch
     assert values["norm_residual_bytes_manual"] == expected
     assert values["norm_residual_ratio_manual_over_jax_grad"] < 1
     assert bench.norm_residual_bytes(layers.cnn(10), *bench._inputs(bench.MODELS["digits_cnn"], 0)[:2]) is None
+
+
+def test_the_character_lstm_is_benched_as_a_sequence_model(monkeypatch):
+    """lstm's figures on a small stand-in (H = 8, E = 4, T = 5, batch 4): every per-model figure, the hand
+    BPTT's gradient equal to jax.grad of the reference's scan, no attention figures; and the real entry
+    is train's default character LSTM at its default batch."""
+    model = bench.Model("tiny character LSTM", lambda: recurrent.char_model("lstm", 27, 8, 4), (5,), 4, False, 27)
+    monkeypatch.setitem(bench.MODELS, "tiny_lstm", model)
+    values = {r["figure"]: r["value"] for r in bench.bench_model("tiny_lstm", bench.QUICK)}
+    assert PER_MODEL <= set(values)
+    assert not any(f.startswith("attention_") for f in values)
+    assert all(math.isfinite(v) and v >= 0 for v in values.values())
+    assert values["gradient_difference_jax_grad_vs_manual"] < 1e-5  # float32 round-off over 5 steps, batch 4
+    default = bench.MODELS["lstm"]
+    params = jax.eval_shape(lambda: default.build().init(jax.random.PRNGKey(0), (-1, *default.input_shape))[1])
+    width = recurrent.DEFAULTS["lstm"].width
+    assert params["recurrent"]["w_h"].shape == (width, 4 * width)
+    assert (default.batch, default.vocab) == (loop.MODEL_DEFAULTS["lstm"]["batch_size"], 27)
