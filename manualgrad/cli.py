@@ -467,7 +467,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         metavar="NORM",
-        help="scale each gradient down to global norm NORM if larger (optax.clip_by_global_norm; default: none)",
+        help="scale each gradient down to global norm NORM if larger (optax.clip_by_global_norm; "
+        "default: the model's, see --optimizer; none for the others)",
     )
     tr.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, split and data order")
     tr.add_argument("--dtype", choices=loop.DTYPES, default=defaults.dtype)

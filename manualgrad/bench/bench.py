@@ -105,7 +105,8 @@ MODELS: dict[str, Model] = {
         "the default character LSTM of train --model lstm --dataset words (embedding {embed}, width {width}), ".format(
             **recurrent.DEFAULTS["lstm"]._asdict()
         )
-        + f"T = {WORDS_LENGTH}, batch {recurrent.DEFAULTS['lstm'].batch_size}; jax_grad differentiates the reference's scan",
+        + f"T = {WORDS_LENGTH}, batch {recurrent.DEFAULTS['lstm'].batch_size}; "
+        "jax_grad differentiates the reference's scan",
         lambda: recurrent.char_model("lstm", WORDS_VOCAB),
         (WORDS_LENGTH,),
         recurrent.DEFAULTS["lstm"].batch_size,

@@ -55,8 +55,9 @@ def _uniform(key: jax.Array, shape: Shape, bound: float, dtype: Any) -> jax.Arra
 
 
 def init_params(key: jax.Array, kind: str, vocab: int, width: int, embed: int, dtype: Any = jnp.float32) -> dict:
-    """``{"embedding": (V, E), "recurrent": {"w_x": (E, kH), "w_h": (H, kH), "b": (kH,)}, "output": {"w": (H, V), "b": (V,)}}``
-    with ``k`` = 1 (rnn) or 4 (lstm), initialised as the module docstring says."""
+    """``{"embedding": (V, E), "recurrent": {"w_x": (E, kH), "w_h": (H, kH), "b": (kH,)},
+    "output": {"w": (H, V), "b": (V,)}}`` with ``k`` = 1 (rnn) or 4 (lstm), initialised as the module
+    docstring says."""
     k = jax.random.split(key, 5)
     bound, blocks = width**-0.5, BLOCKS[kind] * width
     b = _uniform(k[3], (blocks,), bound, dtype)
@@ -112,4 +113,3 @@ def char_model(
         return logits if state is None else (logits, state)
 
     return Layer(init, apply)
-
