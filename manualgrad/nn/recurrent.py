@@ -45,7 +45,7 @@ class Defaults(NamedTuple):
 
 
 DEFAULTS: dict[str, Defaults] = {
-    "lstm": Defaults(width=256, embed=32, optimizer="adamw", batch_size=128, lr=4e-3, clip=1.0, epochs=4),
+    "lstm": Defaults(width=256, embed=32, optimizer="adamw", batch_size=128, lr=4e-3, clip=1.0, epochs=5),
     "rnn": Defaults(width=256, embed=32, optimizer="adamw", batch_size=128, lr=3e-3, clip=1.0, epochs=4),
 }
 
