@@ -458,7 +458,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help=f"default: the model's ({model_defaults}); adamw warms up, then decays as a cosine over the run",
     )
     tr.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: sgd 0.1, momentum 0.05, adam and adamw 3e-3)"
+        "--lr", type=float, default=None, help="learning rate (default: sgd 0.1, momentum 0.05, adam 3e-3, adamw 1e-2, its peak)"
     )
     tr.add_argument("--batch-size", type=int, default=None, help="default: the model's (see --optimizer)")
     tr.add_argument("--epochs", type=int, default=None, help="default: the model's (see --optimizer)")

@@ -479,7 +479,7 @@ def attention_residual_bytes(model: Model) -> dict[str, int]:
     ``q, k, v`` of its shape ``(batch, T, heads, width/heads)``, hand rule and ``jax.grad`` of the reference."""
     params = jax.eval_shape(lambda: model.build().init(KEY, (model.batch, *model.input_shape))[1])
     width = params["blocks"][0]["q"]["w"].shape[0]
-    q, k, v = jax.random.normal(KEY, (3, model.batch, *model.input_shape, model.heads, width // model.heads))
+    q, k, v = jax.random.normal(KEY, (3, model.batch, *model.input_shape, model.heads, width // model.heads), jnp.float32)
     rules = {"manual": attention, "jax_grad": attention_reference}
     return {side: residual_bytes(lambda qkv, f=f: f(*qkv, True), (q, k, v)) for side, f in rules.items()}
 
