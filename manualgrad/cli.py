@@ -445,12 +445,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     tr = commands.add_parser("train", help="train a model on the hand rules (jitted, optax, checkpoints, many devices)")
     tr.add_argument("--model", choices=tuple(loop.MODELS), default=defaults.model)
     model_defaults = "; ".join(
-        f"{'other models' if name == '*' else name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in given.items())
+        f"{'other models' if name == '*' else name}: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in given.items())
         for name, given in loop.MODEL_DEFAULTS.items()
     )
-    tr.add_argument(
-        "--dataset", default=defaults.dataset, metavar="|".join((*data.SPECS, *data.SEQUENCE_SPECS))
-    )
+    tr.add_argument("--dataset", default=defaults.dataset, metavar="|".join((*data.SPECS, *data.SEQUENCE_SPECS)))
     tr.add_argument(
         "--optimizer",
         choices=tuple(loop.OPTIMIZERS),
@@ -458,7 +457,10 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help=f"default: the model's ({model_defaults}); adamw warms up, then decays as a cosine over the run",
     )
     tr.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: sgd 0.1, momentum 0.05, adam 3e-3, adamw 1e-2, its peak)"
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: sgd 0.1, momentum 0.05, adam 3e-3, adamw 1e-2, its peak)",
     )
     tr.add_argument("--batch-size", type=int, default=None, help="default: the model's (see --optimizer)")
     tr.add_argument("--epochs", type=int, default=None, help="default: the model's (see --optimizer)")

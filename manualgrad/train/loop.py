@@ -426,7 +426,9 @@ def validate(config: Config) -> None:
             f"train: --cross-check-batches must be ≥ 0 (0: no cross-check), got {config.cross_check_batches}"
         )
     if config.clip is not None and not (math.isfinite(config.clip) and config.clip > 0):
-        raise TrainError(f"train: --clip must be a finite number > 0, the largest global gradient norm, got {config.clip:g}")
+        raise TrainError(
+            f"train: --clip must be a finite number > 0, the largest global gradient norm, got {config.clip:g}"
+        )
     _validate_regularisers(config)
     _validate_task(config)
 
@@ -446,7 +448,8 @@ def _validate_task(config: Config) -> None:
         if config.norm != "none" or config.dropout:
             raise TrainError(
                 f"train: --norm and --dropout act on the hidden layers of cnn and mlp; --model {config.model} "
-                f"has its own layer norms and no dropout: drop them (got --norm {config.norm} --dropout {config.dropout:g})"
+                f"has its own layer norms and no dropout: drop them "
+                f"(got --norm {config.norm} --dropout {config.dropout:g})"
             )
     elif _is_sequence_spec(config.dataset):
         raise TrainError(

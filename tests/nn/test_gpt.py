@@ -62,7 +62,9 @@ def test_loss_is_the_masked_mean_of_minus_log_p():
     # a masked target does not count: with the last target masked, changing its token leaves the loss
     last = mask.at[:, -1].set(False)
     other = tokens.at[:, -1].set((tokens[:, -1] + 1) % VOCAB)
-    assert float(gpt.sequence_loss(NET, params, other, last)[0]) == float(gpt.sequence_loss(NET, params, tokens, last)[0])
+    assert float(gpt.sequence_loss(NET, params, other, last)[0]) == float(
+        gpt.sequence_loss(NET, params, tokens, last)[0]
+    )
 
 
 def test_residual_projections_start_small_and_key_has_no_bias():
