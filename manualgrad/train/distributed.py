@@ -15,7 +15,7 @@ Process 0 alone writes (:func:`is_writer`): the run folder, metrics, plots and c
 shared file system; one host trivially). On ``--resume`` every process reads the newest
 checkpoint itself, and :func:`agree` makes all of them stop with an error unless they hold the
 same arguments and the same step. Ctrl-C stops every process at the same step
-(:func:`any_process` is asked between steps).
+(:func:`stop_requested`).
 
 Starting: ``--coordinator HOST:PORT --num-processes N --process-id I`` names everything, or
 ``--distributed auto`` lets ``jax.distributed.initialize()`` detect it (SLURM, Open MPI, Cloud
@@ -48,6 +48,7 @@ from jax.sharding import NamedSharding
 DETECTIONS: dict[str, str | None] = {"auto": None, "mpi4py": "mpi4py"}  # --distributed -> jax's detection method
 DEFAULT_TIMEOUT = 60  # seconds: --process-timeout
 WRITER = 0  # the process that writes the run's files
+STOP_EVERY = 10  # steps between two comparisons of the processes' Ctrl-C flags
 LAUNCHED = ("--coordinator", "--num-processes", "--process-id", "--distributed")  # what launch sets itself
 _ADDRESS = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})")
 
@@ -65,7 +66,11 @@ def requested(config: Any) -> bool:
 
 def validate(config: Any) -> None:
     """Raises :class:`DistributedError` naming the first distributed flag that cannot work."""
-    explicit = {"--coordinator": config.coordinator, "--num-processes": config.num_processes, "--process-id": config.process_id}
+    explicit = {
+        "--coordinator": config.coordinator,
+        "--num-processes": config.num_processes,
+        "--process-id": config.process_id,
+    }
     if config.distributed is not None and config.distributed not in DETECTIONS:
         raise DistributedError(f"train: --distributed must be {' or '.join(DETECTIONS)}, got {config.distributed!r}")
     missing = [flag for flag, value in explicit.items() if value is None]
@@ -74,16 +79,24 @@ def validate(config: Any) -> None:
             f"train: {', '.join(f for f in explicit if f not in missing)} also needs {' and '.join(missing)} "
             "(or --distributed auto to detect them under SLURM, Open MPI or Kubernetes)"
         )
+    _validate_numbers(config)
+
+
+def _validate_numbers(config: Any) -> None:
+    """``--coordinator HOST:PORT``, ``--num-processes``, ``--process-id`` and ``--process-timeout`` in range."""
     if config.coordinator is not None and not _valid_address(config.coordinator):
-        raise DistributedError(f"train: --coordinator must be HOST:PORT with a port from 1 to 65535, got {config.coordinator!r}")
+        raise DistributedError(
+            f"train: --coordinator must be HOST:PORT with a port from 1 to 65535, got {config.coordinator!r}"
+        )
     if config.num_processes is not None and config.num_processes < 1:
         raise DistributedError(f"train: --num-processes must be ≥ 1, got {config.num_processes}")
     if config.process_id is not None and not 0 <= config.process_id < (config.num_processes or sys.maxsize):
+        last = "" if config.num_processes is None else f" to {config.num_processes - 1}"
         raise DistributedError(
-            f"train: --process-id must be from 0 to --num-processes - 1 ({config.num_processes}), got {config.process_id}"
+            f"train: --process-id must be from 0{last} (one less than --num-processes), got {config.process_id}"
         )
     if not config.process_timeout > 0:
-        raise DistributedError(f"train: --process-timeout must be > 0 seconds, got {config.process_timeout}")
+        raise DistributedError(f"train: --process-timeout must be > 0 seconds, got {config.process_timeout:g}")
 
 
 def _valid_address(address: str) -> bool:
@@ -148,11 +161,15 @@ def global_batch(rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, rows[start:stop], rows.shape)
 
 
-def any_process(flag: bool) -> bool:
-    """Whether ``flag`` is set on any process; every process must ask at the same point."""
+def stop_requested(pressed: bool, step: int) -> bool:
+    """Whether Ctrl-C has reached any process, asked by every process before step ``step``: the processes
+    compare their flags every :data:`STOP_EVERY` steps (a gather costs about one step of a small model),
+    so all of them stop at the same step, at most ``STOP_EVERY - 1`` steps after the first press."""
     if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+        return pressed
+    if step % STOP_EVERY:
+        return False
+    return bool(np.any(multihost_utils.process_allgather(np.array(pressed))))
 
 
 def agree(description: str) -> None:
@@ -195,15 +212,29 @@ def launch(processes: int, arguments: Sequence[str], host: str = "localhost") ->
     if processes < 1:
         raise DistributedError(f"launch: --processes must be ≥ 1, got {processes}")
     if not arguments or arguments[0] != "train":
-        raise DistributedError(f"launch: give the command to run after --, e.g. -- train --epochs 2; got {list(arguments)}")
+        raise DistributedError(
+            f"launch: give the command to run after --, e.g. -- train --epochs 2; got {list(arguments)}"
+        )
     given = [a.split("=", 1)[0] for a in arguments if a.split("=", 1)[0] in LAUNCHED]
     if given:
-        raise DistributedError(f"launch: {', '.join(given)} are set by launch itself; leave them out of the train arguments")
+        raise DistributedError(
+            f"launch: {', '.join(given)} are set by launch itself; leave them out of the train arguments"
+        )
     address = f"{host}:{free_port()}"
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "manualgrad", *arguments, "--coordinator", address,
-             "--num-processes", str(processes), "--process-id", str(i)],
+            [
+                sys.executable,
+                "-m",
+                "manualgrad",
+                *arguments,
+                "--coordinator",
+                address,
+                "--num-processes",
+                str(processes),
+                "--process-id",
+                str(i),
+            ],
             start_new_session=True,
         )
         for i in range(processes)

@@ -707,7 +707,7 @@ def _ctrl_c_between_steps() -> Iterator[threading.Event]:
 
 def _stop_if_pressed(run: _Run, out: Path, progress: _Progress, pressed: threading.Event) -> None:
     """Checkpoints and raises :class:`Interrupted` once Ctrl-C has reached any process (all stop at this step)."""
-    if multiprocess.any_process(pressed.is_set()):
+    if multiprocess.stop_requested(pressed.is_set(), progress.step):
         _save(run.config, out, progress)
         defaults = Config()
         given = [k for k in (*RUN_DEFINING, "epochs") if getattr(run.config, k) != getattr(defaults, k)]
