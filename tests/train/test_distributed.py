@@ -169,3 +169,20 @@ def test_launch_refuses_what_it_cannot_run(capsys, arguments, message):
 
 def test_exit_status_counts_a_signal_as_128_plus_its_number():
     assert [distributed.exit_status(c) for c in (0, 2, -signal.SIGKILL, -signal.SIGABRT)] == [0, 2, 137, 134]
+
+
+def test_processes_started_with_other_arguments_stop_before_writing(tmp_path):
+    """Another --lr on process 1 would train on a mixture silently: both processes refuse, nothing is written."""
+    out, port = tmp_path / "run", distributed.free_port()
+    processes = []
+    for i, lr in enumerate(("0.003", "0.01")):
+        command, options = _manualgrad(
+            "train", *RUN, "--lr", lr, "--out", str(out), "--process-timeout", str(TIMEOUT),
+            "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i),
+        )  # fmt: skip
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **options))
+    for process in processes:
+        _, stderr = process.communicate(timeout=3 * TIMEOUT + 60)
+        assert process.returncode == 2
+        assert "manualgrad train: process(es) 1 hold other arguments or another checkpoint than process 0" in stderr
+    assert not out.exists()
