@@ -48,6 +48,7 @@ from jax.sharding import NamedSharding
 DETECTIONS: dict[str, str | None] = {"auto": None, "mpi4py": "mpi4py"}  # --distributed -> jax's detection method
 DEFAULT_TIMEOUT = 60  # seconds: --process-timeout
 WRITER = 0  # the process that writes the run's files
+COLLECTIVES = "jax_cpu_collectives_implementation"  # the config option naming CPU collectives (jax 0.10)
 STOP_EVERY = 10  # steps between two comparisons of the processes' Ctrl-C flags
 LAUNCHED = ("--coordinator", "--num-processes", "--process-id", "--distributed")  # what launch sets itself
 _ADDRESS = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})")
@@ -112,8 +113,9 @@ def initialize(config: Any) -> None:
     """
     if not requested(config) or jax.distributed.is_initialized():
         return
-    # gloo is the default from jax 0.4.27 on; set it in case a site default says otherwise.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # gloo is jax 0.10's default too; set it against a site default saying otherwise, where the option exists.
+    if COLLECTIVES in jax.config.values:
+        jax.config.update(COLLECTIVES, "gloo")
     timeout = int(config.process_timeout)
     try:
         jax.distributed.initialize(
