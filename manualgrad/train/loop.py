@@ -9,7 +9,9 @@ Data parallelism uses JAX's own sharding: a 1-D ``Mesh`` over ``--devices`` devi
 ``data``; every batch is split along it (``NamedSharding(mesh, P("data"))``) and parameters and
 optimizer state are replicated (``P()``). XLA inserts the all-reduce that the sum over the
 batch in each gradient pass (``Oᵀ G``, ``1ᵀ G``) needs, so the step is the same program on one
-device or many.
+device or many. With ``jax.distributed`` (``--coordinator``/``--num-processes``/``--process-id``
+or ``--distributed auto``) the mesh spans the devices of every process and each feeds its block of
+the global batch; process 0 alone writes (:mod:`manualgrad.train.distributed`).
 
 ``--norm`` puts a normalisation layer after every hidden convolution and dense layer, before
 its ReLU, and ``--dropout`` a :func:`~manualgrad.nn.layers.Dropout` after every dense hidden
@@ -61,6 +63,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from manualgrad.check.tolerances import relative_error
 from manualgrad.nn import layers
 from manualgrad.train import checkpoint, data
+from manualgrad.train import distributed as multiprocess  # `distributed` is also a Config field
 
 METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 3e-3}
@@ -78,6 +81,8 @@ RUN_DEFINING = (
     "dropout",
     "groups",
 )
+# What every process of a multi-process run must agree on (multiprocess.agree), besides the step.
+AGREED = (*RUN_DEFINING, "epochs", "devices", "checkpoint_every", "cross_check_batches")
 ADDED_LATER = ("norm", "dropout", "groups")  # runs saved before these existed had their defaults
 DEFAULT_GROUPS = 4  # --norm group's groups: divides every width of the ready-made models
 STATE = ("params", "opt_state", "model_state")  # what the jitted step carries from one step to the next
@@ -129,6 +134,11 @@ class Config:
     resume: str | None = None
     devices: int | None = None
     cross_check_batches: int = 3
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed: str | None = None
+    process_timeout: float = multiprocess.DEFAULT_TIMEOUT
 
     @property
     def learning_rate(self) -> float:
@@ -246,7 +256,8 @@ def make_step(loss: Callable, tx: optax.GradientTransformation) -> Callable:
 
 
 def mesh(devices: int | None) -> Mesh:
-    """A 1-D mesh with axis ``data`` over the first ``devices`` local devices (all by default)."""
+    """A 1-D mesh with axis ``data`` over the first ``devices`` local devices (all by default) of every
+    process (:func:`~manualgrad.train.distributed.devices`)."""
     available = jax.local_devices()
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
@@ -254,7 +265,7 @@ def mesh(devices: int | None) -> Mesh:
             f"train: --devices must be between 1 and {len(available)} (local {jax.default_backend()} "
             f"devices), got {devices}"
         )
-    return Mesh(np.array(available[:n]), ("data",))
+    return Mesh(np.array(multiprocess.devices(n)), ("data",))
 
 
 def cross_check(
@@ -337,7 +348,7 @@ def _progress(total: int, initial: int, description: str):
         desc=description,
         unit="step",
         leave=False,
-        disable=not sys.stderr.isatty(),
+        disable=not sys.stderr.isatty() or not multiprocess.is_writer(),
         dynamic_ncols=True,
     )
 
@@ -360,6 +371,12 @@ def validate(config: Config) -> None:
             f"train: --cross-check-batches must be ≥ 0 (0: no cross-check), got {config.cross_check_batches}"
         )
     _validate_regularisers(config)
+    multiprocess.validate(config)
+    if multiprocess.requested(config) and config.out is None and config.resume is None:
+        raise TrainError(
+            "train: a multi-process run needs --out DIR (or --resume DIR), a folder every process sees at the same "
+            f"path: the default {RUNS}/<start time> would differ between processes"
+        )
 
 
 def _validate_regularisers(config: Config) -> None:
@@ -523,8 +540,18 @@ def point_latest(folder: Path) -> str | None:
     return None
 
 
+def _say(message: str) -> None:
+    """Prints ``message`` on the process that writes the run's files (the only one, or process 0)."""
+    if multiprocess.is_writer():
+        print(message, flush=True)
+
+
 def _open_directory(config: Config, directory: Path | None) -> tuple[Path, Path | None]:
-    """Creates the run's folder (clearing an old run with ``--overwrite``); returns it and ``runs/latest`` if set."""
+    """Creates the run's folder (clearing an old run with ``--overwrite``); returns it and ``runs/latest`` if set.
+
+    Processes other than the writer touch nothing and get ``directory`` (never ``None`` for them: :func:`validate`)."""
+    if not multiprocess.is_writer():
+        return directory, None
     if directory is None:
         out = new_run_folder(RUNS)
         warning = point_latest(out)
@@ -568,7 +595,8 @@ class _Run:
         devices = mesh(config.devices)
         if config.batch_size % devices.devices.size:
             raise TrainError(
-                f"train: --batch-size {config.batch_size} must be a multiple of --devices {devices.devices.size}"
+                f"train: --batch-size {config.batch_size} must be a multiple of the {devices.devices.size} devices of "
+                f"the mesh (--devices on each of {jax.process_count()} process(es))"
             )
         return cls(
             config,
@@ -625,18 +653,22 @@ def _start(run: _Run, directory: Path | None) -> _Progress:
         print(f"manualgrad train: {warning}", file=sys.stderr)
     epoch = meta["step"] // run.steps + 1
     left = "" if epoch <= config.epochs else f": all {config.epochs} epochs are done"
-    print(f"resuming from step {meta['step']} (epoch {epoch}) in {directory}{left}", flush=True)
+    _say(f"resuming from step {meta['step']} (epoch {epoch}) in {directory}{left}")
     return _Progress(
         state,
         meta["step"],
         meta["epoch_loss"],
         meta["epoch_correct"],
         list(meta["metrics"]),
-        directory / f"checkpoint-{meta['step']:08d}.npz",
+        checkpoint.path_of(directory, meta["step"]),
     )
 
 
 def _save(config: Config, out: Path, progress: _Progress) -> None:
+    """Checkpoints ``progress`` into ``out`` on the writing process; the others only note the checkpoint's path."""
+    if not multiprocess.is_writer():
+        progress.checkpoint = checkpoint.path_of(out, progress.step)
+        return
     progress.checkpoint = checkpoint.save(
         out,
         progress.step,
@@ -674,7 +706,8 @@ def _ctrl_c_between_steps() -> Iterator[threading.Event]:
 
 
 def _stop_if_pressed(run: _Run, out: Path, progress: _Progress, pressed: threading.Event) -> None:
-    if pressed.is_set():
+    """Checkpoints and raises :class:`Interrupted` once Ctrl-C has reached any process (all stop at this step)."""
+    if multiprocess.stop_requested(pressed.is_set(), progress.step):
         _save(run.config, out, progress)
         defaults = Config()
         given = [k for k in (*RUN_DEFINING, "epochs") if getattr(run.config, k) != getattr(defaults, k)]
@@ -715,8 +748,8 @@ def _train_epoch(
             _stop_if_pressed(run, out, progress, pressed)
             *state, value, correct, finite = step_fn(
                 *(progress.state[k] for k in STATE),
-                jax.device_put(xb, split),
-                jax.device_put(yb, split),
+                multiprocess.global_batch(xb, split),
+                multiprocess.global_batch(yb, split),
                 key,
             )
             if not finite:
@@ -750,12 +783,12 @@ def _end_epoch(run: _Run, out: Path, progress: _Progress, epoch: int) -> None:
         }
     )
     progress.epoch_loss, progress.epoch_correct = 0.0, 0
-    _write_metrics(out, progress.rows)
+    if multiprocess.is_writer():
+        _write_metrics(out, progress.rows)
     row = progress.rows[-1]
-    print(
+    _say(
         f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
-        f"test loss {test_loss:.4f} acc {test_accuracy:.4f}",
-        flush=True,
+        f"test loss {test_loss:.4f} acc {test_accuracy:.4f}"
     )
     _save(config, out, progress)
 
@@ -776,11 +809,13 @@ def train(config: Config) -> dict[str, Any]:
     """
     started = time.perf_counter()
     validate(config)
+    multiprocess.initialize(config)
     directory = _directory(config)
     if config.resume is not None:
         _refuse_another_run(config, directory)
     run = _Run.build(config)
     progress = _start(run, directory)
+    multiprocess.agree(_flags(dataclasses.asdict(config), AGREED) + f" from step {progress.step}")
     progress.state = jax.device_put(progress.state, run.sharding(PartitionSpec()))
     out, latest = _open_directory(config, directory)
     step_fn = make_step(run.loss, run.tx)
@@ -790,7 +825,9 @@ def train(config: Config) -> dict[str, Any]:
             _end_epoch(run, out, progress, epoch)
             _stop_if_pressed(run, out, progress, pressed)
     title = f"manualgrad train: {config.model} on {run.dataset.name}, {config.optimizer}, grad {config.grad}"
-    curves = plot_curves(progress.rows, out / "curves.png", title)
+    curves = out / "curves.png"
+    if multiprocess.is_writer():
+        plot_curves(progress.rows, curves, title)
     params = jax.device_get(progress.state["params"])
     error, checked = _final_cross_check(run, params)
     return {
@@ -800,6 +837,8 @@ def train(config: Config) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
         "steps": progress.step,
         "devices": run.devices.devices.size,
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
         "directory": str(out),
         "latest": None if latest is None else str(latest),
         "metrics": str(out / "metrics.csv"),
