@@ -3,7 +3,10 @@
 ``manualgrad check [RULE ...] [--dtype float32|float64] [--json]`` cross-checks the registered
 rules, names the usual mistake behind a failure (``DIAGNOSIS`` lines) and exits 1 if any
 check fails (2 for a bad command line, as argparse does).
-``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``).
+``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``), in one
+process or as one of several (``--coordinator``, ``--num-processes``, ``--process-id``, ``--distributed auto``);
+``manualgrad launch --processes N -- train ARGS`` runs N such processes on this machine and exits with the
+worst status among them.
 ``manualgrad bench [...]`` measures the hand rules against ``jax.grad``, NumPy and PyTorch.
 ``manualgrad audit FILE:FUNCTION [--args NAME]`` checks every ``custom_vjp`` inside FUNCTION at the
 values it receives there (its arguments from FILE's ``audit_args()``): exit 0 if all agree, 1 if not.
@@ -33,7 +36,7 @@ import manualgrad
 from manualgrad import registry
 from manualgrad.bench import bench
 from manualgrad.check import checker
-from manualgrad.train import checkpoint, data, loop
+from manualgrad.train import checkpoint, data, distributed, loop
 
 
 def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule", networks: Sequence[str] = ()) -> bool:
@@ -296,7 +299,7 @@ def _train(args: argparse.Namespace) -> int:
     config = loop.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(loop.Config)})
     try:
         summary = loop.train(config)
-    except (loop.TrainError, data.DataError, checkpoint.CheckpointError) as error:
+    except (loop.TrainError, data.DataError, checkpoint.CheckpointError, distributed.DistributedError) as error:
         print(
             f"manualgrad {error}" if str(error).startswith("train:") else f"manualgrad train: {error}", file=sys.stderr
         )
@@ -310,9 +313,13 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # outside the steps (loading, compiling, plot, cross-check) or a second Ctrl-C
         print("manualgrad train: interrupted; the checkpoints written so far are kept", file=sys.stderr)
         return 130
+    if summary["process"] != distributed.WRITER:
+        print(f"process {summary['process']} of {summary['processes']} done; process 0 wrote the run's files")
+        return 0
     print(
         f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f} after "
-        f"{summary['epoch']} epochs ({summary['steps']} steps on {summary['devices']} device(s)) "
+        f"{summary['epoch']} epochs ({summary['steps']} steps on {summary['devices']} device(s) of "
+        f"{summary['processes']} process(es)) "
         f"in {summary['seconds']:.1f} s ({summary['steps_per_second']:.1f} steps/s)"
     )
     if summary["cross_check_max_relative_error"] is None:
@@ -328,6 +335,15 @@ def _train(args: argparse.Namespace) -> int:
     samples = f", {pathlib.Path(summary['directory']) / 'samples.txt'}" if summary["samples"] is not None else ""
     print(f"wrote {summary['metrics']}, {summary['curves']}{samples}, {summary['checkpoint']}{latest}")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    try:
+        return distributed.launch(args.processes, arguments)
+    except distributed.DistributedError as error:
+        print(f"manualgrad {error}", file=sys.stderr)
+        return 2
 
 
 def _add_check(commands: argparse._SubParsersAction) -> None:
@@ -445,12 +461,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     tr = commands.add_parser("train", help="train a model on the hand rules (jitted, optax, checkpoints, many devices)")
     tr.add_argument("--model", choices=tuple(loop.MODELS), default=defaults.model)
     model_defaults = "; ".join(
-        f"{'other models' if name == '*' else name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in given.items())
+        f"{'other models' if name == '*' else name}: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in given.items())
         for name, given in loop.MODEL_DEFAULTS.items()
     )
-    tr.add_argument(
-        "--dataset", default=defaults.dataset, metavar="|".join((*data.SPECS, *data.SEQUENCE_SPECS))
-    )
+    tr.add_argument("--dataset", default=defaults.dataset, metavar="|".join((*data.SPECS, *data.SEQUENCE_SPECS)))
     tr.add_argument(
         "--optimizer",
         choices=tuple(loop.OPTIMIZERS),
@@ -458,7 +473,10 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help=f"default: the model's ({model_defaults}); adamw warms up, then decays as a cosine over the run",
     )
     tr.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: sgd 0.1, momentum 0.05, adam and adamw 3e-3)"
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: sgd 0.1, momentum 0.05, adam 3e-3, adamw 1e-2, its peak)",
     )
     tr.add_argument("--batch-size", type=int, default=None, help="default: the model's (see --optimizer)")
     tr.add_argument("--epochs", type=int, default=None, help="default: the model's (see --optimizer)")
@@ -529,7 +547,42 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="batches for the final hand-rule vs jax.grad check (0: none)",
     )
+    _add_distributed_flags(tr, defaults)
     tr.set_defaults(run=_train)
+
+
+def _add_distributed_flags(tr: argparse.ArgumentParser, defaults: loop.Config) -> None:
+    group = tr.add_argument_group(
+        "several processes (jax.distributed; one per host, --batch-size is the global batch, process 0 writes)"
+    )
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, the same for all")
+    group.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the run")
+    group.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0 to N-1")
+    group.add_argument(
+        "--distributed",
+        choices=tuple(distributed.DETECTIONS),
+        default=None,
+        help="detect the three above under SLURM, Open MPI, Kubernetes (auto) or through mpi4py",
+    )
+    group.add_argument(
+        "--process-timeout",
+        type=float,
+        default=defaults.process_timeout,
+        metavar="SECONDS",
+        help="wait this long for the others to join, for a silent process's heartbeat and at exit; then stop "
+        f"with an error (default {defaults.process_timeout:g})",
+    )
+
+
+def _add_launch(commands: argparse._SubParsersAction) -> None:
+    la = commands.add_parser(
+        "launch", help="run `train ARGS` as N processes of one jax.distributed run on this machine"
+    )
+    la.add_argument("--processes", type=int, required=True, metavar="N", help="processes to start")
+    la.add_argument(
+        "arguments", nargs=argparse.REMAINDER, metavar="-- train ARGS", help="the command every process runs"
+    )
+    la.set_defaults(run=_launch)
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
@@ -590,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_grade,
         _add_autograder,
         _add_train,
+        _add_launch,
         _add_bench,
     ):
         add(commands)

@@ -40,13 +40,14 @@ from manualgrad.rules.attention import attention, attention_reference
 from manualgrad.train import loop
 
 LEARNING_RATE = 3e-3
-KEY = jax.random.PRNGKey(0)  # dropout's key in every benchmarked step
+KEY = np.zeros(2, np.uint32)  # dropout's key in every benchmarked step: PRNGKey(0)'s data, made without a JAX backend
 NORMS = ("batch_norm", "layer_norm", "group_norm", "rms_norm")  # the maps of the normalisation layers
 
 
 class Model(NamedTuple):
     """A benchmarked model: a :mod:`manualgrad.nn.layers` network, its input shape (no batch) and batch size;
-    for a sequence model (:mod:`manualgrad.nn.gpt`) ``vocab`` > 0, ``input_shape`` ``(T,)`` and its attention's ``heads``."""
+    for a sequence model (:mod:`manualgrad.nn.gpt`) ``vocab`` > 0, ``input_shape`` ``(T,)`` and its attention's
+    ``heads``."""
 
     description: str
     build: Callable[[], layers.Layer]
@@ -494,7 +495,9 @@ def attention_residual_bytes(model: Model) -> dict[str, int] | None:
         return None
     params = jax.eval_shape(lambda: model.build().init(KEY, (model.batch, *model.input_shape))[1])
     width = params["blocks"][0]["q"]["w"].shape[0]
-    q, k, v = jax.random.normal(KEY, (3, model.batch, *model.input_shape, model.heads, width // model.heads))
+    q, k, v = jax.random.normal(
+        KEY, (3, model.batch, *model.input_shape, model.heads, width // model.heads), jnp.float32
+    )
     rules = {"manual": attention, "jax_grad": attention_reference}
     return {side: residual_bytes(lambda qkv, f=f: f(*qkv, True), (q, k, v)) for side, f in rules.items()}
 

@@ -39,7 +39,9 @@ from manualgrad.nn.layers import Layer, LayerError, Shape, _rule, _stateless
 INIT_STD = 0.02
 
 
-def _linear(key: jax.Array, fan_in: int, fan_out: int, std: float, dtype: Any, bias: bool = True) -> dict[str, jax.Array]:
+def _linear(
+    key: jax.Array, fan_in: int, fan_out: int, std: float, dtype: Any, bias: bool = True
+) -> dict[str, jax.Array]:
     w = std * jax.random.normal(key, (fan_in, fan_out), dtype)
     return {"w": w, "b": jnp.zeros((fan_out,), dtype)} if bias else {"w": w}
 
@@ -63,9 +65,7 @@ def _block_params(key: jax.Array, width: int, depth: int, dtype: Any) -> dict[st
     }
 
 
-def gpt(
-    vocab: int, context: int, width: int = 64, depth: int = 2, heads: int = 4, dtype: Any = jnp.float32
-) -> Layer:
+def gpt(vocab: int, context: int, width: int = 64, depth: int = 2, heads: int = 4, dtype: Any = jnp.float32) -> Layer:
     """The GPT of the module docstring for ``vocab`` tokens and sequences of at most ``context``.
 
     ``init(key, (N, T))`` with ``T ≤ context``; ``width`` must be a multiple of ``heads``.

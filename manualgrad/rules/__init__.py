@@ -3,6 +3,9 @@
 geometry (:mod:`~manualgrad.rules.windows`) and the usual mistakes (:mod:`~manualgrad.rules.mistakes`).
 
 Importing this package registers every family; this order is the order of the registry and the README.
+``embedding`` and ``attention`` name both a family's module and its rule: ``manualgrad.rules.attention``
+is the rule, as ``manualgrad.check`` is the function; import the module's other names by name
+(``from manualgrad.rules.attention import attention_backward``).
 
 The protocol of a rule
 ----------------------

@@ -9,7 +9,9 @@ Data parallelism uses JAX's own sharding: a 1-D ``Mesh`` over ``--devices`` devi
 ``data``; every batch is split along it (``NamedSharding(mesh, P("data"))``) and parameters and
 optimizer state are replicated (``P()``). XLA inserts the all-reduce that the sum over the
 batch in each gradient pass (``Oᵀ G``, ``1ᵀ G``) needs, so the step is the same program on one
-device or many.
+device or many. With ``jax.distributed`` (``--coordinator``/``--num-processes``/``--process-id``
+or ``--distributed auto``) the mesh spans the devices of every process and each feeds its block of
+the global batch; process 0 alone writes (:mod:`manualgrad.train.distributed`).
 
 ``--norm`` puts a normalisation layer after every hidden convolution and dense layer, before
 its ReLU, and ``--dropout`` a :func:`~manualgrad.nn.layers.Dropout` after every dense hidden
@@ -61,9 +63,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from manualgrad.check.tolerances import relative_error
 from manualgrad.nn import gpt, layers, recurrent
 from manualgrad.train import checkpoint, data
+from manualgrad.train import distributed as multiprocess  # `distributed` is also a Config field
 
 METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 3e-3, "adamw": 3e-3}
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 3e-3, "adamw": 1e-2}  # adamw: tuned on the GPT
 # Arguments that must match for --resume to continue the same run.
 RUN_DEFINING = (
     "model",
@@ -79,6 +82,8 @@ RUN_DEFINING = (
     "groups",
     "clip",
 )
+# What every process of a multi-process run must agree on (multiprocess.agree), besides the step.
+AGREED = (*RUN_DEFINING, "epochs", "devices", "checkpoint_every", "cross_check_batches")
 ADDED_LATER = ("norm", "dropout", "groups", "clip")  # runs saved before these existed had their defaults
 DEFAULT_GROUPS = 4  # --norm group's groups: divides every width of the ready-made models
 STATE = ("params", "opt_state", "model_state")  # what the jitted step carries from one step to the next
@@ -131,6 +136,11 @@ class Config:
     resume: str | None = None
     devices: int | None = None
     cross_check_batches: int = 3
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed: str | None = None
+    process_timeout: float = multiprocess.DEFAULT_TIMEOUT
 
     @property
     def learning_rate(self) -> float:
@@ -154,7 +164,7 @@ WARMUP = 0.05  # the fraction of the run's steps spent warming up
 # The arguments left out (None) take the model's values; a model not named here takes "*"'s.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "*": {"optimizer": "adam", "batch_size": 32, "epochs": 10},
-    "gpt": {"optimizer": "adamw", "batch_size": 64, "epochs": 2},
+    "gpt": {"optimizer": "adamw", "batch_size": 64, "epochs": 8},
     **{
         kind: {"optimizer": d.optimizer, "batch_size": d.batch_size, "lr": d.lr, "clip": d.clip, "epochs": d.epochs}
         for kind, d in recurrent.DEFAULTS.items()
@@ -301,7 +311,8 @@ def make_step(loss: Callable, tx: optax.GradientTransformation) -> Callable:
 
 
 def mesh(devices: int | None) -> Mesh:
-    """A 1-D mesh with axis ``data`` over the first ``devices`` local devices (all by default)."""
+    """A 1-D mesh with axis ``data`` over the first ``devices`` local devices (all by default) of every
+    process (:func:`~manualgrad.train.distributed.devices`)."""
     available = jax.local_devices()
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
@@ -309,7 +320,7 @@ def mesh(devices: int | None) -> Mesh:
             f"train: --devices must be between 1 and {len(available)} (local {jax.default_backend()} "
             f"devices), got {devices}"
         )
-    return Mesh(np.array(available[:n]), ("data",))
+    return Mesh(np.array(multiprocess.devices(n)), ("data",))
 
 
 def cross_check(
@@ -413,7 +424,7 @@ def _progress(total: int, initial: int, description: str):
         desc=description,
         unit="step",
         leave=False,
-        disable=not sys.stderr.isatty(),
+        disable=not sys.stderr.isatty() or not multiprocess.is_writer(),
         dynamic_ncols=True,
     )
 
@@ -438,9 +449,17 @@ def validate(config: Config) -> None:
             f"train: --cross-check-batches must be ≥ 0 (0: no cross-check), got {config.cross_check_batches}"
         )
     if config.clip is not None and not (math.isfinite(config.clip) and config.clip > 0):
-        raise TrainError(f"train: --clip must be a finite number > 0, the largest global gradient norm, got {config.clip:g}")
+        raise TrainError(
+            f"train: --clip must be a finite number > 0, the largest global gradient norm, got {config.clip:g}"
+        )
     _validate_regularisers(config)
     _validate_task(config)
+    multiprocess.validate(config)
+    if multiprocess.requested(config) and config.out is None and config.resume is None:
+        raise TrainError(
+            "train: a multi-process run needs --out DIR (or --resume DIR), a folder every process sees at the same "
+            f"path: the default {RUNS}/<start time> would differ between processes"
+        )
 
 
 def _is_sequence_spec(spec: str) -> bool:
@@ -630,8 +649,18 @@ def point_latest(folder: Path) -> str | None:
     return None
 
 
+def _say(message: str) -> None:
+    """Prints ``message`` on the process that writes the run's files (the only one, or process 0)."""
+    if multiprocess.is_writer():
+        print(message, flush=True)
+
+
 def _open_directory(config: Config, directory: Path | None) -> tuple[Path, Path | None]:
-    """Creates the run's folder (clearing an old run with ``--overwrite``); returns it and ``runs/latest`` if set."""
+    """Creates the run's folder (clearing an old run with ``--overwrite``); returns it and ``runs/latest`` if set.
+
+    Processes other than the writer touch nothing and get ``directory`` (never ``None`` for them: :func:`validate`)."""
+    if not multiprocess.is_writer():
+        return directory, None
     if directory is None:
         out = new_run_folder(RUNS)
         warning = point_latest(out)
@@ -686,7 +715,8 @@ class _Run:
         devices = mesh(config.devices)
         if config.batch_size % devices.devices.size:
             raise TrainError(
-                f"train: --batch-size {config.batch_size} must be a multiple of --devices {devices.devices.size}"
+                f"train: --batch-size {config.batch_size} must be a multiple of the {devices.devices.size} devices of "
+                f"the mesh (--devices on each of {jax.process_count()} process(es))"
             )
         steps = data.steps_per_epoch(len(split[0]), config.batch_size)
         return cls(
@@ -752,18 +782,22 @@ def _start(run: _Run, directory: Path | None) -> _Progress:
         print(f"manualgrad train: {warning}", file=sys.stderr)
     epoch = meta["step"] // run.steps + 1
     left = "" if epoch <= config.epochs else f": all {config.epochs} epochs are done"
-    print(f"resuming from step {meta['step']} (epoch {epoch}) in {directory}{left}", flush=True)
+    _say(f"resuming from step {meta['step']} (epoch {epoch}) in {directory}{left}")
     return _Progress(
         state,
         meta["step"],
         meta["epoch_loss"],
         meta["epoch_correct"],
         list(meta["metrics"]),
-        directory / f"checkpoint-{meta['step']:08d}.npz",
+        checkpoint.path_of(directory, meta["step"]),
     )
 
 
 def _save(config: Config, out: Path, progress: _Progress) -> None:
+    """Checkpoints ``progress`` into ``out`` on the writing process; the others only note the checkpoint's path."""
+    if not multiprocess.is_writer():
+        progress.checkpoint = checkpoint.path_of(out, progress.step)
+        return
     progress.checkpoint = checkpoint.save(
         out,
         progress.step,
@@ -801,7 +835,8 @@ def _ctrl_c_between_steps() -> Iterator[threading.Event]:
 
 
 def _stop_if_pressed(run: _Run, out: Path, progress: _Progress, pressed: threading.Event) -> None:
-    if pressed.is_set():
+    """Checkpoints and raises :class:`Interrupted` once Ctrl-C has reached any process (all stop at this step)."""
+    if multiprocess.stop_requested(pressed.is_set(), progress.step):
         _save(run.config, out, progress)
         defaults = resolved(Config(model=run.config.model))
         given = [k for k in (*RUN_DEFINING, "epochs") if getattr(run.config, k) != getattr(defaults, k)]
@@ -843,8 +878,8 @@ def _train_epoch(
             xb, yb = cropped(xb, yb) if run.sequences else (xb, yb)
             *state, value, correct, finite = step_fn(
                 *(progress.state[k] for k in STATE),
-                jax.device_put(xb, split),
-                jax.device_put(yb, split),
+                multiprocess.global_batch(xb, split),
+                multiprocess.global_batch(yb, split),
                 key,
             )
             if not finite:
@@ -879,13 +914,13 @@ def _end_epoch(run: _Run, out: Path, progress: _Progress, epoch: int) -> None:
         }
     )
     progress.epoch_loss, progress.epoch_correct = 0.0, 0
-    _write_metrics(out, progress.rows)
+    if multiprocess.is_writer():
+        _write_metrics(out, progress.rows)
     row = progress.rows[-1]
     unit = " nats/char" if run.sequences else ""
-    print(
+    _say(
         f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f}{unit} acc {row['train_accuracy']:.4f}  "
-        f"test loss {test_loss:.4f}{unit} acc {test_accuracy:.4f}",
-        flush=True,
+        f"test loss {test_loss:.4f}{unit} acc {test_accuracy:.4f}"
     )
     _save(config, out, progress)
 
@@ -903,7 +938,8 @@ _SAMPLE_STREAM = 2  # fold_in(PRNGKey(seed), 2): the samples' key
 
 
 def write_samples(run: _Run, params: Any, path: Path) -> list[str]:
-    """:data:`SAMPLES` sequences drawn from the trained model (seeded by ``--seed``), one a line in ``path``.
+    """:data:`SAMPLES` sequences drawn from the trained model (seeded by ``--seed``), one a line in ``path``
+    (written by the writing process).
 
     Words start after the boundary token and end at the next one (or after ``L`` characters); a text's
     samples are ``L`` characters after the first character of the training text.
@@ -916,7 +952,8 @@ def write_samples(run: _Run, params: Any, path: Path) -> list[str]:
     texts = [sequences.decode(row[1:]) for row in ids]
     if boundary is not None:
         texts = [t.split(boundary)[0] for t in texts]
-    path.write_text("".join(f"{t}\n" for t in texts))
+    if multiprocess.is_writer():
+        path.write_text("".join(f"{t}\n" for t in texts))
     return texts
 
 
@@ -929,11 +966,13 @@ def train(config: Config) -> dict[str, Any]:
     started = time.perf_counter()
     config = resolved(config)
     validate(config)
+    multiprocess.initialize(config)
     directory = _directory(config)
     if config.resume is not None:
         _refuse_another_run(config, directory)
     run = _Run.build(config)
     progress = _start(run, directory)
+    multiprocess.agree(_flags(dataclasses.asdict(config), AGREED) + f" from step {progress.step}")
     progress.state = jax.device_put(progress.state, run.sharding(PartitionSpec()))
     out, latest = _open_directory(config, directory)
     step_fn = make_step(run.loss, run.tx)
@@ -945,7 +984,9 @@ def train(config: Config) -> dict[str, Any]:
             _stop_if_pressed(run, out, progress, pressed)
     training = time.perf_counter() - training
     title = f"manualgrad train: {config.model} on {run.dataset.name}, {config.optimizer}, grad {config.grad}"
-    curves = plot_curves(progress.rows, out / "curves.png", title)
+    curves = out / "curves.png"
+    if multiprocess.is_writer():
+        plot_curves(progress.rows, curves, title)
     params = jax.device_get(progress.state["params"])
     error, checked = _final_cross_check(run, params)
     samples = write_samples(run, params, out / "samples.txt") if run.sequences else None
@@ -958,6 +999,8 @@ def train(config: Config) -> dict[str, Any]:
         "steps_per_second": (progress.step - first_step) / training,  # compiling and evaluating included
         "steps": progress.step,
         "devices": run.devices.devices.size,
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
         "directory": str(out),
         "latest": None if latest is None else str(latest),
         "metrics": str(out / "metrics.csv"),

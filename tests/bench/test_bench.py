@@ -185,6 +185,23 @@ def test_a_model_with_batch_norm_is_benched_with_its_norms_residuals(monkeypatch
     assert bench.norm_residual_bytes(layers.cnn(10), *bench._inputs(bench.MODELS["digits_cnn"], 0)[:2]) is None
 
 
+def test_a_sequence_model_is_benched_with_its_attentions_residuals(monkeypatch):
+    """gpt and gpt_long's figures on a small stand-in (a GPT of width 16, 2 heads, T = 8, batch 4): every
+    per-model figure, and one attention's residuals: the hand rule keeps the output and the per-row
+    log-sum-exp beyond q, k, v, exactly, where jax.grad keeps T × S probabilities."""
+    from manualgrad.nn import gpt
+
+    model = bench.Model("tiny GPT", lambda: gpt.gpt(7, 8, width=16, depth=1, heads=2), (8,), 4, False, 7, 2)
+    monkeypatch.setitem(bench.MODELS, "tiny_gpt", model)
+    values = {r["figure"]: r["value"] for r in bench.bench_model("tiny_gpt", bench.QUICK)}
+    assert PER_MODEL <= set(values)
+    assert all(math.isfinite(v) and v >= 0 for v in values.values())
+    assert values["gradient_difference_jax_grad_vs_manual"] < 1e-5  # float32 round-off, 32 tokens
+    assert values["attention_residual_bytes_manual"] == 4 * (4 * 8 * 2 * 8 + 4 * 2 * 8)  # O (B, T, N, H), lse (B, N, T)
+    assert values["attention_residual_ratio_manual_over_jax_grad"] < 1
+    assert bench.GOALS["gpt_long/residual_ratio_manual_over_jax_grad"] == ("<=", 0.5)
+
+
 def test_the_character_lstm_is_benched_as_a_sequence_model(monkeypatch):
     """lstm's figures on a small stand-in (H = 8, E = 4, T = 5, batch 4): every per-model figure, the hand
     BPTT's gradient equal to jax.grad of the reference's scan, no attention figures; and the real entry
