@@ -66,6 +66,15 @@ class NumpyMLP:
                 g *= o > 0
         return loss, grads[::-1]
 
+    def masks(self, x: np.ndarray) -> list[np.ndarray]:
+        """Each hidden layer's ReLU mask ``[a_k > 0]`` on ``x`` (the pre-activations as this peer rounds them)."""
+        h, out = x.reshape(len(x), -1), []
+        for w, b in self.weights[:-1]:
+            z = h @ w + b
+            out.append(z > 0)
+            h = np.maximum(z, 0)
+        return out
+
     def step(self, x: np.ndarray, labels: np.ndarray) -> float:
         """One Adam step on ``(x, labels)``; returns the loss before it."""
         loss, grads = self.gradients(x, labels)
@@ -224,6 +233,16 @@ class TorchMLP:
             self.torch.tensor(np.asarray(x), device=self.device),
             self.torch.tensor(np.asarray(labels, np.int64), device=self.device),
         )
+
+    def masks(self, x: Any) -> list[np.ndarray]:
+        """Each hidden layer's ReLU mask ``[a_k > 0]`` on ``x`` (the pre-activations as this peer rounds them)."""
+        h, out = x.reshape(len(x), -1), []
+        with self.torch.no_grad():
+            for w, b in zip(self.params[:-2:2], self.params[1:-2:2]):
+                z = self.torch.addmm(b, h, w)
+                out.append((z > 0).cpu().numpy())
+                h = z.clamp_min(0)
+        return out
 
     def gradients(self, x: Any, labels: Any) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
         """The loss and ``[(∇W_k, ∇b_k)]`` (no update)."""
