@@ -180,7 +180,7 @@ def test_a_relu_input_on_the_other_side_of_zero_is_counted_and_is_the_gradient_d
     j = int(np.argmin(np.abs(a[0])))
     shifted = [dict(p) if isinstance(p, dict) else p for p in params]
     shifted[1]["b"] = params[1]["b"].at[j].set(-a[0, j] - 1e-5)
-    weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(shifted)]
+    weights = [(np.array(w), np.array(b)) for w, b in peers.dense_weights(shifted)]
     weights[0][1][j] += 2e-5  # the peer's a[0, j] ≈ +1e-5, the hand rules' ≈ −1e-5
     peer = peers.NumpyMLP(weights, bench.LEARNING_RATE)
     manual = bench.relu_masks(net, shifted, x)
