@@ -252,10 +252,7 @@ def _peer_contenders(
     reason = peers.torch_reason()
     if reason is None:
         device = peers.torch_device(jax.default_backend())
-        if model.mlp:
-            torch_peer = peers.TorchMLP(weights, LEARNING_RATE, device)
-        else:
-            torch_peer = peers.TorchCNN(model.build().layers, params, model.input_shape, LEARNING_RATE, device=device)
+        torch_peer = _torch_peer(model, params, device)
         tx, tl = torch_peer.inputs(host_x, host_labels)
         checks.append(("torch", torch_peer.gradients(tx, tl)[1]))
         if model.mlp:
@@ -276,6 +273,14 @@ def _peer_contenders(
             for name, peer in masks.items()
         ]
     return out, records, reason
+
+
+def _torch_peer(model: Model, params: Any, device: str) -> Any:
+    """The PyTorch peer of ``model`` at ``params``: hand-backward MLP or autograd CNN."""
+    if model.mlp:
+        weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
+        return peers.TorchMLP(weights, LEARNING_RATE, device)
+    return peers.TorchCNN(model.build().layers, params, model.input_shape, LEARNING_RATE, device=device)
 
 
 def relu_masks(net: layers.Layer, params: Any, x: jax.Array) -> list[np.ndarray]:

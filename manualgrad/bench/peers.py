@@ -305,8 +305,13 @@ class TorchCNN:
     """
 
     def __init__(
-        self, net_layers: Sequence[Any], params: Sequence[Any], input_shape: tuple[int, ...], lr: float,
-        memory_format: str = "channels_last", device: str = "cpu",
+        self,
+        net_layers: Sequence[Any],
+        params: Sequence[Any],
+        input_shape: tuple[int, ...],
+        lr: float,
+        memory_format: str = "channels_last",
+        device: str = "cpu",
     ) -> None:
         import torch
 
@@ -332,7 +337,7 @@ class TorchCNN:
                 norm = torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d
                 modules.append(norm(shape[-1], eps=layer.eps))
             elif layer.map is not None:
-                raise ValueError(f"TorchCNN: no PyTorch peer for a {layer.map!r} layer (layers.cnn has conv2d, batch_norm, dense)")
+                raise ValueError(f"TorchCNN: no PyTorch peer for {layer.map!r} (only conv2d, batch_norm, dense)")
             self.leaves.append((modules[-1] if layer.map is not None else None, image))
             if layer.map is not None and k < last and net_layers[k + 1].map != "batch_norm":
                 modules.append(torch.nn.ReLU())
