@@ -296,8 +296,9 @@ class TorchCNN:
     """A :func:`manualgrad.nn.layers.cnn` step in PyTorch as a user would write it: ``torch.nn.Conv2d``,
     ``BatchNorm2d``/``BatchNorm1d`` (batch statistics, running statistics kept with momentum 0.1),
     ``Linear``, ``F.cross_entropy``, **autograd's own backward** (oneDNN's convolution adjoints) and
-    ``torch.optim.Adam``; images NCHW or ``channels_last`` (``memory_format``, the faster one is measured
-    by ``manualgrad bench``).
+    ``torch.optim.Adam``; images ``channels_last`` by default (``memory_format``): side by side with
+    NCHW (``contiguous_format``) on 2 cores at load 10 its step took 0.93 (digits_cnn), 0.99 (cnn_28)
+    and 0.97 (bn_cnn) of NCHW's, median of 10 interleaved ratios.
 
     The network is read off ``layers``/``params`` of ``layers.cnn``: conv → [norm] → ReLU per width,
     flatten, dense → [norm] → ReLU, dense. :meth:`gradients` returns the gradients in the JAX
