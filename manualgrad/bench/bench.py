@@ -265,11 +265,18 @@ def footprint(compiled: Any) -> int | None:
     )
 
 
-def step_flops(params: Any, batch: int) -> int:
-    """Matmul FLOPs of one MLP step: per dense layer ``2·m·in·out`` forward, as much for ``Oᵀ G``, and
-    as much for ``G Wᵀ`` — except in the first layer, whose input gets no gradient (XLA drops it)."""
-    sizes = [w.shape for w, _ in peers.dense_weights(params)]
-    return sum((4 if k == 0 else 6) * batch * fan_in * fan_out for k, (fan_in, fan_out) in enumerate(sizes))
+def step_flops(net: layers.Layer, params: Any, x: jax.Array) -> int:
+    """Matmul FLOPs of one step of ``net`` on ``x``: per dense or conv layer with ``|Z|`` output
+    entries and fan-in ``f`` (every axis of ``W`` but the last: ``in``, or ``kh·kw·C_in``, taps in
+    the padding counted), ``2·|Z|·f`` forward, as much for ``∇W = Pᵀ G`` and as much for the
+    input's gradient — except in the first layer, whose input gets no gradient (XLA drops it)."""
+    flops, first, h = 0, True, jax.ShapeDtypeStruct(x.shape, x.dtype)
+    for layer, p in zip(net.layers, params):
+        h = jax.eval_shape(lambda p, h, layer=layer: layer.apply(p, h, train=True, key=KEY), p, h)
+        if layer.map in ("dense", "conv2d"):
+            flops += (4 if first else 6) * math.prod(h.shape) * math.prod(p["w"].shape[:-1])
+            first = False
+    return flops
 
 
 def _stepper(compiled: Any, net: layers.Layer, params: Any, x: jax.Array, labels: jax.Array) -> Callable[[], Any]:
@@ -286,32 +293,73 @@ def _stepper(compiled: Any, net: layers.Layer, params: Any, x: jax.Array, labels
 
 
 def _peer_contenders(
-    params: Any, x: jax.Array, labels: jax.Array, manual_grads: list, n: int
+    model: Model, params: Any, x: jax.Array, labels: jax.Array, manual_grads: Any, n: int
 ) -> tuple[dict, list[Record], str | None]:
-    """The NumPy and (when importable) PyTorch steps and PyTorch's ``n × n`` matmul; how far their
-    gradients are from the hand rules'."""
+    """The NumPy (MLPs) and, when importable, PyTorch steps and PyTorch's ``n × n`` matmul; how far
+    their gradients are from the hand rules'; PyTorch's thread count (:func:`peers.fastest_threads`)."""
     host_x, host_labels = np.asarray(x), np.asarray(labels)
-    weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
-    numpy_peer = peers.NumpyMLP(weights, LEARNING_RATE)
-    out: dict[str, Callable[[], Any]] = {"numpy": lambda: numpy_peer.step(host_x, host_labels)}
-    checks = [("numpy", numpy_peer.gradients(host_x, host_labels)[1])]
+    out: dict[str, Callable[[], Any]] = {}
+    checks, records, masks = [], [], {}
+    if model.mlp:
+        weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
+        numpy_peer = peers.NumpyMLP(weights, LEARNING_RATE)
+        out["numpy"] = lambda: numpy_peer.step(host_x, host_labels)
+        checks.append(("numpy", numpy_peer.gradients(host_x, host_labels)[1]))
+        masks["numpy"] = numpy_peer.masks(host_x)
     reason = peers.torch_reason()
     if reason is None:
-        torch_peer = peers.TorchMLP(weights, LEARNING_RATE, peers.torch_device(jax.default_backend()))
+        device = peers.torch_device(jax.default_backend())
+        torch_peer = _torch_peer(model, params, device)
         tx, tl = torch_peer.inputs(host_x, host_labels)
-        out["torch"] = lambda: torch_peer.step(tx, tl)
-        out["torch_matmul"] = torch_peer.matmul(n)
         checks.append(("torch", torch_peer.gradients(tx, tl)[1]))
-    flat_manual = [a for pair in manual_grads for a in pair]
-    records = [
-        record(
-            f"gradient_difference_{name}_vs_manual",
-            relative_l2([a for pair in grads for a in pair], flat_manual),
-            "relative L2",
-        )
+        if model.mlp:
+            masks["torch"] = torch_peer.masks(tx)
+        out["torch"] = lambda: torch_peer.step(tx, tl)
+        records.append(record("torch_threads", peers.fastest_threads(out["torch"]), "threads"))
+        out["torch_matmul"] = peers.torch_matmul(n, device)
+    # An MLP's peers return [(∇W, ∇b)] per layer; the CNN peer returns the params' own structure.
+    expected = peers.dense_weights(manual_grads) if model.mlp else manual_grads
+    records += [
+        record(f"gradient_difference_{name}_vs_manual", relative_l2(grads, expected), "relative L2")
         for name, grads in checks
     ]
+    if masks:
+        manual_masks = relu_masks(model.build(), params, x)
+        records += [
+            record(f"relu_flips_{name}_vs_manual", relu_flips(peer, manual_masks), "count")
+            for name, peer in masks.items()
+        ]
     return out, records, reason
+
+
+def _torch_peer(model: Model, params: Any, device: str) -> Any:
+    """The PyTorch peer of ``model`` at ``params``: hand-backward MLP or autograd CNN."""
+    if model.mlp:
+        weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
+        return peers.TorchMLP(weights, LEARNING_RATE, device)
+    return peers.TorchCNN(model.build().layers, params, model.input_shape, LEARNING_RATE, device=device)
+
+
+def relu_masks(net: layers.Layer, params: Any, x: jax.Array) -> list[np.ndarray]:
+    """The hand rules' ReLU masks ``[a_k > 0]`` of an MLP (:func:`~manualgrad.nn.layers.mlp`): the
+    input of every layer after a dense one, computed layer by layer as the step computes it."""
+    out = []
+    for k, (layer, p) in enumerate(zip(net.layers, params)):
+        if k and net.layers[k - 1].map == "dense":
+            out.append(np.asarray(x) > 0)
+        x = layer.apply(p, x, train=True, key=KEY)
+    return out
+
+
+def relu_flips(peer: Sequence[np.ndarray], manual: Sequence[np.ndarray]) -> int:
+    """How many ReLU inputs fall on the other side of 0 in a peer than in the hand rules.
+
+    A pre-activation within float32 rounding of 0 (about ``fan_in · 2⁻²⁴ · Σ|h||w|``) can
+    round to either sign; where it does, that unit's backward ``G ⊙ [a > 0]`` keeps or drops
+    one sample's whole contribution, which is no round-off: on ``mlp_1024`` one flip (``a ≈ −2·10⁻⁷``)
+    moves the gradients' relative L2 difference from 2·10⁻⁷ to 1.6·10⁻³.
+    """
+    return int(sum(np.sum(a != b) for a, b in zip(peer, manual)))
 
 
 def _compile_both(
@@ -377,18 +425,16 @@ def _gradients_and_memory(
 def _contenders(
     model: Model, settings: Settings, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array, grads: Any
 ) -> tuple[dict[str, Callable[[], Any]], list[Record], str | None]:
-    """What is timed: both steps, and for MLPs the matmul and the peers (with the peers' gradient checks
+    """What is timed: both steps, the matmul, and the peers (with the peers' gradient checks
     and the reason PyTorch is missing, if it is)."""
     contenders = {side: _stepper(c, model.build(), params, x, labels) for side, c in compiled.items()}
-    if not model.mlp:
-        return contenders, [], None
     n = settings.matmul_n()
     a = jax.random.normal(jax.random.PRNGKey(settings.seed), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     contenders["matmul"] = lambda: matmul(a, a)
     if not settings.peers:
         return contenders, [], None
-    more, checks, torch_reason = _peer_contenders(params, x, labels, peers.dense_weights(grads["manual"]), n)
+    more, checks, torch_reason = _peer_contenders(model, params, x, labels, grads["manual"], n)
     return {**contenders, **more}, checks, torch_reason
 
 
@@ -406,10 +452,10 @@ def _step_records(times: dict[str, list[float]], torch_reason: str | None) -> li
     return records
 
 
-def _flops_records(times: dict[str, list[float]], params: Any, model: Model, settings: Settings) -> list[Record]:
-    """An MLP step's FLOPs, its FLOP/s, the matmul's (the peak), and the fraction of the peak reached."""
+def _flops_records(times: dict[str, list[float]], flops: int, settings: Settings) -> list[Record]:
+    """A step's FLOPs, its FLOP/s, the matmul's (the peak), and the fraction of the peak reached."""
     n = settings.matmul_n()
-    flops, peak_flops = step_flops(params, model.batch), 2 * n**3
+    peak_flops = 2 * n**3
     records = [
         record("step_flops", flops, "FLOP"),
         record("flops_per_s_manual", flops / statistics.median(times["manual"]), "FLOP/s"),
@@ -442,8 +488,7 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
     contenders, checks, torch_reason = _contenders(model, settings, compiled, params, x, labels, grads)
     times = interleaved(contenders, settings.repeats, settings.warmup, settings.sample_seconds)
     records += memory + checks + _step_records(times, torch_reason)
-    if model.mlp:
-        records += _flops_records(times, params, model, settings)
+    records += _flops_records(times, step_flops(net, params, x), settings)
     return [{**rec, "model": name} for rec in records]
 
 
@@ -615,6 +660,8 @@ def _value(rec: Record) -> str:
         return f"{v / 1e9:.4g} G{unit}"
     if unit in ("ratio", "fraction"):
         return f"{v:.3f}"
+    if unit in ("count", "threads"):
+        return f"{v:d}"
     if unit == "relative L2":
         return f"{v:.1e}"
     return f"{v:.2f} {unit}"
