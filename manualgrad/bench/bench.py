@@ -432,7 +432,7 @@ def _contenders(
     a = jax.random.normal(jax.random.PRNGKey(settings.seed), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     contenders["matmul"] = lambda: matmul(a, a)
-    if not settings.peers:
+    if not settings.peers or model.sequences:  # no NumPy or PyTorch peer of a sequence model
         return contenders, [], None
     more, checks, torch_reason = _peer_contenders(model, params, x, labels, grads["manual"], n)
     return {**contenders, **more}, checks, torch_reason
@@ -488,7 +488,9 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
     contenders, checks, torch_reason = _contenders(model, settings, compiled, params, x, labels, grads)
     times = interleaved(contenders, settings.repeats, settings.warmup, settings.sample_seconds)
     records += memory + checks + _step_records(times, torch_reason)
-    records += _flops_records(times, step_flops(net, params, x), settings)
+    flops = step_flops(net, params, x)
+    if flops:  # 0 for a model that is not a serial of dense and conv layers (the sequence models)
+        records += _flops_records(times, flops, settings)
     return [{**rec, "model": name} for rec in records]
 
 
