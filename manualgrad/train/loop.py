@@ -164,7 +164,7 @@ WARMUP = 0.05  # the fraction of the run's steps spent warming up
 # The arguments left out (None) take the model's values; a model not named here takes "*"'s.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "*": {"optimizer": "adam", "batch_size": 32, "epochs": 10},
-    "gpt": {"optimizer": "adamw", "batch_size": 64, "epochs": 8},
+    "gpt": {"optimizer": "adamw", "batch_size": 64, "epochs": 10},
 }
 GRADS = ("manual", "autodiff")  # the hand rules, or jax.grad of the same model built from the references
 DTYPES = ("float32", "float64")
