@@ -28,13 +28,12 @@ with depth, biases 0, ``γ = 1``, ``β = 0``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from manualgrad.nn.layers import Layer, LayerError, Shape, _rule, _stateless
+from manualgrad.nn.layers import Layer, LayerError, Shape, _plus_bias, _rule, _stateless
 
 INIT_STD = 0.02
 
@@ -95,10 +94,10 @@ def gpt(vocab: int, context: int, width: int = 64, depth: int = 2, heads: int = 
         positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
         x = rule("add")(rule("embedding")(ids, params["tokens"]), rule("embedding")(positions, params["positions"]))
         for block in params["blocks"]:
-            x = rule("add")(x, _attention(block, rule("layer_norm")(x, **block["ln1"]), heads, rule))
-            hidden = rule("gelu")(_affine(block["fc"], rule("layer_norm")(x, **block["ln2"]), rule))
-            x = rule("add")(x, _affine(block["proj"], hidden, rule))
-        return _affine(params["head"], rule("layer_norm")(x, **params["ln_f"]), rule)
+            x = rule("add")(x, _attention(block, rule("layer_norm")(x, **block["ln1"]), heads, reference))
+            hidden = rule("gelu")(_affine(block["fc"], rule("layer_norm")(x, **block["ln2"]), reference))
+            x = rule("add")(x, _affine(block["proj"], hidden, reference))
+        return _affine(params["head"], rule("layer_norm")(x, **params["ln_f"]), reference)
 
     return Layer(init, _stateless(forward))
 
@@ -112,16 +111,15 @@ def _check_ids(ids: jax.Array, context: int) -> None:
         raise LayerError(f"gpt: sequences of at most {context} tokens (its context), got T = {ids.shape[1]}")
 
 
-def _affine(params: dict[str, jax.Array], x: jax.Array, rule: Callable[[str], Callable]) -> jax.Array:
-    y = rule("dense")(x, params["w"])
-    return rule("bias_add")(y, params["b"]) if "b" in params else y
+def _affine(params: dict[str, jax.Array], x: jax.Array, reference: bool) -> jax.Array:
+    return _plus_bias(_rule("dense", reference)(x, params["w"]), params, reference)
 
 
-def _attention(block: dict[str, Any], x: jax.Array, heads: int, rule: Callable[[str], Callable]) -> jax.Array:
+def _attention(block: dict[str, Any], x: jax.Array, heads: int, reference: bool) -> jax.Array:
     """``attention(x W_q, x W_k, x W_v, causal) W_o`` with ``heads`` heads: ``(N, T, D)`` as ``(N, T, n, D/n)``."""
     n, t, d = x.shape
-    q, k, v = (_affine(block[name], x, rule).reshape(n, t, heads, d // heads) for name in "qkv")
-    return _affine(block["o"], rule("attention")(q, k, v, True).reshape(n, t, d), rule)
+    q, k, v = (_affine(block[name], x, reference).reshape(n, t, heads, d // heads) for name in "qkv")
+    return _affine(block["o"], _rule("attention", reference)(q, k, v, True).reshape(n, t, d), reference)
 
 
 def sequence_loss(

@@ -24,7 +24,6 @@ Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_referenc
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -266,7 +265,7 @@ def _validate_attention(q, k, v, causal) -> None:
 def _scores(q, k, causal: bool):
     """``S = Q Kᵀ/√H`` per batch entry and head, ``(B, N, T, S)``; with ``causal`` the keys
     ``s > t`` set to ``−∞`` (top-left aligned: query ``t`` sees keys ``0..t``)."""
-    s = jnp.einsum("btnh,bsnh->bnts", q, k) * (1 / math.sqrt(jnp.shape(q)[-1]))  # a weak type: keeps float32
+    s = jnp.einsum("btnh,bsnh->bnts", q, k) * float(1 / np.sqrt(jnp.shape(q)[-1]))  # weakly typed: keeps float32
     if not causal:
         return s
     visible = jnp.tril(jnp.ones(jnp.shape(s)[-2:], bool))[None, None]
@@ -339,7 +338,7 @@ def attention_backward(q, k, v, o, lse, causal, g):
     dv = jnp.einsum("bnts,btnh->bsnh", p, g)
     rowsum = jnp.einsum("btnh,btnh->bnt", g, o)
     ds = p * (jnp.einsum("btnh,bsnh->bnts", g, v) - rowsum[..., None])
-    scale = 1 / math.sqrt(jnp.shape(q)[-1])
+    scale = float(1 / np.sqrt(jnp.shape(q)[-1]))
     return jnp.einsum("bnts,bsnh->btnh", ds, k) * scale, jnp.einsum("bnts,btnh->bsnh", ds, q) * scale, dv
 
 

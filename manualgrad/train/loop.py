@@ -164,7 +164,7 @@ WARMUP = 0.05  # the fraction of the run's steps spent warming up
 # The arguments left out (None) take the model's values; a model not named here takes "*"'s.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "*": {"optimizer": "adam", "batch_size": 32, "epochs": 10},
-    "gpt": {"optimizer": "adamw", "batch_size": 64, "epochs": 8},
+    "gpt": {"optimizer": "adamw", "batch_size": 64, "epochs": 10},
     **{
         kind: {"optimizer": d.optimizer, "batch_size": d.batch_size, "lr": d.lr, "clip": d.clip, "epochs": d.epochs}
         for kind, d in recurrent.DEFAULTS.items()

@@ -99,7 +99,10 @@ def test_resume_refuses_another_schedule_or_clip(tiny, capsys):
     "args, message",
     [
         (("--model", "gpt", "--dataset", "digits"), "--model gpt is a sequence model and needs --dataset words or"),
-        (("--model", "cnn", "--dataset", "words"), "--dataset words is token sequences for a sequence model (gpt, rnn or lstm)"),
+        (
+            ("--model", "cnn", "--dataset", "words"),
+            "--dataset words is token sequences for a sequence model (gpt, rnn or lstm)",
+        ),
         (("--model", "gpt", "--dataset", "words", "--norm", "layer"), "--norm and --dropout act on the hidden"),
         (("--model", "gpt", "--dataset", "words", "--dropout", "0.1"), "--norm and --dropout act on the hidden"),
         (("--model", "mlp", "--dataset", "xor", "--clip", "0"), "--clip must be a finite number > 0"),
