@@ -4,16 +4,21 @@
 registered rules, names the usual mistake behind a failure (``DIAGNOSIS`` lines) and exits 1 if
 any check fails (2 for a bad command line, as argparse does); compiled programs are kept in JAX's
 persistent compilation cache (:mod:`manualgrad.check.cache`) unless ``--no-cache``.
-``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``).
+``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``), in one
+process or as one of several (``--coordinator``, ``--num-processes``, ``--process-id``, ``--distributed auto``);
+``manualgrad launch --processes N -- train ARGS`` runs N such processes on this machine and exits with the
+worst status among them.
 ``manualgrad bench [...]`` measures the hand rules against ``jax.grad``, NumPy and PyTorch.
 ``manualgrad audit FILE:FUNCTION [--args NAME]`` checks every ``custom_vjp`` inside FUNCTION at the
 values it receives there (its arguments from FILE's ``audit_args()``): exit 0 if all agree, 1 if not.
 ``manualgrad explain RULE`` prints a rule's derivation and checks it live; ``--list`` lists rules.
 ``manualgrad exercise RULE [--notebook] [--out FILE]`` writes a rule's exercise (forward, derivation
-up to the result, an empty backward), as a file or a notebook; ``manualgrad grade FILE ...`` grades
+up to the result, an empty backward), as a file or a notebook; ``manualgrad exercise --network NAME``
+a whole network's (the gradient of every intermediate); ``manualgrad grade FILE ...`` grades
 them, each in its own process (``--timeout``), with a summary table and ``--format
 gradescope|json|junit --out FILE``: exit 0 if every check passes, 1 if some fail, 2 for a file that
-cannot be graded. ``manualgrad autograder RULE ... --out autograder.zip`` builds a Gradescope bundle.
+cannot be graded. ``manualgrad autograder RULE ... [--network NAME ...] --out autograder.zip``
+builds a Gradescope bundle.
 Output into a pipe its reader has closed (``manualgrad check --json | head -1``) ends the command
 quietly with status 141, as if killed by SIGPIPE.
 """
@@ -32,16 +37,31 @@ import manualgrad
 from manualgrad import registry
 from manualgrad.bench import bench
 from manualgrad.check import cache, checker
-from manualgrad.train import checkpoint, data, loop
+from manualgrad.train import checkpoint, data, distributed, loop
 
 
-def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule") -> bool:
-    """Prints ``manualgrad COMMAND: unknown WHAT NAMES; registered: ...``; True if a name is not registered."""
+def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule", networks: Sequence[str] = ()) -> bool:
+    """Prints ``manualgrad COMMAND: unknown WHAT NAMES; registered: ...``; True if a name is not a
+    registered rule (nor one of ``networks``, where given)."""
     known = [r.name for r in registry.rules()]
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in known and n not in networks]
+    if unknown:
+        also = f"; networks: {', '.join(networks)}" if networks else ""
+        print(
+            f"manualgrad {command}: unknown {what} {', '.join(unknown)}; registered: {', '.join(known)}{also}",
+            file=sys.stderr,
+        )
+    return bool(unknown)
+
+
+def _refuse_unknown_networks(command: str, names: Sequence[str]) -> bool:
+    """Prints ``manualgrad COMMAND: unknown network NAMES; known: ...``; True if a name is not a network."""
+    from manualgrad.teach import networks
+
+    unknown = [n for n in names if n not in networks.NETWORKS]
     if unknown:
         print(
-            f"manualgrad {command}: unknown {what} {', '.join(unknown)}; registered: {', '.join(known)}",
+            f"manualgrad {command}: unknown network {', '.join(unknown)}; known: {', '.join(networks.NETWORKS)}",
             file=sys.stderr,
         )
     return bool(unknown)
@@ -118,19 +138,27 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _exercise(args: argparse.Namespace) -> int:
-    from manualgrad.teach import exercise, notebook
+    from manualgrad.teach import exercise, networks, notebook
 
-    if _refuse_unknown_rules("exercise", [args.rule]):
+    if (args.rule is None) == (args.network is None):
+        print("manualgrad exercise: give a RULE or --network NAME (one of them)", file=sys.stderr)
         return 2
-    out = pathlib.Path(args.out or f"{args.rule}_exercise.{'ipynb' if args.notebook else 'py'}")
+    if (
+        _refuse_unknown_rules("exercise", [args.rule])
+        if args.rule
+        else _refuse_unknown_networks("exercise", [args.network])
+    ):
+        return 2
+    name = args.rule or args.network
+    out = pathlib.Path(args.out or f"{name}_exercise.{'ipynb' if args.notebook else 'py'}")
     if out.exists():
         print(f"manualgrad exercise: {out} exists; remove it or choose another --out FILE", file=sys.stderr)
         return 2
     try:
         if args.notebook:
-            notebook.write(args.rule, out)
+            (notebook.write_network if args.network else notebook.write)(name, out)
         else:
-            out.write_text(exercise.exercise(args.rule))
+            out.write_text(networks.exercise_text(name) if args.network else exercise.exercise(name))
     except OSError as error:
         print(f"manualgrad exercise: cannot write {out}: {error.strerror}", file=sys.stderr)
         return 2
@@ -141,14 +169,14 @@ def _exercise(args: argparse.Namespace) -> int:
 
 def _grade_settings(args: argparse.Namespace) -> dict[str, float] | None:
     """The weights, after refusing a bad command line with one line on stderr (``None``)."""
-    from manualgrad.teach import grading, results
+    from manualgrad.teach import grading, networks, results
 
     def refuse(message: str) -> None:
         print(f"manualgrad grade: {message}", file=sys.stderr)
 
     if not args.files and not args.expect:
         return refuse("give the FILEs to grade (or --expect RULE ... for an autograder run)")
-    if args.expect and _refuse_unknown_rules("grade: --expect", args.expect):
+    if args.expect and _refuse_unknown_rules("grade: --expect", args.expect, networks=list(networks.NETWORKS)):
         return None
     if args.in_process and args.timeout is not None:
         return refuse("--in-process grades without a time limit: give --timeout or --in-process, not both")
@@ -164,7 +192,10 @@ def _grade_settings(args: argparse.Namespace) -> dict[str, float] | None:
         return refuse(f"--weights: {error}")
     unknown = sorted(set(weights) - grading.test_names())
     if unknown:
-        return refuse(f"--weights: {', '.join(map(repr, unknown))} name no rule and no RULE: CHECK test")
+        return refuse(
+            f"--weights: {', '.join(map(repr, unknown))} name no rule, network or test of one "
+            "(RULE: CHECK, NETWORK: dNAME)"
+        )
     return weights
 
 
@@ -211,7 +242,10 @@ def _grade(args: argparse.Namespace) -> int:
 def _autograder(args: argparse.Namespace) -> int:
     from manualgrad.teach import autograder, results
 
-    if _refuse_unknown_rules("autograder", args.rules):
+    if not args.rules and not args.networks:
+        print("manualgrad autograder: give the RULEs (or --network NAME) a submission must contain", file=sys.stderr)
+        return 2
+    if _refuse_unknown_rules("autograder", args.rules) or _refuse_unknown_networks("autograder", args.networks):
         return 2
     out = pathlib.Path(args.out)
     if out.exists():
@@ -219,7 +253,8 @@ def _autograder(args: argparse.Namespace) -> int:
         return 2
     try:
         weights = results.load_weights(args.weights) if args.weights else None
-        names = autograder.bundle(args.rules, out, weights=weights, timeout=args.timeout, dtype=args.dtype)
+        exercises = [*args.rules, *args.networks]
+        names = autograder.bundle(exercises, out, weights=weights, timeout=args.timeout, dtype=args.dtype)
     except (results.WeightsError, autograder.BundleError) as error:
         print(f"manualgrad autograder: {error}", file=sys.stderr)
         return 2
@@ -267,7 +302,7 @@ def _train(args: argparse.Namespace) -> int:
     config = loop.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(loop.Config)})
     try:
         summary = loop.train(config)
-    except (loop.TrainError, data.DataError, checkpoint.CheckpointError) as error:
+    except (loop.TrainError, data.DataError, checkpoint.CheckpointError, distributed.DistributedError) as error:
         print(
             f"manualgrad {error}" if str(error).startswith("train:") else f"manualgrad train: {error}", file=sys.stderr
         )
@@ -281,10 +316,14 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # outside the steps (loading, compiling, plot, cross-check) or a second Ctrl-C
         print("manualgrad train: interrupted; the checkpoints written so far are kept", file=sys.stderr)
         return 130
+    if summary["process"] != distributed.WRITER:
+        print(f"process {summary['process']} of {summary['processes']} done; process 0 wrote the run's files")
+        return 0
     print(
         f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f} after "
-        f"{summary['epoch']} epochs ({summary['steps']} steps on {summary['devices']} device(s)) "
-        f"in {summary['seconds']:.1f} s"
+        f"{summary['epoch']} epochs ({summary['steps']} steps on {summary['devices']} device(s) of "
+        f"{summary['processes']} process(es)) "
+        f"in {summary['seconds']:.1f} s ({summary['steps_per_second']:.1f} steps/s)"
     )
     if summary["cross_check_max_relative_error"] is None:
         print("no cross-check of the hand-rule gradient (--cross-check-batches 0)")
@@ -293,9 +332,21 @@ def _train(args: argparse.Namespace) -> int:
             f"hand-rule gradient vs jax.grad of the references on {summary['cross_check_batches']} batches: "
             f"max relative error {summary['cross_check_max_relative_error']:.1e}"
         )
+    if summary["samples"] is not None:
+        print(f"{len(summary['samples'])} samples from the model: {' '.join(summary['samples'])}")
     latest = f"; {summary['latest']} names {summary['directory']}" if summary["latest"] else ""
-    print(f"wrote {summary['metrics']}, {summary['curves']}, {summary['checkpoint']}{latest}")
+    samples = f", {pathlib.Path(summary['directory']) / 'samples.txt'}" if summary["samples"] is not None else ""
+    print(f"wrote {summary['metrics']}, {summary['curves']}{samples}, {summary['checkpoint']}{latest}")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    try:
+        return distributed.launch(args.processes, arguments)
+    except distributed.DistributedError as error:
+        print(f"manualgrad {error}", file=sys.stderr)
+        return 2
 
 
 def _add_check(commands: argparse._SubParsersAction) -> None:
@@ -319,13 +370,21 @@ def _add_explain(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_exercise(commands: argparse._SubParsersAction) -> None:
+    from manualgrad.teach import networks
+
     ex = commands.add_parser(
         "exercise", help="write a rule's exercise: forward, derivation up to the result, empty backward"
     )
-    ex.add_argument("rule", metavar="RULE", help="the rule to practise")
+    ex.add_argument("rule", nargs="?", metavar="RULE", help="the rule to practise")
+    ex.add_argument(
+        "--network",
+        metavar="NAME",
+        default=None,
+        help=f"a whole network instead, the gradient of every intermediate: {', '.join(networks.NETWORKS)}",
+    )
     ex.add_argument("--notebook", action="store_true", help="write a Jupyter notebook (.ipynb) that grades in place")
     ex.add_argument(
-        "--out", metavar="FILE", default=None, help="where to write it (default: RULE_exercise.py or .ipynb)"
+        "--out", metavar="FILE", default=None, help="where to write it (default: NAME_exercise.py or .ipynb)"
     )
     ex.set_defaults(run=_exercise)
 
@@ -344,7 +403,7 @@ def _add_grade(commands: argparse._SubParsersAction) -> None:
         "--weights",
         metavar="FILE",
         default=None,
-        help='JSON points: {"RULE": points, "RULE: CHECK": points} (default 1 a test)',
+        help='JSON points: {"RULE": points, "RULE: CHECK": points, "NETWORK: dNAME": points} (default 1 a test)',
     )
     gr.add_argument(
         "--timeout",
@@ -362,8 +421,8 @@ def _add_grade(commands: argparse._SubParsersAction) -> None:
         "--expect",
         nargs="+",
         default=[],
-        metavar="RULE",
-        help="grade the FILEs for these rules only; a rule with no file fails (autograder runs)",
+        metavar="NAME",
+        help="grade the FILEs for these rules or networks only; one with no file fails (autograder runs)",
     )
     gr.set_defaults(run=_grade)
 
@@ -371,8 +430,18 @@ def _add_grade(commands: argparse._SubParsersAction) -> None:
 def _add_autograder(commands: argparse._SubParsersAction) -> None:
     from manualgrad.teach import results
 
-    ag = commands.add_parser("autograder", help="build a Gradescope autograder bundle (.zip) for rules' exercises")
-    ag.add_argument("rules", nargs="+", metavar="RULE", help="the exercises a submission must contain")
+    ag = commands.add_parser(
+        "autograder", help="build a Gradescope autograder bundle (.zip) for rules' and networks' exercises"
+    )
+    ag.add_argument("rules", nargs="*", metavar="RULE", help="the rule exercises a submission must contain")
+    ag.add_argument(
+        "--network",
+        dest="networks",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a network exercise a submission must contain (repeat for more)",
+    )
     ag.add_argument("--out", metavar="FILE", default="autograder.zip", help="the bundle (default: autograder.zip)")
     ag.add_argument("--weights", metavar="FILE", default=None, help="JSON points, as for `manualgrad grade`")
     ag.add_argument("--timeout", type=float, default=results.DEFAULT_TIMEOUT, metavar="SECONDS")
@@ -399,11 +468,34 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     defaults = loop.Config()
     tr = commands.add_parser("train", help="train a model on the hand rules (jitted, optax, checkpoints, many devices)")
     tr.add_argument("--model", choices=tuple(loop.MODELS), default=defaults.model)
-    tr.add_argument("--dataset", default=defaults.dataset, metavar="|".join(data.SPECS))
-    tr.add_argument("--optimizer", choices=tuple(loop.OPTIMIZERS), default=defaults.optimizer)
-    tr.add_argument("--lr", type=float, default=None, help="learning rate (default: sgd 0.1, momentum 0.05, adam 3e-3)")
-    tr.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    tr.add_argument("--epochs", type=int, default=defaults.epochs)
+    model_defaults = "; ".join(
+        f"{'other models' if name == '*' else name}: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in given.items())
+        for name, given in loop.MODEL_DEFAULTS.items()
+    )
+    tr.add_argument("--dataset", default=defaults.dataset, metavar="|".join((*data.SPECS, *data.SEQUENCE_SPECS)))
+    tr.add_argument(
+        "--optimizer",
+        choices=tuple(loop.OPTIMIZERS),
+        default=None,
+        help=f"default: the model's ({model_defaults}); adamw warms up, then decays as a cosine over the run",
+    )
+    tr.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: sgd 0.1, momentum 0.05, adam 3e-3, adamw 1e-2, its peak)",
+    )
+    tr.add_argument("--batch-size", type=int, default=None, help="default: the model's (see --optimizer)")
+    tr.add_argument("--epochs", type=int, default=None, help="default: the model's (see --optimizer)")
+    tr.add_argument(
+        "--clip",
+        type=float,
+        default=None,
+        metavar="NORM",
+        help="scale each gradient down to global norm NORM if larger (optax.clip_by_global_norm; "
+        "default: the model's, see --optimizer; none for the others)",
+    )
     tr.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, split and data order")
     tr.add_argument("--dtype", choices=loop.DTYPES, default=defaults.dtype)
     tr.add_argument(
@@ -411,6 +503,26 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         choices=loop.GRADS,
         default=defaults.grad,
         help="hand rules, or jax.grad of the same model built from the references",
+    )
+    tr.add_argument(
+        "--norm",
+        choices=tuple(loop.NORMS),
+        default=defaults.norm,
+        help="normalisation after every hidden conv and dense layer, before its ReLU (batch: running statistics)",
+    )
+    tr.add_argument(
+        "--groups",
+        type=int,
+        default=None,
+        metavar="G",
+        help=f"channel groups of --norm group (default {loop.DEFAULT_GROUPS}; must divide every width)",
+    )
+    tr.add_argument(
+        "--dropout",
+        type=float,
+        default=defaults.dropout,
+        metavar="RATE",
+        help="inverted dropout after every dense hidden ReLU while training, in [0, 1) (default 0: none)",
     )
     tr.add_argument(
         "--out",
@@ -443,7 +555,42 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="batches for the final hand-rule vs jax.grad check (0: none)",
     )
+    _add_distributed_flags(tr, defaults)
     tr.set_defaults(run=_train)
+
+
+def _add_distributed_flags(tr: argparse.ArgumentParser, defaults: loop.Config) -> None:
+    group = tr.add_argument_group(
+        "several processes (jax.distributed; one per host, --batch-size is the global batch, process 0 writes)"
+    )
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, the same for all")
+    group.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the run")
+    group.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0 to N-1")
+    group.add_argument(
+        "--distributed",
+        choices=tuple(distributed.DETECTIONS),
+        default=None,
+        help="detect the three above under SLURM, Open MPI, Kubernetes (auto) or through mpi4py",
+    )
+    group.add_argument(
+        "--process-timeout",
+        type=float,
+        default=defaults.process_timeout,
+        metavar="SECONDS",
+        help="wait this long for the others to join, for a silent process's heartbeat and at exit; then stop "
+        f"with an error (default {defaults.process_timeout:g})",
+    )
+
+
+def _add_launch(commands: argparse._SubParsersAction) -> None:
+    la = commands.add_parser(
+        "launch", help="run `train ARGS` as N processes of one jax.distributed run on this machine"
+    )
+    la.add_argument("--processes", type=int, required=True, metavar="N", help="processes to start")
+    la.add_argument(
+        "arguments", nargs=argparse.REMAINDER, metavar="-- train ARGS", help="the command every process runs"
+    )
+    la.set_defaults(run=_launch)
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
@@ -504,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_grade,
         _add_autograder,
         _add_train,
+        _add_launch,
         _add_bench,
     ):
         add(commands)

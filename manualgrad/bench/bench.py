@@ -7,9 +7,12 @@ other, the order reversed every repetition — and a ratio is the median of the 
 ratios, hand rules first (``step_ratio_manual_over_jax_grad``).
 
 The step is :func:`manualgrad.train.loop.make_step`: forward, backward and the optax update in one
-jitted program with parameters and optimizer state donated. ``manual`` runs the registered hand
-rules; ``jax_grad`` is the same :mod:`manualgrad.nn.layers` model built from the rules' plain-``jnp``
-references and differentiated by JAX (``--grad autodiff`` of ``manualgrad train``).
+jitted program with parameters, optimizer state and model state donated, the model in training
+mode (batch norm's running statistics updated). ``manual`` runs the registered hand rules;
+``jax_grad`` is the same :mod:`manualgrad.nn.layers` model built from the rules' plain-``jnp``
+references and differentiated by JAX (``--grad autodiff`` of ``manualgrad train``). For models
+with normalisation layers the bench also reports those layers' own residual bytes, each layer's
+VJP taken alone at the activations it sees (:func:`norm_residual_bytes`).
 """
 
 from __future__ import annotations
@@ -32,20 +35,35 @@ import optax
 
 from manualgrad.bench import peers
 from manualgrad.check.tolerances import relative_l2
-from manualgrad.nn import backprop, layers
+from manualgrad.nn import backprop, gpt, layers, recurrent
+from manualgrad.rules.attention import attention, attention_reference
 from manualgrad.train import loop
 
 LEARNING_RATE = 3e-3
+KEY = np.zeros(2, np.uint32)  # dropout's key in every benchmarked step: PRNGKey(0)'s data, made without a JAX backend
+NORMS = ("batch_norm", "layer_norm", "group_norm", "rms_norm")  # the maps of the normalisation layers
 
 
 class Model(NamedTuple):
-    """A benchmarked model: a :mod:`manualgrad.nn.layers` network, its input shape (no batch) and batch size."""
+    """A benchmarked model: a :mod:`manualgrad.nn.layers` network, its input shape (no batch) and batch size;
+    for a sequence model (:mod:`manualgrad.nn.gpt`) ``vocab`` > 0, ``input_shape`` ``(T,)`` and its attention's
+    ``heads``."""
 
     description: str
     build: Callable[[], layers.Layer]
     input_shape: tuple[int, ...]
     batch: int
     mlp: bool
+    vocab: int = 0
+    heads: int = 0
+
+    @property
+    def sequences(self) -> bool:
+        return self.vocab > 0
+
+
+WORDS_VOCAB, WORDS_LENGTH = 27, 23  # --dataset words: "." and a–z; the longest word, 22 letters, and its "."
+LONG = {"width": 64, "depth": 1, "heads": 4, "context": 512}  # gpt_long: one block, attention over 512 positions
 
 
 MODELS: dict[str, Model] = {
@@ -64,6 +82,47 @@ MODELS: dict[str, Model] = {
         128,
         False,
     ),
+    "bn_cnn": Model(
+        "cnn_28 with batch_norm after each conv and the dense 128 (train --norm batch; no bias before it), batch 128",
+        lambda: layers.cnn(10, (32, 64), 128, norm=layers.BatchNorm()),
+        (28, 28, 1),
+        128,
+        False,
+    ),
+    "gpt": Model(
+        "the default GPT of train --model gpt --dataset words (width {width}, {depth} blocks, {heads} heads), ".format(
+            **loop.GPT
+        )
+        + f"T = {WORDS_LENGTH}, "
+        f"batch {loop.MODEL_DEFAULTS['gpt']['batch_size']}",
+        lambda: gpt.gpt(WORDS_VOCAB, WORDS_LENGTH, **loop.GPT),
+        (WORDS_LENGTH,),
+        loop.MODEL_DEFAULTS["gpt"]["batch_size"],
+        False,
+        WORDS_VOCAB,
+        loop.GPT["heads"],
+    ),
+    "lstm": Model(
+        "the default character LSTM of train --model lstm --dataset words (embedding {embed}, width {width}), ".format(
+            **recurrent.DEFAULTS["lstm"]._asdict()
+        )
+        + f"T = {WORDS_LENGTH}, batch {recurrent.DEFAULTS['lstm'].batch_size}; "
+        "jax_grad differentiates the reference's scan",
+        lambda: recurrent.char_model("lstm", WORDS_VOCAB),
+        (WORDS_LENGTH,),
+        recurrent.DEFAULTS["lstm"].batch_size,
+        False,
+        WORDS_VOCAB,
+    ),
+    "gpt_long": Model(
+        f"a GPT of one block, width 64, 4 heads, T = S = 512, vocabulary {WORDS_VOCAB}, batch 8",
+        lambda: gpt.gpt(WORDS_VOCAB, **LONG),
+        (LONG["context"],),
+        8,
+        False,
+        WORDS_VOCAB,
+        LONG["heads"],
+    ),
 }
 # Goals of issue 7, per figure: (comparison, bound) — applied to every model unless keyed by one.
 GOALS: dict[str, tuple[str, float]] = {
@@ -72,6 +131,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "step_ratio_manual_over_numpy": ("<=", 1.0),
     "step_ratio_manual_over_torch": ("<=", 1.0),
     "mlp_large/flops_fraction_manual_of_matmul": (">=", 0.90),
+    "gpt_long/residual_ratio_manual_over_jax_grad": ("<=", 0.5),  # issue 14: no T×S probabilities kept
     "check_seconds_float64": ("<", 30.0),
 }
 
@@ -168,17 +228,27 @@ def median_ratio(times: dict[str, list[float]], top: str, bottom: str) -> float:
 
 
 def _inputs(model: Model, seed: int) -> tuple[Any, jax.Array, jax.Array]:
+    """Parameters and a batch: images or features and labels below 10, or random token rows (``T + 1`` ids)
+    with every target counted."""
     kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
     _, params = model.build().init(kp, (-1, *model.input_shape))
+    if model.sequences:
+        (length,) = model.input_shape
+        tokens = jax.random.randint(kx, (model.batch, length + 1), 0, model.vocab)
+        return params, tokens, jnp.ones((model.batch, length), bool)
     x = jax.random.normal(kx, (model.batch, *model.input_shape), jnp.float32)
     return params, x, jax.random.randint(ky, (model.batch,), 0, 10)
 
 
-def compile_step(net: layers.Layer, grad: str, params: Any, x: jax.Array, labels: jax.Array) -> tuple[Any, float]:
-    """``loop.make_step`` for ``grad`` (``manual`` or ``autodiff``), lowered and compiled; and the seconds that took."""
+def compile_step(
+    net: layers.Layer, grad: str, params: Any, x: jax.Array, labels: jax.Array, sequences: bool = False
+) -> tuple[Any, float]:
+    """``loop.make_step`` for ``grad`` (``manual`` or ``autodiff``), lowered and compiled; and the seconds that took.
+    ``(x, labels)`` are token rows and target mask for a sequence model (``sequences``)."""
     tx = optax.adam(LEARNING_RATE)
     start = time.perf_counter()
-    compiled = loop.make_step(loop.loss_fn(net, grad), tx).lower(params, tx.init(params), x, labels).compile()
+    step = loop.make_step(loop.loss_fn(net, grad, sequences), tx)
+    compiled = step.lower(params, tx.init(params), net.init_state(params), x, labels, KEY).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -195,56 +265,105 @@ def footprint(compiled: Any) -> int | None:
     )
 
 
-def step_flops(params: Any, batch: int) -> int:
-    """Matmul FLOPs of one MLP step: per dense layer ``2·m·in·out`` forward, as much for ``Oᵀ G``, and
-    as much for ``G Wᵀ`` — except in the first layer, whose input gets no gradient (XLA drops it)."""
-    sizes = [w.shape for w, _ in peers.dense_weights(params)]
-    return sum((4 if k == 0 else 6) * batch * fan_in * fan_out for k, (fan_in, fan_out) in enumerate(sizes))
+def step_flops(net: layers.Layer, params: Any, x: jax.Array) -> int:
+    """Matmul FLOPs of one step of ``net`` on ``x``: per dense or conv layer with ``|Z|`` output
+    entries and fan-in ``f`` (every axis of ``W`` but the last: ``in``, or ``kh·kw·C_in``, taps in
+    the padding counted), ``2·|Z|·f`` forward, as much for ``∇W = Pᵀ G`` and as much for the
+    input's gradient — except in the first layer, whose input gets no gradient (XLA drops it)."""
+    flops, first, h = 0, True, jax.ShapeDtypeStruct(x.shape, x.dtype)
+    for layer, p in zip(net.layers, params):
+        h = jax.eval_shape(lambda p, h, layer=layer: layer.apply(p, h, train=True, key=KEY), p, h)
+        if layer.map in ("dense", "conv2d"):
+            flops += (4 if first else 6) * math.prod(h.shape) * math.prod(p["w"].shape[:-1])
+            first = False
+    return flops
 
 
-def _stepper(compiled: Any, params: Any, x: jax.Array, labels: jax.Array) -> Callable[[], Any]:
-    """A closure that runs one donated step and keeps the new state."""
+def _stepper(compiled: Any, net: layers.Layer, params: Any, x: jax.Array, labels: jax.Array) -> Callable[[], Any]:
+    """A closure that runs one donated step and keeps the new parameters, optimizer and model state."""
     tx = optax.adam(LEARNING_RATE)
-    state = [jax.tree_util.tree_map(jnp.copy, params), tx.init(params)]
+    state = [jax.tree_util.tree_map(jnp.copy, params), tx.init(params), net.init_state(params)]
 
     def run():
-        state[0], state[1], loss, *_ = compiled(state[0], state[1], x, labels)
-        return loss
+        out = compiled(*state, x, labels, KEY)
+        state[:] = out[:3]
+        return out[3]
 
     return run
 
 
 def _peer_contenders(
-    params: Any, x: jax.Array, labels: jax.Array, manual_grads: list, n: int
+    model: Model, params: Any, x: jax.Array, labels: jax.Array, manual_grads: Any, n: int
 ) -> tuple[dict, list[Record], str | None]:
-    """The NumPy and (when importable) PyTorch steps and PyTorch's ``n × n`` matmul; how far their
-    gradients are from the hand rules'."""
+    """The NumPy (MLPs) and, when importable, PyTorch steps and PyTorch's ``n × n`` matmul; how far
+    their gradients are from the hand rules'; PyTorch's thread count (:func:`peers.fastest_threads`)."""
     host_x, host_labels = np.asarray(x), np.asarray(labels)
-    weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
-    numpy_peer = peers.NumpyMLP(weights, LEARNING_RATE)
-    out: dict[str, Callable[[], Any]] = {"numpy": lambda: numpy_peer.step(host_x, host_labels)}
-    checks = [("numpy", numpy_peer.gradients(host_x, host_labels)[1])]
+    out: dict[str, Callable[[], Any]] = {}
+    checks, records, masks = [], [], {}
+    if model.mlp:
+        weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
+        numpy_peer = peers.NumpyMLP(weights, LEARNING_RATE)
+        out["numpy"] = lambda: numpy_peer.step(host_x, host_labels)
+        checks.append(("numpy", numpy_peer.gradients(host_x, host_labels)[1]))
+        masks["numpy"] = numpy_peer.masks(host_x)
     reason = peers.torch_reason()
     if reason is None:
-        torch_peer = peers.TorchMLP(weights, LEARNING_RATE, peers.torch_device(jax.default_backend()))
+        device = peers.torch_device(jax.default_backend())
+        torch_peer = _torch_peer(model, params, device)
         tx, tl = torch_peer.inputs(host_x, host_labels)
-        out["torch"] = lambda: torch_peer.step(tx, tl)
-        out["torch_matmul"] = torch_peer.matmul(n)
         checks.append(("torch", torch_peer.gradients(tx, tl)[1]))
-    flat_manual = [a for pair in manual_grads for a in pair]
-    records = [
-        record(
-            f"gradient_difference_{name}_vs_manual",
-            relative_l2([a for pair in grads for a in pair], flat_manual),
-            "relative L2",
-        )
+        if model.mlp:
+            masks["torch"] = torch_peer.masks(tx)
+        out["torch"] = lambda: torch_peer.step(tx, tl)
+        records.append(record("torch_threads", peers.fastest_threads(out["torch"]), "threads"))
+        out["torch_matmul"] = peers.torch_matmul(n, device)
+    # An MLP's peers return [(∇W, ∇b)] per layer; the CNN peer returns the params' own structure.
+    expected = peers.dense_weights(manual_grads) if model.mlp else manual_grads
+    records += [
+        record(f"gradient_difference_{name}_vs_manual", relative_l2(grads, expected), "relative L2")
         for name, grads in checks
     ]
+    if masks:
+        manual_masks = relu_masks(model.build(), params, x)
+        records += [
+            record(f"relu_flips_{name}_vs_manual", relu_flips(peer, manual_masks), "count")
+            for name, peer in masks.items()
+        ]
     return out, records, reason
 
 
+def _torch_peer(model: Model, params: Any, device: str) -> Any:
+    """The PyTorch peer of ``model`` at ``params``: hand-backward MLP or autograd CNN."""
+    if model.mlp:
+        weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
+        return peers.TorchMLP(weights, LEARNING_RATE, device)
+    return peers.TorchCNN(model.build().layers, params, model.input_shape, LEARNING_RATE, device=device)
+
+
+def relu_masks(net: layers.Layer, params: Any, x: jax.Array) -> list[np.ndarray]:
+    """The hand rules' ReLU masks ``[a_k > 0]`` of an MLP (:func:`~manualgrad.nn.layers.mlp`): the
+    input of every layer after a dense one, computed layer by layer as the step computes it."""
+    out = []
+    for k, (layer, p) in enumerate(zip(net.layers, params)):
+        if k and net.layers[k - 1].map == "dense":
+            out.append(np.asarray(x) > 0)
+        x = layer.apply(p, x, train=True, key=KEY)
+    return out
+
+
+def relu_flips(peer: Sequence[np.ndarray], manual: Sequence[np.ndarray]) -> int:
+    """How many ReLU inputs fall on the other side of 0 in a peer than in the hand rules.
+
+    A pre-activation within float32 rounding of 0 (about ``fan_in · 2⁻²⁴ · Σ|h||w|``) can
+    round to either sign; where it does, that unit's backward ``G ⊙ [a > 0]`` keeps or drops
+    one sample's whole contribution, which is no round-off: on ``mlp_1024`` one flip (``a ≈ −2·10⁻⁷``)
+    moves the gradients' relative L2 difference from 2·10⁻⁷ to 1.6·10⁻³.
+    """
+    return int(sum(np.sum(a != b) for a, b in zip(peer, manual)))
+
+
 def _compile_both(
-    net: layers.Layer, params: Any, x: jax.Array, labels: jax.Array, repeats: int
+    net: layers.Layer, params: Any, x: jax.Array, labels: jax.Array, repeats: int, sequences: bool = False
 ) -> tuple[dict[str, Any], list[Record]]:
     """The step compiled for each side, ``repeats`` times interleaved, and the compile-time figures."""
     compiled: dict[str, Any] = {}
@@ -252,7 +371,7 @@ def _compile_both(
     for i in range(max(repeats, 1)):
         for side in ("manual", "jax_grad") if i % 2 == 0 else ("jax_grad", "manual"):
             compiled[side], seconds = compile_step(
-                net, "autodiff" if side == "jax_grad" else "manual", params, x, labels
+                net, "autodiff" if side == "jax_grad" else "manual", params, x, labels, sequences
             )
             compile_times[side].append(seconds)
     records = [record(f"compile_s_{side}", statistics.median(compile_times[side]), "s") for side in compile_times]
@@ -263,12 +382,14 @@ def _compile_both(
 
 
 def _gradients_and_memory(
-    net: layers.Layer, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array
+    net: layers.Layer, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array, model: Model
 ) -> tuple[dict[str, Any], list[Record]]:
-    """Each side's gradient, their difference, and the compiled and residual bytes."""
+    """Each side's gradient, their difference, and the compiled and residual bytes (training mode)."""
     loss = {
-        side: (lambda p, x, y, ref=(side == "jax_grad"): layers.classifier_loss(net, p, x, y, reference=ref)[0])
-        for side in ("manual", "jax_grad")
+        side: (
+            lambda p, x, y, grad=grad: loop.loss_fn(net, grad, model.sequences)(p, None, x, y, train=True, key=KEY)[0]
+        )
+        for side, grad in (("manual", "manual"), ("jax_grad", "autodiff"))
     }
     grads = {side: jax.jit(jax.grad(fn))(params, x, labels) for side, fn in loss.items()}
     records = [
@@ -289,24 +410,31 @@ def _gradients_and_memory(
     residuals = {side: residual_bytes(fn, params, x, labels) for side, fn in loss.items()}
     records += [record(f"residual_bytes_{side}", residuals[side], "bytes") for side in residuals]
     records.append(record("residual_ratio_manual_over_jax_grad", residuals["manual"] / residuals["jax_grad"], "ratio"))
+    norms = norm_residual_bytes(net, params, x) if not model.sequences else attention_residual_bytes(model)
+    if model.heads:
+        records += [record(f"attention_residual_bytes_{side}", norms[side], "bytes") for side in norms]
+        records.append(
+            record("attention_residual_ratio_manual_over_jax_grad", norms["manual"] / norms["jax_grad"], "ratio")
+        )
+    elif norms is not None:
+        records += [record(f"norm_residual_bytes_{side}", norms[side], "bytes") for side in norms]
+        records.append(record("norm_residual_ratio_manual_over_jax_grad", norms["manual"] / norms["jax_grad"], "ratio"))
     return grads, records
 
 
 def _contenders(
     model: Model, settings: Settings, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array, grads: Any
 ) -> tuple[dict[str, Callable[[], Any]], list[Record], str | None]:
-    """What is timed: both steps, and for MLPs the matmul and the peers (with the peers' gradient checks
+    """What is timed: both steps, the matmul, and the peers (with the peers' gradient checks
     and the reason PyTorch is missing, if it is)."""
-    contenders = {side: _stepper(c, params, x, labels) for side, c in compiled.items()}
-    if not model.mlp:
-        return contenders, [], None
+    contenders = {side: _stepper(c, model.build(), params, x, labels) for side, c in compiled.items()}
     n = settings.matmul_n()
     a = jax.random.normal(jax.random.PRNGKey(settings.seed), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     contenders["matmul"] = lambda: matmul(a, a)
-    if not settings.peers:
+    if not settings.peers or model.sequences:  # no NumPy or PyTorch peer of a sequence model
         return contenders, [], None
-    more, checks, torch_reason = _peer_contenders(params, x, labels, peers.dense_weights(grads["manual"]), n)
+    more, checks, torch_reason = _peer_contenders(model, params, x, labels, grads["manual"], n)
     return {**contenders, **more}, checks, torch_reason
 
 
@@ -324,10 +452,10 @@ def _step_records(times: dict[str, list[float]], torch_reason: str | None) -> li
     return records
 
 
-def _flops_records(times: dict[str, list[float]], params: Any, model: Model, settings: Settings) -> list[Record]:
-    """An MLP step's FLOPs, its FLOP/s, the matmul's (the peak), and the fraction of the peak reached."""
+def _flops_records(times: dict[str, list[float]], flops: int, settings: Settings) -> list[Record]:
+    """A step's FLOPs, its FLOP/s, the matmul's (the peak), and the fraction of the peak reached."""
     n = settings.matmul_n()
-    flops, peak_flops = step_flops(params, model.batch), 2 * n**3
+    peak_flops = 2 * n**3
     records = [
         record("step_flops", flops, "FLOP"),
         record("flops_per_s_manual", flops / statistics.median(times["manual"]), "FLOP/s"),
@@ -355,13 +483,14 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
     model = MODELS[name]
     net = model.build()
     params, x, labels = _inputs(model, settings.seed)
-    compiled, records = _compile_both(net, params, x, labels, settings.compile_repeats)
-    grads, memory = _gradients_and_memory(net, compiled, params, x, labels)
+    compiled, records = _compile_both(net, params, x, labels, settings.compile_repeats, model.sequences)
+    grads, memory = _gradients_and_memory(net, compiled, params, x, labels, model)
     contenders, checks, torch_reason = _contenders(model, settings, compiled, params, x, labels, grads)
     times = interleaved(contenders, settings.repeats, settings.warmup, settings.sample_seconds)
     records += memory + checks + _step_records(times, torch_reason)
-    if model.mlp:
-        records += _flops_records(times, params, model, settings)
+    flops = step_flops(net, params, x)
+    if flops:  # 0 for a model that is not a serial of dense and conv layers (the sequence models)
+        records += _flops_records(times, flops, settings)
     return [{**rec, "model": name} for rec in records]
 
 
@@ -382,6 +511,42 @@ def residual_bytes(loss: Callable[..., Any], params: Any, *args: Any) -> int:
     given = {id(leaf) for leaf in jax.tree_util.tree_leaves((params, args))}
     _, pullback = jax.vjp(lambda p: loss(p, *args), params)
     return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(pullback) if id(leaf) not in given)
+
+
+def norm_residual_bytes(net: layers.Layer, params: Any, x: jax.Array) -> dict[str, int] | None:
+    """The residual bytes (:func:`residual_bytes`) of the normalisation layers of a :func:`~manualgrad.nn.layers.serial`
+    ``net``, hand rules and ``jax.grad``: each layer's VJP in its input and params, taken alone at
+    the activation it sees in training mode, summed; ``None`` for a model without such layers."""
+    seen = []  # (layer, params, input) of each normalisation layer
+    for layer, p in zip(net.layers, params):
+        if layer.map in NORMS:
+            seen.append((layer, p, x))
+        x = layer.apply(p, x, train=True, key=KEY)
+    if not seen:
+        return None
+
+    def alone(layer: layers.Layer, reference: bool) -> Callable[[Any], jax.Array]:
+        return lambda args: layer.apply(args[1], args[0], train=True, reference=reference)
+
+    return {
+        side: sum(residual_bytes(alone(layer, side == "jax_grad"), (h, p)) for layer, p, h in seen)
+        for side in ("manual", "jax_grad")
+    }
+
+
+def attention_residual_bytes(model: Model) -> dict[str, int] | None:
+    """The residual bytes (:func:`residual_bytes`) of one causal ``attention`` of a sequence ``model`` alone, in
+    ``q, k, v`` of its shape ``(batch, T, heads, width/heads)``, hand rule and ``jax.grad`` of the reference;
+    ``None`` for a model without attention (``heads`` 0)."""
+    if not model.heads:
+        return None
+    params = jax.eval_shape(lambda: model.build().init(KEY, (model.batch, *model.input_shape))[1])
+    width = params["blocks"][0]["q"]["w"].shape[0]
+    q, k, v = jax.random.normal(
+        KEY, (3, model.batch, *model.input_shape, model.heads, width // model.heads), jnp.float32
+    )
+    rules = {"manual": attention, "jax_grad": attention_reference}
+    return {side: residual_bytes(lambda qkv, f=f: f(*qkv, True), (q, k, v)) for side, f in rules.items()}
 
 
 def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256, seed: int = 0) -> dict[str, Any]:
@@ -497,6 +662,8 @@ def _value(rec: Record) -> str:
         return f"{v / 1e9:.4g} G{unit}"
     if unit in ("ratio", "fraction"):
         return f"{v:.3f}"
+    if unit in ("count", "threads"):
+        return f"{v:d}"
     if unit == "relative L2":
         return f"{v:.1e}"
     return f"{v:.2f} {unit}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,6 +66,15 @@ class NumpyMLP:
                 g *= o > 0
         return loss, grads[::-1]
 
+    def masks(self, x: np.ndarray) -> list[np.ndarray]:
+        """Each hidden layer's ReLU mask ``[a_k > 0]`` on ``x`` (the pre-activations as this peer rounds them)."""
+        h, out = x.reshape(len(x), -1), []
+        for w, b in self.weights[:-1]:
+            z = h @ w + b
+            out.append(z > 0)
+            h = np.maximum(z, 0)
+        return out
+
     def step(self, x: np.ndarray, labels: np.ndarray) -> float:
         """One Adam step on ``(x, labels)``; returns the loss before it."""
         loss, grads = self.gradients(x, labels)
@@ -85,12 +95,36 @@ class NumpyMLP:
 
 
 def torch_reason() -> str | None:
-    """Why the PyTorch peer cannot run here, or None when it can."""
+    """Why the PyTorch peer cannot run here, or None when it can.
+
+    Imports torch with ``OMP_WAIT_POLICY=PASSIVE`` unless set: OpenMP's default spin-waiting made
+    a 2-thread ``cnn_28`` step 3.5× slower than 1 thread on this 2-core machine under a load of 12
+    (911 vs 264 ms; 201 vs 177 ms passive), a cost of the shared machine, not of PyTorch.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch  # noqa: F401
     except ImportError as error:
         return f"torch is not importable ({error}); pip install torch==2.13.0 (or manualgrad[bench])"
     return None
+
+
+def fastest_threads(step: Callable[[], Any], calls: int = 3) -> int:
+    """1 or :func:`cores` PyTorch threads, whichever runs ``calls`` of ``step`` faster (a loaded
+    machine can make one thread faster); PyTorch is left at that count."""
+    import torch
+
+    seconds = {}
+    for threads in sorted({1, cores()}, reverse=True):
+        torch.set_num_threads(threads)
+        step()
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        seconds[threads] = time.perf_counter() - start
+    best = min(seconds, key=seconds.get)
+    torch.set_num_threads(best)
+    return best
 
 
 def cores() -> int:
@@ -103,6 +137,21 @@ def torch_device(backend: str) -> str:
     import torch
 
     return "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def torch_matmul(n: int, device: str) -> Callable[[], Any]:
+    """A closure that multiplies two ``n × n`` float32 matrices with PyTorch on ``device``."""
+    import torch
+
+    a = torch.randn(n, n, device=device)
+
+    def run():
+        c = a @ a
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return c
+
+    return run
 
 
 @functools.cache
@@ -185,17 +234,15 @@ class TorchMLP:
             self.torch.tensor(np.asarray(labels, np.int64), device=self.device),
         )
 
-    def matmul(self, n: int) -> Callable[[], Any]:
-        """A closure that multiplies two ``n × n`` float32 matrices with PyTorch on this peer's device and threads."""
-        a = self.torch.randn(n, n, device=self.device)
-
-        def run():
-            c = a @ a
-            if self.device != "cpu":
-                self.torch.cuda.synchronize()
-            return c
-
-        return run
+    def masks(self, x: Any) -> list[np.ndarray]:
+        """Each hidden layer's ReLU mask ``[a_k > 0]`` on ``x`` (the pre-activations as this peer rounds them)."""
+        h, out = x.reshape(len(x), -1), []
+        with self.torch.no_grad():
+            for w, b in zip(self.params[:-2:2], self.params[1:-2:2]):
+                z = self.torch.addmm(b, h, w)
+                out.append((z > 0).cpu().numpy())
+                h = z.clamp_min(0)
+        return out
 
     def gradients(self, x: Any, labels: Any) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
         """The loss and ``[(∇W_k, ∇b_k)]`` (no update)."""
@@ -215,3 +262,132 @@ class TorchMLP:
         if self.device != "cpu":
             self.torch.cuda.synchronize()
         return loss
+
+
+def _torch_conv(torch: Any, w: np.ndarray, b: np.ndarray | None, stride: Any, pads: Sequence[tuple[int, int]]) -> Any:
+    """``torch.nn.Conv2d`` holding the HWIO kernel ``w`` as OIHW; XLA's asymmetric SAME padding
+    (the extra row at the end) as a ``ZeroPad2d`` in front of it."""
+    (top, bottom), (left, right) = pads
+    conv = torch.nn.Conv2d(w.shape[2], w.shape[3], w.shape[:2], stride, bias=b is not None)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1))))
+        if b is not None:
+            conv.bias.copy_(torch.tensor(b))
+    if top == bottom and left == right:
+        conv.padding = (top, left)
+        return [conv]
+    return [torch.nn.ZeroPad2d((left, right, top, bottom)), conv]
+
+
+def _torch_dense(torch: Any, w: np.ndarray, b: np.ndarray | None, image: tuple[int, ...] | None) -> Any:
+    """``torch.nn.Linear`` holding ``w`` (in, out) as ``wᵀ``; after an NCHW image (``image`` its HWC
+    shape) the rows are reordered from JAX's ``(h, w, c)`` flattening to PyTorch's ``(c, h, w)``."""
+    if image is not None:
+        w = w.reshape(*image, -1).transpose(2, 0, 1, 3).reshape(w.shape)
+    linear = torch.nn.Linear(*w.shape, bias=b is not None)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
+        if b is not None:
+            linear.bias.copy_(torch.tensor(b))
+    return linear
+
+
+class TorchCNN:
+    """A :func:`manualgrad.nn.layers.cnn` step in PyTorch as a user would write it: ``torch.nn.Conv2d``,
+    ``BatchNorm2d``/``BatchNorm1d`` (batch statistics, running statistics kept with momentum 0.1),
+    ``Linear``, ``F.cross_entropy``, **autograd's own backward** (oneDNN's convolution adjoints) and
+    ``torch.optim.Adam``; images ``channels_last`` by default (``memory_format``): side by side with
+    NCHW (``contiguous_format``) on 2 cores at load 10 its step took 0.93 (digits_cnn), 0.99 (cnn_28)
+    and 0.97 (bn_cnn) of NCHW's, median of 10 interleaved ratios.
+
+    The network is read off ``layers``/``params`` of ``layers.cnn``: conv → [norm] → ReLU per width,
+    flatten, dense → [norm] → ReLU, dense. :meth:`gradients` returns the gradients in the JAX
+    params' structure and layouts, so they compare leaf by leaf with the hand rules'.
+    """
+
+    def __init__(
+        self,
+        net_layers: Sequence[Any],
+        params: Sequence[Any],
+        input_shape: tuple[int, ...],
+        lr: float,
+        memory_format: str = "channels_last",
+        device: str = "cpu",
+    ) -> None:
+        import torch
+
+        from manualgrad.rules import convolution
+
+        torch.set_num_threads(cores())
+        self.torch, self.device = torch, device
+        self.memory_format = getattr(torch, memory_format)
+        modules, shape, last = [], tuple(input_shape), len(params) - 1
+        self.leaves: list[tuple[Any, tuple[int, ...] | None]] = []  # per JAX param: its module, the image it flattens
+        for k, (layer, p) in enumerate(zip(net_layers, params)):
+            w, b = (np.asarray(p["w"]), np.asarray(p["b"]) if "b" in p else None) if "w" in p else (None, None)
+            image = shape if layer.map == "dense" and len(shape) == 3 else None
+            if layer.map == "conv2d":
+                geo = convolution.geometry("conv2d", (1, *shape), w.shape, layer.stride, layer.padding, 1)
+                modules += _torch_conv(torch, w, b, layer.stride, geo.pads)
+                shape = (*geo.output, w.shape[-1])
+            elif layer.map == "dense":
+                modules += [torch.nn.Flatten()] if image else []
+                modules.append(_torch_dense(torch, w, b, image))
+                shape = (w.shape[-1],)
+            elif layer.map == "batch_norm":
+                norm = torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d
+                modules.append(norm(shape[-1], eps=layer.eps))
+            elif layer.map is not None:
+                raise ValueError(f"TorchCNN: no PyTorch peer for {layer.map!r} (only conv2d, batch_norm, dense)")
+            self.leaves.append((modules[-1] if layer.map is not None else None, image))
+            if layer.map is not None and k < last and net_layers[k + 1].map != "batch_norm":
+                modules.append(torch.nn.ReLU())
+        self.model = torch.nn.Sequential(*modules).to(device=device, memory_format=self.memory_format).train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, betas=(B1, B2), eps=EPS)
+
+    def inputs(self, x: np.ndarray, labels: np.ndarray) -> tuple[Any, Any]:
+        """NHWC ``x`` as an NCHW tensor in this peer's memory format, and the labels."""
+        images = self.torch.tensor(np.asarray(x)).permute(0, 3, 1, 2)
+        return (
+            images.contiguous(memory_format=self.memory_format).to(self.device),
+            self.torch.tensor(np.asarray(labels, np.int64), device=self.device),
+        )
+
+    def _loss(self, x: Any, labels: Any) -> Any:
+        return self.torch.nn.functional.cross_entropy(self.model(x), labels)
+
+    def gradients(self, x: Any, labels: Any) -> tuple[float, list[Any]]:
+        """The loss and the gradients, as a list like the JAX params (HWIO kernels, ``(in, out)`` dense
+        weights in JAX's flattening order). Batch norm's running statistics are left as they were."""
+        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.zero_grad(set_to_none=True)
+        loss = self._loss(x, labels)
+        loss.backward()
+        self.model.load_state_dict(saved)
+        return loss.item(), [() if module is None else _jax_gradient(module, image) for module, image in self.leaves]
+
+    def step(self, x: Any, labels: Any) -> Any:
+        """One Adam step; returns the loss (a tensor, synchronised on CUDA)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(x, labels)
+        loss.backward()
+        self.optimizer.step()
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+        return loss
+
+
+def _jax_gradient(module: Any, image: tuple[int, ...] | None) -> dict[str, np.ndarray]:
+    """A PyTorch module's parameter gradients in the layout of its JAX params (:class:`TorchCNN`)."""
+    weight = module.weight.grad.detach().cpu().numpy()
+    bias = None if module.bias is None else module.bias.grad.detach().cpu().numpy()
+    if module.weight.ndim == 1:  # batch norm
+        return {"gamma": weight, "beta": bias}
+    if module.weight.ndim == 4:
+        w = weight.transpose(2, 3, 1, 0)
+    else:
+        w = weight.T
+        if image is not None:
+            h, wd, c = image
+            w = w.reshape(c, h, wd, -1).transpose(1, 2, 0, 3).reshape(w.shape)
+    return {"w": w} if bias is None else {"w": w, "b": bias}

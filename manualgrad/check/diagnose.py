@@ -17,7 +17,7 @@ A random error is explained by none of them: "no known mistake explains it".
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -50,6 +50,23 @@ def diagnose(rule: Rule, args: tuple[Any, ...], argument: int, received: Any, g:
     if not found:
         fitted = _fitted_constant(right, received, tol)
         found = [fitted] if fitted else []
+    return "your gradient equals " + "; or ".join(found) if found else NO_EXPLANATION
+
+
+def diagnose_array(received: Any, right: Any, args: Any, dtype: str, extra: Iterable[tuple[str, Any]] = ()) -> str:
+    """What ``received`` is, a gradient whose right value is ``right``, where no rule is known (a
+    whole network's intermediate): ``"your gradient equals ..."`` for each candidate of ``extra``
+    (``(text, wrong answer)``) and each generic mistake (:mod:`manualgrad.check.mistakes`; the
+    usual batch sizes read from ``args``) that explains it; of the wrong shape, the first shape
+    mistake that does; else :data:`NO_EXPLANATION`."""
+    tol = _tolerance(dtype)
+    received, right = np.asarray(received, np.float64), np.asarray(right, np.float64)
+    if received.shape != right.shape:
+        found = [t for t, fixed in generic.shape_mistakes(received, right.shape) if _explains(fixed, right, tol)][:1]
+    else:
+        pairs = [*extra, *generic.candidates(args, right)]
+        found = [t for t, c in pairs if _explains(c, received, tol) and not _explains(c, right, tol)]
+        found = found or [f for f in [_fitted_constant(right, received, tol)] if f]
     return "your gradient equals " + "; or ".join(found) if found else NO_EXPLANATION
 
 

@@ -7,8 +7,9 @@ of :class:`~manualgrad.nn.layers.Layer` s built by ``Dense`` and ``Conv2D`` (whi
 
     a_k = C_k(σ_{k−1}(a_{k−1}), W_k) + ι_k(b_k),     a_0 = x,  σ_0 = id,
 
-with ``C_k`` bilinear (``"dense"``: ``x W``; ``"conv2d"``: a multi-channel convolution)
-and ``ι_k`` the bias map (one bias per output feature, or per channel for images).
+with ``C_k`` bilinear (``"dense"``: ``x W``; ``"conv2d"``: a multi-channel convolution) or
+batch norm's ``C_k(F, γ) = γ ⊙ x̂(F)`` (``"batch_norm"``: linear in ``γ``, not in ``F``; ``β`` is
+its bias) and ``ι_k`` the bias map (one bias per output feature, or per channel for images).
 :func:`gradients` runs the forward pass and then the backward recursion of Algorithm 2
 (Theorem 10), in seed 004's batched row form:
 
@@ -20,8 +21,12 @@ and ``ι_k`` the bias map (one bias per output feature, or per channel for image
 
 With every ``C_k`` dense this is Algorithm 1 (Theorem 7): ``C†(T, W) = T Wᵀ`` and
 ``C††(O, T) = Oᵀ T`` are seed 002's ``W_{k+1}ᵀ g_{k+1}`` and ``g_k σ(a_{k−1})ᵀ``, transposed
-into rows. ``C``, ``C†``, ``C††``, ``ι``, ``ι*`` and ``σ'`` are the rules' own forward,
-backward and gradient functions (:mod:`manualgrad.rules.linear`, :mod:`manualgrad.rules.convolution`,
+into rows. For batch norm, ``C††(F, T) = Σ T ⊙ x̂`` and ``C†(T, γ) = (γ/(m σ))(m T − Σ T − x̂ Σ(T ⊙ x̂))``
+(the rule's closed form, its two sums being ``g_k`` and ``G_k``): its adjoint in the input
+needs ``x̂`` and ``1/σ``, which the backward pass recomputes from ``F_{k−1}`` (already on the
+tape for ``G_k``) rather than storing them. ``C``, ``C†``, ``C††``, ``ι``, ``ι*`` and ``σ'``
+are the rules' own forward, backward and gradient functions (:mod:`manualgrad.rules.linear`,
+:mod:`manualgrad.rules.convolution`, :mod:`manualgrad.rules.normalization`,
 :mod:`manualgrad.rules.activations`, :mod:`manualgrad.rules.losses`): nothing is derived twice.
 
 What the forward pass stores for the backward pass is Remark 8's choice (``store=``):
@@ -51,11 +56,13 @@ import numpy as np
 
 from manualgrad import registry
 from manualgrad.nn.layers import Layer, serial
-from manualgrad.rules import convolution, linear, losses, pooling
+from manualgrad.rules import convolution, linear, losses, normalization, pooling
 from manualgrad.rules.validation import RuleInputError
 
 Store = Literal["a_and_F", "a", "F"]
 STORES: tuple[Store, ...] = ("a_and_F", "a", "F")
+MAPS = ("dense", "conv2d", "batch_norm")
+_PARAMS = {"batch_norm": ("gamma", "beta")}  # the (W_k, b_k) pair's names in a layer's params; else ("w", "b")
 Params = list[tuple[jax.Array, jax.Array]]
 Gradients = list[tuple[jax.Array, jax.Array]]
 
@@ -128,44 +135,64 @@ def _conv_geometry(layer: Layer, x: jax.Array, w: jax.Array):
     return convolution.geometry("conv2d", jnp.shape(x), jnp.shape(w), layer.stride, layer.padding, layer.dilation)
 
 
+def _normalized(layer: Layer, x: jax.Array, gamma: jax.Array) -> tuple[jax.Array, tuple]:
+    """Batch norm's ``γ ⊙ x̂`` (``β = 0``: the bias is added apart) and the rule's residuals ``(x̂, 1/σ, γ)``."""
+    return normalization.batch_norm_forward(x, gamma, jnp.zeros_like(gamma), layer.eps)
+
+
 def _c(layer: Layer, x: jax.Array, w: jax.Array) -> jax.Array:
     """``C_k(x, W)``."""
     if layer.map == "dense":
         return linear.dense_forward(_flat(x), w)[0]
+    if layer.map == "batch_norm":
+        return _normalized(layer, x, w)[0]
     return convolution.conv2d_forward(x, w, layer.stride, layer.padding, layer.dilation)[0]
 
 
 def _c_dagger(layer: Layer, t: jax.Array, w: jax.Array, x: jax.Array) -> jax.Array:
-    """``C†_k(T, W)``: the adjoint in the input; ``x`` gives only the input's shape."""
+    """``C†_k(T, W)``: the adjoint in the input; ``x`` gives only the input's shape, except for
+    batch norm, whose adjoint recomputes ``x̂`` and ``1/σ`` from it."""
     if layer.map == "dense":
         dx = linear.dense_backward(w, t)
         return pooling.flatten_backward(x[:0], dx) if jnp.ndim(x) > 2 else dx
+    if layer.map == "batch_norm":
+        xhat, inv, gamma = _normalized(layer, x, w)[1]
+        return normalization.batch_norm_backward(xhat, inv, gamma, *normalization.batch_norm_gradient(xhat, t), t)
     return convolution.conv2d_backward(w, _conv_geometry(layer, x, w), t)
 
 
 def _c_double_dagger(layer: Layer, x: jax.Array, t: jax.Array, w: jax.Array) -> jax.Array:
-    """``C††_k(x, T)``: the adjoint in the weights; ``w`` gives only their shape."""
+    """``C††_k(x, T)``: the adjoint in the weights; ``w`` gives only their shape (batch norm: ``γ``)."""
     if layer.map == "dense":
         return linear.dense_gradient(_flat(x), t)
+    if layer.map == "batch_norm":
+        return normalization.batch_norm_gradient(_normalized(layer, x, w)[1][0], t)[0]
     return convolution.conv2d_gradient(x, _conv_geometry(layer, x, w), t)
 
 
-def _validate(network: Sequence[Layer], params: Params, store: str = "F", loss: str = "mse") -> None:
+def _validate_network(network: Sequence[Layer]) -> None:
     if not network or not all(isinstance(layer, Layer) for layer in network):
-        raise RuleInputError("backprop: network must be a non-empty sequence of layers.Layer (Dense or Conv2D)")
-    if len(params) != len(network) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in params):
         raise RuleInputError(
-            f"backprop: params must hold one (W, b) pair per layer: {len(network)} layers, got {len(params)} entries"
+            "backprop: network must be a non-empty sequence of layers.Layer (Dense, Conv2D or BatchNorm)"
         )
     for k, layer in enumerate(network, start=1):
-        if layer.map not in ("dense", "conv2d"):
+        if layer.map not in MAPS or not layer.bias:
             raise RuleInputError(
-                f"backprop: layer {k} has map {layer.map!r}; expected 'dense' or 'conv2d' (a Dense or Conv2D layer)"
+                f"backprop: layer {k} has map {layer.map!r}{'' if layer.bias else ' without a bias'}; expected "
+                "'dense', 'conv2d' or 'batch_norm' with a bias (a Dense, Conv2D or BatchNorm layer)"
             )
         if layer.activation not in _sigmas():
             raise RuleInputError(
                 f"backprop: layer {k} has activation {layer.activation!r}; expected one of {', '.join(_sigmas())}"
             )
+
+
+def _validate(network: Sequence[Layer], params: Params, store: str = "F", loss: str = "mse") -> None:
+    _validate_network(network)
+    if len(params) != len(network) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in params):
+        raise RuleInputError(
+            f"backprop: params must hold one (W, b) pair per layer: {len(network)} layers, got {len(params)} entries"
+        )
     if store not in STORES:
         raise RuleInputError(f"backprop: store must be one of {', '.join(STORES)}, got {store!r}")
     if loss not in _LOSSES:
@@ -266,10 +293,15 @@ def stored_bytes(network: Sequence[Layer], params: Params, x: jax.Array, store: 
     return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tape))
 
 
+def _names(layer: Layer) -> tuple[str, str]:
+    return _PARAMS.get(layer.map, ("w", "b"))
+
+
 def _network(network: Sequence[Layer], params: Params, x: jax.Array, reference: bool) -> jax.Array:
+    """``F_n`` through the layers' own ``apply``, in training mode (batch norm: the batch's statistics)."""
     h = x
-    for layer, (w, b) in zip(network, params):
-        h = layer.apply({"w": w, "b": b}, h, reference=reference)
+    for layer, pair in zip(network, params):
+        h = layer.apply(dict(zip(_names(layer), pair)), h, train=True, reference=reference)
     return h
 
 
@@ -297,12 +329,13 @@ def loss(
 
 def init(key: jax.Array, network: Sequence[Layer], input_shape: Sequence[int], dtype: Any = None) -> Params:
     """``[(W_1, b_1), …, (W_n, b_n)]`` from the layers' own initialisation (:func:`~manualgrad.nn.layers.he_normal`:
-    He-normal weights, zero biases), in ``dtype``.
+    He-normal weights, zero biases; batch norm's ``(γ, β) = (1, 0)``), in ``dtype``.
 
     ``input_shape`` is one sample's shape, ``(d_0,)`` or ``(H, W, C)``. ``dtype`` defaults to JAX's
     default float (float64 when x64 is enabled), as for ``jax.random.normal``, so ``params`` match an
     input drawn the same way; the draws are made in each layer's own dtype.
     """
+    _validate_network(network)
     dtype = jnp.result_type(float) if dtype is None else dtype
     _, params = serial(*network).init(key, (-1, *input_shape))
-    return [(jnp.asarray(p["w"], dtype), jnp.asarray(p["b"], dtype)) for p in params]
+    return [tuple(jnp.asarray(p[name], dtype) for name in _names(layer)) for layer, p in zip(network, params)]

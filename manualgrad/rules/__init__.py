@@ -3,6 +3,9 @@
 geometry (:mod:`~manualgrad.rules.windows`) and the usual mistakes (:mod:`~manualgrad.rules.mistakes`).
 
 Importing this package registers every family; this order is the order of the registry and the README.
+``embedding`` and ``attention`` name both a family's module and its rule: ``manualgrad.rules.attention``
+is the rule, as ``manualgrad.check`` is the function; import the module's other names by name
+(``from manualgrad.rules.attention import attention_backward``).
 
 The protocol of a rule
 ----------------------
@@ -43,16 +46,24 @@ reference, sample inputs, a docstring citing its seeds with one ``Result:`` line
 runs every check on it in both dtypes.
 """
 
-from manualgrad.rules.linear import bias_add, dense  # isort: skip
-from manualgrad.rules.activations import identity, leaky_relu, relu, sigmoid, softplus, tanh  # isort: skip
+from manualgrad.rules.linear import add, bias_add, dense  # isort: skip
+from manualgrad.rules.activations import gelu, identity, leaky_relu, relu, sigmoid, softplus, tanh  # isort: skip
 from manualgrad.rules.losses import l2_penalty, mse, softmax_cross_entropy  # isort: skip
 from manualgrad.rules.correlation import convolve1d, correlate1d  # isort: skip
 from manualgrad.rules.convolution import conv1d, conv2d  # isort: skip
 from manualgrad.rules.pooling import avg_pool2d, flatten, max_pool2d  # isort: skip
 from manualgrad.rules.normalization import batch_norm, dropout, group_norm, layer_norm, rms_norm  # isort: skip
 from manualgrad.rules.recurrence import lstm, rnn  # isort: skip
+from manualgrad.rules.embedding import embedding  # isort: skip
+from manualgrad.rules.attention import attention, log_softmax, softmax  # isort: skip
 
 __all__ = [
+    "add",
+    "attention",
+    "embedding",
+    "gelu",
+    "log_softmax",
+    "softmax",
     "rms_norm",
     "layer_norm",
     "group_norm",

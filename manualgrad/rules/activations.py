@@ -1,10 +1,11 @@
-"""Element-wise activations ``F = σ(z)`` whose backward rules read the saved output.
+"""Element-wise activations ``F = σ(z)`` whose backward rules read the saved output, and gelu.
 
 Seed 003 ("the Jacobian of an element-wise function is diag(φ'(x))") gives every backward
 pass here the form ``dz = G ⊙ σ'(z)``. Seed 002's Remark 8 adds that for ReLU, sigmoid and
 tanh ``σ'(z)`` is a function of ``F = σ(z)`` alone, so the forward pass can save ``F``
 instead of ``z``. In a network ``F`` is also the next layer's input, which its dense rule
-saves anyway, so the activation costs no extra residual at all.
+saves anyway, so the activation costs no extra residual at all. Gelu is not monotone, so its
+``σ'`` is no function of ``F``: it saves ``z``.
 
 Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
 → ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
@@ -14,12 +15,14 @@ Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_referenc
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from manualgrad.registry import Rule, Sample, register
+from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad.rules import mistakes, validation
 from manualgrad.rules.samples import keys, normal
 
@@ -322,6 +325,139 @@ register(
         differentiable=(0,),
         seeds=(("002", "Remark 8: σ' = 1 − e^{−F}"),),
         mistakes=mistakes.elementwise(softplus_reference, lambda f: jnp.log(jnp.expm1(f))),
+    )
+)
+
+# --------------------------------------------------------------------------- gelu
+
+_GELU_CUBIC = 0.044715
+
+
+def _gelu_u(z):
+    """The tanh form's ``u = c (z + a z³)``, ``c = √(2/π)``."""
+    return math.sqrt(2 / math.pi) * (z + _GELU_CUBIC * z**3)
+
+
+def _gelu_gate(z: jax.Array, approximate: bool) -> jax.Array:
+    """The gate ``s`` of ``F = z s(z)``, plain ``jnp``: ``½(1 + tanh u) = 1/(1 + e^{−2u})`` or
+    ``Φ(z) = ½(1 + erf(z/√2))``."""
+    if approximate:
+        return 1 / (1 + jnp.exp(-2 * _gelu_u(z)))
+    return 0.5 * (1 + jax.scipy.special.erf(z / math.sqrt(2)))
+
+
+def gelu_reference(z: jax.Array, approximate: bool = True) -> jax.Array:
+    return z * _gelu_gate(z, approximate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(z: jax.Array, approximate: bool = True) -> jax.Array:
+    """Gaussian error linear unit ``F = z Φ(z)``, or its tanh form: ``jax.nn.gelu``'s two formulas.
+
+    ``Φ`` is the standard normal distribution function. ``approximate=False`` is the exact
+    form ``F = ½ z erfc(−z/√2)``; ``approximate=True`` (the default, as ``jax.nn.gelu``'s) the
+    tanh form ``F = ½ z (1 + tanh u)`` with ``u = c (z + a z³)``, ``c = √(2/π)``,
+    ``a = 0.044715``. PyTorch's ``F.gelu(z, approximate="none" | "tanh")``. ``approximate`` is
+    a Python bool fixed at trace time; it gets no gradient.
+
+    Derivation (seed 003, the Jacobian of an element-wise map is ``diag(φ')``; seed 002 §4,
+    T. Hamm's adjoint ``⟨C(h), y⟩ = ⟨h, C†(y)⟩``). Both forms are element-wise,
+    ``F_i = z_i s(z_i)`` with a gate ``s`` (``Φ``, or ``½(1 + tanh u)``), so the backward is
+    ``dz = G ⊙ F'(z)``, its own adjoint. Differentiate the product ``z s(z)`` for each gate.
+
+    Result:
+
+        exact:   F'(z) = Φ(z) + z φ(z),                  φ(z) = e^{−z²/2} / √(2π)
+        tanh:    F'(z) = ½(1 + t) + ½ z (1 − t²) u',     t = tanh u,  u' = c (1 + 3a z²)
+
+        dz = G ⊙ F'(z)
+
+    For z ≪ 0, ``1 + t`` and ``1 − t²`` cancel to a few digits (none at all below z ≈ −7 in
+    float64), so the backward writes them with the logistic σ, which keeps every digit:
+    ``½(1 + t) = σ(2u)`` and ``½(1 − t²) = 2 σ(2u) σ(−2u)``, ``F'(z) = σ(2u) + 2 z u' σ(2u) σ(−2u)``.
+
+    Seed 002's Remark 8 does not apply: gelu is not monotone (its minimum is near z = −0.75),
+    so ``F'`` is no function of the output ``F``, and the residual is the input ``z``. The
+    derivative of one form is not the other's: the two differ by up to 8.7e-4 (near |z| = 2),
+    7000 ulps of float32.
+    """
+    return gelu_forward(z, approximate)[0]
+
+
+def gelu_forward(z: jax.Array, approximate: bool = True) -> tuple[jax.Array, jax.Array]:
+    validation.floating("gelu", "z", z)
+    if not isinstance(approximate, bool):
+        raise validation.RuleInputError(
+            f"gelu: approximate must be a Python bool (True: the tanh form, False: z Φ(z)), got {approximate!r}"
+        )
+    if approximate:
+        return z * (0.5 * (1 + jnp.tanh(_gelu_u(z)))), z
+    return 0.5 * z * lax.erfc(-z * math.sqrt(0.5)), z
+
+
+def gelu_backward(z: jax.Array, approximate: bool, g: jax.Array) -> jax.Array:
+    """``dz = G ⊙ F'(z)``: ``Φ(z) + z φ(z)``, or the tanh form's ``σ(2u) + 2 z u' σ(2u) σ(−2u)``."""
+    if approximate:
+        u = _gelu_u(z)
+        # σ(−2|u|) ≤ ½, from which σ(2u) and σ(2u)σ(−2u) keep every digit, also under jax.grad
+        # (JAX differentiates σ as σ(1 − σ), which loses them where σ is near 1).
+        small = jnp.where(u >= 0, jax.nn.sigmoid(-2 * u), jax.nn.sigmoid(2 * u))
+        gate = jnp.where(u >= 0, 1 - small, small)
+        du = math.sqrt(2 / math.pi) * (1 + 3 * _GELU_CUBIC * z * z)
+        return g * (gate + 2 * z * du * small * (1 - small))
+    cdf = 0.5 * lax.erfc(-z * math.sqrt(0.5))
+    pdf = jnp.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+    return g * (cdf + z * pdf)
+
+
+def _gelu_vjp(approximate, z, g):
+    return (gelu_backward(z, approximate, g),)
+
+
+gelu.defvjp(gelu_forward, _gelu_vjp)
+
+
+# The forms of the four shared activation samples, alternating.
+_GELU_FORMS = ((True, "tanh"), (False, "exact"), (True, "tanh"), (False, "exact"))
+
+
+def _gelu_samples(key, dtype):
+    z = _activation_samples(2.0)(key, dtype)
+    # The tails, where F and F' are tiny. The tanh form is computed from 1 + tanh u, which keeps
+    # no correct digit once tanh u is within an ulp of −1 (u < −18.7, z < −7.3 in float64), so
+    # its tail stops at −5 (1 + tanh u ≈ 9e-8); erfc keeps the exact form accurate to −7.
+    return [
+        *(
+            Sample((s.args[0], approximate), f"{s.label}, {form} form")
+            for s, (approximate, form) in zip(z, _GELU_FORMS)
+        ),
+        Sample((jnp.linspace(-5.0, 5.0, 11, dtype=dtype), True), "z from −5 to 5, tanh form"),
+        Sample((jnp.linspace(-7.0, 7.0, 15, dtype=dtype), False), "z from −7 to 7, exact form"),
+    ]
+
+
+def _gelu_mistakes(vjp, args, g):
+    z, approximate = args
+    form = "the tanh form's" if not approximate else "the exact form's z Φ(z)"
+    yield (
+        f"the right one for {form} derivative: the gelu derivative of the other form (approximate={not approximate})",
+        mistakes.reference_vjp(gelu_reference, (z, not approximate), 0, g, vjp),
+    )
+    yield (
+        "G ⊙ s(z), the gate alone (Φ(z), or ½(1 + tanh u)): the term z s'(z) of the product rule is missing",
+        g * _gelu_gate(z, approximate),
+    )
+
+
+register(
+    Rule(
+        name="gelu",
+        fn=gelu,
+        reference=gelu_reference,
+        sample_inputs=_gelu_samples,
+        differentiable=(0,),
+        seeds=(("003", "diag(φ') of an element-wise map"), ("002", "§4 adjoint of a linear map")),
+        mistakes=(*mistakes.elementwise(gelu_reference), Mistake(0, _gelu_mistakes)),
     )
 )
 

@@ -1,4 +1,4 @@
-"""Linear rules: the dense layer ``x W`` and the bias add ``z + ι(b)``.
+"""Linear rules: the dense layer ``x W``, the bias add ``z + ι(b)`` and the residual add ``x + y``.
 
 Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
 → ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
@@ -190,6 +190,73 @@ register(
         sample_inputs=_bias_add_samples,
         differentiable=(0, 1),
         seeds=(("000", "§5 Add"), ("004", "For bias: ∇_b = 1ᵀ G"), ("002", "§4 ι and ι*")),
+        linear_in=((0, 1),),
+    )
+)
+
+# --------------------------------------------------------------------------- add
+
+
+def add_reference(x: jax.Array, y: jax.Array) -> jax.Array:
+    return x + y
+
+
+@jax.custom_vjp
+def add(x: jax.Array, y: jax.Array) -> jax.Array:
+    """The residual connection ``out = x + y``: two arrays of one shape and dtype, added entry by entry.
+
+    Derivation (seed 000 §5 "Add"; seed 002 §4, T. Hamm's adjoint ``⟨C(h), y⟩ = ⟨h, C†(y)⟩``).
+    In a transformer block ``x`` is the residual stream and ``y`` the branch (attention or the
+    MLP) computed from it: ``x`` reaches the loss on two paths, and seed 003 sums them, which
+    is why the stream's cotangent is this rule's ``dx`` plus the branch's own backward.
+    Perturb one argument at a time and read the adjoint off ``ΔL = ⟨G, Δout⟩``.
+
+    Result:
+
+        ΔL = ⟨G, Δx⟩ + ⟨G, Δy⟩      ⇒  dx = G,   dy = G
+
+    Both partial derivatives are the identity, its own adjoint: the cotangent passes
+    unchanged to both summands (seed 000's ``dx = dy``, ``dw = dy``). Unlike ``bias_add``
+    nothing is broadcast, so nothing is summed; no residual is saved.
+    """
+    return add_forward(x, y)[0]
+
+
+def add_forward(x: jax.Array, y: jax.Array) -> tuple[jax.Array, tuple[()]]:
+    validation.floating("add", "x", x)
+    validation.floating("add", "y", y)
+    validation.same_shape("add", x=x, y=y)
+    validation.same_dtype("add", x=x, y=y)
+    return x + y, ()
+
+
+def add_backward(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Backward pass: ``dx = G`` and ``dy = G``."""
+    return g, g
+
+
+def _add_vjp(residuals, g):
+    del residuals
+    return add_backward(g)
+
+
+add.defvjp(add_forward, _add_vjp)
+
+
+def _add_samples(key, dtype):
+    k = keys(key)
+    shapes = [((4, 3), "batch 4"), ((1, 1), "batch 1, width 1"), ((2, 5, 3), "a sequence (B, T, C)"), ((), "scalars")]
+    return [Sample((normal(next(k), s, dtype), normal(next(k), s, dtype)), label) for s, label in shapes]
+
+
+register(
+    Rule(
+        name="add",
+        fn=add,
+        reference=add_reference,
+        sample_inputs=_add_samples,
+        differentiable=(0, 1),
+        seeds=(("000", "§5 Add"), ("002", "§4 adjoint of a linear map"), ("003", "a variable on several paths")),
         linear_in=((0, 1),),
     )
 )

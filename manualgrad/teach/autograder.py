@@ -4,10 +4,11 @@
 
 * ``setup.sh``, which Gradescope runs once when it builds the grading image: it installs the
   bundled wheel of manualgrad (its dependencies, JAX and the rest, come from PyPI then);
-* ``run_autograder``, which Gradescope runs for each submission: ``manualgrad grade --expect RULE
-  ... --format gradescope`` on ``/autograder/submission/*.py`` and ``*.ipynb``, each file in its
-  own process under the time limit, into ``/autograder/results/results.json`` (the root is
-  ``$AUTOGRADER_ROOT`` where that is set, for testing the bundle outside Gradescope);
+* ``run_autograder``, which Gradescope runs for each submission: ``manualgrad grade --expect NAME
+  ... --format gradescope`` (each NAME a rule or a network) on ``/autograder/submission/*.py``
+  and ``*.ipynb``, each file in its own process under the time limit, into
+  ``/autograder/results/results.json`` (the root is ``$AUTOGRADER_ROOT`` where that is set, for
+  testing the bundle outside Gradescope);
 * ``manualgrad-VERSION-py3-none-any.whl``, a wheel of the manualgrad that built the bundle
   (:func:`wheel`), so that grading runs the rules and checks the teacher ran;
 * ``weights.json`` where weights are given.
@@ -72,9 +73,10 @@ def bundle(
     timeout: float = results.DEFAULT_TIMEOUT,
     dtype: str = "float64",
 ) -> list[str]:
-    """Writes the autograder zip for the exercises of ``rules`` to ``out``; returns the names in it."""
+    """Writes the autograder zip for the exercises of ``rules`` (rules' and networks' names) to
+    ``out``; returns the names in it."""
     if not rules:
-        raise BundleError("an autograder needs at least one RULE")
+        raise BundleError("an autograder needs at least one RULE or --network NAME")
     if timeout <= 0:
         raise BundleError(f"the timeout must be a positive number of seconds, got {timeout:g}")
     wheel_name, wheel_bytes = wheel()

@@ -138,20 +138,25 @@ def exercise(name: str) -> str:
 {p.backward}'''
 
 
-def rule_of(path: str | pathlib.Path) -> Rule:
-    """The registered rule the exercise file at ``path`` is for, read from its first line (nothing runs)."""
+def title_of(path: str | pathlib.Path) -> str:
+    """What the exercise file at ``path`` is for, read from its first line (nothing runs): a rule's
+    name, or ``network NAME`` (:mod:`manualgrad.teach.networks`)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ExerciseError(f"no file {str(path)!r}")
     first = path.read_text(errors="replace").partition("\n")[0]
     if not first.startswith(HEADER):
         raise ExerciseError(
-            f"{path} is not an exercise file (its first line must be '{HEADER}RULE'; "
-            "write one with `manualgrad exercise RULE`)"
+            f"{path} is not an exercise file (its first line must be '{HEADER}RULE' or '{HEADER}network NAME'; "
+            "write one with `manualgrad exercise RULE` or `manualgrad exercise --network NAME`)"
         )
-    name = first[len(HEADER) :].strip()
+    return first[len(HEADER) :].strip()
+
+
+def rule_of(path: str | pathlib.Path) -> Rule:
+    """The registered rule the exercise file at ``path`` is for (nothing runs)."""
     try:
-        return registry.get(name)
+        return registry.get(title_of(path))
     except KeyError as error:
         raise ExerciseError(f"{path} is for {error.args[0]}") from None
 
@@ -239,18 +244,19 @@ def autodiff_calls(path: str | pathlib.Path) -> list[str]:
     import vjp``, ``j.grad`` after ``import jax as j``, ``mg.linear.dense_backward``) is looked
     up, through the file's imports, as the object it names, and compared with those functions.
     """
-    return _autodiff_calls(*_module(path), _source(path))
+    rule, module = _module(path)
+    return autodiff_in(forbidden(rule), module, _source(path))
 
 
 def _source(path: str | pathlib.Path) -> str:
     return pathlib.Path(path).read_text(errors="replace")
 
 
-def _autodiff_calls(rule: Rule, module: Any, source: str) -> list[str]:
-    """:func:`autodiff_calls` in ``source``, its names looked up in ``module``'s namespace."""
+def autodiff_in(forbidden: dict[int, tuple[Any, str, str]], module: Any, source: str) -> list[str]:
+    """:func:`autodiff_calls` in ``source`` of what ``forbidden`` (:func:`forbidden`) names, its
+    names looked up in ``module``'s namespace."""
     tree = ast.parse(source)
     references = list(_references(tree, vars(module)))  # first: it imports what the file's functions import
-    forbidden = _forbidden(rule)
     found = []
     for node, text, obj in references:
         what = forbidden.get(id(obj))
@@ -261,18 +267,18 @@ def _autodiff_calls(rule: Rule, module: Any, source: str) -> list[str]:
     return [line for _, line in sorted(set(found))]
 
 
-def _forbidden(rule: Rule) -> dict[int, tuple[Any, str, str]]:
-    """``id → (object, its name, what it is)`` for what a hand backward of ``rule`` may not use:
-    JAX's autodiff and manualgrad's functions that run it, every registered rule, and every
-    function that some rule's backward uses but ``rule``'s forward does not (the forward's
-    helpers, such as ``geometry``, stay allowed)."""
+def forbidden(rule: Rule | None) -> dict[int, tuple[Any, str, str]]:
+    """``id → (object, its name, what it is)`` for what a hand backward of ``rule`` (of a whole
+    network where ``None``) may not use: JAX's autodiff and manualgrad's functions that run it,
+    every registered rule, and every function that some rule's backward uses but ``rule``'s
+    forward does not (the forward's helpers, such as ``geometry``, stay allowed)."""
     out = {id(f): (f, f"jax.{name}", "JAX's autodiff") for name in AUTODIFF if (f := getattr(jax, name, None))}
-    allowed = _reachable(rule.fn.fwd)
+    allowed = _reachable(rule.fn.fwd) if rule else {}
     for module in [m for name, m in list(sys.modules.items()) if _in_manualgrad(name)]:
         for f in vars(module).values():
             if inspect.isfunction(f) and f.__module__ == module.__name__ and id(f) not in allowed and _runs_autodiff(f):
                 out[id(f)] = (f, f"{f.__module__}.{f.__qualname__}", "runs JAX's autodiff")
-    for other in [rule, *registry.rules()]:  # a helper of several backwards is named for this rule's
+    for other in [*([rule] if rule else []), *registry.rules()]:  # a helper of several backwards: this rule's
         fn = other.fn
         out[id(fn)] = (fn, f"{inspect.getmodule(fn.fwd).__name__}.{other.name}", "a manualgrad rule")
         for key, f in _reachable(fn.bwd).items():
@@ -403,7 +409,7 @@ def grade_module(rule: Rule, module: Any, source: str, shown: str, dtype: str) -
     """Grades the ``forward`` and ``backward`` of ``module`` (anything with those attributes and
     the namespace they were defined in), ``source`` their code: the report and one row per check."""
     graded = graded_checks(rule)
-    calls = _autodiff_calls(rule, module, source)
+    calls = autodiff_in(forbidden(rule), module, source)
     if calls:
         why = "not a hand rule: " + "; ".join(calls)
         return "\n".join(

@@ -5,13 +5,14 @@ Grading runs the student's code. :func:`grade_files` grades each file in a new P
 a process group of its own), which writes its :class:`~manualgrad.teach.results.Result` as JSON.
 A process still running after ``timeout`` seconds is killed with its whole group; one that dies
 without a result (the interpreter crashed, the code called ``os._exit``) leaves none. Either way
-the submission fails, with one failing row per check of its rule, and the grader goes on to the
+the submission fails, with one failing row per test of its exercise, and the grader goes on to the
 next. A process is not a sandbox: the student's code can read and write what the grader can, so
 grade untrusted code in a container (as Gradescope does).
 
-:func:`grade_file` grades one file in the calling process: an exercise file (``.py``) or an
-exercise notebook (``.ipynb``, :mod:`~manualgrad.teach.notebook`); a file that cannot be graded
-is a :data:`~manualgrad.teach.results.ERROR` result with its one-sentence reason.
+:func:`grade_file` grades one file in the calling process: an exercise file (``.py``) of a rule
+or of a whole network (:mod:`~manualgrad.teach.networks`), or an exercise notebook (``.ipynb``,
+:mod:`~manualgrad.teach.notebook`); a file that cannot be graded is a
+:data:`~manualgrad.teach.results.ERROR` result with its one-sentence reason.
 """
 
 from __future__ import annotations
@@ -28,18 +29,34 @@ import time
 from collections.abc import Sequence
 
 from manualgrad import registry
-from manualgrad.teach import exercise, notebook, results
+from manualgrad.teach import exercise, networks, notebook, results
 
 # The student's own output kept in a failed submission's reason, from its end.
 OUTPUT_TAIL = 2000
 
 
 def rule_name(path: str | pathlib.Path) -> str:
-    """The rule a submission names (its first line, or a notebook's metadata), or ``""``; nothing runs."""
+    """The rule or network a submission names (its first line, or a notebook's metadata), or ``""``; nothing runs."""
     try:
-        return notebook.rule_name(path) if _is_notebook(path) else exercise.rule_of(path).name
+        if _is_notebook(path):
+            return notebook.rule_name(path)
+        return networks.network_of(path).name if networks.is_network_file(path) else exercise.rule_of(path).name
     except exercise.ExerciseError:
         return ""
+
+
+def tests_of(name: str) -> list[str]:
+    """The tests of exercise ``name``: a rule's graded checks, a network's gradients (``dNAME``)
+    in backward order; none for a name that is neither."""
+    if name in networks.NETWORKS:
+        return [f"d{n}" for n in networks.order(networks.get(name))]
+    rules = {r.name: r for r in registry.rules()}
+    return exercise.graded_checks(rules[name]) if name in rules else []
+
+
+def how_to_write(name: str) -> str:
+    """The command that writes exercise ``name``."""
+    return f"manualgrad exercise {'--network ' if name in networks.NETWORKS else ''}{name}"
 
 
 def _is_notebook(path: str | pathlib.Path) -> bool:
@@ -47,31 +64,33 @@ def _is_notebook(path: str | pathlib.Path) -> bool:
 
 
 def failed(file: str, rule: str, status: str, reason: str, seconds: float = 0.0) -> results.Result:
-    """A submission that was not graded: one failing row per graded check of its rule (one row
-    ``FILE: grade`` where it names none), each with ``reason``."""
-    known = rule in {r.name for r in registry.rules()}
-    checks = exercise.graded_checks(registry.get(rule)) if known else ["grade"]
-    rows = tuple(results.Row(rule if known else file, c, False, reason) for c in checks)
+    """A submission that was not graded: one failing row per test of its rule or network
+    (:func:`tests_of`; one row ``FILE: grade`` where it names none), each with ``reason``."""
+    tests = tests_of(rule)
+    known = bool(tests)
+    rows = tuple(results.Row(rule if known else file, t, False, reason) for t in tests or ["grade"])
     return results.Result(file, rule if known else "", status, rows, f"{file}: {reason}", seconds)
 
 
 def missing(rule: str) -> results.Result:
-    """The result for an expected rule that no submitted file is for."""
-    reason = f"no file is for {rule}: write it with `manualgrad exercise {rule}` and submit it"
+    """The result for an expected rule or network that no submitted file is for."""
+    reason = f"no file is for {rule}: write it with `{how_to_write(rule)}` and submit it"
     return failed("(no file)", rule, results.ERROR, reason)
 
 
 def test_names() -> set[str]:
-    """Every name a weight may have: each rule, and each ``RULE: CHECK`` it is graded on."""
-    rules = registry.rules()
-    return {r.name for r in rules} | {f"{r.name}: {c}" for r in rules for c in exercise.graded_checks(r)}
+    """Every name a weight may have: each rule and network, and each ``RULE: CHECK`` and ``NETWORK: dNAME``."""
+    names = [r.name for r in registry.rules()] + list(networks.NETWORKS)
+    return set(names) | {f"{n}: {t}" for n in names for t in tests_of(n)}
 
 
 def grade_file(path: str | pathlib.Path, dtype: str = "float64") -> results.Result:
     """Grades one submission in this process (it runs the student's code here)."""
     start = time.perf_counter()
     try:
-        return notebook.grade(path, dtype) if _is_notebook(path) else exercise.grade(path, dtype)
+        if _is_notebook(path):
+            return notebook.grade(path, dtype)
+        return networks.grade(path, dtype) if networks.is_network_file(path) else exercise.grade(path, dtype)
     except exercise.ExerciseError as error:
         return failed(str(path), rule_name(path), results.ERROR, str(error), time.perf_counter() - start)
 

@@ -3,8 +3,11 @@
 :func:`notebook` lays an exercise (:func:`manualgrad.teach.exercise.parts`) out as cells: the
 derivation as Markdown, its maths as LaTeX (:func:`latex`) that Jupyter renders; the imports and
 the forward as code; the empty backward; and a last cell that grades the backward in place
-(:func:`grade_here`). The notebook's metadata names its rule. :func:`grade` grades a saved
-notebook: its code cells but the last, in order, as one exercise file.
+(:func:`grade_here`). :func:`network_notebook` does the same for a whole-network exercise
+(:mod:`~manualgrad.teach.networks`): the forward's steps as a code listing, a cell that puts
+every value of the forward in ``values``, the backward to fill in, and a grading cell
+(:func:`grade_network_here`). The notebook's metadata names its rule or network. :func:`grade`
+grades a saved notebook: its code cells but the last, in order, as one exercise file.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import pathlib
 import re
 import tempfile
 import types
+from collections.abc import Callable
 from typing import Any
 
 import nbformat
 
 from manualgrad import registry
-from manualgrad.teach import exercise, results
+from manualgrad.teach import exercise, networks, results
 
-KEY = "manualgrad"  # the notebook's metadata[KEY]["rule"]; a cell's metadata[KEY] is its role
+KEY = "manualgrad"  # the notebook's metadata[KEY]["rule"] (or ["network"]); a cell's metadata[KEY] is its role
 NOTEBOOK_GRADING = (
     "run the last cell, which grades it in place (or `manualgrad grade` on the saved notebook)",
     "then run the notebook's last cell",
@@ -55,6 +59,7 @@ SYMBOLS = {
     "ε": r"\varepsilon ",
     "ℓ": r"\ell ",
     "∇": r"\nabla ",
+    "½": r"\tfrac{1}{2}",
     **{
         g: f"\\{n} "
         for g, n in zip(
@@ -90,13 +95,14 @@ def latex(expression: str) -> str:
     return "".join(out)
 
 
-def markdown(text: str) -> str:
-    """A docstring's derivation as Markdown: ``spans`` with maths in them as ``$…$``, the others as
-    code; indented lines (displayed formulas) as ``$$…$$``."""
+def markdown(text: str, is_maths: Callable[[str], bool] | None = None) -> str:
+    """A docstring's derivation as Markdown: ``spans`` with maths in them (:data:`MATHS`, or as
+    ``is_maths`` says) as ``$…$``, the others as code; indented lines (displayed formulas) as ``$$…$$``."""
 
     def span(match: re.Match) -> str:
         inner = match[1]
-        return f"${latex(inner).strip()}$" if set(inner) & MATHS else f"`{inner}`"
+        maths = is_maths(inner) if is_maths else bool(set(inner) & MATHS)
+        return f"${latex(inner).strip()}$" if maths else f"`{inner}`"
 
     lines = []
     for line in text.splitlines():
@@ -135,9 +141,51 @@ def write(name: str, path: str | pathlib.Path) -> None:
     nbformat.write(notebook(name), str(path))
 
 
+def _network_maths(span: str) -> bool:
+    """A network's text writes code names (``counts_sum_inv``) in spans: maths is what has an ``=`` or is not ASCII."""
+    return "=" in span or not span.isascii()
+
+
+def network_notebook(name: str) -> nbformat.NotebookNode:
+    """Network ``name``'s exercise as a notebook: derivation and forward, values, backward, grading cell."""
+    p = networks.parts(name, NOTEBOOK_GRADING)
+    reread = "\n".join(f"* {s}" for s in p.seeds)
+    cells = [
+        nbformat.v4.new_markdown_cell(
+            f"# Exercise: backpropagate `{name}` by hand, every intermediate\n\n{markdown(p.net.title, _network_maths)}"
+            f"\n\n{markdown(p.net.about, _network_maths)}\n\nThe forward, on fixed inputs (the grader computes it "
+            f"and passes every value to `backward`):\n\n```python\n{p.forward}\n```\n\n"
+            f"{markdown(p.task, _network_maths)}\n\n**Reread:**\n\n{reread}",
+            metadata={KEY: "derivation"},
+        ),
+        nbformat.v4.new_code_cell(
+            f"{p.imports}from manualgrad.teach import networks\n\n"
+            f"# every input and intermediate of the forward by name, to look at and to try backward on\n"
+            f"values = networks.values({name!r})",
+            metadata={KEY: "forward"},
+        ),
+        nbformat.v4.new_code_cell(p.backward, metadata={KEY: "backward"}),
+        nbformat.v4.new_code_cell(
+            f"from manualgrad.teach import notebook\n\nnotebook.grade_network_here({name!r}, globals())",
+            metadata={KEY: "grade"},
+        ),
+    ]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata[KEY] = {"network": name}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def write_network(name: str, path: str | pathlib.Path) -> None:
+    """Writes network ``name``'s notebook to ``path``."""
+    nbformat.write(network_notebook(name), str(path))
+
+
 def _read(path: str | pathlib.Path) -> tuple[str, str]:
-    """``(rule name, source)`` of a saved exercise notebook: every code cell but the grading one, in
-    order, each headed by its number; IPython's ``%``/``!`` lines commented out."""
+    """``(title, source)`` of a saved exercise notebook: its rule's name or ``network NAME``
+    (the first line of an exercise file, :func:`manualgrad.teach.exercise.title_of`), and every
+    code cell but the grading one, in order, each headed by its number; IPython's ``%``/``!``
+    lines commented out."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise exercise.ExerciseError(f"no file {str(path)!r}")
@@ -146,38 +194,67 @@ def _read(path: str | pathlib.Path) -> tuple[str, str]:
     except Exception as error:  # nbformat raises JSON, schema and OS errors of its own kinds
         first = str(error).splitlines()[0] if str(error) else ""
         raise exercise.ExerciseError(f"{path} is not a notebook: {type(error).__name__}: {first}") from None
-    rule = nb.metadata.get(KEY, {}).get("rule") if isinstance(nb.metadata.get(KEY), dict) else None
-    if not rule:
+    meta = nb.metadata.get(KEY) if isinstance(nb.metadata.get(KEY), dict) else {}
+    network = meta.get("network")
+    title = f"{networks.PREFIX}{network}" if network else meta.get("rule")
+    if not title:
         raise exercise.ExerciseError(
-            f"{path} is not an exercise notebook (its metadata names no rule; "
-            "write one with `manualgrad exercise RULE --notebook`)"
+            f"{path} is not an exercise notebook (its metadata names no rule or network; "
+            "write one with `manualgrad exercise RULE --notebook` or `manualgrad exercise --network NAME --notebook`)"
         )
     code = [
         f"# cell {i}\n" + re.sub(r"(?m)^(\s*)([%!])", r"\1# \2", c.source)
         for i, c in enumerate(nb.cells)
         if c.cell_type == "code" and c.metadata.get(KEY) != "grade"
     ]
-    return str(rule), "\n\n".join(code) + "\n"
+    return str(title), "\n\n".join(code) + "\n"
 
 
 def rule_name(path: str | pathlib.Path) -> str:
-    """The rule a saved exercise notebook is for (:class:`~manualgrad.teach.exercise.ExerciseError` if none)."""
-    return _read(path)[0]
+    """The rule or network a saved exercise notebook is for (an ExerciseError if none)."""
+    return _read(path)[0].removeprefix(networks.PREFIX)
 
 
 def grade(path: str | pathlib.Path, dtype: str = "float64") -> results.Result:
-    """Grades a saved exercise notebook as :func:`manualgrad.teach.exercise.grade` grades a file."""
-    rule, source = _read(path)
+    """Grades a saved exercise notebook as :func:`manualgrad.teach.exercise.grade` (or
+    :func:`manualgrad.teach.networks.grade`) grades a file."""
+    title, source = _read(path)
     with tempfile.TemporaryDirectory() as folder:
-        file = pathlib.Path(folder) / f"{rule}_notebook.py"
-        file.write_text(f"{exercise.HEADER}{rule}\n{source}")
-        return exercise.grade(file, dtype, shown=str(path))
+        file = pathlib.Path(folder) / f"{title.removeprefix(networks.PREFIX)}_notebook.py"
+        file.write_text(f"{exercise.HEADER}{title}\n{source}")
+        grader = networks.grade if title.startswith(networks.PREFIX) else exercise.grade
+        return grader(file, dtype, shown=str(path))
 
 
 def grade_here(rule: str, namespace: dict[str, Any], dtype: str = "float64") -> bool:
     """The notebook's last cell: grades the ``forward`` and ``backward`` defined in the notebook
     (``namespace``, its ``globals()``), prints the report, and says whether every check passed."""
-    missing = [f for f in ("forward", "backward") if not callable(namespace.get(f))]
+    return _grade_in_place(
+        namespace,
+        ("forward", "backward"),
+        lambda module, source: exercise.grade_module(registry.get(rule), module, source, "this notebook", dtype),
+    )
+
+
+def grade_network_here(name: str, namespace: dict[str, Any], dtype: str = "float64") -> bool:
+    """A network notebook's last cell: grades the ``backward`` defined in the notebook
+    (``namespace``), prints the table, and says whether every gradient is right."""
+    net = networks.get(name)
+    return _grade_in_place(
+        namespace,
+        ("backward",),
+        lambda module, source: networks.grade_module(net, module, source, "this notebook", dtype),
+    )
+
+
+def _grade_in_place(
+    namespace: dict[str, Any],
+    needed: tuple[str, ...],
+    grade: Callable[[Any, str], tuple[str, tuple[results.Row, ...]]],
+) -> bool:
+    """Grades the functions of a notebook's namespace with ``grade(module, source of backward)``,
+    prints the report, and says whether every test passed."""
+    missing = [f for f in needed if not callable(namespace.get(f))]
     if missing:
         print(f"grade: this notebook defines no {' or '.join(missing)} function yet: run its cells first")
         return False
@@ -186,7 +263,6 @@ def grade_here(rule: str, namespace: dict[str, Any], dtype: str = "float64") -> 
     except (TypeError, OSError):
         print("grade: the source of backward cannot be read: save the notebook and run `manualgrad grade` on it")
         return False
-    module = types.SimpleNamespace(**namespace)
-    text, rows = exercise.grade_module(registry.get(rule), module, source, "this notebook", dtype)
+    text, rows = grade(types.SimpleNamespace(**namespace), source)
     print(text)
     return all(r.passed for r in rows)

@@ -1,7 +1,8 @@
 """Graded results as rows, their points, and the formats they are written in.
 
 A :class:`Row` is one graded test: one check of a rule's backward (``dense: vjp``), and in the same
-form one intermediate of a whole-network exercise. A :class:`Result` is one submission file: its
+form the gradient of one intermediate of a whole-network exercise (``mlp_bn: dbnvar``,
+:mod:`~manualgrad.teach.networks`). A :class:`Result` is one submission file: its
 rows, the full text report, how long it took and its status: ``graded``, ``error`` (not an exercise,
 an unknown rule, a file that does not run), ``timeout`` or ``crashed`` (the grading process died).
 
@@ -63,7 +64,7 @@ class Result:
     """One submission file graded."""
 
     file: str
-    rule: str  # "" where the file names no rule
+    rule: str  # the rule or network the file is for; "" where it names neither
     status: str
     rows: tuple[Row, ...]
     report: str

@@ -94,6 +94,11 @@ def checkpoints(directory: str | os.PathLike) -> list[pathlib.Path]:
     return sorted(found, key=_step)
 
 
+def path_of(directory: str | os.PathLike, step: int) -> pathlib.Path:
+    """Where :func:`save` writes the checkpoint of ``step`` in ``directory``."""
+    return pathlib.Path(directory) / f"checkpoint-{step:08d}.npz"
+
+
 def _fsync_directory(directory: pathlib.Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -125,7 +130,7 @@ def save(directory: str | os.PathLike, step: int, state: Any, meta: dict[str, An
         "digest": _digest(arrays),
     }
     encoded = np.frombuffer(json.dumps(header).encode(), np.uint8)  # before any file exists: meta may not be JSON
-    final = directory / f"checkpoint-{step:08d}.npz"
+    final = path_of(directory, step)
     temporary = directory / f".checkpoint-{step:08d}-{secrets.token_hex(4)}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

@@ -4,6 +4,10 @@ Images are float32 NHWC with values in ``[0, 1]``, points are float32 ``(N, d)``
 labels are int32 class indices. ``load("digits" | "xor" | "spirals" | "moons" | "idx:PATH")``
 picks one; ``idx:PATH`` reads MNIST-format IDX files (e.g. Fashion-MNIST) from a directory.
 
+Token sequences for next-token models (a GPT, an LSTM) are :class:`Sequences`:
+``load_sequences("words" | "text:PATH")`` (:data:`SEQUENCE_SPECS`); their convention (token ids,
+the boundary token, padding and the target mask) is in the class's docstring.
+
 Every random choice depends only on an explicit seed: the train/test split on the dataset's
 seed, and the order of an epoch on ``(seed, epoch)`` alone (:func:`epoch_order`), so a run
 resumed at any epoch sees exactly the batches it would have seen.
@@ -15,6 +19,7 @@ import dataclasses
 import gzip
 import math
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +77,11 @@ def load(spec: str, seed: int = 0) -> Dataset:
     built-in datasets (IDX files come split already)."""
     if spec.startswith("idx:") and len(spec) > len("idx:"):
         return idx(spec[len("idx:") :])
+    if spec == "words" or spec.startswith("text:"):
+        raise DataError(
+            f"{spec!r} is a sequence dataset (token ids for a next-token model, read by data.load_sequences), "
+            f"not images or points; expected one of: {', '.join(SPECS)}"
+        )
     builders = {"digits": digits, "xor": xor, "spirals": spirals, "moons": moons}
     if spec not in builders:
         raise DataError(f"unknown dataset {spec!r}; expected one of: {', '.join(SPECS)}")
@@ -287,3 +297,151 @@ def _check_batch_size(batch_size: int, n: int) -> None:
 def _same_length(x: np.ndarray, y: np.ndarray) -> None:
     if len(x) != len(y):
         raise DataError(f"x has {len(x)} samples but y has {len(y)}")
+
+
+# Token sequences
+
+SEQUENCE_SPECS = ("words", "text:PATH")
+WORDS = Path("/usr/share/dict/words")  # Debian's wamerican
+BOUNDARY = "."
+TEXT_BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sequences:
+    """Token sequences for next-token prediction, one row a sequence, split into train and test.
+
+    ``tokens_train`` and ``tokens_test`` are int32 ``(N, L + 1)``: token ids, indices into
+    ``vocab`` (one character each). A model reads ``row[:-1]`` and predicts ``row[1:]``
+    (:func:`inputs_and_targets`): at position ``t`` it has seen tokens ``0..t`` and predicts
+    token ``t + 1``. ``mask_train`` and ``mask_test`` are bool ``(N, L)``, True where that target
+    counts. The loss is the mean over the counted targets (nats per token, here per character)
+    and the accuracy the fraction of them predicted.
+
+    Variable-length sequences (words) begin and end with the ``boundary`` token (``"."``, id 0):
+    ``"cab"`` is ``. c a b .`` and its targets ``c a b .`` all count — ending the word is a
+    prediction too. Shorter rows are padded at the end with the boundary id and those targets
+    masked out; padding sits after every counted target, so a causal model (attention masked to
+    the past, or an LSTM run forward) computes the same counted predictions as on the unpadded
+    row. Fixed-length windows of a text have no boundary (``None``) and every target counts.
+    Batches are :func:`batches` of ``(tokens, mask)`` pairs, in :func:`epoch_order`.
+    """
+
+    name: str
+    vocab: tuple[str, ...] = dataclasses.field(repr=False)
+    tokens_train: np.ndarray = dataclasses.field(repr=False)
+    mask_train: np.ndarray = dataclasses.field(repr=False)
+    tokens_test: np.ndarray = dataclasses.field(repr=False)
+    mask_test: np.ndarray = dataclasses.field(repr=False)
+    boundary: str | None
+
+    @property
+    def length(self) -> int:
+        """``L``, the number of predictions per row."""
+        return self.tokens_train.shape[1] - 1
+
+    def encode(self, text: str) -> np.ndarray:
+        """The token ids of ``text``, one per character (a character outside ``vocab`` is refused)."""
+        unknown = sorted(set(text) - set(self.vocab))
+        if unknown:
+            raise DataError(f"{self.name}: characters {unknown} are not in the vocabulary of {len(self.vocab)}")
+        return _ids(text, self.vocab)
+
+    def decode(self, ids) -> str:
+        """The characters of token ids ``ids``."""
+        return "".join(self.vocab[int(i)] for i in np.ravel(ids))
+
+
+def inputs_and_targets(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens[:, :-1], tokens[:, 1:])``: what a next-token model reads and what it predicts."""
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def load_sequences(spec: str, seed: int = 0) -> Sequences:
+    """The sequences named by ``spec``, one of :data:`SEQUENCE_SPECS`; ``seed`` picks the words' split."""
+    if spec == "words":
+        return words(seed=seed)
+    if spec.startswith("text:") and len(spec) > len("text:"):
+        return text(spec[len("text:") :])
+    raise DataError(f"unknown sequence dataset {spec!r}; expected one of: {', '.join(SEQUENCE_SPECS)}")
+
+
+def _read_utf8(path: Path, name: str) -> str:
+    if not path.is_file():
+        raise DataError(f"{name}: no file {os.fspath(path)!r}")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: {os.fspath(path)} is not UTF-8 text: byte {e.start} is {raw[e.start]:#04x}") from None
+
+
+def words(seed: int = 0, path: str | os.PathLike = WORDS, test_fraction: float = 0.1) -> Sequences:
+    """A word list as sequences of characters: every line lower-cased, kept if it is a–z only,
+    duplicates removed (Debian's wamerican gives 73,445 words), each word ``.word.`` with the
+    boundary token at both ends; ``round(test_fraction · N)`` words held out by a shuffle seeded
+    with ``seed``. Both parts are in alphabetical order."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"words: no word list at {os.fspath(path)} (on Debian: apt install wamerican)")
+    lines = _read_utf8(path, "words").splitlines()
+    kept = sorted({w for w in (line.strip().lower() for line in lines) if re.fullmatch("[a-z]+", w)})
+    n_test = round(test_fraction * len(kept)) if 0 < test_fraction < 1 else 0
+    if not 0 < n_test < len(kept):
+        raise DataError(
+            f"words: {os.fspath(path)} has {len(kept)} words of a–z only; test_fraction {test_fraction} must leave "
+            "at least one on each side of the split"
+        )
+    held_out = np.zeros(len(kept), bool)
+    held_out[np.random.default_rng(seed).permutation(len(kept))[:n_test]] = True
+    vocab = (BOUNDARY, *"abcdefghijklmnopqrstuvwxyz")
+    length = max(map(len, kept)) + 1
+    tokens, mask = _padded(kept, vocab, length)
+    return Sequences("words", vocab, tokens[~held_out], mask[~held_out], tokens[held_out], mask[held_out], BOUNDARY)
+
+
+def _padded(items: list[str], vocab: tuple[str, ...], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``. w .`` padded with the boundary id to ``length + 1`` tokens, and their target masks."""
+    sizes = np.array([len(w) for w in items])
+    ids = _ids("".join(items), vocab)
+    rows = np.repeat(np.arange(len(items)), sizes)
+    columns = 1 + np.arange(len(ids)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    tokens = np.zeros((len(items), length + 1), np.int32)
+    tokens[rows, columns] = ids
+    return tokens, np.arange(length) <= sizes[:, None]
+
+
+def _ids(content: str, vocab: tuple[str, ...]) -> np.ndarray:
+    """The index in ``vocab`` of every character of ``content`` (each one in ``vocab``)."""
+    codes = np.frombuffer(content.encode("utf-32-le"), np.uint32)
+    points = np.array([ord(c) for c in vocab], np.uint32)
+    order = np.argsort(points)
+    return order[np.searchsorted(points[order], codes)].astype(np.int32)
+
+
+def text(path: str | os.PathLike, block: int = TEXT_BLOCK, test_fraction: float = 0.1) -> Sequences:
+    """A UTF-8 text file, character by character, in windows of ``block + 1`` characters.
+
+    Window ``i`` is ``text[i·block : (i + 1)·block + 1]``: consecutive windows share one
+    character, so every character but the first is predicted exactly once. The vocabulary is
+    the file's characters, sorted. The last ``round(test_fraction · windows)`` windows (at least
+    one) are the test set: the split is by position, so no test window overlaps a training one
+    by more than that shared character. A tail shorter than a window is dropped.
+    """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise DataError(f"text: block must be a positive int, got {block!r}")
+    path = Path(path).expanduser()
+    content = _read_utf8(path, "text")
+    windows = (len(content) - 1) // block
+    if windows < 2:
+        raise DataError(
+            f"text: {os.fspath(path)} has {len(content)} characters; windows of {block + 1} need at least "
+            f"{2 * block + 1} for one window on each side of the split"
+        )
+    vocab = tuple(sorted(set(content)))
+    ids = _ids(content[: windows * block + 1], vocab)
+    tokens = np.stack([ids[i * block : (i + 1) * block + 1] for i in range(windows)])
+    n_test = min(max(1, round(test_fraction * windows)), windows - 1)
+    mask = np.ones((windows, block), bool)
+    cut = windows - n_test
+    return Sequences(f"text:{os.fspath(path)}", vocab, tokens[:cut], mask[:cut], tokens[cut:], mask[cut:], None)

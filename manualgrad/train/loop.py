@@ -9,12 +9,21 @@ Data parallelism uses JAX's own sharding: a 1-D ``Mesh`` over ``--devices`` devi
 ``data``; every batch is split along it (``NamedSharding(mesh, P("data"))``) and parameters and
 optimizer state are replicated (``P()``). XLA inserts the all-reduce that the sum over the
 batch in each gradient pass (``Oᵀ G``, ``1ᵀ G``) needs, so the step is the same program on one
-device or many.
+device or many. With ``jax.distributed`` (``--coordinator``/``--num-processes``/``--process-id``
+or ``--distributed auto``) the mesh spans the devices of every process and each feeds its block of
+the global batch; process 0 alone writes (:mod:`manualgrad.train.distributed`).
 
-Checkpoints (:mod:`manualgrad.train.checkpoint`) hold the parameters, the optimizer state, the step,
-the running sums of the current epoch, every finished epoch's metrics and the arguments; the
-data order of epoch ``e`` is a pure function of ``(seed, e)`` (:func:`manualgrad.train.data.epoch_order`).
-A run resumed from a checkpoint therefore repeats the uninterrupted run bit for bit.
+``--norm`` puts a normalisation layer after every hidden convolution and dense layer, before
+its ReLU, and ``--dropout`` a :func:`~manualgrad.nn.layers.Dropout` after every dense hidden
+ReLU (:func:`~manualgrad.nn.layers.cnn`, :func:`~manualgrad.nn.layers.mlp`). The model's state
+(batch norm's running statistics) is a pytree of its own beside the parameters: the jitted
+step returns it updated, ``jax.grad`` and optax never see it, evaluation normalises with it.
+
+Checkpoints (:mod:`manualgrad.train.checkpoint`) hold the parameters, the optimizer state, the
+model's state, the step, the running sums of the current epoch, every finished epoch's metrics
+and the arguments; the data order of epoch ``e`` is a pure function of ``(seed, e)``
+(:func:`manualgrad.train.data.epoch_order`) and step ``s``'s dropout key of ``(seed, s)``
+(:func:`step_keys`). A run resumed from a checkpoint therefore repeats the uninterrupted run bit for bit.
 
 Nothing is lost or silently overwritten. Without ``--out`` every run gets a folder of its own,
 ``runs/<start time>`` (``-2``, ``-3``, … within one second; created with an exclusive ``mkdir``,
@@ -52,16 +61,36 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from manualgrad.check.tolerances import relative_error
-from manualgrad.nn import layers
+from manualgrad.nn import gpt, layers, recurrent
 from manualgrad.train import checkpoint, data
+from manualgrad.train import distributed as multiprocess  # `distributed` is also a Config field
 
 METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 3e-3}
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 3e-3, "adamw": 1e-2}  # adamw: tuned on the GPT
 # Arguments that must match for --resume to continue the same run.
-RUN_DEFINING = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "dtype", "grad")
+RUN_DEFINING = (
+    "model",
+    "dataset",
+    "optimizer",
+    "lr",
+    "batch_size",
+    "seed",
+    "dtype",
+    "grad",
+    "norm",
+    "dropout",
+    "groups",
+    "clip",
+)
+# What every process of a multi-process run must agree on (multiprocess.agree), besides the step.
+AGREED = (*RUN_DEFINING, "epochs", "devices", "checkpoint_every", "cross_check_batches")
+ADDED_LATER = ("norm", "dropout", "groups", "clip")  # runs saved before these existed had their defaults
+DEFAULT_GROUPS = 4  # --norm group's groups: divides every width of the ready-made models
+STATE = ("params", "opt_state", "model_state")  # what the jitted step carries from one step to the next
+_DROPOUT_STREAM = 1  # fold_in(PRNGKey(seed), 1): the dropout keys' root, apart from the initialisation's key
 RUNS = Path("runs")  # where runs without --out get their folders, relative to the working directory
 LATEST = "latest"
-RUN_FILES = ("metrics.csv", "curves.png")  # with the checkpoints, what marks a folder as holding a run
+RUN_FILES = ("metrics.csv", "curves.png", "samples.txt")  # with the checkpoints, what marks a folder as holding a run
 SEEDS = 2**32  # jax.random.PRNGKey wraps larger seeds around silently
 
 
@@ -90,19 +119,28 @@ class Config:
 
     model: str = "cnn"
     dataset: str = "digits"
-    optimizer: str = "adam"
+    optimizer: str | None = None  # None: the model's (MODEL_DEFAULTS), as batch_size and epochs
     lr: float | None = None
-    batch_size: int = 32
-    epochs: int = 10
+    batch_size: int | None = None
+    epochs: int | None = None
     seed: int = 0
     dtype: str = "float32"
     grad: str = "manual"
+    norm: str = "none"
+    dropout: float = 0.0
+    groups: int | None = None
+    clip: float | None = None
     out: str | None = None
     overwrite: bool = False
     checkpoint_every: int = 0
     resume: str | None = None
     devices: int | None = None
     cross_check_batches: int = 3
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed: str | None = None
+    process_timeout: float = multiprocess.DEFAULT_TIMEOUT
 
     @property
     def learning_rate(self) -> float:
@@ -119,48 +157,129 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     "sgd": optax.sgd,
     "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
     "adam": optax.adam,
+    "adamw": optax.adamw,
+}
+SCHEDULED = ("adamw",)  # the learning rate warms up linearly, then decays as a cosine over the run
+WARMUP = 0.05  # the fraction of the run's steps spent warming up
+# The arguments left out (None) take the model's values; a model not named here takes "*"'s.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {"optimizer": "adam", "batch_size": 32, "epochs": 10},
+    "gpt": {"optimizer": "adamw", "batch_size": 64, "epochs": 10},
+    **{
+        kind: {"optimizer": d.optimizer, "batch_size": d.batch_size, "lr": d.lr, "clip": d.clip, "epochs": d.epochs}
+        for kind, d in recurrent.DEFAULTS.items()
+    },
 }
 GRADS = ("manual", "autodiff")  # the hand rules, or jax.grad of the same model built from the references
 DTYPES = ("float32", "float64")
 
 
-def optimizer(name: str, lr: float) -> optax.GradientTransformation:
-    """``sgd``, ``momentum`` (0.9) or ``adam``, from optax (:data:`OPTIMIZERS`)."""
+def resolved(config: Config) -> Config:
+    """``config`` with the arguments left out (``None``) set to the model's :data:`MODEL_DEFAULTS`."""
+    defaults = MODEL_DEFAULTS.get(config.model, MODEL_DEFAULTS["*"])
+    return dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
+
+
+def optimizer(name: str, lr: float, steps: int = 1, clip: float | None = None) -> optax.GradientTransformation:
+    """``sgd``, ``momentum`` (0.9), ``adam`` or ``adamw`` (weight decay 10⁻⁴), from optax (:data:`OPTIMIZERS`),
+    after ``optax.clip_by_global_norm(clip)`` if ``clip`` is given.
+
+    ``adamw`` (:data:`SCHEDULED`) runs ``steps`` steps: its rate rises linearly from 0 to ``lr`` over the first
+    :data:`WARMUP` of them, then falls as a cosine to ``lr/10`` (``optax.warmup_cosine_decay_schedule``).
+    """
     if name not in OPTIMIZERS:
         raise TrainError(f"train: --optimizer must be {_either(tuple(OPTIMIZERS))}, got {name!r}")
-    return OPTIMIZERS[name](lr)
+    if name in SCHEDULED:
+        warmup = max(1, round(WARMUP * steps))
+        lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 10)
+    tx = OPTIMIZERS[name](lr)
+    return tx if clip is None else optax.chain(optax.clip_by_global_norm(clip), tx)
 
 
-def _cnn(dataset: data.Dataset, dtype: Any) -> layers.Layer:
+# --norm NAME -> (groups, dtype) -> the layer after every hidden convolution and dense layer (None: none).
+NORMS: dict[str, Callable[[int, Any], layers.Layer | None]] = {
+    "none": lambda groups, dtype: None,
+    "batch": lambda groups, dtype: layers.BatchNorm(dtype=dtype),
+    "layer": lambda groups, dtype: layers.LayerNorm(dtype=dtype),
+    "group": lambda groups, dtype: layers.GroupNorm(groups, dtype=dtype),
+    "rms": lambda groups, dtype: layers.RMSNorm(dtype=dtype),
+}
+
+
+def _norm(config: Config, dtype: Any) -> layers.Layer | None:
+    return NORMS[config.norm](_value(dataclasses.asdict(config), "groups"), dtype)
+
+
+def _cnn(dataset: data.Dataset, config: Config, dtype: Any) -> layers.Layer:
     if not dataset.is_image:
         raise TrainError(
             f"train: --model cnn needs images (N, H, W, C); dataset {dataset.name} has inputs of shape "
             f"{dataset.input_shape}: use --model mlp"
         )
-    return layers.cnn(dataset.classes, dtype=dtype)
+    return layers.cnn(dataset.classes, dtype=dtype, norm=_norm(config, dtype), dropout=config.dropout)
 
 
-def _mlp(dataset: data.Dataset, dtype: Any) -> layers.Layer:
-    return layers.mlp(dataset.classes, hidden=(128,) if dataset.is_image else (32, 32), dtype=dtype)
+def _mlp(dataset: data.Dataset, config: Config, dtype: Any) -> layers.Layer:
+    hidden = (128,) if dataset.is_image else (32, 32)
+    return layers.mlp(dataset.classes, hidden, dtype, norm=_norm(config, dtype), dropout=config.dropout)
 
 
-MODELS: dict[str, Callable[[data.Dataset, Any], layers.Layer]] = {"cnn": _cnn, "mlp": _mlp}
+GPT = {"width": 64, "depth": 2, "heads": 4}  # the default GPT's shape
 
 
-def model(name: str, dataset: data.Dataset, dtype: Any) -> layers.Layer:
-    """The ready-made ``cnn`` or ``mlp`` for ``dataset`` (:data:`MODELS`)."""
-    if name not in MODELS:
-        raise TrainError(f"train: --model must be {_either(tuple(MODELS))}, got {name!r}")
-    return MODELS[name](dataset, dtype)
+def _gpt(sequences: data.Sequences, config: Config, dtype: Any) -> layers.Layer:
+    return gpt.gpt(len(sequences.vocab), sequences.length, dtype=dtype, **GPT)
 
 
-def loss_fn(net: layers.Layer, grad: str) -> Callable:
-    """``(params, x, labels) -> (loss, correct)`` through the hand rules (``manual``) or the
-    references (``autodiff``)."""
+def _char_model(kind: str) -> Callable[[data.Sequences, Config, Any], layers.Layer]:
+    """``embedding → kind → dense`` of :data:`manualgrad.nn.recurrent.DEFAULTS`'s sizes for ``sequences``."""
+    return lambda sequences, config, dtype: recurrent.char_model(kind, len(sequences.vocab), dtype=dtype)
+
+
+# Sequence models map token ids (N, T) to logits (N, T, V) (manualgrad.nn.gpt's interface) and
+# train on data.Sequences; a model named here gets that training path.
+SEQUENCE_MODELS: dict[str, Callable[[data.Sequences, Config, Any], layers.Layer]] = {
+    "gpt": _gpt,
+    **{kind: _char_model(kind) for kind in recurrent.KINDS},
+}
+MODELS: dict[str, Callable[[Any, Config, Any], layers.Layer]] = {"cnn": _cnn, "mlp": _mlp, **SEQUENCE_MODELS}
+
+
+def model(config: Config, dataset: data.Dataset | data.Sequences, dtype: Any) -> layers.Layer:
+    """The ready-made model ``config.model`` (:data:`MODELS`) for ``dataset``, with ``config``'s norm and dropout."""
+    if config.model not in MODELS:
+        raise TrainError(f"train: --model must be {_either(tuple(MODELS))}, got {config.model!r}")
+    return MODELS[config.model](dataset, config, dtype)
+
+
+def step_keys(seed: int, steps: Sequence[int]) -> np.ndarray:
+    """The PRNG keys (raw ``uint32[2]`` rows) of the training steps ``steps``, dropout's masks: step ``s``'s is
+    ``fold_in(fold_in(PRNGKey(seed), 1), s)``, a function of ``(seed, s)`` only. Drawn for many
+    steps in one program and handed over as numpy rows, so that a step costs no extra dispatch."""
+    root = jax.random.fold_in(jax.random.PRNGKey(seed), _DROPOUT_STREAM)
+    return np.asarray(jax.vmap(lambda step: jax.random.fold_in(root, step))(jnp.asarray(steps, jnp.uint32)))
+
+
+def _sequence_loss(net, params, tokens, mask, *, state=None, train=False, key=None, reference=False):
+    """:func:`~manualgrad.nn.gpt.sequence_loss` in :func:`~manualgrad.nn.layers.classifier_loss`'s protocol."""
+    value, correct = gpt.sequence_loss(net, params, tokens, mask, train=train, key=key, reference=reference)
+    return (value, correct) if state is None else (value, correct, state)
+
+
+def loss_fn(net: layers.Layer, grad: str, sequences: bool = False) -> Callable:
+    """``(params, state, x, y, *, train=False, key=None) -> (loss, correct, new_state)`` through the
+    hand rules (``manual``) or the references (``autodiff``); ``state`` is the model's. ``(x, y)``
+    are images or features and labels (:func:`~manualgrad.nn.layers.classifier_loss`) or, for a
+    sequence model, token rows and their target mask (:func:`~manualgrad.nn.gpt.sequence_loss`)."""
     if grad not in GRADS:
         raise TrainError(f"train: --grad must be {_either(GRADS)}, got {grad!r}")
     reference = grad == "autodiff"
-    return lambda params, x, labels: layers.classifier_loss(net, params, x, labels, reference=reference)
+    objective = _sequence_loss if sequences else layers.classifier_loss
+
+    def loss(params, state, x, y, *, train=False, key=None):
+        return objective(net, params, x, y, state=state, train=train, key=key, reference=reference)
+
+    return loss
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -168,22 +287,32 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def make_step(loss: Callable, tx: optax.GradientTransformation) -> Callable:
-    """One jitted step: ``(params, opt_state, x, labels) -> (params, opt_state, loss, correct, finite)``.
+    """One jitted training step of :func:`loss_fn`'s ``loss``:
+    ``(params, opt_state, state, x, labels, key) -> (params, opt_state, state, loss, correct, finite)``.
 
-    ``finite`` is true when the loss and every leaf of the new parameters and optimizer state are finite.
+    The model runs in training mode with dropout's masks drawn from ``key``; the gradient is taken
+    in ``params`` alone, and the model's new ``state`` (running statistics) comes out beside it,
+    untouched by the optimizer. ``finite`` is true when the loss and every leaf of the new
+    parameters, optimizer state and model state are finite.
     """
 
-    def step(params, opt_state, x, labels):
-        (value, correct), grads = jax.value_and_grad(loss, has_aux=True)(params, x, labels)
+    def step(params, opt_state, state, x, labels, key):
+        def objective(p):
+            value, correct, new_state = loss(p, state, x, labels, train=True, key=key)
+            return value, (correct, new_state)
+
+        (value, (correct, state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, value, correct, jnp.isfinite(value) & _all_finite((params, opt_state))
+        finite = jnp.isfinite(value) & _all_finite((params, opt_state, state))
+        return params, opt_state, state, value, correct, finite
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 def mesh(devices: int | None) -> Mesh:
-    """A 1-D mesh with axis ``data`` over the first ``devices`` local devices (all by default)."""
+    """A 1-D mesh with axis ``data`` over the first ``devices`` local devices (all by default) of every
+    process (:func:`~manualgrad.train.distributed.devices`)."""
     available = jax.local_devices()
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
@@ -191,26 +320,58 @@ def mesh(devices: int | None) -> Mesh:
             f"train: --devices must be between 1 and {len(available)} (local {jax.default_backend()} "
             f"devices), got {devices}"
         )
-    return Mesh(np.array(available[:n]), ("data",))
+    return Mesh(np.array(multiprocess.devices(n)), ("data",))
 
 
-def cross_check(net: layers.Layer, params: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+def cross_check(
+    net: layers.Layer,
+    params: Any,
+    batches: Sequence[tuple[np.ndarray, np.ndarray]],
+    key: jax.Array,
+    sequences: bool = False,
+) -> float:
     """Max relative difference (:func:`~manualgrad.check.tolerances.relative_error`) of the hand-rule gradient from
-    ``jax.grad`` of the references over ``batches`` (≥ 1)."""
-    manual = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y)[0]))
-    auto = jax.jit(jax.grad(lambda p, x, y: layers.classifier_loss(net, p, x, y, reference=True)[0]))
+    ``jax.grad`` of the references over ``batches`` (≥ 1), in training mode (batch statistics,
+    dropout's masks from ``key``, the same on both sides); ``sequences`` as for :func:`loss_fn`."""
+    objective = _sequence_loss if sequences else layers.classifier_loss
+
+    def gradient(reference):
+        return jax.jit(jax.grad(lambda p, x, y: objective(net, p, x, y, train=True, key=key, reference=reference)[0]))
+
+    manual, auto = gradient(False), gradient(True)
     return max(relative_error(manual(params, x, y), auto(params, x, y)) for x, y in batches)
 
 
-def evaluate(loss: Callable, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """Mean loss and accuracy over every sample of ``(x, y)``."""
-    fn = jax.jit(loss)
+CROP = 8  # a sequence batch is cut to a multiple of this many positions: a few shapes, a few compilations
+
+
+def cropped(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of token rows and target masks cut after its last counted target, rounded up to a
+    multiple of :data:`CROP` positions: what is cut is padding after every counted target, which a
+    causal model's counted predictions do not depend on (:class:`~manualgrad.train.data.Sequences`),
+    so the loss is the same, for less work on short words."""
+    counted = np.flatnonzero(mask.any(axis=0))
+    length = min(mask.shape[1], -(-(int(counted[-1]) + 1 if counted.size else 1) // CROP) * CROP)
+    return tokens[:, : length + 1], mask[:, :length]
+
+
+def targets(y: np.ndarray, sequences: bool) -> int:
+    """How many predictions the loss of a batch with labels (or target mask) ``y`` averages over."""
+    return int(np.sum(y)) if sequences else len(y)
+
+
+def evaluate(
+    loss: Callable, params: Any, state: Any, x: np.ndarray, y: np.ndarray, batch_size: int, sequences: bool = False
+) -> tuple[float, float]:
+    """Mean loss and accuracy over every prediction of ``(x, y)`` (every sample, or every counted target
+    of a sequence model), in evaluation mode (running statistics from the model's ``state``, no dropout)."""
+    fn = jax.jit(lambda p, s, x, y: loss(p, s, x, y)[:2])
     total, correct = 0.0, 0
     for xb, yb in data.evaluation_batches(x, y, batch_size):
-        value, right = fn(params, xb, yb)
-        total += float(value) * len(xb)
+        value, right = fn(params, state, *(cropped(xb, yb) if sequences else (xb, yb)))
+        total += float(value) * targets(yb, sequences)
         correct += int(right)
-    return total / len(x), correct / len(x)
+    return total / targets(y, sequences), correct / targets(y, sequences)
 
 
 def _write_metrics(out: Path, rows: list[dict[str, float]]) -> None:
@@ -263,13 +424,15 @@ def _progress(total: int, initial: int, description: str):
         desc=description,
         unit="step",
         leave=False,
-        disable=not sys.stderr.isatty(),
+        disable=not sys.stderr.isatty() or not multiprocess.is_writer(),
         dynamic_ncols=True,
     )
 
 
 def validate(config: Config) -> None:
-    """Raises :class:`TrainError` naming the flag of the first value that cannot run."""
+    """Raises :class:`TrainError` naming the flag of the first value that cannot run (``config`` :func:`resolved`)."""
+    if config.model not in MODELS:
+        raise TrainError(f"train: --model must be {_either(tuple(MODELS))}, got {config.model!r}")
     if config.dtype not in DTYPES:
         raise TrainError(f"train: --dtype must be {_either(DTYPES)}, got {config.dtype!r}")
     if config.epochs < 1 or config.batch_size < 1 or config.checkpoint_every < 0:
@@ -284,6 +447,66 @@ def validate(config: Config) -> None:
     if config.cross_check_batches < 0:
         raise TrainError(
             f"train: --cross-check-batches must be ≥ 0 (0: no cross-check), got {config.cross_check_batches}"
+        )
+    if config.clip is not None and not (math.isfinite(config.clip) and config.clip > 0):
+        raise TrainError(
+            f"train: --clip must be a finite number > 0, the largest global gradient norm, got {config.clip:g}"
+        )
+    _validate_regularisers(config)
+    _validate_task(config)
+    multiprocess.validate(config)
+    if multiprocess.requested(config) and config.out is None and config.resume is None:
+        raise TrainError(
+            "train: a multi-process run needs --out DIR (or --resume DIR), a folder every process sees at the same "
+            f"path: the default {RUNS}/<start time> would differ between processes"
+        )
+
+
+def _is_sequence_spec(spec: str) -> bool:
+    return spec == "words" or spec.startswith("text:")
+
+
+def _validate_task(config: Config) -> None:
+    """A sequence model on sequence data without ``--norm``/``--dropout``, any other model on the other data."""
+    if config.model in SEQUENCE_MODELS:
+        if not _is_sequence_spec(config.dataset):
+            raise TrainError(
+                f"train: --model {config.model} is a sequence model and needs --dataset "
+                f"{_either(data.SEQUENCE_SPECS)}, got {config.dataset!r}"
+            )
+        if config.norm != "none" or config.dropout:
+            raise TrainError(
+                f"train: --norm and --dropout act on the hidden layers of cnn and mlp; --model {config.model} "
+                f"takes neither (gpt has its own layer norms): drop them "
+                f"(got --norm {config.norm} --dropout {config.dropout:g})"
+            )
+    elif _is_sequence_spec(config.dataset):
+        raise TrainError(
+            f"train: --dataset {config.dataset} is token sequences for a sequence model "
+            f"({_either(tuple(SEQUENCE_MODELS))}); --model {config.model} classifies images or feature vectors"
+        )
+
+
+def _validate_regularisers(config: Config) -> None:
+    """``--norm``, ``--groups`` and ``--dropout``: each known, in range, and only where it acts."""
+    if config.norm not in NORMS:
+        raise TrainError(f"train: --norm must be {_either(tuple(NORMS))}, got {config.norm!r}")
+    if not (math.isfinite(config.dropout) and 0 <= config.dropout < 1):
+        raise TrainError(
+            f"train: --dropout must be a number in [0, 1), the probability of dropping a hidden unit, "
+            f"got {config.dropout:g}"
+        )
+    if config.groups is not None and config.norm != "group":
+        raise TrainError(
+            f"train: --groups is the number of channel groups of --norm group, and this run has --norm "
+            f"{config.norm}: drop --groups, or give --norm group"
+        )
+    if config.groups is not None and config.groups < 1:
+        raise TrainError(f"train: --groups must be ≥ 1, got {config.groups}")
+    if config.norm == "batch" and config.batch_size < 2:
+        raise TrainError(
+            f"train: --norm batch normalises every unit over the batch and needs --batch-size ≥ 2, "
+            f"got {config.batch_size}"
         )
 
 
@@ -344,15 +567,20 @@ def _directory(config: Config) -> Path | None:
 
 
 def _value(values: dict[str, Any], key: str) -> Any:
-    """Argument ``key`` of ``values`` (a :class:`Config` as a dict) as it acts: ``lr`` with its default filled in."""
+    """Argument ``key`` of ``values`` (a :class:`Config` as a dict) as it acts: ``lr`` with its default
+    filled in, ``groups`` too under ``--norm group``."""
     if key == "lr" and values["lr"] is None:
         return DEFAULT_LR[values["optimizer"]]
+    if key == "groups" and values["groups"] is None and values["norm"] == "group":
+        return DEFAULT_GROUPS
     return values[key]
 
 
 def _flags(values: dict[str, Any], keys: Sequence[str]) -> str:
-    """``--model mlp --lr 0.003``: the arguments ``keys`` of ``values`` as the command line spells them."""
-    spelled = {k: f"{v:g}" if isinstance(v, float) else v for k, v in ((k, _value(values, k)) for k in keys)}
+    """``--model mlp --lr 0.003``: the arguments ``keys`` of ``values`` as the command line spells them
+    (those that do not act, ``--groups`` without ``--norm group``, left out)."""
+    acting = ((k, _value(values, k)) for k in keys)
+    spelled = {k: f"{v:g}" if isinstance(v, float) else v for k, v in acting if v is not None}
     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in spelled.items())
 
 
@@ -366,13 +594,15 @@ def _refuse_another_run(config: Config, directory: Path) -> None:
             saved = checkpoint.read_meta(path).get("config")
         except checkpoint.CheckpointError:
             continue  # checkpoint.latest names it, or all of them
-        if not isinstance(saved, dict) or not set(RUN_DEFINING) <= set(saved):
+        if not isinstance(saved, dict) or not set(RUN_DEFINING) - set(ADDED_LATER) <= set(saved):
             raise TrainError(
                 f"train: --resume {config.resume}: {path.name} was not written by manualgrad train "
                 "(it does not record the run's arguments)"
             )
         now = dataclasses.asdict(config)
-        keys = [k for k in RUN_DEFINING if _value(saved, k) != _value(now, k)]
+        saved = {**{k: getattr(Config(), k) for k in ADDED_LATER}, **saved}
+        defining = (*RUN_DEFINING, "epochs") if config.optimizer in SCHEDULED else RUN_DEFINING  # the schedule's length
+        keys = [k for k in defining if _value(saved, k) != _value(now, k)]
         if keys:
             raise TrainError(
                 f"train: --resume {config.resume} holds another run: it was trained with "
@@ -419,8 +649,18 @@ def point_latest(folder: Path) -> str | None:
     return None
 
 
+def _say(message: str) -> None:
+    """Prints ``message`` on the process that writes the run's files (the only one, or process 0)."""
+    if multiprocess.is_writer():
+        print(message, flush=True)
+
+
 def _open_directory(config: Config, directory: Path | None) -> tuple[Path, Path | None]:
-    """Creates the run's folder (clearing an old run with ``--overwrite``); returns it and ``runs/latest`` if set."""
+    """Creates the run's folder (clearing an old run with ``--overwrite``); returns it and ``runs/latest`` if set.
+
+    Processes other than the writer touch nothing and get ``directory`` (never ``None`` for them: :func:`validate`)."""
+    if not multiprocess.is_writer():
+        return directory, None
     if directory is None:
         out = new_run_folder(RUNS)
         warning = point_latest(out)
@@ -442,12 +682,17 @@ def _open_directory(config: Config, directory: Path | None) -> tuple[Path, Path 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Run:
-    """What a run is built from: the data, the model, the optimizer, the devices."""
+    """What a run is built from: the data, the model, the optimizer, the devices.
+
+    ``(x, y)`` are images or features and their labels, or for a sequence model token rows and their
+    target masks (:class:`~manualgrad.train.data.Sequences`)."""
 
     config: Config
-    dataset: data.Dataset
+    dataset: data.Dataset | data.Sequences
     x_train: np.ndarray
+    y_train: np.ndarray
     x_test: np.ndarray
+    y_test: np.ndarray
     net: layers.Layer
     tx: optax.GradientTransformation
     loss: Callable
@@ -459,24 +704,40 @@ class _Run:
         if config.dtype == "float64":
             jax.config.update("jax_enable_x64", True)
         dtype = jnp.dtype(config.dtype)
-        dataset = data.load(config.dataset, seed=config.seed)
-        net = model(config.model, dataset, dtype)
+        sequences = config.model in SEQUENCE_MODELS
+        if sequences:
+            dataset = data.load_sequences(config.dataset, seed=config.seed)
+            split = (dataset.tokens_train, dataset.mask_train, dataset.tokens_test, dataset.mask_test)
+        else:
+            dataset = data.load(config.dataset, seed=config.seed)
+            split = (dataset.x_train.astype(dtype), dataset.y_train, dataset.x_test.astype(dtype), dataset.y_test)
+        net = model(config, dataset, dtype)
         devices = mesh(config.devices)
         if config.batch_size % devices.devices.size:
             raise TrainError(
-                f"train: --batch-size {config.batch_size} must be a multiple of --devices {devices.devices.size}"
+                f"train: --batch-size {config.batch_size} must be a multiple of the {devices.devices.size} devices of "
+                f"the mesh (--devices on each of {jax.process_count()} process(es))"
             )
+        steps = data.steps_per_epoch(len(split[0]), config.batch_size)
         return cls(
             config,
             dataset,
-            dataset.x_train.astype(dtype),
-            dataset.x_test.astype(dtype),
+            *split,
             net,
-            optimizer(config.optimizer, config.learning_rate),
-            loss_fn(net, config.grad),
+            optimizer(config.optimizer, config.learning_rate, steps * config.epochs, config.clip),
+            loss_fn(net, config.grad, sequences),
             devices,
-            data.steps_per_epoch(len(dataset.x_train), config.batch_size),
+            steps,
         )
+
+    @property
+    def sequences(self) -> bool:
+        return self.config.model in SEQUENCE_MODELS
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's model input: an image's or features' shape, or a row's ``L`` token ids."""
+        return (self.dataset.length,) if self.sequences else self.dataset.input_shape
 
     def sharding(self, spec: PartitionSpec) -> NamedSharding:
         return NamedSharding(self.devices, spec)
@@ -494,11 +755,23 @@ class _Progress:
     checkpoint: Path | None = None
 
 
-def _start(run: _Run, directory: Path | None) -> _Progress:
-    """Freshly initialised parameters and optimizer state, or with ``--resume`` the newest intact checkpoint."""
+def _initialised(run: _Run) -> dict[str, Any]:
+    """Parameters, optimizer state and model state as :data:`STATE` at step 0; a norm that does not fit
+    the model's widths (``--groups``) is refused in the command line's words."""
     config = run.config
-    _, params = run.net.init(jax.random.PRNGKey(config.seed), (-1, *run.dataset.input_shape))
-    state = {"params": params, "opt_state": run.tx.init(params)}
+    try:
+        _, params = run.net.init(jax.random.PRNGKey(config.seed), (-1, *run.input_shape))
+    except layers.LayerError as error:
+        flags = _flags(dataclasses.asdict(config), ("model", "norm", "groups"))
+        raise TrainError(f"train: {flags} cannot be built for dataset {run.dataset.name}: {error}") from error
+    return {"params": params, "opt_state": run.tx.init(params), "model_state": run.net.init_state(params)}
+
+
+def _start(run: _Run, directory: Path | None) -> _Progress:
+    """Freshly initialised parameters, optimizer and model state, or with ``--resume`` the newest intact
+    checkpoint."""
+    config = run.config
+    state = _initialised(run)
     if config.resume is None:
         return _Progress(state)
     found = checkpoint.latest(directory, state)
@@ -509,18 +782,22 @@ def _start(run: _Run, directory: Path | None) -> _Progress:
         print(f"manualgrad train: {warning}", file=sys.stderr)
     epoch = meta["step"] // run.steps + 1
     left = "" if epoch <= config.epochs else f": all {config.epochs} epochs are done"
-    print(f"resuming from step {meta['step']} (epoch {epoch}) in {directory}{left}", flush=True)
+    _say(f"resuming from step {meta['step']} (epoch {epoch}) in {directory}{left}")
     return _Progress(
         state,
         meta["step"],
         meta["epoch_loss"],
         meta["epoch_correct"],
         list(meta["metrics"]),
-        directory / f"checkpoint-{meta['step']:08d}.npz",
+        checkpoint.path_of(directory, meta["step"]),
     )
 
 
 def _save(config: Config, out: Path, progress: _Progress) -> None:
+    """Checkpoints ``progress`` into ``out`` on the writing process; the others only note the checkpoint's path."""
+    if not multiprocess.is_writer():
+        progress.checkpoint = checkpoint.path_of(out, progress.step)
+        return
     progress.checkpoint = checkpoint.save(
         out,
         progress.step,
@@ -558,9 +835,10 @@ def _ctrl_c_between_steps() -> Iterator[threading.Event]:
 
 
 def _stop_if_pressed(run: _Run, out: Path, progress: _Progress, pressed: threading.Event) -> None:
-    if pressed.is_set():
+    """Checkpoints and raises :class:`Interrupted` once Ctrl-C has reached any process (all stop at this step)."""
+    if multiprocess.stop_requested(pressed.is_set(), progress.step):
         _save(run.config, out, progress)
-        defaults = Config()
+        defaults = resolved(Config(model=run.config.model))
         given = [k for k in (*RUN_DEFINING, "epochs") if getattr(run.config, k) != getattr(defaults, k)]
         arguments = " " + _flags(dataclasses.asdict(run.config), given) if given else ""
         raise Interrupted(progress.step, progress.checkpoint, out, arguments)
@@ -570,7 +848,7 @@ def _diverged(progress: _Progress, value: float, epoch: int) -> Diverged:
     what = (
         f"the loss became {value}"
         if not math.isfinite(value)
-        else "the parameters or the optimizer state became infinite or NaN"
+        else "the parameters, the optimizer state or the model's running statistics became infinite or NaN"
     )
     kept = (
         f"the last finite checkpoint is {progress.checkpoint}"
@@ -589,22 +867,25 @@ def _train_epoch(
     config, split = run.config, run.sharding(PartitionSpec("data"))
     order = data.epoch_order(config.seed, epoch, len(run.x_train))
     done = progress.step - epoch * run.steps
+    keys = step_keys(config.seed, range(progress.step, (epoch + 1) * run.steps))
     bar = _progress(run.steps, done, f"epoch {epoch + 1}/{config.epochs}")
     try:
-        for xb, yb in itertools.islice(
-            data.batches(run.x_train, run.dataset.y_train, config.batch_size, order), done, None
+        for (xb, yb), key in zip(
+            itertools.islice(data.batches(run.x_train, run.y_train, config.batch_size, order), done, None),
+            keys,
         ):
             _stop_if_pressed(run, out, progress, pressed)
+            xb, yb = cropped(xb, yb) if run.sequences else (xb, yb)
             *state, value, correct, finite = step_fn(
-                progress.state["params"],
-                progress.state["opt_state"],
-                jax.device_put(xb, split),
-                jax.device_put(yb, split),
+                *(progress.state[k] for k in STATE),
+                multiprocess.global_batch(xb, split),
+                multiprocess.global_batch(yb, split),
+                key,
             )
             if not finite:
                 raise _diverged(progress, float(value), epoch)
-            progress.state = dict(zip(("params", "opt_state"), state))
-            progress.epoch_loss += float(value) * len(xb)
+            progress.state = dict(zip(STATE, state))
+            progress.epoch_loss += float(value) * targets(yb, run.sequences)
             progress.epoch_correct += int(correct)
             progress.step += 1
             bar.update(1)
@@ -618,8 +899,11 @@ def _train_epoch(
 def _end_epoch(run: _Run, out: Path, progress: _Progress, epoch: int) -> None:
     """Evaluates on the test split, appends and writes the epoch's metrics, prints them, checkpoints."""
     config = run.config
-    seen = run.steps * config.batch_size
-    test_loss, test_accuracy = evaluate(run.loss, progress.state["params"], run.x_test, run.dataset.y_test, 512)
+    trained = data.epoch_order(config.seed, epoch, len(run.x_train))[: run.steps * config.batch_size]
+    seen = targets(run.y_train[trained], run.sequences)
+    test_loss, test_accuracy = evaluate(
+        run.loss, progress.state["params"], progress.state["model_state"], run.x_test, run.y_test, 512, run.sequences
+    )
     progress.rows.append(
         {
             "epoch": epoch + 1,
@@ -630,21 +914,47 @@ def _end_epoch(run: _Run, out: Path, progress: _Progress, epoch: int) -> None:
         }
     )
     progress.epoch_loss, progress.epoch_correct = 0.0, 0
-    _write_metrics(out, progress.rows)
+    if multiprocess.is_writer():
+        _write_metrics(out, progress.rows)
     row = progress.rows[-1]
-    print(
-        f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
-        f"test loss {test_loss:.4f} acc {test_accuracy:.4f}",
-        flush=True,
+    unit = " nats/char" if run.sequences else ""
+    _say(
+        f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f}{unit} acc {row['train_accuracy']:.4f}  "
+        f"test loss {test_loss:.4f}{unit} acc {test_accuracy:.4f}"
     )
     _save(config, out, progress)
 
 
 def _final_cross_check(run: _Run, params: Any) -> tuple[float | None, int]:
     """The cross-check on the first ``--cross-check-batches`` training batches in order; ``None`` for 0 batches."""
-    in_order = data.batches(run.x_train, run.dataset.y_train, run.config.batch_size, np.arange(len(run.x_train)))
+    in_order = data.batches(run.x_train, run.y_train, run.config.batch_size, np.arange(len(run.x_train)))
     batches = list(itertools.islice(in_order, run.config.cross_check_batches))
-    return (cross_check(run.net, params, batches) if batches else None), len(batches)
+    key = step_keys(run.config.seed, [0])[0]
+    return (cross_check(run.net, params, batches, key, run.sequences) if batches else None), len(batches)
+
+
+SAMPLES = 10
+_SAMPLE_STREAM = 2  # fold_in(PRNGKey(seed), 2): the samples' key
+
+
+def write_samples(run: _Run, params: Any, path: Path) -> list[str]:
+    """:data:`SAMPLES` sequences drawn from the trained model (seeded by ``--seed``), one a line in ``path``
+    (written by the writing process).
+
+    Words start after the boundary token and end at the next one (or after ``L`` characters); a text's
+    samples are ``L`` characters after the first character of the training text.
+    """
+    sequences, boundary = run.dataset, run.dataset.boundary
+    start = sequences.vocab.index(boundary) if boundary is not None else int(sequences.tokens_train[0, 0])
+    stop = None if boundary is None else start
+    key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), _SAMPLE_STREAM)
+    ids = np.asarray(gpt.sample(run.net, params, key, SAMPLES, sequences.length, start, stop))
+    texts = [sequences.decode(row[1:]) for row in ids]
+    if boundary is not None:
+        texts = [t.split(boundary)[0] for t in texts]
+    if multiprocess.is_writer():
+        path.write_text("".join(f"{t}\n" for t in texts))
+    return texts
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -654,31 +964,43 @@ def train(config: Config) -> dict[str, Any]:
     :class:`Diverged` when the loss or the state stops being finite, and :class:`Interrupted` on Ctrl-C.
     """
     started = time.perf_counter()
+    config = resolved(config)
     validate(config)
+    multiprocess.initialize(config)
     directory = _directory(config)
     if config.resume is not None:
         _refuse_another_run(config, directory)
     run = _Run.build(config)
     progress = _start(run, directory)
+    multiprocess.agree(_flags(dataclasses.asdict(config), AGREED) + f" from step {progress.step}")
     progress.state = jax.device_put(progress.state, run.sharding(PartitionSpec()))
     out, latest = _open_directory(config, directory)
     step_fn = make_step(run.loss, run.tx)
+    first_step, training = progress.step, time.perf_counter()
     with _ctrl_c_between_steps() as pressed:
         for epoch in range(progress.step // run.steps, config.epochs):
             _train_epoch(run, step_fn, out, progress, epoch, pressed)
             _end_epoch(run, out, progress, epoch)
             _stop_if_pressed(run, out, progress, pressed)
+    training = time.perf_counter() - training
     title = f"manualgrad train: {config.model} on {run.dataset.name}, {config.optimizer}, grad {config.grad}"
-    curves = plot_curves(progress.rows, out / "curves.png", title)
+    curves = out / "curves.png"
+    if multiprocess.is_writer():
+        plot_curves(progress.rows, curves, title)
     params = jax.device_get(progress.state["params"])
     error, checked = _final_cross_check(run, params)
+    samples = write_samples(run, params, out / "samples.txt") if run.sequences else None
     return {
         **progress.rows[-1],
+        "samples": samples,
         "cross_check_max_relative_error": error,
         "cross_check_batches": checked,
         "seconds": time.perf_counter() - started,
+        "steps_per_second": (progress.step - first_step) / training,  # compiling and evaluating included
         "steps": progress.step,
         "devices": run.devices.devices.size,
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
         "directory": str(out),
         "latest": None if latest is None else str(latest),
         "metrics": str(out / "metrics.csv"),

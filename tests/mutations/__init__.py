@@ -8,8 +8,10 @@ checks that the cross-checker reports every one as failing and names the rule an
 import manualgrad
 from mutations import (
     activations,
+    attention,
     convolution,
     correlation,
+    embedding,
     linear,
     losses,
     normalization,
@@ -27,6 +29,8 @@ MUTATIONS: list[Mutation] = [
     *pooling.MUTATIONS,
     *normalization.MUTATIONS,
     *recurrence.MUTATIONS,
+    *embedding.MUTATIONS,
+    *attention.MUTATIONS,
 ]
 
 

@@ -45,4 +45,11 @@ MUTATIONS = [
         lambda res, g: (-g, linear.bias_add_gradient(g)),
         diagnosis="the sign flipped",
     ),
+    Mutation(
+        "add",
+        "dy dropped: the residual branch gets no gradient",
+        "y",
+        lambda res, g: (g, jnp.zeros_like(g)),
+        diagnosis="the gradient of this argument was dropped",
+    ),
 ]

@@ -13,7 +13,7 @@ import pytest
 
 from manualgrad import registry
 from manualgrad.nn import backprop
-from manualgrad.nn.layers import Conv2D, Dense, Relu
+from manualgrad.nn.layers import BatchNorm, Conv2D, Dense, Relu
 from manualgrad.rules.validation import RuleInputError
 
 F64 = jnp.float64
@@ -28,6 +28,15 @@ CNN = [
     Conv2D(4, activation="relu", dtype=F64),
     Conv2D(5, stride=2, padding="SAME", activation="tanh", dtype=F64),
     Conv2D(3, (2, 2), dilation=2, padding=1, activation="leaky_relu", dtype=F64),
+    Dense(4, dtype=F64),
+]
+# conv → batch norm → ReLU, then batch norm after a sigmoid on (N, C) rows: m = 3 · 7 · 7 and m = 3.
+BN_CNN = [
+    Conv2D(4, dtype=F64),
+    BatchNorm(activation="relu", dtype=F64),
+    Conv2D(5, stride=2, padding="SAME", activation="tanh", dtype=F64),
+    Dense(6, "sigmoid", F64),
+    BatchNorm(activation="relu", dtype=F64),
     Dense(4, dtype=F64),
 ]
 
@@ -64,6 +73,44 @@ def test_algorithm_1_equals_custom_vjp_and_jax_grad(mlp, store):
     assert abs(float(value) - float(ref_value)) <= 1e-12 * abs(float(ref_value))
     assert _relative(grads, vjp_grads) <= 1e-12
     assert _relative(grads, ref_grads) <= 1e-12
+
+
+@pytest.fixture(scope="module")
+def bn_cnn(cnn):
+    """The CNN fixture's input, ``BN_CNN``'s params moved off ``γ = 1``, ``β = 0`` and zero biases,
+    and the gradients of the custom_vjp composition and of the references (jax.grad)."""
+    leaves, tree = jax.tree_util.tree_flatten(backprop.init(jax.random.PRNGKey(3), BN_CNN, (9, 9, 2)))
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    params = jax.tree_util.tree_unflatten(
+        tree, [leaf + 0.3 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
+    )
+    x, labels = cnn[1:]
+    grad = jax.jit(
+        jax.grad(
+            lambda p, reference: backprop.loss(BN_CNN, p, x, labels, "softmax_cross_entropy", reference=reference)
+        ),
+        static_argnums=1,
+    )
+    return params, x, labels, (grad(params, False), grad(params, True))
+
+
+@pytest.mark.parametrize("store", backprop.STORES)
+def test_algorithm_2_with_batch_norm_equals_custom_vjp_and_jax_grad(bn_cnn, store):
+    """Batch norm in Algorithm 2: ``C††(F, T) = Σ T ⊙ x̂`` and the closed-form ``C†``, as jax.grad finds.
+
+    The first convolution's bias feeds a batch norm, which subtracts each channel's mean: its
+    gradient is 0, and all three computations give round-off (≤ 1e-14 of the largest entry) there.
+    """
+    params, x, labels, others = bn_cnn
+    _, grads = jax.jit(lambda p, x, y: backprop.gradients(BN_CNN, p, x, y, "softmax_cross_entropy", store))(
+        params, x, labels
+    )
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(others[1]))
+    for g in (grads, *others):
+        assert float(jnp.max(jnp.abs(g[0][1]))) <= 1e-14 * scale
+    rest = [(k, i) for k in range(len(BN_CNN)) for i in (0, 1) if (k, i) != (0, 1)]
+    for other in others:
+        assert _relative([grads[k][i] for k, i in rest], [other[k][i] for k, i in rest]) <= 1e-12
 
 
 @pytest.mark.parametrize("store", backprop.STORES)
@@ -107,7 +154,8 @@ def test_no_autodiff_in_the_algorithm():
     for banned in ("jax.vjp(", "jax.grad(", "jax.jvp(", "jax.linearize(", "value_and_grad("):
         assert banned not in source
     # and it runs the rules' own adjoints rather than re-deriving them
-    for adjoint in ("dense_backward", "dense_gradient", "conv2d_backward", "conv2d_gradient", "bias_add_gradient"):
+    adjoints = ("dense_backward", "dense_gradient", "conv2d_backward", "conv2d_gradient", "bias_add_gradient")
+    for adjoint in (*adjoints, "batch_norm_backward", "batch_norm_gradient"):
         assert adjoint in algorithm
 
 
@@ -116,6 +164,7 @@ def test_no_autodiff_in_the_algorithm():
     [
         ([Dense(2, "gelu")], [(np.ones((2, 2)), np.ones(2))], "layer 1 has activation 'gelu'"),
         ([Relu], [(np.ones((2, 2)), np.ones(2))], "layer 1 has map None"),
+        ([Dense(2, bias=False)], [(np.ones((2, 2)), np.ones(2))], "layer 1 has map 'dense' without a bias"),
         ([Dense(2), Dense(2)], [(np.ones((2, 2)), np.ones(2))], "2 layers, got 1 entries"),
         (
             [Dense(2)],

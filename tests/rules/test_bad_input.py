@@ -77,6 +77,114 @@ CASES = [
         r"^l2_penalty: lam must be a scalar, got shape \(2,\)",
         lambda: mg.l2_penalty({"w": jnp.ones(2)}, jnp.ones(2)),
     ),
+    (
+        mg.RuleInputError,
+        r"^add: arguments must have the same shape, got x: \(2, 3\), y: \(3,\)",
+        lambda: mg.add(jnp.ones((2, 3)), jnp.ones(3)),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^add: arguments must share one dtype, got x: float32, y: float64",
+        lambda: mg.add(jnp.ones(2, f32), jnp.ones(2, f64)),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^gelu: z must be a floating-point array, got int32 with shape \(3,\)",
+        lambda: mg.gelu(jnp.arange(3, dtype=jnp.int32)),
+    ),
+    (
+        mg.RuleInputError,
+        r"^gelu: approximate must be a Python bool \(True: the tanh form, False: z Φ\(z\)\), got 'tanh'",
+        lambda: mg.gelu(jnp.ones(3), "tanh"),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^softmax: z must be a floating-point array, got int32 with shape \(2, 3\)",
+        lambda: mg.softmax(jnp.ones((2, 3), jnp.int32)),
+    ),
+    (
+        mg.RuleInputError,
+        r"^softmax: axis must be a Python int in \[-2, 2\) for z of shape \(2, 3\), got 2",
+        lambda: mg.softmax(jnp.ones((2, 3)), 2),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^log_softmax: z must be a floating-point array, got int32",
+        lambda: mg.log_softmax(jnp.ones(4, jnp.int32)),
+    ),
+    (
+        mg.RuleInputError,
+        r"^log_softmax: z must have at least 1 axes \(\.\.\., n\) with the n logits along axis, got shape \(\)",
+        lambda: mg.log_softmax(jnp.ones(())),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^embedding: ids must be an integer array of row indices, got float32 with shape \(3,\); cast it first",
+        lambda: mg.embedding(jnp.ones(3, f32), jnp.ones((4, 2))),
+    ),
+    (
+        mg.RuleInputError,
+        r"^embedding: table must have shape \(vocab, dim\) with vocab ≥ 1, got \(4, 2, 2\)",
+        lambda: mg.embedding(jnp.arange(3), jnp.ones((4, 2, 2))),
+    ),
+    (
+        mg.RuleInputError,
+        r"^embedding: table must have shape \(vocab, dim\) with vocab ≥ 1, got \(0, 2\)",
+        lambda: mg.embedding(jnp.arange(3), jnp.ones((0, 2))),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^embedding: table must be a floating-point array, got int32",
+        lambda: mg.embedding(jnp.arange(3), jnp.ones((4, 2), jnp.int32)),
+    ),
+    (
+        mg.RuleInputError,
+        r"^attention: q, k and v must agree in batch B \(axis 0\): q has 2, k has 3, v has 3 "
+        r"\(q: \(2, 4, 2, 8\), k: \(3, 5, 2, 8\), v: \(3, 5, 2, 8\)\)",
+        lambda: mg.attention(jnp.ones((2, 4, 2, 8)), jnp.ones((3, 5, 2, 8)), jnp.ones((3, 5, 2, 8))),
+    ),
+    (
+        mg.RuleInputError,
+        r"^attention: q, k and v must agree in heads N \(axis 2\): q has 2, k has 2, v has 1",
+        lambda: mg.attention(jnp.ones((2, 4, 2, 8)), jnp.ones((2, 5, 2, 8)), jnp.ones((2, 5, 1, 8))),
+    ),
+    (
+        mg.RuleInputError,
+        r"^attention: q, k and v must agree in head size H \(axis 3\): q has 8, k has 4, v has 8",
+        lambda: mg.attention(jnp.ones((2, 4, 2, 8)), jnp.ones((2, 5, 2, 4)), jnp.ones((2, 5, 2, 8))),
+    ),
+    (
+        mg.RuleInputError,
+        r"^attention: k and v must have the same key positions S \(axis 1\) \(q: \(1, 4, 2, 8\), k: \(1, 5, 2, 8\), "
+        r"v: \(1, 6, 2, 8\)\)",
+        lambda: mg.attention(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 5, 2, 8)), jnp.ones((1, 6, 2, 8))),
+    ),
+    (
+        mg.RuleInputError,
+        r"^attention: expected q \(B, T, N, H\) and k, v \(B, S, N, H\): batch, positions, heads, head size, "
+        r"got \(q: \(4, 16\), k: \(4, 16\), v: \(4, 16\)\)",
+        lambda: mg.attention(jnp.ones((4, 16)), jnp.ones((4, 16)), jnp.ones((4, 16))),
+    ),
+    (
+        mg.RuleInputError,
+        r"^attention: every query needs at least one key \(S ≥ 1\) and a head size H ≥ 1",
+        lambda: mg.attention(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 0, 2, 8)), jnp.ones((1, 0, 2, 8))),
+    ),
+    (
+        mg.RuleInputError,
+        r"^attention: causal must be a Python bool \(True: query t sees the keys s ≤ t\), got 1",
+        lambda: mg.attention(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8)), causal=1),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^attention: k must be a floating-point array, got int32",
+        lambda: mg.attention(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8), jnp.int32), jnp.ones((1, 4, 2, 8))),
+    ),
+    (
+        mg.RuleDTypeError,
+        r"^attention: arguments must share one dtype, got q: float32, k: float32, v: float64",
+        lambda: mg.attention(jnp.ones((1, 4, 2, 8), f32), jnp.ones((1, 4, 2, 8), f32), jnp.ones((1, 4, 2, 8), f64)),
+    ),
 ]
 
 

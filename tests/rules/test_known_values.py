@@ -172,3 +172,89 @@ def test_lstm_one_step_in_pytorchs_gate_order():
     assert_equal(dx, [[[0.064 - dz_f + 0.5 * 0.0576 + 2 * 0.15]]])  # dz w_xᵀ
     assert_equal(dw_x, [[0.0, 0.0, 0.0, 0.0]])  # x = 0
     assert_equal(dw_h, [[0.0, 0.0, 0.0, 0.0]])  # h0 = 0
+
+
+def test_add():
+    y, pull = jax.vjp(mg.add, jnp.array([1.0, 2.0]), jnp.array([3.0, -5.0]))
+    assert_equal(y, [4, -3])
+    dx, dy = pull(jnp.array([7.0, 8.0]))
+    assert_equal(dx, [7, 8])  # G to both summands
+    assert_equal(dy, [7, 8])
+
+
+def test_gelu_at_zero_and_its_odd_part():
+    """``F(z) − F(−z) = z`` and ``F'(z) + F'(−z) = 1`` for both forms (the gate satisfies ``s(z) + s(−z) = 1``)."""
+    z = jnp.array([0.0, 0.5, 1.0, 2.0, 3.0])
+    for approximate in (True, False):
+        y, pull = jax.vjp(lambda z, a=approximate: mg.gelu(z, a), z)
+        y_neg, pull_neg = jax.vjp(lambda z, a=approximate: mg.gelu(z, a), -z)
+        assert_equal(y[0], 0)  # 0 · s(0)
+        np.testing.assert_allclose(np.asarray(y - y_neg), np.asarray(z), rtol=1e-15, atol=4e-16)
+        dz, dz_neg = pull(jnp.ones(5))[0], pull_neg(jnp.ones(5))[0]
+        assert_equal(dz[0], 0.5)  # s(0) + 0 · s'(0) = ½
+        np.testing.assert_allclose(np.asarray(dz + dz_neg), 1, rtol=0, atol=4e-16)  # two ulps of 1
+
+
+def test_softmax():
+    z = jnp.array([0.0, np.log(2.0), np.log(5.0)])  # e^z = 1, 2, 5: p = 1/8, 2/8, 5/8
+    y, pull = jax.vjp(mg.softmax, z)
+    assert_equal(y, [1 / 8, 2 / 8, 5 / 8])
+    # p ⊙ (G − ⟨G, p⟩) with G = e_0, ⟨G, p⟩ = 1/8: [1/8 · 7/8, 2/8 · (−1/8), 5/8 · (−1/8)]
+    assert_equal(pull(jnp.array([1.0, 0.0, 0.0]))[0], [7 / 64, -2 / 64, -5 / 64])
+
+
+def test_log_softmax_along_axis_zero():
+    z = jnp.array([[0.0], [np.log(2.0)], [np.log(5.0)]])  # the logits down axis 0
+    y, pull = jax.vjp(lambda z: mg.log_softmax(z, 0), z)
+    assert_equal(y[:, 0], [np.log(1 / 8), np.log(2 / 8), np.log(5 / 8)])
+    # G − p Σ G with G = [1, 1, 0], Σ G = 2: [1 − 2/8, 1 − 4/8, 0 − 10/8]
+    assert_equal(pull(jnp.array([[1.0], [1.0], [0.0]]))[0][:, 0], [0.75, 0.5, -1.25])
+
+
+def test_embedding_sums_repeated_ids():
+    table = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    ids = jnp.array([2, 0, 2])
+    y, pull = jax.vjp(mg.embedding, ids, table)
+    assert_equal(y, [[5, 6], [1, 2], [5, 6]])  # rows 2, 0, 2
+    d_ids, d_table = pull(jnp.array([[1.0, 0.0], [0.0, 1.0], [10.0, 20.0]]))
+    assert d_ids.dtype == jax.dtypes.float0 and d_ids.shape == (3,)
+    assert_equal(d_table, [[0, 1], [0, 0], [11, 20]])  # row 2 read twice: [1, 0] + [10, 20]; row 1 never
+
+
+def test_embedding_out_of_range_id_is_a_nan_row():
+    table = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    ids = jnp.array([1, 2, -1])
+    y, pull = jax.vjp(mg.embedding, ids, table)
+    assert_equal(y[0], [3, 4])
+    assert np.isnan(np.asarray(y[1:])).all()  # neither clamped to row 1 nor wrapped to it
+    assert_equal(pull(jnp.ones((3, 2)))[1], [[0, 0], [1, 1]])  # the invalid ids add nothing
+    assert np.isnan(np.asarray(jax.jit(mg.embedding)(ids, table)[1:])).all()
+
+
+def _attention_case(causal):
+    """q = 0: every score is 0 and each query averages the values it sees. H = 4, √H = 2."""
+    q = jnp.zeros((1, 2, 1, 4))
+    k = jnp.array([[1.0] * 4, [-1.0] * 4]).reshape(1, 2, 1, 4)
+    v = jnp.array([[2.0] * 4, [4.0] * 4]).reshape(1, 2, 1, 4)
+    out, pull = jax.vjp(lambda q, k, v: mg.attention(q, k, v, causal=causal), q, k, v)
+    return out[0, :, 0, 0], [c[0, :, 0] for c in pull(jnp.array([1.0, 0, 0, 0, 0, 0, 0, 0]).reshape(1, 2, 1, 4))]
+
+
+def test_attention_uniform_scores():
+    out, (dq, dk, dv) = _attention_case(causal=False)
+    assert_equal(out, [3, 3])  # (2 + 4)/2 for both queries
+    # G = e_0 at query 0: dV = Pᵀ G, half of G to each key; dP_0 = G_0 Vᵀ = [2, 4], rowsum(G ⊙ O)_0 = 3,
+    # dS_0 = ½ ([2, 4] − 3) = [−½, ½], dQ_0 = dS_0 K / √H = (−½ · 1 + ½ · (−1)) / 2 = −½ in entry 0 of H
+    # (K's rows are constant, so every entry of dQ_0 is −½); dK = dSᵀ Q / √H = 0 as Q = 0.
+    assert_equal(dv, [[0.5, 0, 0, 0], [0.5, 0, 0, 0]])
+    assert_equal(dq, [[-0.5] * 4, [0] * 4])
+    assert_equal(dk, np.zeros((2, 4)))
+
+
+def test_attention_causal_mask_keeps_the_future_out():
+    out, (dq, dk, dv) = _attention_case(causal=True)
+    assert_equal(out, [2, 3])  # query 0 sees key 0 alone, query 1 both
+    # P_0 = [1, 0]: all of G_0 goes to v_0 and none to the future key 1; dS_0 = [1 · (2 − 2), 0] = 0.
+    assert_equal(dv, [[1, 0, 0, 0], [0, 0, 0, 0]])
+    assert_equal(dq, np.zeros((2, 4)))
+    assert_equal(dk, np.zeros((2, 4)))

@@ -10,9 +10,10 @@ import sys
 import zipfile
 
 import pytest
+import test_networks  # its right solutions (pytest puts this folder on the path)
 
 from manualgrad import cli
-from manualgrad.teach import autograder, exercise
+from manualgrad.teach import autograder, exercise, networks
 
 RIGHT = "    return (g * (residuals > 0),)\n"
 WRONG = "    return (g * residuals,)\n"
@@ -84,3 +85,34 @@ def test_autograder_command_refuses_an_existing_bundle_and_unknown_rules(tmp_pat
     assert "exists; remove it" in capsys.readouterr().err and out.read_text() == "mine"
     assert cli.main(["autograder", "relux", "--out", str(tmp_path / "b.zip")]) == 2
     assert "unknown rule relux" in capsys.readouterr().err
+
+
+def test_a_network_bundle_grades_one_test_per_gradient(unpacked, tmp_path):
+    """``autograder --network seed003``: its run_autograder (with the wheel installed above) grades a
+    submission whose dW takes one of W's two paths: every gradient but dW passes."""
+    _, site = unpacked
+    bundle = tmp_path / "network.zip"
+    assert cli.main(["autograder", "--network", "seed003", "--out", str(bundle), "--timeout", "120"]) == 0
+    root = tmp_path / "root"
+    with zipfile.ZipFile(bundle) as z:
+        z.extractall(root / "source")
+    run = root / "source" / "run_autograder"
+    assert "--expect seed003 --format gradescope" in run.read_text()
+    (root / "submission").mkdir()
+    body = test_networks.SEED003.replace("dW = jnp.outer(dz0, x) + dZ3", "dW = dZ3")
+    (root / "submission" / "mine.py").write_text(test_networks._solved("seed003", body))
+    env = {**os.environ, "AUTOGRADER_ROOT": str(root), "PYTHONPATH": str(site)}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    done = subprocess.run(["bash", str(run)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((root / "results" / "results.json").read_text())
+    assert [t["name"] for t in results["tests"]] == [f"seed003: d{n}" for n in networks.order(networks.SEED003)]
+    assert results["score"] == 9.0 and results["tests"][-1]["status"] == "failed"
+    assert "the path through Z₃ = W + V alone" in results["tests"][-1]["output"]
+
+
+def test_autograder_command_needs_an_exercise(tmp_path, capsys):
+    assert cli.main(["autograder", "--out", str(tmp_path / "a.zip")]) == 2
+    assert "give the RULEs (or --network NAME)" in capsys.readouterr().err
+    assert cli.main(["autograder", "--network", "resnet", "--out", str(tmp_path / "a.zip")]) == 2
+    assert "unknown network resnet" in capsys.readouterr().err and not (tmp_path / "a.zip").exists()

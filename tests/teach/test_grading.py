@@ -178,7 +178,7 @@ def test_grade_command_refuses_weights_that_name_nothing(tmp_path, capsys):
     weights.write_text('{"relu": 3, "rellu": 1, "relu: vpj": 2}')
     assert cli.main(["grade", "x.py", "--weights", str(weights)]) == 2
     err = capsys.readouterr().err
-    assert "--weights: 'rellu', 'relu: vpj' name no rule and no RULE: CHECK test" in err
+    assert "--weights: 'rellu', 'relu: vpj' name no rule, network or test of one (RULE: CHECK, NETWORK: dNAME)" in err
 
 
 def test_grade_command_in_its_own_process_says_why_a_file_cannot_be_graded(tmp_path, capsys):
@@ -188,5 +188,6 @@ def test_grade_command_in_its_own_process_says_why_a_file_cannot_be_graded(tmp_p
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == (
         f"manualgrad grade: {plain} is not an exercise file (its first line must be "
-        f"'{exercise.HEADER}RULE'; write one with `manualgrad exercise RULE`)\n"
+        f"'{exercise.HEADER}RULE' or '{exercise.HEADER}network NAME'; write one with `manualgrad exercise RULE` "
+        "or `manualgrad exercise --network NAME`)\n"
     )

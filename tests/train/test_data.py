@@ -398,3 +398,116 @@ def test_evaluation_batches_cover_every_sample_once_in_order():
     assert [len(yb) for _, yb in data.evaluation_batches(x, y, 64)] == [10]
     with pytest.raises(DataError, match=r"batch size must be at least 1, got 0"):
         data.evaluation_batches(x, y, 0)
+
+
+# Token sequences
+
+WORD_LIST = Path("/usr/share/dict/words")
+
+
+def write_words(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+SMALL_LIST = ["Cab", "cab", "a", "it's", "café", "", "zebra", "Ab", "ab", "dog", "éclair", "x-ray", "cat", "ox"]
+KEPT = ["a", "ab", "cab", "cat", "dog", "ox", "zebra"]  # lower-cased, a–z only, once each, sorted
+
+
+def test_words_lower_cased_a_to_z_deduplicated_and_bounded(tmp_path):
+    w = data.words(seed=3, path=write_words(tmp_path / "words", SMALL_LIST), test_fraction=0.3)
+    assert (w.name, w.boundary, w.vocab[:3], len(w.vocab), w.length) == ("words", ".", (".", "a", "b"), 27, 6)
+    assert w.tokens_train.dtype == w.tokens_test.dtype == np.int32 and w.mask_train.dtype == bool
+    assert w.tokens_train.shape == (5, 7) and w.tokens_test.shape == (2, 7)  # 2 = round(0.3 · 7)
+    rows = [w.decode(r) for r in np.concatenate([w.tokens_train, w.tokens_test])]
+    assert sorted(r.strip(".") for r in rows) == KEPT
+    assert all(r == f".{r.strip('.')}." + "." * (5 - len(r.strip("."))) for r in rows)  # padded with "."
+    train = [w.decode(r).strip(".") for r in w.tokens_train]
+    assert train == sorted(train)  # each part in alphabetical order
+    # The targets of ".cab." are c, a, b, "." — four of them count, the padding's do not.
+    tokens = np.concatenate([w.tokens_train, w.tokens_test])
+    mask = np.concatenate([w.mask_train, w.mask_test])
+    cab = [r.strip(".") for r in rows].index("cab")
+    inputs, targets = data.inputs_and_targets(tokens[cab : cab + 1])
+    assert w.decode(inputs[0]) == ".cab.." and w.decode(targets[0]) == "cab..."
+    assert mask[cab].tolist() == [True] * 4 + [False] * 2
+    assert all(m.sum() == len(r.strip(".")) + 1 and m[: m.sum()].all() for m, r in zip(w.mask_train, train))
+
+
+def test_words_split_is_fixed_by_the_seed(tmp_path):
+    path = write_words(tmp_path / "words", [f"w{'abcdefghij'[i % 10]}{'klmnopqrst'[i // 10]}" for i in range(100)])
+    a, b, c = data.words(seed=1, path=path), data.words(seed=1, path=path), data.words(seed=2, path=path)
+    assert len(a.tokens_test) == 10 and len(a.tokens_train) == 90  # the default 90/10
+    np.testing.assert_array_equal(a.tokens_test, b.tokens_test)
+    assert not np.array_equal(a.tokens_test, c.tokens_test)
+    together = {a.decode(r) for r in np.concatenate([a.tokens_train, a.tokens_test])}
+    assert len(together) == 100 and not {a.decode(r) for r in a.tokens_train} & {a.decode(r) for r in a.tokens_test}
+
+
+def test_words_errors(tmp_path):
+    with pytest.raises(DataError, match=r"words: no word list at .*nowhere \(on Debian: apt install wamerican\)"):
+        data.words(path=tmp_path / "nowhere")
+    (tmp_path / "latin1").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"words: .*latin1 is not UTF-8 text: byte 3 is 0xe9"):
+        data.words(path=tmp_path / "latin1")
+    with pytest.raises(DataError, match=r"has 1 words of a–z only; test_fraction 0.1 must leave at least one on each"):
+        data.words(path=write_words(tmp_path / "one", ["Hello", "it's"]))
+
+
+def test_text_windows_share_one_character(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("héllo wörld, hello again!\n" * 3, encoding="utf-8")  # 78 characters
+    t = data.text(path, block=8)
+    content = path.read_text(encoding="utf-8")
+    assert (t.name, t.boundary, t.length) == (f"text:{path}", None, 8)
+    assert t.vocab == tuple(sorted(set(content))) and "ö" in t.vocab
+    # (78 − 1) // 8 = 9 windows; the last round(0.9) = 1 is the test set, the 5-character tail dropped.
+    assert t.tokens_train.shape == (8, 9) and t.tokens_test.shape == (1, 9)
+    windows = [t.decode(r) for r in np.concatenate([t.tokens_train, t.tokens_test])]
+    assert windows == [content[8 * i : 8 * i + 9] for i in range(9)]
+    assert t.mask_train.all() and t.mask_test.all() and t.mask_train.shape == (8, 8)
+    assert t.decode(t.encode("wörld")) == "wörld"
+    with pytest.raises(DataError, match=r"characters \['Z'\] are not in the vocabulary of"):
+        t.encode("Zoo")
+
+
+def test_text_errors(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("abcdefghij", encoding="utf-8")
+    with pytest.raises(DataError, match=r"text: .*short.txt has 10 characters; windows of 9 need at least 17"):
+        data.text(short, block=8)
+    with pytest.raises(DataError, match=r"text: block must be a positive int, got 0"):
+        data.text(short, block=0)
+    with pytest.raises(DataError, match=r"text: no file '.*missing.txt'"):
+        data.load_sequences(f"text:{tmp_path / 'missing.txt'}")
+    (tmp_path / "binary").write_bytes(b"abc\xff\xfe" * 40)
+    with pytest.raises(DataError, match=r"text: .*binary is not UTF-8 text: byte 3 is 0xff"):
+        data.text(tmp_path / "binary")
+
+
+@pytest.mark.parametrize("spec", ["text:", "Words", "chars", ""])
+def test_load_sequences_refuses_unknown_specs(spec):
+    with pytest.raises(DataError, match=rf"unknown sequence dataset {spec!r}; expected one of: words, text:PATH"):
+        data.load_sequences(spec)
+
+
+@pytest.mark.parametrize("spec", ["words", "text:/tmp/x.txt"])
+def test_load_says_a_sequence_dataset_is_not_images_or_points(spec):
+    with pytest.raises(DataError, match=rf"{spec!r} is a sequence dataset .* read by data.load_sequences"):
+        data.load(spec)
+
+
+def test_sequences_batch_like_the_other_datasets(tmp_path):
+    w = data.words(path=write_words(tmp_path / "words", KEPT * 2 + ["b", "bb", "bbb"]), test_fraction=0.2)
+    out = list(data.batches(w.tokens_train, w.mask_train, 3, data.epoch_order(0, 0, len(w.tokens_train))))
+    assert len(out) == len(w.tokens_train) // 3
+    assert all(tokens.shape == (3, w.length + 1) and mask.shape == (3, w.length) for tokens, mask in out)
+
+
+def test_the_word_list():
+    if not WORD_LIST.is_file():
+        pytest.skip(f"no word list at {WORD_LIST}: apt install wamerican")
+    w = data.load_sequences("words")
+    assert len(w.tokens_train) + len(w.tokens_test) == 73445  # the count, lower-cased a–z only
+    assert (len(w.tokens_test), len(w.vocab), w.length) == (7344, 27, 23)  # round(7344.5), the longest word 22
+    assert int(w.mask_train.sum() + w.mask_test.sum()) == 667584  # 73,445 words of 8.09 letters, plus the ends

@@ -1,5 +1,6 @@
 """``manualgrad train``: layers, the jitted step on hand rules, checkpoints that survive SIGKILL, many devices."""
 
+import dataclasses
 import os
 import pathlib
 import signal
@@ -86,7 +87,7 @@ def test_training_step_runs_the_registered_backward():
     def one_step(grad):
         step = loop.make_step(loop.loss_fn(net, grad), tx)
         p = jax.tree_util.tree_map(jnp.copy, params)
-        return step(p, tx.init(p), x, y)[0]
+        return step(p, tx.init(p), net.init_state(p), x, y, loop.step_keys(0, [0])[0])[0]
 
     before = {grad: one_step(grad) for grad in ("manual", "autodiff")}
     activations.relu.defvjp(activations.relu_forward, lambda f, g: (2 * g,))  # forgets the mask, doubles
@@ -102,8 +103,9 @@ def test_training_step_runs_the_registered_backward():
         np.testing.assert_array_equal(a, b)
 
 
-def test_default_digits_cnn_reaches_97_percent(tmp_path):
-    summary = loop.train(loop.Config(out=str(tmp_path)))
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_default_digits_cnn_reaches_97_percent(tmp_path, norm):
+    summary = loop.train(loop.Config(norm=norm, out=str(tmp_path)))
     assert summary["test_accuracy"] >= 0.97
     assert summary["cross_check_max_relative_error"] <= 1e-4  # float32 gradients of a trained net
     rows = loop.read_metrics(tmp_path / "metrics.csv")
@@ -320,6 +322,8 @@ def one_epoch(tmp_path_factory):
         (("--optimizer", "sgd"), "--optimizer adam --lr 0.003", "--optimizer sgd --lr 0.1"),
         (("--seed", "1", "--batch-size", "16"), "--batch-size 32 --seed 0", "--batch-size 16 --seed 1"),
         (("--model", "cnn"), "--model mlp", "--model cnn"),  # not the leaves' paths, not "needs images"
+        (("--norm", "batch"), "--norm none", "--norm batch"),
+        (("--norm", "group", "--dropout", "0.5"), "--norm none --dropout 0", "--norm group --dropout 0.5 --groups 4"),
     ],
 )
 def test_resume_refuses_a_different_run_in_the_users_words(one_epoch, capsys, args, saved, asked):
@@ -360,6 +364,19 @@ def _sgd_template():
         (("--seed", str(2**32)), "--seed must be an integer from 0 to 4294967295, got 4294967296"),
         (("--cross-check-batches", "-1"), "--cross-check-batches must be ≥ 0 (0: no cross-check), got -1"),
         (("--overwrite",), "--overwrite needs --out DIR"),
+        (("--dropout", "1"), "--dropout must be a number in [0, 1), the probability of dropping a hidden unit, got 1"),
+        (("--dropout", "-0.5"), "--dropout must be a number in [0, 1)"),
+        (("--groups", "2"), "--groups is the number of channel groups of --norm group, and this run has --norm none"),
+        (("--norm", "group", "--groups", "0"), "--groups must be ≥ 1, got 0"),
+        (
+            ("--norm", "group", "--groups", "3"),
+            "--model mlp --norm group --groups 3 cannot be built for dataset xor: GroupNorm: groups 3 must divide "
+            "the 32 channels of its input (shape (-1, 32))",
+        ),
+        (
+            ("--norm", "batch", "--batch-size", "1"),
+            "--norm batch normalises every unit over the batch and needs --batch-size ≥ 2, got 1",
+        ),
     ],
 )
 def test_bad_values_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
@@ -430,3 +447,61 @@ def test_eight_devices_give_the_one_device_gradient(tmp_path):
     assert float(difference) <= 1e-5  # float32: the all-reduce sums the batch in another order
     devices, accuracy = summary.split()
     assert devices == "8" and float(accuracy) > 0.5
+
+
+NORMED = ("--norm", "batch", "--dropout", "0.3", "--checkpoint-every", "10")
+
+
+def _state(directory):
+    """Every array of the newest checkpoint in ``directory``, by key path, and its step."""
+    path = checkpoint.checkpoints(directory)[-1]
+    with np.load(path) as archive:
+        return {k: archive[k] for k in archive.files if k != "__meta__"}, checkpoint.read_meta(path)["step"]
+
+
+def test_batch_norm_and_dropout_resume_bit_identical_from_mid_epoch(tmp_path):
+    """The running statistics are checkpointed and step s's dropout key is fold_in(seed, s): a run
+    resumed at step 20 (epoch 1 of 25 steps) ends with every array and metric of the whole run."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert _train(*NORMED, "--epochs", "2", "--out", str(whole)) == 0
+    assert _train(*NORMED, "--epochs", "1", "--out", str(cut)) == 0
+    (cut / "checkpoint-00000025.npz").unlink()  # back to the checkpoint of step 20, mid-epoch
+    assert _train(*NORMED, "--epochs", "2", "--resume", str(cut)) == 0
+    (received, step), (expected, whole_step) = _state(cut), _state(whole)
+    assert step == whole_step == 50
+    assert any("model_state" in k and "mean" in k for k in expected)  # the running statistics are saved
+    assert received.keys() == expected.keys()
+    for k in expected:
+        np.testing.assert_array_equal(received[k], expected[k], err_msg=k)
+    assert loop.read_metrics(cut / "metrics.csv") == loop.read_metrics(whole / "metrics.csv")
+
+
+def test_a_run_saved_before_norm_and_dropout_resumes(tmp_path, capsys):
+    """Checkpoints of earlier versions do not record --norm, --dropout, --groups: they had the defaults."""
+    run = tmp_path / "run"
+    assert _train("--epochs", "1", "--out", str(run)) == 0
+    net = layers.mlp(2, hidden=(32, 32))
+    _, params = net.init(jax.random.PRNGKey(0), (-1, 2))
+    path = checkpoint.checkpoints(run)[-1]
+    state, meta = checkpoint.load(path, {"params": params, "opt_state": optax.adam(3e-3).init(params)})
+    for key in loop.ADDED_LATER:
+        del meta["config"][key]
+    path.unlink()
+    checkpoint.save(run, meta.pop("step"), state, meta)
+    capsys.readouterr()
+    assert _train("--epochs", "2", "--resume", str(run)) == 0
+    assert capsys.readouterr().out.startswith(f"resuming from step 25 (epoch 2) in {run}")
+    assert _train("--epochs", "3", "--resume", str(run), "--norm", "rms") == 2
+    assert "it was trained with --norm none, this command asks for --norm rms" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("norm", list(loop.NORMS))
+def test_autodiff_runs_every_norm_and_the_cross_check_agrees(tmp_path, norm):
+    """--grad autodiff trains each norm (with dropout) from the references; the hand rules' gradient
+    of the result matches jax.grad's to float32 round-off."""
+    config = loop.Config(
+        model="mlp", dataset="xor", norm=norm, dropout=0.2, grad="autodiff", epochs=1, cross_check_batches=1
+    )
+    summary = loop.train(dataclasses.replace(config, out=str(tmp_path)))
+    assert summary["test_accuracy"] > 0.5 and np.isfinite(summary["test_loss"])
+    assert summary["cross_check_max_relative_error"] <= 1e-5
