@@ -3,32 +3,22 @@
 Every run here is a character model of width 8 (embedding 4) on 200 made-up words the test writes
 (180 to train: 11 steps of 16 an epoch)."""
 
-import functools
 import math
 import re
 
-import numpy as np
 import pytest
 
 from manualgrad import cli
 from manualgrad.nn import recurrent
-from manualgrad.train import data, loop
-
-WORDS = 200
+from manualgrad.train import loop
 
 
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
+def tiny(word_list, monkeypatch):
     """--dataset words reads a list of 200 words of 2-9 letters; the character models have width 8."""
-    rng = np.random.default_rng(0)
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    words = {"".join(rng.choice(letters[: rng.integers(3, 8)], rng.integers(2, 10))) for _ in range(3 * WORDS)}
-    path = tmp_path / "words.txt"
-    path.write_text("\n".join(sorted(words)[:WORDS]) + "\n")
-    monkeypatch.setattr(data, "words", functools.partial(data.words, path=path))
     for kind in recurrent.KINDS:
         monkeypatch.setitem(recurrent.DEFAULTS, kind, recurrent.DEFAULTS[kind]._replace(width=8, embed=4))
-    return tmp_path
+    return word_list
 
 
 @pytest.mark.parametrize("kind", recurrent.KINDS)

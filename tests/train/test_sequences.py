@@ -3,7 +3,6 @@
 Every run here is the tiny GPT (width 16, 1 block, 2 heads) on 200 made-up words the test writes
 (180 to train: 11 steps of 16 an epoch)."""
 
-import functools
 import math
 import shutil
 
@@ -15,20 +14,12 @@ import pytest
 from manualgrad import cli
 from manualgrad.train import checkpoint, data, loop
 
-WORDS = 200
-
 
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
+def tiny(word_list, monkeypatch):
     """--dataset words reads a list of 200 words of 2-9 letters; --model gpt is the tiny GPT."""
-    rng = np.random.default_rng(0)
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    words = {"".join(rng.choice(letters[: rng.integers(3, 8)], rng.integers(2, 10))) for _ in range(3 * WORDS)}
-    path = tmp_path / "words.txt"
-    path.write_text("\n".join(sorted(words)[:WORDS]) + "\n")
-    monkeypatch.setattr(data, "words", functools.partial(data.words, path=path))
     monkeypatch.setattr(loop, "GPT", {"width": 16, "depth": 1, "heads": 2})
-    return tmp_path
+    return word_list
 
 
 def _train(*args):
