@@ -104,8 +104,7 @@ def test_a_killed_process_stops_the_other_and_launch_resumes_the_run(tmp_path, o
     killed_at = _final(out)[1]
     assert 0 < killed_at < TOTAL, "the run finished before process 1 could be killed"
     assert processes[0].returncode != 0
-    assert "[Gloo] Rank 0 is connected to 1 peer ranks" in stderr  # the CPU collectives are gloo's
-    assert "another task died" in stderr or "heartbeat" in stderr
+    assert "another task died" in stderr or "heartbeat" in stderr, stderr
     assert waited <= 2 * TIMEOUT + 15, f"process 0 took {waited:.0f} s to stop"
 
     resumed = _run("launch", "--processes", "2", "--", "train", *flags, "--resume", str(out))
