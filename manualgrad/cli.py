@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import sys
@@ -331,6 +332,7 @@ def _train(args: argparse.Namespace) -> int:
         print(
             f"hand-rule gradient vs jax.grad of the references on {summary['cross_check_batches']} batches: "
             f"max relative error {summary['cross_check_max_relative_error']:.1e}"
+            + ("" if math.isfinite(summary["cross_check_max_relative_error"]) else " (a gradient has NaN or ∞ entries)")
         )
     if summary["samples"] is not None:
         print(f"{len(summary['samples'])} samples from the model: {' '.join(summary['samples'])}")

@@ -339,10 +339,14 @@ def _gelu_u(z):
 
 
 def _gelu_gate(z: jax.Array, approximate: bool) -> jax.Array:
-    """The gate ``s`` of ``F = z s(z)``, plain ``jnp``: ``½(1 + tanh u) = 1/(1 + e^{−2u})`` or
-    ``Φ(z) = ½(1 + erf(z/√2))``."""
+    """The gate ``s`` of ``F = z s(z)``, plain ``jnp``: ``½(1 + tanh u) = σ(2u)`` or
+    ``Φ(z) = ½(1 + erf(z/√2))``. ``σ(2u)`` as ``1/(1 + e)`` for ``u ≥ 0`` and ``e/(1 + e)`` below,
+    ``e = e^{−2|u|} ≤ 1``: every derivative keeps its digits on both sides, and nothing overflows —
+    ``jax.grad`` of ``1/(1 + e^{−2u})`` is ``∞/∞ = NaN`` once ``e^{−2u}`` does (float32 ``z < −6.3``)."""
     if approximate:
-        return 1 / (1 + jnp.exp(-2 * _gelu_u(z)))
+        u = _gelu_u(z)
+        e = jnp.exp(-2 * jnp.abs(u))
+        return jnp.where(u >= 0, 1 / (1 + e), e / (1 + e))
     return 0.5 * (1 + jax.scipy.special.erf(z / math.sqrt(2)))
 
 

@@ -153,7 +153,10 @@ register(
 
 
 def log_softmax_reference(z: jax.Array, axis: int = -1) -> jax.Array:
-    return jnp.log(softmax_reference(z, axis))
+    # not log(softmax_reference(z)): a probability that underflows (e^{-104} in float32, a trained
+    # model's confident row) gives -inf there and NaN in jax.grad of anything that weights it by 0
+    top = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
+    return z - top - jnp.log(jnp.sum(jnp.exp(z - top), axis=axis, keepdims=True))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -192,32 +192,54 @@ of both paths, ``g = Ψ'(z₄) c z₂ᵀ + Φ'(z₁) Z₃ᵀ Ψ'(z₄) c xᵀ`` 
 )
 
 
-# mlp_bn: the classic exercise on a batch of character contexts of a few names.
-WORDS = ("emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "amelia")
+# mlp_bn: the classic exercise on a batch of character contexts from the words dataset.
 BLOCK, EMBED, HIDDEN, BATCH = 3, 4, 16, 16
-VOCAB = ".abcdefghijklmnopqrstuvwxyz"  # "." starts and ends a word
+VOCAB = ".abcdefghijklmnopqrstuvwxyz"  # "." starts and ends a word, as in manualgrad.train.data.words
+BATCH_SEED = 4
+# (context, next character, the word it is from): what draw_batch(load_sequences("words")) gives on
+# Debian's wamerican (tests/teach/test_networks.py draws it again), written out so that grading
+# needs no word list and gives every student the same numbers.
+CONTEXTS = (
+    (".be", "s", "bestial"),
+    ("let", "e", "completer"),
+    ("ded", ".", "elided"),
+    ("mor", "r", "gomorrah"),
+    ("ons", ".", "insinuations"),
+    ("ist", "e", "listens"),
+    ("..n", "a", "nailed"),
+    (".om", "a", "oman"),
+    ("alm", "i", "palming"),
+    ("reg", "u", "regulated"),
+    ("sho", "w", "sideshows"),
+    ("tar", "r", "tarries"),
+    ("pin", ".", "unpin"),
+    (".un", "s", "unsightly"),
+    ("ast", "e", "wasted"),
+    ("...", "w", "wetwares"),
+)
 
 
-def contexts(words: tuple[str, ...] = WORDS, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """Every ``(block characters, next character)`` pair of ``words``, as indices into :data:`VOCAB`."""
-    xs, ys = [], []
-    for word in words:
-        context = [0] * block
-        for ch in word + ".":
-            xs.append(context)
-            ys.append(VOCAB.index(ch))
-            context = context[1:] + [ys[-1]]
-    return np.array(xs, np.int32), np.array(ys, np.int32)
+def draw_batch(sequences: Any, batch: int = BATCH, block: int = BLOCK, seed: int = BATCH_SEED) -> tuple:
+    """``batch`` training words of ``sequences`` (a :class:`manualgrad.train.data.Sequences` with a
+    boundary token) drawn without replacement by a generator seeded with ``seed``, in their order,
+    and one position of each drawn by the same generator: ``(block characters before it, the
+    character there, the word)``, the context padded with the boundary before the word's start."""
+    r = np.random.default_rng(seed)
+    drawn = []
+    for row in np.sort(r.choice(len(sequences.tokens_train), batch, replace=False)):
+        word = sequences.decode(sequences.tokens_train[row, 1 : int(sequences.mask_train[row].sum())])
+        at = int(r.integers(len(word) + 1))
+        padded = sequences.boundary * block + word + sequences.boundary
+        drawn.append((padded[at : at + block], padded[at + block], word))
+    return tuple(drawn)
 
 
 def _mlp_bn_inputs() -> dict[str, Any]:
     r = np.random.default_rng(4)
-    xs, ys = contexts()
-    pick = np.sort(r.choice(len(xs), BATCH, replace=False))
     fan_in = EMBED * BLOCK
     return {
-        "Xb": xs[pick],
-        "Yb": ys[pick],
+        "Xb": np.array([[VOCAB.index(c) for c in context] for context, _, _ in CONTEXTS], np.int32),
+        "Yb": np.array([VOCAB.index(following) for _, following, _ in CONTEXTS], np.int32),
         "n": BATCH,
         "C": r.normal(size=(len(VOCAB), EMBED)),
         "W1": r.normal(size=(fan_in, HIDDEN)) * (5 / 3) / fan_in**0.5,
@@ -234,8 +256,9 @@ MLP_BN = Network(
     "embedding → dense → batch_norm → tanh → dense → softmax cross-entropy",
     f"""The classic whole-network exercise (A. Karpathy, "Building makemore Part 4: Becoming a
 Backprop Ninja", 2022): a character-level MLP predicting the next character of a name from the
-{BLOCK} before it, on a fixed batch of {BATCH} contexts drawn from {len(WORDS)} names built in
-({", ".join(WORDS)}; vocabulary ``.`` and ``a``–``z``). Embedding ``C`` ({len(VOCAB)} × {EMBED}),
+{BLOCK} before it, on a fixed batch of {BATCH} contexts drawn from the training words of
+``--dataset words`` (Debian's wamerican: {", ".join(w for _, _, w in CONTEXTS)}; vocabulary ``.``
+and ``a``–``z``, ``.`` before a word's start and at its end). Embedding ``C`` ({len(VOCAB)} × {EMBED}),
 a dense layer ``W1, b1`` to {HIDDEN} units, batch normalisation over the batch with Bessel's
 correction (``bnvar`` divides by ``n − 1``) and ``ε = 1e−5``, ``tanh``, a dense layer ``W2, b2``
 to the {len(VOCAB)} logits, and the softmax cross-entropy written out step by step. Batched

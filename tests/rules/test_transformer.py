@@ -95,6 +95,16 @@ def test_gelu_equals_pytorch(approximate):
     _assert_round_off(dz, expected_dz)
 
 
+@pytest.mark.parametrize("approximate", [True, False])
+def test_gelu_reference_has_a_finite_gradient_far_in_the_tail(approximate):
+    """float32 z = −60: e^{−2u} overflows, and jax.grad of 1/(1 + e^{−2u}) would be ∞/∞ = NaN (the
+    GPT's cross-check once printed nan). The reference's gradient is the rule's: 0 (F' ≈ −z φ(z) < 1e-700)."""
+    z = jnp.array([-60.0, 0.5], jnp.float32)
+    expected = jax.grad(lambda z: jnp.sum(mg.get("gelu").reference(z, approximate)))(z)
+    np.testing.assert_array_equal(expected[0], 0.0)
+    np.testing.assert_allclose(expected, jax.grad(lambda z: jnp.sum(mg.gelu(z, approximate)))(z), rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- softmax, log_softmax
 
 
@@ -122,6 +132,18 @@ def test_log_softmax_keeps_the_digits_of_a_dominant_entry():
     np.testing.assert_allclose(float(y[0]), -np.log1p(rest), rtol=1e-15)
     np.testing.assert_allclose(float(pull(jnp.array([1.0, 0.0, 0.0]))[0][0]), rest / (1 + rest), rtol=1e-15)
     assert abs(float(jax.nn.log_softmax(z)[0]) / -np.log1p(rest) - 1) > 1e-4
+
+
+def test_log_softmax_reference_stays_finite_where_a_probability_underflows():
+    """A trained model's confident row: e^{−200} underflows in float32, so log(softmax) would give −∞
+    there and NaN in jax.grad of a loss that weights that entry by 0 (the GPT's cross-check once
+    printed nan). The reference, like the rule, gives −200 and a finite gradient."""
+    z = jnp.array([0.0, -200.0], jnp.float32)
+    weights = jnp.array([1.0, 0.0], jnp.float32)
+    reference = mg.get("log_softmax").reference
+    np.testing.assert_array_equal(reference(z), [0.0, -200.0])
+    expected = jax.grad(lambda z: -jnp.sum(weights * reference(z)))(z)
+    np.testing.assert_array_equal(expected, jax.grad(lambda z: -jnp.sum(weights * mg.log_softmax(z)))(z))
 
 
 # --------------------------------------------------------------------------- attention

@@ -12,6 +12,7 @@ import pytest
 
 from manualgrad import cli, registry
 from manualgrad.teach import grading, networks, notebook, results
+from manualgrad.train import data
 
 # Right solutions, derived by hand: the body of backward that replaces its `dNAME = None` lines.
 SEED001 = """    da2 = a2 - y
@@ -150,6 +151,16 @@ def _table(report):
         if line.startswith("  d") and len(cells) >= 4 and cells[1] in ("yes", "no"):
             out[cells[0]] = tuple(cells[1:4])
     return out
+
+
+def test_mlp_bn_grades_on_contexts_drawn_from_the_words_dataset():
+    """The batch written out in networks.CONTEXTS is the one draw_batch draws from --dataset words."""
+    if not data.WORDS.is_file():
+        pytest.skip(f"no word list at {data.WORDS} (apt install wamerican): mlp_bn's batch cannot be drawn again")
+    assert networks.draw_batch(data.load_sequences("words")) == networks.CONTEXTS
+    values = networks.inputs(networks.get("mlp_bn"))
+    assert ["".join(networks.VOCAB[i] for i in row) for row in values["Xb"]] == [c for c, _, _ in networks.CONTEXTS]
+    assert "".join(networks.VOCAB[i] for i in values["Yb"]) == "".join(y for _, y, _ in networks.CONTEXTS)
 
 
 def test_the_networks_are_well_formed():
