@@ -43,6 +43,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from manualgrad.registry import Rule, Sample, register
@@ -113,28 +114,12 @@ def _taps(geo: Geometry) -> list[tuple[int, ...]]:
     return list(itertools.product(*map(range, geo.window)))
 
 
-def _tap(x, k: tuple[int, ...], geo: Geometry):
-    """``P_k(x)[b, o, ci] = x[b, o·s + k·d − lo, ci]`` (0 off the image), shape ``(N, *output, C_in)``.
-
-    One strided slice of ``x``, padded with zeros where the tap lies off the image; padding
-    only the slice, never the whole image, keeps this one pass over ``x``.
-    """
-    spans = _spans(k, geo)
-    if spans is None:
-        return jnp.zeros((jnp.shape(x)[0], *geo.output, jnp.shape(x)[-1]), x.dtype)
-    n, c = jnp.shape(x)[0], jnp.shape(x)[-1]
-    sliced = lax.slice(
-        x, (0, *(a for _, _, a, _ in spans), 0), (n, *(b for _, _, _, b in spans), c), (1, *geo.strides, 1)
-    )
-    pads = [(0, 0, 0), *((t_lo, o - t_hi, 0) for (t_lo, t_hi, _, _), o in zip(spans, geo.output)), (0, 0, 0)]
-    return lax.pad(sliced, jnp.zeros((), x.dtype), pads)
-
-
 def _tap_adjoint(v, k: tuple[int, ...], geo: Geometry):
-    """``P_k*``, the adjoint of :func:`_tap`: ``v`` (N, *output, C_in) put back at the input pixels it was read from.
+    """``P_k*``, the adjoint of the tap ``P_k``: ``v`` (N, *output, C_in) put back at the input pixels it was read from.
 
-    The adjoint of a strided slice is a strided scatter: crop the zero padding that ``_tap``
-    added, then pad with ``s − 1`` zeros between entries and the rows the slice skipped.
+    ``P_k`` is one strided slice of ``x`` (:func:`_spans`), zero-padded where the tap lies off
+    the image. The adjoint of a strided slice is a strided scatter: crop that zero padding,
+    then pad with ``s − 1`` zeros between entries and the rows the slice skipped.
     """
     spans = _spans(k, geo)
     n, c = jnp.shape(v)[0], jnp.shape(v)[-1]
@@ -162,6 +147,33 @@ def _input_adjoint(w, geo: Geometry, g):
 _NARROW_PATCHES = 64
 
 
+def _patch_index(geo: Geometry) -> np.ndarray:
+    """Where the patch matrix reads: ``[o, k]`` the flat input pixel ``o·s + k·d − lo`` that tap ``k``
+    reads at output position ``o`` (row-major over the spatial axes), or ``∏ input`` (one past the
+    last pixel, a zero row) where it lies in the padding. Shape ``(*output, taps)``, static."""
+    outputs = np.meshgrid(*map(np.arange, geo.output), indexing="ij")
+    index, inside = np.zeros((*geo.output, len(_taps(geo))), np.int64), np.ones((*geo.output, len(_taps(geo))), bool)
+    for axis, (o, size, s, d, (lo, _)) in enumerate(zip(outputs, geo.input, geo.strides, geo.dilation, geo.pads)):
+        p = o[..., None] * s + np.array([k[axis] for k in _taps(geo)]) * d - lo
+        inside &= (p >= 0) & (p < size)
+        index = index * size + p
+    return np.where(inside, index, math.prod(geo.input)).astype(np.int32)
+
+
+def _patches(x, geo: Geometry):
+    """The patch matrix ``P(x)[b, o, k, ci] = P_k(x)[b, o, ci]``, shape ``(N, *output, taps, C_in)``.
+
+    One gather from ``x`` with a zero row appended (what taps in the padding read): a single pass
+    that writes ``P`` once, where stacking the taps' strided slices writes it twice. The barrier
+    makes the gather read ``x`` as stored (the forward's input) instead of XLA fusing ``x``'s
+    producer (a bias and ReLU) into it and recomputing that for every tap.
+    """
+    n, c = jnp.shape(x)[0], jnp.shape(x)[-1]
+    rows = jnp.reshape(lax.optimization_barrier(x), (n, math.prod(geo.input), c))
+    rows = jnp.concatenate([rows, jnp.zeros((n, 1, c), x.dtype)], axis=1)
+    return rows.at[:, jnp.asarray(_patch_index(geo))].get(mode="promise_in_bounds")
+
+
 def _weight_adjoint(x, geo: Geometry, g):
     """``C††(x, g)[k, ci, co] = Σ_{b, o} x[b, o·s + k·d − lo, ci] g[b, o, co]``.
 
@@ -177,9 +189,8 @@ def _weight_adjoint(x, geo: Geometry, g):
         return lax.conv_general_dilated(
             x, g, geo.dilation, pads, rhs_dilation=geo.strides, dimension_numbers=dimension_numbers(n, "C††")
         )
-    patches = jnp.stack([_tap(x, k, geo) for k in _taps(geo)], axis=-2)
     lead = tuple(range(n + 1))
-    dw = lax.dot_general(g, patches, ((lead, lead), ((), ())))  # (C_out, taps, C_in)
+    dw = lax.dot_general(g, _patches(x, geo), ((lead, lead), ((), ())))  # (C_out, taps, C_in)
     return jnp.reshape(jnp.moveaxis(dw, 0, -1), (*geo.window, c_in, jnp.shape(g)[-1]))
 
 
