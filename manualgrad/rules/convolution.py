@@ -164,12 +164,10 @@ def _patches(x, geo: Geometry):
     """The patch matrix ``P(x)[b, o, k, ci] = P_k(x)[b, o, ci]``, shape ``(N, *output, taps, C_in)``.
 
     One gather from ``x`` with a zero row appended (what taps in the padding read): a single pass
-    that writes ``P`` once, where stacking the taps' strided slices writes it twice. The barrier
-    makes the gather read ``x`` as stored (the forward's input) instead of XLA fusing ``x``'s
-    producer (a bias and ReLU) into it and recomputing that for every tap.
+    that writes ``P`` once, where stacking the taps' strided slices writes it twice.
     """
     n, c = jnp.shape(x)[0], jnp.shape(x)[-1]
-    rows = jnp.reshape(lax.optimization_barrier(x), (n, math.prod(geo.input), c))
+    rows = jnp.reshape(x, (n, math.prod(geo.input), c))
     rows = jnp.concatenate([rows, jnp.zeros((n, 1, c), x.dtype)], axis=1)
     return rows.at[:, jnp.asarray(_patch_index(geo))].get(mode="promise_in_bounds")
 
