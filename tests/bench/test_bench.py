@@ -286,7 +286,6 @@ def test_the_character_lstm_is_benched_as_a_sequence_model(monkeypatch):
     assert (default.batch, default.vocab) == (loop.MODEL_DEFAULTS["lstm"]["batch_size"], 27)
 
 
-
 _REALLOCATE = """
 import resource, threading
 faults = []
