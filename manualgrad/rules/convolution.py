@@ -24,11 +24,11 @@ Both adjoints follow by collecting the terms of ``⟨C(x, W), y⟩`` differently
   where ``P_k*``, the adjoint of a strided slice, puts each entry back at the pixel it was
   read from (a strided scatter; rows no tap reads stay 0).
 
-The two collections are the same sums. The code computes both adjoints in the tap form —
-one ``dot_general`` each plus slices and pads, which XLA runs at matmul speed — except
-``C††`` for a narrow patch matrix, which is the correlation ``x ⋆ y`` (seed 000's
-``dw = x ⋆ dy``, batch and channels swapping roles). ``C`` is one ``lax.conv_general_dilated``;
-nothing here calls ``jax.vjp``.
+The two collections are the same sums. The code computes both adjoints in the tap form, one
+``dot_general`` each, which XLA runs at matmul speed: ``C†`` then strided pads, ``C††`` from
+the patch matrix gathered from ``x`` in one pass — except ``C††`` for a narrow patch matrix,
+which is the correlation ``x ⋆ y`` (seed 000's ``dw = x ⋆ dy``, batch and channels swapping
+roles). ``C`` is one ``lax.conv_general_dilated``; nothing here calls ``jax.vjp``.
 
 Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
 → ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
