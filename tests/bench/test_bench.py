@@ -284,3 +284,44 @@ def test_the_character_lstm_is_benched_as_a_sequence_model(monkeypatch):
     width = recurrent.DEFAULTS["lstm"].width
     assert params["recurrent"]["w_h"].shape == (width, 4 * width)
     assert (default.batch, default.vocab) == (loop.MODEL_DEFAULTS["lstm"]["batch_size"], 27)
+
+
+_REALLOCATE = """
+import resource, threading
+faults = []
+def step():  # one block above glibc's 64 MB thread-arena heap, as XLA:CPU allocates a step's temporaries
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = bytearray(80 << 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del block
+for _ in range(3):
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join()
+print(faults)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="the settings are glibc's")
+@pytest.mark.parametrize("reuse", [False, True])
+def test_the_reuse_settings_keep_a_step_blocks_pages(reuse, monkeypatch):
+    """An 80 MB block allocated and freed by a thread, three times: with glibc's defaults each is
+    mapped afresh, 20 480 pages (4 KiB) faulted in every time; started with
+    ``REUSE_HOST_MEMORY`` the second and third reuse the first's pages (bound: 1 % of them, for
+    the interpreter's own small allocations). ``host_memory`` names the settings either way."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in bench.REUSE_HOST_MEMORY and k != "GLIBC_TUNABLES"}
+    env |= bench.REUSE_HOST_MEMORY if reuse else {}
+    out = subprocess.run([sys.executable, "-c", _REALLOCATE], capture_output=True, text=True, check=True, env=env)
+    faults = json.loads(out.stdout)
+    assert faults[0] >= 0.9 * 20_480
+    assert (max(faults[1:]) < 205) if reuse else (min(faults[1:]) >= 0.9 * 20_480), faults
+    for name in ("GLIBC_TUNABLES", *bench.REUSE_HOST_MEMORY):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (bench.REUSE_HOST_MEMORY if reuse else {}).items():
+        monkeypatch.setenv(name, value)
+    expected = " ".join(f"{k}={v}" for k, v in bench.REUSE_HOST_MEMORY.items()) if reuse else "defaults"
+    assert bench.host_memory() == expected
