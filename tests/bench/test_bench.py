@@ -319,9 +319,34 @@ def test_the_reuse_settings_keep_a_step_blocks_pages(reuse, monkeypatch):
     faults = json.loads(out.stdout)
     assert faults[0] >= 0.9 * 20_480
     assert (max(faults[1:]) < 205) if reuse else (min(faults[1:]) >= 0.9 * 20_480), faults
+    monkeypatch.setattr(bench, "_applied", [])  # as in a process that has not called reuse_host_memory
     for name in ("GLIBC_TUNABLES", *bench.REUSE_HOST_MEMORY):
         monkeypatch.delenv(name, raising=False)
     for name, value in (bench.REUSE_HOST_MEMORY if reuse else {}).items():
         monkeypatch.setenv(name, value)
     expected = " ".join(f"{k}={v}" for k, v in bench.REUSE_HOST_MEMORY.items()) if reuse else "defaults"
     assert bench.host_memory() == expected
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="the settings are glibc's")
+@pytest.mark.parametrize("given", [False, True])
+def test_reuse_host_memory_sets_them_from_python_unless_the_environment_does(given):
+    """``reuse_host_memory()`` after importing jax and before computing, as the command line does:
+    the second and third 80 MB blocks reuse the first's pages (bound as above). With a setting in
+    the environment it leaves glibc alone (MALLOC_ARENA_MAX=8 alone keeps the blocks mapped afresh)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in bench.REUSE_HOST_MEMORY and k != "GLIBC_TUNABLES"}
+    env |= {"MALLOC_ARENA_MAX": "8"} if given else {}
+    script = "import jax\nfrom manualgrad.bench import bench\nprint(bench.reuse_host_memory(), bench.host_memory())\n"
+    command = [sys.executable, "-c", script + _REALLOCATE]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    first, second = out.stdout.splitlines()
+    faults = json.loads(second)
+    if given:
+        assert first == "False MALLOC_ARENA_MAX=8" and min(faults[1:]) >= 0.9 * 20_480, faults
+    else:
+        expected = " ".join(f"{k}={v}" for k, v in bench.REUSE_HOST_MEMORY.items())
+        assert first == f"True mallopt {expected}" and max(faults[1:]) < 205, faults
