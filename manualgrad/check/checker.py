@@ -63,6 +63,7 @@ from manualgrad.check.tolerances import ATOL, CHECKS, TOLERANCES, compiler_optio
 from manualgrad.check.trees import (
     closure,
     is_float_tree,
+    pullback,
     random_like,
     stack_perturbed,
 )
@@ -177,6 +178,21 @@ def _argname(rule: Rule, i: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Traced:
+    """A function (the hand rule or the reference, of the differentiated arguments) and its VJP
+    ``(primals, cotangent) ↦ cotangents``, each under one ``jax.jit``: inside a sample's program
+    every check that calls them at the same shapes reuses one trace, and the checks under
+    ``vmap`` and reverse mode transform that trace instead of tracing the Python again."""
+
+    forward: Callable[..., Any]
+    pull: Callable[..., Any]
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> _Traced:
+        return cls(jax.jit(fn), jax.jit(pullback(fn)))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Draws:
     """One sample's differentiated arguments, closures over them, and every check's random draws."""
 
@@ -184,6 +200,7 @@ class _Draws:
     names: list[str]
     hand: Callable[..., Any]
     ref: Callable[..., Any]
+    traced: tuple[_Traced, _Traced]  # the hand rule's and the reference's
     primals: list[Any]
     u: Any  # the output cotangent
     v: list[Any]  # grad_of_grad's direction
@@ -199,6 +216,7 @@ def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
     diff = [i for i in rule.differentiable if is_float_tree(args[i])]
     names = [_argname(rule, i) for i in diff]
     hand, ref = closure(rule.fn, args, diff), closure(rule.reference, args, diff)
+    traced = _Traced.of(hand), _Traced.of(ref)
     primals = [args[i] for i in diff]
     ku, kv, kb, ka = jax.random.split(key, 4)
     u = random_like(ku, jax.eval_shape(hand, *primals))
@@ -208,6 +226,7 @@ def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
         names,
         hand,
         ref,
+        traced,
         primals,
         u,
         v=[random_like(k, p) for k, p in zip(jax.random.split(kv, len(primals)), primals)],
@@ -215,31 +234,29 @@ def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
         batched_u=stack_perturbed(ku, u),
         groups=groups,
         adjoint=[adjoint.draws(k, args, group, u) for k, group in zip(jax.random.split(ka, len(groups)), groups)],
-        differences=finite_differences(rule, sample, diff, names, key) if "finite_diff" in checks and diff else None,
+        differences=finite_differences(rule, sample, diff, names, key, (traced[0].forward, traced[0].pull))
+        if "finite_diff" in checks and diff
+        else None,
     )
 
 
-def _pull(fn):
-    return lambda p, c: jax.vjp(fn, *p)[1](c)
-
-
-def _side(fn: Callable[..., Any], d: _Draws, wanted, p, c, pb, cb) -> dict[str, Any]:
+def _side(fn: _Traced, d: _Draws, wanted, p, c, pb, cb) -> dict[str, Any]:
     """One side's (the hand rule's or the reference's) values of the autodiff checks ``wanted``.
 
     The ``jit`` VJP and ``grad_of_grad`` come from one trace of the backward: the VJP of
     ``p ↦ VJP(p, c)``, whose value is the VJP and whose pullback of ``v`` is the gradient of
-    ``⟨VJP(p, c), v⟩``, reverse over reverse.
+    ``⟨VJP(p, c), v⟩``, reverse over reverse; ``vmap`` batches the same trace.
     """
     out = {}
     if "forward" in wanted:
-        out["forward"] = fn(*p)
+        out["forward"] = fn.forward(*p)
     if "vmap" in wanted:
-        out["vmap"] = jax.vmap(_pull(fn))(pb, cb)
+        out["vmap"] = jax.vmap(fn.pull)(pb, cb)
     if "grad_of_grad" in wanted:
-        out["jit"], second = jax.vjp(lambda q: _pull(fn)(q, c), p)
+        out["jit"], second = jax.vjp(lambda q: fn.pull(q, c), p)
         (out["grad_of_grad"],) = second(tuple(d.v))
     elif "jit" in wanted:
-        out["jit"] = _pull(fn)(p, c)
+        out["jit"] = fn.pull(p, c)
     return out
 
 
@@ -247,18 +264,19 @@ def _run(rule: Rule, sample: Sample, d: _Draws, checks, options):
     """Every check's values: one compiled program with the XLA ``options``, and the eager hand VJP."""
     wanted = [c for c in ("forward", "jit", "vmap", "grad_of_grad") if c in checks or (c == "jit" and "vjp" in checks)]
     fd_inputs = d.differences.inputs if d.differences else None
-
     def program(inputs, fd_inputs, adjoint_inputs):
-        pairs = [adjoint.pair(rule.fn, sample.args, group, *drawn) for group, drawn in zip(d.groups, adjoint_inputs)]
+        positions = [[d.diff.index(i) for i in group] for group in d.groups]
+        hand = d.traced[0]
+        pairs = [adjoint.pair(hand.forward, hand.pull, d.primals, k, *drawn) for k, drawn in zip(positions, adjoint_inputs)]
         differences = d.differences.evaluate(*fd_inputs) if d.differences else None
-        hand, ref = (_side(fn, d, wanted, *inputs) for fn in (d.hand, d.ref))
-        return {c: (hand[c], ref[c]) for c in wanted}, differences, pairs
+        sides = [_side(fn, d, wanted, *inputs) for fn in d.traced]
+        return {c: (sides[0][c], sides[1][c]) for c in wanted}, differences, pairs
 
     values, fd_values, adjoint_values = jax.jit(program, compiler_options=options)(
         (d.primals, d.u, d.batched, d.batched_u), fd_inputs, d.adjoint
     )
     if "vjp" in checks:
-        values["vjp"] = (_pull(d.hand)(d.primals, d.u), values["jit"][1])
+        values["vjp"] = (pullback(d.hand)(d.primals, d.u), values["jit"][1])
     return values, fd_values, adjoint_values
 
 
