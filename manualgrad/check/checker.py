@@ -113,27 +113,35 @@ def check(
     return Report(dtype, [f for result in results for f in result], seconds, clock.compile_seconds(seconds))
 
 
-def _check_all(selected: list[Rule], dtype: str, checks, seed: int, clock: CompileClock) -> list[list[Finding]]:
-    jobs = []
-    with clock.working(), jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
+def jobs(selected: list[Rule], dtype: str, seed: int) -> list[tuple[Rule, Sample, jax.Array]]:
+    """Every sample of the ``selected`` rules with its key for the checks' random draws: a
+    rule's keys depend on its name and ``seed`` only, not on what else is checked."""
+    found = []
+    with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
         for rule in selected:
             rule_key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(rule.name.encode()))
             sample_key, check_key = jax.random.split(rule_key)
             for i, sample in enumerate(rule.sample_inputs(sample_key, jnp.dtype(dtype))):
-                jobs.append((rule, sample, jax.random.fold_in(check_key, i)))
+                found.append((rule, sample, jax.random.fold_in(check_key, i)))
+    return found
+
+
+def _check_all(selected: list[Rule], dtype: str, checks, seed: int, clock: CompileClock) -> list[list[Finding]]:
+    with clock.working():
+        todo = jobs(selected, dtype, seed)
     options = compiler_options()
 
     def run(job) -> list[Finding]:
         with clock.working():
-            return _check_job(*job, dtype, checks, options)
+            return check_job(*job, dtype, checks, options)
 
     if WORKERS == 1:
-        return [run(job) for job in jobs]
+        return [run(job) for job in todo]
     with ThreadPoolExecutor(WORKERS) as pool:
-        return list(pool.map(run, jobs))
+        return list(pool.map(run, todo))
 
 
-def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> list[Finding]:
+def check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> list[Finding]:
     """:func:`_check_sample` under the checker's JAX configuration, which is per thread.
 
     When the sample's program cannot be built (something raised), each check is run alone, so
@@ -222,7 +230,7 @@ def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
     traced = _Traced.of(hand), _Traced.of(ref)
     primals = [args[i] for i in diff]
     ku, kv, kb, ka = jax.random.split(key, 4)
-    u = random_like(ku, jax.eval_shape(hand, *primals))
+    u = random_like(ku, jax.eval_shape(traced[0].forward, *primals))
     groups = adjoint.linear_groups(rule, diff) if "adjoint" in checks else []
     return _Draws(
         diff,
