@@ -6,8 +6,10 @@ and a second core idles. The command checks its (registered, built-in) rules' sa
 :data:`PROCESSES` fresh Python processes instead, one sample at a time each, in the calling
 process's settings (``XLA_FLAGS`` is inherited, the persistent cache passed on). The findings
 are those of :func:`~manualgrad.check.checker.check`, in its order: the samples, their keys
-and their programs are the same. A user's own function or rule object cannot be sent to
-another process, so :func:`manualgrad.check` keeps its threads.
+and their programs are the same. Only the command itself (``python -m manualgrad``, the
+``manualgrad`` script) does so: a program of yours that changed a rule before calling
+``manualgrad.cli.main`` has rules a fresh process would not see, and is checked in threads,
+as :func:`manualgrad.check` always is (a function or rule object cannot be sent to another process).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import multiprocessing
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -38,8 +41,11 @@ def check(
     processes: int = PROCESSES,
 ) -> Report:
     """Every check of the registered rules ``names`` in ``dtype``, their samples spread over
-    ``processes`` processes that keep their programs in ``cache_dir`` (``None``: no cache).
+    ``processes`` processes that keep their programs in ``cache_dir`` (``None``: no cache);
+    :func:`manualgrad.check` in threads where this process is not the :func:`command`.
     Its ``compile_seconds`` is the wall time times the processes' compile time over their work."""
+    if not command():
+        return checker.check(list(names), dtype=dtype, seed=seed)
     if dtype not in TOLERANCES:
         raise ValueError(f"check: dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
     start = time.perf_counter()
@@ -54,6 +60,15 @@ def check(
     seconds = time.perf_counter() - start
     compiling, working = (sum(column) for column in zip(*(totals for _, totals in done)))
     return Report(dtype, [f for found, _ in done for f in found], seconds, compile_share(seconds, compiling, working))
+
+
+def command() -> bool:
+    """This process is the ``manualgrad`` command, whose rules are those a fresh process imports."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None:
+        return spec.name == "manualgrad.__main__"
+    return pathlib.Path(getattr(main, "__file__", "") or "").name == "manualgrad"
 
 
 @functools.cache

@@ -8,9 +8,11 @@ import manualgrad
 from manualgrad.check import processes
 
 
-def test_processes_find_what_threads_find_to_the_last_digit():
+def test_processes_find_what_threads_find_to_the_last_digit(monkeypatch):
     """The same samples, keys and programs: equal findings, in the same order. Two rules of 9
-    samples over 2 processes, so that each process checks samples of both."""
+    samples over 2 processes, so that each process checks samples of both. (The rules are
+    unchanged here, so this process may stand for the command.)"""
+    monkeypatch.setattr(processes, "command", lambda: True)
     names = ["identity", "relu"]
     in_threads = manualgrad.check(names)
     in_processes = processes.check(names, processes=2)
@@ -29,3 +31,8 @@ def test_processes_refuse_a_bad_dtype_before_starting():
         assert "dtype must be one of" in str(error)
     else:
         raise AssertionError("float16 accepted")
+
+
+def test_a_program_that_calls_the_command_is_checked_in_its_own_process():
+    """pytest is not the command: its rules may differ from a fresh process's."""
+    assert not processes.command()
