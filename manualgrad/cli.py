@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import manualgrad
 from manualgrad import registry
 from manualgrad.bench import bench
-from manualgrad.check import cache, checker
+from manualgrad.check import cache, checker, processes
 from manualgrad.train import checkpoint, data, distributed, loop
 
 
@@ -73,7 +73,7 @@ def _check(args: argparse.Namespace) -> int:
     if _refuse_unknown_rules("check", names, "rule(s)"):
         return 2
     with cache.command_settings(not args.no_cache) as cached_in:
-        report = manualgrad.check(names, dtype=args.dtype)
+        report = processes.check(names, dtype=args.dtype, cache_dir=cached_in)
     if args.json:
         for record in report.records():
             print(json.dumps(record))

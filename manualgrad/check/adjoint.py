@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from manualgrad.check.report import Finding
-from manualgrad.check.trees import closure, random_like
+from manualgrad.check.trees import random_like
 from manualgrad.registry import Rule
 
 
@@ -30,10 +30,17 @@ def draws(key: jax.Array, args: Sequence[Any], group: tuple[int, ...], output: A
     return u, random_like(ky, output)
 
 
-def pair(fn: Callable[..., Any], args: Sequence[Any], group: tuple[int, ...], u: list[Any], y: Any) -> tuple[Any, Any]:
-    """Traced: ``C(u)`` with the other arguments fixed at the sample, and the hand backward ``C†(y)``."""
-    out, pullback = jax.vjp(closure(fn, args, group), *u)
-    return out, pullback(y)
+def pair(
+    forward: Callable[..., Any], pull: Callable[..., Any], primals: Sequence[Any], positions: Sequence[int], u, y
+) -> tuple[Any, list[Any]]:
+    """Traced: ``C(u)``, the rule's ``forward`` with the primals at ``positions`` replaced by ``u``
+    (the others fixed at the sample), and the hand backward ``C†(y)``, those positions of the
+    hand VJP ``pull(primals, y)`` at the same point."""
+    at = list(primals)
+    for k, a in zip(positions, u):
+        at[k] = a
+    back = pull(at, y)
+    return forward(*at), [back[k] for k in positions]
 
 
 def adjoint_mismatch(u: list[Any], y: Any, out: Any, back: Any) -> tuple[float, float, float]:

@@ -64,9 +64,8 @@ def command_settings(enabled: bool = True) -> Iterator[pathlib.Path | None]:
     try:
         if saved["jax_compilation_cache_dir"]:
             path = pathlib.Path(saved["jax_compilation_cache_dir"])
-        elif path is not None:
-            jax.config.update("jax_compilation_cache_dir", str(path))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+        else:
+            use(path)
         fast_eager_builds()
         yield path
     finally:
@@ -76,6 +75,13 @@ def command_settings(enabled: bool = True) -> Iterator[pathlib.Path | None]:
             os.environ.pop("XLA_FLAGS", None)
         else:
             os.environ["XLA_FLAGS"] = flags
+
+
+def use(path: pathlib.Path | None) -> None:
+    """Keeps every program this process builds in JAX's persistent cache at ``path`` (``None``: none)."""
+    if path is not None:
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
 
 
 def fast_eager_builds() -> bool:

@@ -3,7 +3,9 @@
 For every sample of every rule (or for any function the user builds from rules) it runs:
 
 * ``forward``       the rule's output against its plain-``jnp`` reference;
-* ``vjp``           the hand VJP against ``jax.vjp`` of the reference, under a random cotangent;
+* ``vjp``           the hand VJP against ``jax.vjp`` of the reference, under a random cotangent
+                    (compiled, as every check: it is the ``jit`` check's value, judged per
+                    argument and diagnosed when it fails);
 * ``finite_diff``   the hand VJP against finite differences (steps ±h and ±2h, Richardson's
                     extrapolation), always in float64: the exact Jacobian for arguments of at
                     most 64 entries, else ``uᵀ J v`` along random unit directions (like
@@ -29,11 +31,12 @@ rules inside the function still run under ``"raise"``. A reference that raises f
 check of its sample, with a note that names the reference.
 
 The run time is compile time (the report splits it, :mod:`~manualgrad.check.timing`): every
-sample's checks but the eager one are fused into one program (built with
+sample's checks are fused into one program (built with
 :data:`~manualgrad.check.tolerances.FAST_COMPILE` on CPU), in which the backward is traced as few
-times as the checks allow (``jit`` and ``grad_of_grad`` share one trace, the finite differences
-of all arguments another), and samples are checked :data:`WORKERS` at a time, so that one
-sample's compile overlaps another's tracing and eager dispatch. Samples are not batched into one
+times as the checks allow (once: :class:`_Traced`), and samples are checked :data:`WORKERS` at a
+time, so that one sample's compile overlaps another's tracing. The hand VJP is not also run
+eagerly: each eager operation on a new shape is a program of its own, and they took over 40 % of
+the check's CPU time for values equal to the compiled ones to round-off. Samples are not batched into one
 program per rule: XLA's compile time grows with the program, and one program per rule built as
 much as the per-sample ones together, one thread at a time. ``manualgrad check`` also keeps what
 it built in JAX's persistent compilation cache (:mod:`~manualgrad.check.cache`).
@@ -63,6 +66,7 @@ from manualgrad.check.tolerances import ATOL, CHECKS, TOLERANCES, compiler_optio
 from manualgrad.check.trees import (
     closure,
     is_float_tree,
+    pullback,
     random_like,
     stack_perturbed,
 )
@@ -71,7 +75,7 @@ from manualgrad.registry import Rule, Sample
 __all__ = ["CHECKS", "NOT_RUN", "TOLERANCES", "WORKERS", "BackwardError", "Finding", "Report", "check"]
 
 # Two threads per core: XLA compiles without holding the GIL, and a small program's compile
-# leaves a core idle that another sample's tracing or eager dispatch can use.
+# leaves a core idle that another sample's tracing can use.
 WORKERS = min(8, 2 * (os.cpu_count() or 1))
 
 
@@ -109,27 +113,35 @@ def check(
     return Report(dtype, [f for result in results for f in result], seconds, clock.compile_seconds(seconds))
 
 
-def _check_all(selected: list[Rule], dtype: str, checks, seed: int, clock: CompileClock) -> list[list[Finding]]:
-    jobs = []
-    with clock.working(), jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
+def jobs(selected: list[Rule], dtype: str, seed: int) -> list[tuple[Rule, Sample, jax.Array]]:
+    """Every sample of the ``selected`` rules with its key for the checks' random draws: a
+    rule's keys depend on its name and ``seed`` only, not on what else is checked."""
+    found = []
+    with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
         for rule in selected:
             rule_key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(rule.name.encode()))
             sample_key, check_key = jax.random.split(rule_key)
             for i, sample in enumerate(rule.sample_inputs(sample_key, jnp.dtype(dtype))):
-                jobs.append((rule, sample, jax.random.fold_in(check_key, i)))
+                found.append((rule, sample, jax.random.fold_in(check_key, i)))
+    return found
+
+
+def _check_all(selected: list[Rule], dtype: str, checks, seed: int, clock: CompileClock) -> list[list[Finding]]:
+    with clock.working():
+        todo = jobs(selected, dtype, seed)
     options = compiler_options()
 
     def run(job) -> list[Finding]:
         with clock.working():
-            return _check_job(*job, dtype, checks, options)
+            return check_job(*job, dtype, checks, options)
 
     if WORKERS == 1:
-        return [run(job) for job in jobs]
+        return [run(job) for job in todo]
     with ThreadPoolExecutor(WORKERS) as pool:
-        return list(pool.map(run, jobs))
+        return list(pool.map(run, todo))
 
 
-def _check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> list[Finding]:
+def check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> list[Finding]:
     """:func:`_check_sample` under the checker's JAX configuration, which is per thread.
 
     When the sample's program cannot be built (something raised), each check is run alone, so
@@ -177,6 +189,21 @@ def _argname(rule: Rule, i: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Traced:
+    """A function (the hand rule or the reference, of the differentiated arguments) and its VJP
+    ``(primals, cotangent) ↦ cotangents``, each under one ``jax.jit``: inside a sample's program
+    every check that calls them at the same shapes reuses one trace, and the checks under
+    ``vmap`` and reverse mode transform that trace instead of tracing the Python again."""
+
+    forward: Callable[..., Any]
+    pull: Callable[..., Any]
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> _Traced:
+        return cls(jax.jit(fn), jax.jit(pullback(fn)))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Draws:
     """One sample's differentiated arguments, closures over them, and every check's random draws."""
 
@@ -184,6 +211,7 @@ class _Draws:
     names: list[str]
     hand: Callable[..., Any]
     ref: Callable[..., Any]
+    traced: tuple[_Traced, _Traced]  # the hand rule's and the reference's
     primals: list[Any]
     u: Any  # the output cotangent
     v: list[Any]  # grad_of_grad's direction
@@ -199,15 +227,17 @@ def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
     diff = [i for i in rule.differentiable if is_float_tree(args[i])]
     names = [_argname(rule, i) for i in diff]
     hand, ref = closure(rule.fn, args, diff), closure(rule.reference, args, diff)
+    traced = _Traced.of(hand), _Traced.of(ref)
     primals = [args[i] for i in diff]
     ku, kv, kb, ka = jax.random.split(key, 4)
-    u = random_like(ku, jax.eval_shape(hand, *primals))
+    u = random_like(ku, jax.eval_shape(traced[0].forward, *primals))
     groups = adjoint.linear_groups(rule, diff) if "adjoint" in checks else []
     return _Draws(
         diff,
         names,
         hand,
         ref,
+        traced,
         primals,
         u,
         v=[random_like(k, p) for k, p in zip(jax.random.split(kv, len(primals)), primals)],
@@ -215,50 +245,49 @@ def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
         batched_u=stack_perturbed(ku, u),
         groups=groups,
         adjoint=[adjoint.draws(k, args, group, u) for k, group in zip(jax.random.split(ka, len(groups)), groups)],
-        differences=finite_differences(rule, sample, diff, names, key) if "finite_diff" in checks and diff else None,
+        differences=finite_differences(rule, sample, diff, names, key, (traced[0].forward, traced[0].pull))
+        if "finite_diff" in checks and diff
+        else None,
     )
 
 
-def _pull(fn):
-    return lambda p, c: jax.vjp(fn, *p)[1](c)
-
-
-def _side(fn: Callable[..., Any], d: _Draws, wanted, p, c, pb, cb) -> dict[str, Any]:
+def _side(fn: _Traced, d: _Draws, wanted, p, c, pb, cb) -> dict[str, Any]:
     """One side's (the hand rule's or the reference's) values of the autodiff checks ``wanted``.
 
     The ``jit`` VJP and ``grad_of_grad`` come from one trace of the backward: the VJP of
     ``p ↦ VJP(p, c)``, whose value is the VJP and whose pullback of ``v`` is the gradient of
-    ``⟨VJP(p, c), v⟩``, reverse over reverse.
+    ``⟨VJP(p, c), v⟩``, reverse over reverse; ``vmap`` batches the same trace.
     """
     out = {}
     if "forward" in wanted:
-        out["forward"] = fn(*p)
+        out["forward"] = fn.forward(*p)
     if "vmap" in wanted:
-        out["vmap"] = jax.vmap(_pull(fn))(pb, cb)
+        out["vmap"] = jax.vmap(fn.pull)(pb, cb)
     if "grad_of_grad" in wanted:
-        out["jit"], second = jax.vjp(lambda q: _pull(fn)(q, c), p)
+        out["jit"], second = jax.vjp(lambda q: fn.pull(q, c), p)
         (out["grad_of_grad"],) = second(tuple(d.v))
     elif "jit" in wanted:
-        out["jit"] = _pull(fn)(p, c)
+        out["jit"] = fn.pull(p, c)
     return out
 
 
 def _run(rule: Rule, sample: Sample, d: _Draws, checks, options):
-    """Every check's values: one compiled program with the XLA ``options``, and the eager hand VJP."""
+    """Every check's values: one compiled program with the XLA ``options``."""
     wanted = [c for c in ("forward", "jit", "vmap", "grad_of_grad") if c in checks or (c == "jit" and "vjp" in checks)]
     fd_inputs = d.differences.inputs if d.differences else None
-
     def program(inputs, fd_inputs, adjoint_inputs):
-        pairs = [adjoint.pair(rule.fn, sample.args, group, *drawn) for group, drawn in zip(d.groups, adjoint_inputs)]
+        positions = [[d.diff.index(i) for i in group] for group in d.groups]
+        hand = d.traced[0]
+        pairs = [adjoint.pair(hand.forward, hand.pull, d.primals, k, *drawn) for k, drawn in zip(positions, adjoint_inputs)]
         differences = d.differences.evaluate(*fd_inputs) if d.differences else None
-        hand, ref = (_side(fn, d, wanted, *inputs) for fn in (d.hand, d.ref))
-        return {c: (hand[c], ref[c]) for c in wanted}, differences, pairs
+        sides = [_side(fn, d, wanted, *inputs) for fn in d.traced]
+        return {c: (sides[0][c], sides[1][c]) for c in wanted}, differences, pairs
 
     values, fd_values, adjoint_values = jax.jit(program, compiler_options=options)(
         (d.primals, d.u, d.batched, d.batched_u), fd_inputs, d.adjoint
     )
     if "vjp" in checks:
-        values["vjp"] = (_pull(d.hand)(d.primals, d.u), values["jit"][1])
+        values["vjp"] = values["jit"]
     return values, fd_values, adjoint_values
 
 
@@ -286,8 +315,8 @@ def _autodiff_findings(rule: Rule, sample: Sample, dtype: str, checks, d: _Draws
 def _check_sample(rule: Rule, sample: Sample, dtype: str, checks, key, options) -> list[Finding]:
     """Every requested check on one sample.
 
-    Only the ``vjp`` check's hand VJP runs eagerly; everything else, the finite-difference
-    evaluations included, is compiled as one program per sample, with the XLA ``options``.
+    Every check, the finite-difference evaluations included, is compiled as one program per
+    sample, with the XLA ``options``.
     Compiling dominates the run time, and every separate program, or eager op on a new
     shape, is one more compile.
     """

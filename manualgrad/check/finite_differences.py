@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 from manualgrad.check.comparison import compare
 from manualgrad.check.report import Finding
 from manualgrad.check.tolerances import FD_ATOL
-from manualgrad.check.trees import closure, host, is_float, locate
+from manualgrad.check.trees import closure, host, is_float, locate, pullback
 from manualgrad.registry import Rule, Sample
 from manualgrad.rules.samples import generator
 
@@ -137,6 +137,7 @@ class SampleDifferences:
     """
 
     fn: Callable[..., Any]
+    pull: Callable[..., Any]  # fn's VJP: (args, cotangent) -> cotangents
     args: list[Any]
     directions: np.ndarray
     cotangents: np.ndarray
@@ -150,13 +151,16 @@ class SampleDifferences:
         """Traced: ``f`` at ``x + s·h·d`` for every ``s`` in :data:`FD_STEPS` and every row ``d``
         of ``directions``, then at ``x``; and the hand VJP of every cotangent row, one row each."""
         flat, unravel = ravel_pytree(list(args))
+        _, unravel_output = ravel_pytree(self.fn(*args))
 
         def f(x):
             return ravel_pytree(self.fn(*unravel(x)))[0]
 
-        _, pullback = jax.vjp(f, flat)
+        def pulled(c):
+            return ravel_pytree(self.pull(list(args), unravel_output(c)))[0]
+
         points = [flat[None] + s * FD_STEP * directions for s in FD_STEPS]
-        return jax.vmap(f)(jnp.concatenate([*points, flat[None]])), jax.vmap(lambda c: pullback(c)[0])(cotangents)
+        return jax.vmap(f)(jnp.concatenate([*points, flat[None]])), jax.vmap(pulled)(cotangents)
 
     def findings(self, rule: str, label: str, dtype: str, tol: float, values: np.ndarray, hand: np.ndarray):
         """One :class:`Finding` per argument, from :meth:`evaluate`'s ``values`` and ``hand``."""
@@ -192,14 +196,25 @@ def richardson(steps, f0, magnitude, tol: float) -> tuple[np.ndarray, np.ndarray
 
 
 def finite_differences(
-    rule: Rule, sample: Sample, diff: list[int], names: list[str], key: jax.Array
+    rule: Rule,
+    sample: Sample,
+    diff: list[int],
+    names: list[str],
+    key: jax.Array,
+    shared: tuple[Callable[..., Any], Callable[..., Any]] | None = None,
 ) -> SampleDifferences:
-    """The finite-difference checks of a sample, one per differentiable argument, in float64."""
+    """The finite-difference checks of a sample, one per differentiable argument, in float64.
+
+    ``shared``: the rule's forward and VJP ``(primals, cotangent) ↦ cotangents`` as functions of
+    the arguments ``diff``, the others fixed at the sample, each under one ``jax.jit``; used
+    where the sample is in float64 already, so that the differences reuse their traces."""
     args = jax.tree_util.tree_map(lambda a: host(a, np.float64) if is_float(a) else a, sample.args)
-    fn = closure(rule.fn, args, diff)
+    if shared is None or not all(a.dtype == np.float64 for a in jax.tree_util.tree_leaves(sample.args) if is_float(a)):
+        fn = closure(rule.fn, args, diff)
+        shared = jax.jit(fn), jax.jit(pullback(fn))
     primals = [args[i] for i in diff]
     sizes = [sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(p)) for p in primals]
-    m = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(jax.eval_shape(fn, *primals)))
+    m = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(jax.eval_shape(shared[0], *primals)))
     cotangents = [np.eye(m)] if any(n <= EXACT_JACOBIAN_MAX for n in sizes) else []
     parts, blocks, row, cotangent_row = [], [], 0, sum(map(len, cotangents))
     for k, name, primal, n, column in zip(
@@ -219,7 +234,7 @@ def finite_differences(
     directions = np.zeros((row, sum(sizes)))
     for part, block in zip(parts, blocks):
         directions[part.rows, part.columns] = block
-    return SampleDifferences(fn, primals, directions, np.concatenate(cotangents or [np.zeros((0, m))]), parts)
+    return SampleDifferences(*shared, primals, directions, np.concatenate(cotangents or [np.zeros((0, m))]), parts)
 
 
 def _random_directions(key: jax.Array, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:

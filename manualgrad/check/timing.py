@@ -72,9 +72,16 @@ class CompileClock:
             with self._lock:
                 self._working += time.perf_counter() - start
 
+    def totals(self) -> tuple[float, float]:
+        """``(Σ_threads |∪ compile spans|, Σ work)`` so far, in seconds."""
+        with self._lock:
+            return sum(union_seconds(spans) for spans in self._compiling.values()), self._working
+
     def compile_seconds(self, wall: float) -> float:
         """The compile share of ``wall``: ``wall · Σ_threads |∪ compile spans| / Σ work``, at most ``wall``."""
-        with self._lock:
-            compiling = sum(union_seconds(spans) for spans in self._compiling.values())
-            working = self._working
-        return wall * min(compiling / working, 1.0) if working > 0 else 0.0
+        return compile_share(wall, *self.totals())
+
+
+def compile_share(wall: float, compiling: float, working: float) -> float:
+    """``wall · compiling / working``, at most ``wall`` (0 without work)."""
+    return wall * min(compiling / working, 1.0) if working > 0 else 0.0

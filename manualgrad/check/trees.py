@@ -67,6 +67,11 @@ def closure(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int]) ->
     return f
 
 
+def pullback(fn: Callable[..., Any]) -> Callable[[Sequence[Any], Any], tuple[Any, ...]]:
+    """``fn``'s VJP as a function of ``(primals, cotangent)``: ``c ↦ cᵀ ∂fn(primals)``, per primal."""
+    return lambda primals, cotangent: jax.vjp(fn, *primals)[1](cotangent)
+
+
 def is_float(a: Any) -> bool:
     return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
 

@@ -1,0 +1,84 @@
+"""``manualgrad check`` in several processes: :func:`check`.
+
+Checking is Python-bound once XLA's builds are cheap or cached: tracing, transforming and
+lowering each sample's program hold the interpreter lock, so the checker's threads take turns
+and a second core idles. The command checks its (registered, built-in) rules' samples in
+:data:`PROCESSES` fresh Python processes instead, one sample at a time each, in the calling
+process's settings (``XLA_FLAGS`` is inherited, the persistent cache passed on). The findings
+are those of :func:`~manualgrad.check.checker.check`, in its order: the samples, their keys
+and their programs are the same. Only the command itself (``python -m manualgrad``, the
+``manualgrad`` script) does so: a program of yours that changed a rule before calling
+``manualgrad.cli.main`` has rules a fresh process would not see, and is checked in threads,
+as :func:`manualgrad.check` always is (a function or rule object cannot be sent to another process).
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+from manualgrad import registry
+from manualgrad.check import cache, checker
+from manualgrad.check.report import Finding, Report
+from manualgrad.check.timing import CompileClock, compile_share
+from manualgrad.check.tolerances import CHECKS, TOLERANCES, compiler_options
+
+PROCESSES = os.cpu_count() or 1
+
+
+def check(
+    names: Sequence[str],
+    *,
+    dtype: str = "float64",
+    seed: int = 0,
+    cache_dir: pathlib.Path | None = None,
+    processes: int = PROCESSES,
+) -> Report:
+    """Every check of the registered rules ``names`` in ``dtype``, their samples spread over
+    ``processes`` processes that keep their programs in ``cache_dir`` (``None``: no cache);
+    :func:`manualgrad.check` in threads where this process is not the :func:`command`.
+    Its ``compile_seconds`` is the wall time times the processes' compile time over their work."""
+    if not command():
+        return checker.check(list(names), dtype=dtype, seed=seed)
+    if dtype not in TOLERANCES:
+        raise ValueError(f"check: dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
+    start = time.perf_counter()
+    tasks = [
+        (rule.name, i)
+        for rule in map(registry.get, names)
+        for i in range(len(checker.jobs([rule], dtype, seed)))
+    ]
+    context = multiprocessing.get_context("spawn")  # a forked JAX runtime may hang
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=cache.use, initargs=(cache_dir,)) as pool:
+        done = list(pool.map(_check_sample, *zip(*tasks), [dtype] * len(tasks), [seed] * len(tasks)))
+    seconds = time.perf_counter() - start
+    compiling, working = (sum(column) for column in zip(*(totals for _, totals in done)))
+    return Report(dtype, [f for found, _ in done for f in found], seconds, compile_share(seconds, compiling, working))
+
+
+def command() -> bool:
+    """This process is the ``manualgrad`` command, whose rules are those a fresh process imports."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None:
+        return spec.name == "manualgrad.__main__"
+    return pathlib.Path(getattr(main, "__file__", "") or "").name == "manualgrad"
+
+
+@functools.cache
+def _jobs(name: str, dtype: str, seed: int) -> list:
+    return checker.jobs([registry.get(name)], dtype, seed)
+
+
+def _check_sample(name: str, index: int, dtype: str, seed: int) -> tuple[list[Finding], tuple[float, float]]:
+    """In a worker: the findings of sample ``index`` of rule ``name``, and the clock's totals."""
+    with CompileClock() as clock:
+        with clock.working():
+            found = checker.check_job(*_jobs(name, dtype, seed)[index], dtype, CHECKS, compiler_options())
+    return found, clock.totals()
