@@ -275,10 +275,13 @@ def _run(rule: Rule, sample: Sample, d: _Draws, checks, options):
     """Every check's values: one compiled program with the XLA ``options``."""
     wanted = [c for c in ("forward", "jit", "vmap", "grad_of_grad") if c in checks or (c == "jit" and "vjp" in checks)]
     fd_inputs = d.differences.inputs if d.differences else None
+
     def program(inputs, fd_inputs, adjoint_inputs):
         positions = [[d.diff.index(i) for i in group] for group in d.groups]
         hand = d.traced[0]
-        pairs = [adjoint.pair(hand.forward, hand.pull, d.primals, k, *drawn) for k, drawn in zip(positions, adjoint_inputs)]
+        pairs = [
+            adjoint.pair(hand.forward, hand.pull, d.primals, k, *drawn) for k, drawn in zip(positions, adjoint_inputs)
+        ]
         differences = d.differences.evaluate(*fd_inputs) if d.differences else None
         sides = [_side(fn, d, wanted, *inputs) for fn in d.traced]
         return {c: (sides[0][c], sides[1][c]) for c in wanted}, differences, pairs

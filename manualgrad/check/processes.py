@@ -49,11 +49,7 @@ def check(
     if dtype not in TOLERANCES:
         raise ValueError(f"check: dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
     start = time.perf_counter()
-    tasks = [
-        (rule.name, i)
-        for rule in map(registry.get, names)
-        for i in range(len(checker.jobs([rule], dtype, seed)))
-    ]
+    tasks = [(rule.name, i) for rule in map(registry.get, names) for i in range(len(checker.jobs([rule], dtype, seed)))]
     context = multiprocessing.get_context("spawn")  # a forked JAX runtime may hang
     with ProcessPoolExecutor(processes, mp_context=context, initializer=cache.use, initargs=(cache_dir,)) as pool:
         done = list(pool.map(_check_sample, *zip(*tasks), [dtype] * len(tasks), [seed] * len(tasks)))
