@@ -313,10 +313,10 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     except loop.Interrupted as error:
         print(f"manualgrad {error}", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except KeyboardInterrupt:  # outside the steps (loading, compiling, plot, cross-check) or a second Ctrl-C
         print("manualgrad train: interrupted; the checkpoints written so far are kept", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     if summary["process"] != distributed.WRITER:
         print(f"process {summary['process']} of {summary['processes']} done; process 0 wrote the run's files")
         return 0
@@ -663,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The status of a process killed by SIGPIPE (128 + 13), which is what a reader that stops early
 # (`manualgrad check --json | head -1`) expects, and not check's 1 for a failed check.
 BROKEN_PIPE = 141
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -674,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader is gone: stop quietly, and let the exit's flush write nowhere
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE
+    except KeyboardInterrupt:  # train saves and stops on its own first Ctrl-C; this is any other command's
+        print(f"manualgrad {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED
     return code
 
 

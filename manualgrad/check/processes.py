@@ -14,14 +14,16 @@ as :func:`manualgrad.check` always is (a function or rule object cannot be sent 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Sequence
 
 from manualgrad import registry
 from manualgrad.check import cache, checker
@@ -51,11 +53,27 @@ def check(
     start = time.perf_counter()
     tasks = [(rule.name, i) for rule in map(registry.get, names) for i in range(len(checker.jobs([rule], dtype, seed)))]
     context = multiprocessing.get_context("spawn")  # a forked JAX runtime may hang
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=cache.use, initargs=(cache_dir,)) as pool:
-        done = list(pool.map(_check_sample, *zip(*tasks), [dtype] * len(tasks), [seed] * len(tasks)))
+    with _ctrl_c_ignored():  # the workers start with SIGINT ignored: a terminal's Ctrl-C stops the command alone
+        pool = context.Pool(processes, initializer=cache.use, initargs=(cache_dir,))
+    with pool:  # leaving terminates the workers, on Ctrl-C too
+        done = pool.starmap(_check_sample, [(name, i, dtype, seed) for name, i in tasks], chunksize=1)
     seconds = time.perf_counter() - start
     compiling, working = (sum(column) for column in zip(*(totals for _, totals in done)))
     return Report(dtype, [f for found, _ in done for f in found], seconds, compile_share(seconds, compiling, working))
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored within the block (in the main thread; elsewhere signals are not ours): a
+    process started then inherits it, and Python keeps an ignored SIGINT ignored at start-up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def command() -> bool:

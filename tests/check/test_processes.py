@@ -1,8 +1,15 @@
 """``manualgrad check`` checks in processes what :func:`manualgrad.check` checks in threads."""
 
 import dataclasses
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pytest
 
 import manualgrad
 from manualgrad.check import processes
@@ -36,3 +43,38 @@ def test_processes_refuse_a_bad_dtype_before_starting():
 def test_a_program_that_calls_the_command_is_checked_in_its_own_process():
     """pytest is not the command: its rules may differ from a fresh process's."""
     assert not processes.command()
+
+
+def _children(pid):
+    """The pids whose parent is ``pid`` (Linux's /proc)."""
+    found = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="finds the worker processes in /proc")
+def test_ctrl_c_stops_the_command_and_its_processes_with_one_line():
+    """Ctrl-C in a terminal reaches the whole process group: the command stops with exit 130 and
+    one line, no traceback (its own or a worker's), and leaves no worker behind."""
+    command = [sys.executable, "-m", "manualgrad", "check"]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, **pipes, start_new_session=True)
+    deadline = time.time() + 120
+    while len(_children(process.pid)) < min(2, processes.PROCESSES) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    time.sleep(1)  # the workers at work, past their imports
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr == "manualgrad check: interrupted (Ctrl-C)\n" and stdout == ""
+    deadline = time.time() + 10  # multiprocessing's resource tracker ends when it reads the command's exit
+    while [w for w in workers if pathlib.Path(f"/proc/{w}").exists()] and time.time() < deadline:
+        time.sleep(0.05)
+    assert workers and not [w for w in workers if pathlib.Path(f"/proc/{w}").exists()]
