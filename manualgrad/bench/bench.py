@@ -610,7 +610,7 @@ def reuse_host_memory() -> bool:
     import ctypes
     import platform
 
-    if _applied or platform.libc_ver()[0] != "glibc" or any(n in os.environ for n in [*_MALLOPT, "GLIBC_TUNABLES"]):
+    if _applied or platform.libc_ver()[0] != "glibc" or _from_environment():
         return bool(_applied)
     mallopt = ctypes.CDLL(None).mallopt
     for name, value in REUSE_HOST_MEMORY.items():
@@ -632,9 +632,13 @@ def host_memory() -> str:
     3 100 pages, 5 ms). One arena (the main heap, which grows without bound), no mapped chunks
     and no trimming keep the block's pages between steps.
     """
+    return _from_environment() or (f"mallopt {' '.join(_applied)}" if _applied else "defaults")
+
+
+def _from_environment() -> str:
+    """The settings of :data:`REUSE_HOST_MEMORY` (and ``GLIBC_TUNABLES``) the environment gives, as ``NAME=value``."""
     names = [*REUSE_HOST_MEMORY, "GLIBC_TUNABLES"]
-    given = " ".join(f"{name}={os.environ[name]}" for name in names if name in os.environ)
-    return given or (f"mallopt {' '.join(_applied)}" if _applied else "defaults")
+    return " ".join(f"{name}={os.environ[name]}" for name in names if name in os.environ)
 
 
 def machine() -> dict[str, Any]:
