@@ -77,7 +77,7 @@ def _lstm_bptt(res, g, carry_h=True, forget=True, cell_derivative=None, order=rc
     def step(carry, inputs):
         dh_next, dc_next = carry
         gates_t, c_prev, c, g_t = inputs
-        i, f, cell, o = jnp.split(gates_t, 4, axis=-1)
+        i, f, cell, o = gates_t
         dh = g_t + dh_next if carry_h else g_t
         slope = 1 - jnp.tanh(c) ** 2 if cell_derivative is None else cell_derivative(c)
         dc = dc_next + dh * o * slope
@@ -102,7 +102,8 @@ def _lstm_slip(i, **slip):
 
 def _lstm_last_step_bias(res, g):
     x, h0, c0, hs, cs, gates, w_x, w_h = res
-    last = [a[-1] for a in (tm(x), rc._previous(h0, hs), gates, rc._previous(c0, cs), cs)]
+    last = [a[-1] for a in (tm(x), rc._previous(h0, hs), rc._previous(c0, cs), cs)]
+    last.insert(2, tuple(a[-1] for a in gates))
     db = rc.lstm_gradient(*last, jnp.zeros_like(c0), tm(g)[-1])[2]  # dh_T = G_T, nothing reaches c_T from later
     return _only(5, (None,) * 5 + (db,), rc._lstm_vjp(res, g))
 

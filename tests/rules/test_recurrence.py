@@ -112,7 +112,7 @@ def test_lstm_saves_cell_states_and_gate_activations_in_pytorchs_order():
     i, f, g, o = (np.asarray(a) for a in jnp.split(z, 4, axis=-1))
     sigmoid = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
     np.testing.assert_allclose(
-        np.asarray(gates[0]), np.concatenate([sigmoid(i), sigmoid(f), np.tanh(g), sigmoid(o)], -1), rtol=1e-14
+        np.stack([a[0] for a in gates]), np.stack([sigmoid(i), sigmoid(f), np.tanh(g), sigmoid(o)]), rtol=1e-14
     )
     c1 = sigmoid(f) * np.asarray(C0) + sigmoid(i) * np.tanh(g)
     np.testing.assert_allclose(np.asarray(cs[0]), c1, rtol=1e-14)
