@@ -339,7 +339,7 @@ def _affine_samples(configs, key, dtype, constant=None):
 
 # ε = 0.1 where a variance is 0: there 1/σ = 1/√ε, the finite differences' step h sees the
 # curvature h²/ε (above their 1e-6 tolerance at the default 1e-5), and float32 round-off grows
-# with 1/σ. (The constant-channel test in tests/test_normalization.py uses the default ε.)
+# with 1/σ. (The constant-channel test in tests/rules/test_normalization.py uses the default ε.)
 _BATCH_NORM_CONFIGS = [
     ((4, 3), (1e-5,), "batch 4, no spatial axes"),
     ((1, 3, 3, 2), (1e-5,), "batch 1, NHWC"),
