@@ -317,6 +317,8 @@ def BatchNorm(  # noqa: N802
     """
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
         raise LayerError(f"BatchNorm: momentum must be a number in [0, 1] (the fraction kept), got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        raise LayerError(f"BatchNorm: eps must be a number > 0 (evaluation divides by √(var + ε)), got {eps!r}")
 
     def apply(params, x, *, state=None, train=False, key=None, reference=False):
         del key

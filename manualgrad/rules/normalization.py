@@ -339,7 +339,7 @@ def _affine_samples(configs, key, dtype, constant=None):
 
 # ε = 0.1 where a variance is 0: there 1/σ = 1/√ε, the finite differences' step h sees the
 # curvature h²/ε (above their 1e-6 tolerance at the default 1e-5), and float32 round-off grows
-# with 1/σ. (The constant-channel test in tests/test_normalization.py uses the default ε.)
+# with 1/σ. (The constant-channel test in tests/rules/test_normalization.py uses the default ε.)
 _BATCH_NORM_CONFIGS = [
     ((4, 3), (1e-5,), "batch 4, no spatial axes"),
     ((1, 3, 3, 2), (1e-5,), "batch 1, NHWC"),
@@ -725,14 +725,18 @@ def dropout(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
     """Inverted dropout: each entry kept with probability ``1 − rate`` and scaled by ``1/(1 − rate)``.
 
     ``y = M ⊙ x / (1 − rate)`` with the 0/1 mask ``M`` drawn from the PRNG ``key``
-    (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``): the same key gives the same
-    mask, and the expectation of ``y`` is ``x``. ``rate`` is a Python number in ``[0, 1)``;
+    (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``) as
+    ``M = jax.random.bernoulli(key, np.float32(1 − rate), x.shape)``: float32 draws whatever
+    ``x``'s dtype and the x64 setting, so the same key gives the same mask; the expectation of
+    ``y`` is ``x``. ``rate`` is a Python number in ``[0, 1)``;
     ``rate = 0`` is the identity. Neither ``key`` nor ``rate`` is differentiated (``key``
     gets a zero ``float0`` cotangent).
 
-    Derivation (seed 003, the Jacobian of an element-wise map is ``diag(φ')``; seed 002 §4,
-    T. Hamm's adjoint ``⟨C(h), y⟩ = ⟨h, C†(y)⟩``). For a fixed mask, ``y`` is the element-wise
-    map ``φ_i(x_i) = M_i x_i / (1 − rate)``, linear in ``x``.
+    Derivation (seed 002, T. Hamm, "A Derivation of Feedforward Neural Network Gradients
+    Using Fréchet Calculus", Lemma 4 and §4: the partial Fréchet derivative in ``x``, ``key``
+    and ``rate`` held fixed, then its adjoint ``⟨C(h), y⟩ = ⟨h, C†(y)⟩``; seed 003: the
+    Jacobian of an element-wise map is ``diag(φ')``). For a fixed mask, ``y`` is the
+    element-wise map ``φ_i(x_i) = M_i x_i / (1 − rate)``, linear in ``x``.
 
     Result:
 
@@ -810,6 +814,14 @@ def _dropout_mistakes(vjp: VJP, args, g):
     right = mistakes.reference_vjp(dropout_reference, args, 0, g, vjp)
     yield "the right one without the factor 1/(1 − rate): the kept entries were not rescaled", (1 - rate) * right
     yield "G / (1 − rate): the mask is missing", g / (1 - rate)
+    float64_mask = jnp.where(jax.random.bernoulli(key, np.float64(1 - rate), jnp.shape(x)), g / (1 - rate), 0)
+    yield (
+        (
+            "the right one for the mask drawn with the probability in float64 (jax.random.bernoulli(key, 1 − rate, "
+            "shape) with x64 on): float64 draws give another mask; the forward draws np.float32(1 − rate)"
+        ),
+        float64_mask.astype(jnp.result_type(g)),
+    )
     for i in (0, 1):  # jax.random.fold_in(key, 1) is jax.random.split(key)[1] for the default PRNG
         yield (
             (
@@ -827,7 +839,10 @@ register(
         reference=dropout_reference,
         sample_inputs=_dropout_samples,
         differentiable=(0,),
-        seeds=(("003", "diag(φ') of an element-wise map"), ("002", "§4 adjoint of a linear map")),
+        seeds=(
+            ("002", "Lemma 4 and §4: the partial Fréchet derivative in x, then its adjoint"),
+            ("003", "diag(φ') of an element-wise map"),
+        ),
         linear_in=((0,),),
         mistakes=(Mistake(0, _dropout_mistakes),),
     )

@@ -476,7 +476,16 @@ def _why_not_run(raised: list[checker.Finding]) -> list[str]:
         return ["your backward is not written yet (it raises NotImplementedError)"]
     first = raised[0]
     note = f"your backward {first.note}" if first.note.startswith("raised ") else first.note
-    return [note if len({f.note for f in raised}) == 1 else f"{note} (sample {first.sample!r})"]
+    lines = [note if len({f.note for f in raised}) == 1 else f"{note} (sample {first.sample!r})"]
+    if any("jax_numpy_rank_promotion" in f.note for f in raised):
+        lines.append(_RANK_PROMOTION)
+    return lines
+
+
+_RANK_PROMOTION = (
+    "the checks refuse NumPy's implicit rank promotion (jax_numpy_rank_promotion='raise'): give the array of "
+    "fewer axes its size-1 axes yourself, e.g. jnp.reshape(v, (1,) * (g.ndim - 1) + (-1,)) for a (C,) vector v"
+)
 
 
 def _reread(rule: Rule) -> str:

@@ -477,7 +477,7 @@ def _validate_task(config: Config) -> None:
         if config.norm != "none" or config.dropout:
             raise TrainError(
                 f"train: --norm and --dropout act on the hidden layers of cnn and mlp; --model {config.model} "
-                f"takes neither (gpt has its own layer norms): drop them "
+                f"takes neither{' (it has its own layer norms)' if config.model == 'gpt' else ''}: drop them "
                 f"(got --norm {config.norm} --dropout {config.dropout:g})"
             )
     elif _is_sequence_spec(config.dataset):

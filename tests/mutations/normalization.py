@@ -1,7 +1,7 @@
-"""Deliberately wrong backward rules for normalisation and dropout (``manualgrad/normalization.py``).
+"""Deliberately wrong backward rules for normalisation and dropout (``manualgrad/rules/normalization.py``).
 
-Same format as ``tests/mutations.py``, which appends these to its list. ``eps`` is a nondiff
-argument of the norms (``groups`` and ``eps`` of ``group_norm``, ``rate`` of ``dropout``), so
+Same format as the other families of ``tests/mutations/``, whose ``__init__`` appends these to its
+list. ``eps`` is a nondiff argument of the norms (``groups`` and ``eps`` of ``group_norm``, ``rate`` of ``dropout``), so
 every wrong VJP takes ``(eps, residuals, g)``, ``(groups, eps, residuals, g)`` or
 ``(rate, key, g)``. The mistakes that recompute statistics over other axes need ``x``, which
 the rules do not save: they come with a forward that saves it (the same output).

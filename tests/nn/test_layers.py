@@ -157,6 +157,7 @@ def test_stateless_layers_pass_the_state_through():
         (lambda: layers.Dropout(1.0), r"Dropout: rate must be a number in \[0, 1\).*got 1.0"),
         (lambda: layers.Dropout(-0.1), r"Dropout: rate must be a number in \[0, 1\)"),
         (lambda: layers.BatchNorm(momentum=1.5), r"BatchNorm: momentum must be a number in \[0, 1\]"),
+        (lambda: layers.BatchNorm(eps=-1.0), r"BatchNorm: eps must be a number > 0 .*got -1.0"),  # eval: 1/√(var − 1)
         (lambda: layers.GroupNorm(0), "GroupNorm: groups must be a positive int, got 0"),
         (
             lambda: layers.GroupNorm(3).init(None, (-1, 4, 4, 4)),

@@ -343,3 +343,39 @@ def test_batch_norm_exercise_solved_by_hand_gets_full_marks(tmp_path, capsys):
     assert cli.main(["grade", str(_write(tmp_path, "batch_norm", BATCH_NORM_BY_HAND))]) == 0
     out = capsys.readouterr().out
     assert "score: 6/6 checks passed" in out and "FAIL" not in out
+
+
+# The backward as the derivation reads: M drawn from the key again, its probability a Python float.
+DROPOUT_FLOAT64_MASK = (
+    "    keep = jax.random.bernoulli(residuals, 1 - rate, g.shape)\n"
+    "    return jnp.where(keep, g / (1 - rate), 0.0), None\n"
+)
+
+
+def test_dropout_exercise_says_how_the_mask_is_drawn_and_names_a_float64_draw(tmp_path, capsys):
+    """Graded with x64 on, ``bernoulli(key, 1 − rate)`` draws float64 uniforms, another mask
+    than the forward's float32 ones: the exercise must say how ``M`` is drawn, and the grade name the slip."""
+    from teach.test_exercise import _write
+
+    path = _write(tmp_path, "dropout", DROPOUT_FLOAT64_MASK)
+    assert "jax.random.bernoulli(key, np.float32(1 − rate), x.shape)" in path.read_text()
+    assert cli.main(["grade", "--in-process", str(path)]) == 1
+    assert (
+        "diagnosis: dropout, argument x: your gradient equals the right one for the mask drawn with the "
+        "probability in float64 (jax.random.bernoulli(key, 1 − rate, shape) with x64 on)"
+    ) in capsys.readouterr().out
+
+
+def test_a_rank_promoting_backward_is_told_to_broadcast_explicitly(tmp_path, capsys):
+    """``γ * G`` with ``γ`` of shape ``(C,)`` is NumPy's broadcasting, which the checks refuse:
+    the grade says so and how to write it, instead of JAX's message alone."""
+    from teach.test_exercise import _write
+
+    body = BATCH_NORM_BY_HAND.replace("jnp.reshape(gamma, per_channel)", "gamma")
+    assert cli.main(["grade", "--in-process", str(_write(tmp_path, "batch_norm", body))]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "the checks refuse NumPy's implicit rank promotion (jax_numpy_rank_promotion='raise'): give the "
+        "array of fewer axes its size-1 axes yourself, e.g. jnp.reshape(v, (1,) * (g.ndim - 1) + (-1,)) "
+        "for a (C,) vector v"
+    ) in out

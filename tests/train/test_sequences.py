@@ -96,6 +96,10 @@ def test_resume_refuses_another_schedule_or_clip(tiny, capsys):
         ),
         (("--model", "gpt", "--dataset", "words", "--norm", "layer"), "--norm and --dropout act on the hidden"),
         (("--model", "gpt", "--dataset", "words", "--dropout", "0.1"), "--norm and --dropout act on the hidden"),
+        (
+            ("--model", "lstm", "--dataset", "words", "--dropout", "0.2"),
+            "--norm and --dropout act on the hidden layers of cnn and mlp; --model lstm takes neither: drop them",
+        ),
         (("--model", "mlp", "--dataset", "xor", "--clip", "0"), "--clip must be a finite number > 0"),
         (("--model", "mlp", "--dataset", "xor", "--clip", "nan"), "--clip must be a finite number > 0"),
     ],
