@@ -3,8 +3,10 @@
 Checking is Python-bound once XLA's builds are cheap or cached: tracing, transforming and
 lowering each sample's program hold the interpreter lock, so the checker's threads take turns
 and a second core idles. The command checks its (registered, built-in) rules' samples in
-:data:`PROCESSES` fresh Python processes instead, one sample at a time each, in the calling
-process's settings (``XLA_FLAGS`` is inherited, the persistent cache passed on). The findings
+:data:`PROCESSES` fresh Python processes instead, one rule at a time each (the rules with the
+most differentiated arguments first: the recurrences and norms build the largest programs, and
+a large one left for last keeps one process working alone), in the calling process's settings
+(``XLA_FLAGS`` is inherited, the persistent cache passed on). The findings
 are those of :func:`~manualgrad.check.checker.check`, in its order: the samples, their keys
 and their programs are the same. Only the command itself (``python -m manualgrad``, the
 ``manualgrad`` script) does so: a program of yours that changed a rule before calling
@@ -15,7 +17,6 @@ as :func:`manualgrad.check` always is (a function or rule object cannot be sent 
 from __future__ import annotations
 
 import contextlib
-import functools
 import multiprocessing
 import os
 import pathlib
@@ -42,7 +43,7 @@ def check(
     cache_dir: pathlib.Path | None = None,
     processes: int = PROCESSES,
 ) -> Report:
-    """Every check of the registered rules ``names`` in ``dtype``, their samples spread over
+    """Every check of the registered rules ``names`` in ``dtype``, the rules spread over
     ``processes`` processes that keep their programs in ``cache_dir`` (``None``: no cache);
     :func:`manualgrad.check` in threads where this process is not the :func:`command`.
     Its ``compile_seconds`` is the wall time times the processes' compile time over their work."""
@@ -51,12 +52,13 @@ def check(
     if dtype not in TOLERANCES:
         raise ValueError(f"check: dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
     start = time.perf_counter()
-    tasks = [(rule.name, i) for rule in map(registry.get, names) for i in range(len(checker.jobs([rule], dtype, seed)))]
     context = multiprocessing.get_context("spawn")  # a forked JAX runtime may hang
     with _ctrl_c_ignored():  # the workers start with SIGINT ignored: a terminal's Ctrl-C stops the command alone
         pool = context.Pool(processes, initializer=cache.use, initargs=(cache_dir,))
     with pool:  # leaving terminates the workers, on Ctrl-C too
-        done = pool.starmap(_check_sample, [(name, i, dtype, seed) for name, i in tasks], chunksize=1)
+        order = sorted(names, key=lambda name: -len(registry.get(name).differentiable))
+        done = dict(zip(order, pool.starmap(_check_rule, [(name, dtype, seed) for name in order], chunksize=1)))
+    done = [done[name] for name in names]
     seconds = time.perf_counter() - start
     compiling, working = (sum(column) for column in zip(*(totals for _, totals in done)))
     return Report(dtype, [f for found, _ in done for f in found], seconds, compile_share(seconds, compiling, working))
@@ -85,14 +87,10 @@ def command() -> bool:
     return pathlib.Path(getattr(main, "__file__", "") or "").name == "manualgrad"
 
 
-@functools.cache
-def _jobs(name: str, dtype: str, seed: int) -> list:
-    return checker.jobs([registry.get(name)], dtype, seed)
-
-
-def _check_sample(name: str, index: int, dtype: str, seed: int) -> tuple[list[Finding], tuple[float, float]]:
-    """In a worker: the findings of sample ``index`` of rule ``name``, and the clock's totals."""
+def _check_rule(name: str, dtype: str, seed: int) -> tuple[list[Finding], tuple[float, float]]:
+    """In a worker: the findings of every sample of rule ``name``, and the clock's totals."""
     with CompileClock() as clock:
         with clock.working():
-            found = checker.check_job(*_jobs(name, dtype, seed)[index], dtype, CHECKS, compiler_options())
+            jobs = checker.jobs([registry.get(name)], dtype, seed)
+            found = [f for job in jobs for f in checker.check_job(*job, dtype, CHECKS, compiler_options())]
     return found, clock.totals()
