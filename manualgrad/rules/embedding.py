@@ -64,6 +64,7 @@ def embedding(ids: jax.Array, table: jax.Array) -> jax.Array:
 
 
 def _validate_embedding(ids, table) -> None:
+    validation.array("embedding", "ids", ids)
     dtype = jnp.result_type(ids)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise validation.RuleDTypeError(

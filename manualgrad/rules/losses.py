@@ -125,6 +125,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def softmax_cross_entropy_forward(logits: jax.Array, labels: jax.Array):
     validation.floating("softmax_cross_entropy", "logits", logits)
     validation.min_rank("softmax_cross_entropy", "logits", logits, 1, "(..., classes)")
+    validation.array("softmax_cross_entropy", "labels", labels)
     classes = jnp.shape(logits)[-1]
     integer = jnp.issubdtype(jnp.result_type(labels), jnp.integer)
     expected = jnp.shape(logits)[:-1] if integer else jnp.shape(logits)

@@ -20,8 +20,19 @@ class RuleDTypeError(TypeError):
     """An argument of a rule has the wrong dtype."""
 
 
+def array(rule: str, name: str, x: Any) -> None:
+    """A Python list or tuple is refused, as ``jax.numpy`` refuses it: ``jax.custom_vjp`` would
+    take it apart as a pytree of scalars."""
+    if isinstance(x, (list, tuple)):
+        raise RuleDTypeError(
+            f"{rule}: {name} must be an array, got a Python {type(x).__name__} of {len(x)} items; "
+            f"make it one first, e.g. jnp.asarray({name})"
+        )
+
+
 def floating(rule: str, name: str, x: Any) -> None:
-    """Integer and boolean inputs are refused rather than silently promoted."""
+    """Integer and boolean inputs are refused rather than silently promoted (lists: :func:`array`)."""
+    array(rule, name, x)
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise RuleDTypeError(

@@ -198,3 +198,21 @@ def test_clear_error(error, message, call):
 
 def test_error_types_are_the_standard_ones():
     assert issubclass(mg.RuleInputError, ValueError) and issubclass(mg.RuleDTypeError, TypeError)
+
+
+# l2_penalty's params are any pytree: a list there is a list of parameters.
+@pytest.mark.parametrize("name", [rule.name for rule in mg.registry.rules() if rule.name != "l2_penalty"])
+def test_a_python_list_for_an_array_is_refused_by_name(name):
+    """A list where an array goes (``gamma=[1., 1., 1.]``, ``labels=[0, 4, 2]``) is refused with the
+    rule's and the argument's names, as ``jax.numpy`` refuses it; ``jax.custom_vjp`` would otherwise
+    take it apart as a pytree of scalars and fail inside ``jnp.result_type``."""
+    rule = mg.registry.get(name)
+    args = rule.sample_inputs(jax.random.PRNGKey(0), jnp.dtype(f32))[0].args
+    arrays = [i for i, a in enumerate(args) if isinstance(a, jax.Array) and a.ndim > 0]
+    assert arrays, f"{name}'s first sample has no array argument"
+    for i in arrays:
+        given = list(args)
+        given[i] = args[i].tolist()
+        expected = "one PRNG key" if rule.argnames[i] == "key" else "an array, got a Python list"
+        with pytest.raises(mg.RuleDTypeError, match=rf"^{name}: {rule.argnames[i]} must be {expected}"):
+            rule.fn(*given)
