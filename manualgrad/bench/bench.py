@@ -608,7 +608,6 @@ def reuse_host_memory() -> bool:
     ``manualgrad``'s command line calls it first thing; a program using the library calls it itself.
     """
     import ctypes
-    import platform
 
     if _applied or platform.libc_ver()[0] != "glibc" or _from_environment():
         return bool(_applied)

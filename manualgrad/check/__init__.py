@@ -5,7 +5,7 @@ agreement, the relative errors), :mod:`~manualgrad.check.trees` (pytree helpers)
 :mod:`~manualgrad.check.mistakes` (the generic mistakes), :mod:`~manualgrad.check.diagnose`,
 :mod:`~manualgrad.check.targets` (what to check) and, on top, :mod:`~manualgrad.check.checker`
 (:func:`check`, running the samples), with :mod:`~manualgrad.check.processes` (the command's
-samples in several processes), :mod:`~manualgrad.check.cache` and :mod:`~manualgrad.check.timing` beside it."""
+rules in several processes), :mod:`~manualgrad.check.cache` and :mod:`~manualgrad.check.timing` beside it."""
 
 from manualgrad.check.checker import check
 from manualgrad.check.report import Finding, Report

@@ -66,9 +66,9 @@ from manualgrad.check.tolerances import ATOL, CHECKS, TOLERANCES, compiler_optio
 from manualgrad.check.trees import (
     closure,
     is_float_tree,
-    pullback,
     random_like,
     stack_perturbed,
+    traced,
 )
 from manualgrad.registry import Rule, Sample
 
@@ -193,17 +193,16 @@ class _Traced:
     """A function (the hand rule or the reference, of the differentiated arguments) and its VJP
     ``(primals, cotangent) ↦ cotangents``, each under one ``jax.jit``: inside a sample's program
     every check that calls them at the same shapes reuses one trace, and the checks under
-    ``vmap`` and reverse mode transform that trace instead of tracing the Python again. The
-    trace is inlined where it is called (``inline=True``), not kept as a nested program: the
-    sample's program is lowered and differentiated as one (the cold ``manualgrad check``: 25.1
-    against 27.1 s, three runs each, alternating)."""
+    ``vmap`` and reverse mode transform that trace instead of tracing the Python again
+    (:func:`~manualgrad.check.trees.traced`; inlined, the cold ``manualgrad check`` took 25.1
+    against 27.1 s with nested programs, three runs each, alternating)."""
 
     forward: Callable[..., Any]
     pull: Callable[..., Any]
 
     @classmethod
     def of(cls, fn: Callable[..., Any]) -> _Traced:
-        return cls(jax.jit(fn, inline=True), jax.jit(pullback(fn), inline=True))
+        return cls(*traced(fn))
 
 
 @dataclasses.dataclass(frozen=True)

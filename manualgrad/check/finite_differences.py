@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 from manualgrad.check.comparison import compare
 from manualgrad.check.report import Finding
 from manualgrad.check.tolerances import FD_ATOL
-from manualgrad.check.trees import closure, host, is_float, locate, pullback
+from manualgrad.check.trees import closure, host, is_float, locate, traced
 from manualgrad.registry import Rule, Sample
 from manualgrad.rules.samples import generator
 
@@ -206,12 +206,11 @@ def finite_differences(
     """The finite-difference checks of a sample, one per differentiable argument, in float64.
 
     ``shared``: the rule's forward and VJP ``(primals, cotangent) ↦ cotangents`` as functions of
-    the arguments ``diff``, the others fixed at the sample, each under one ``jax.jit``; used
+    the arguments ``diff``, the others fixed at the sample (:func:`~manualgrad.check.trees.traced`); used
     where the sample is in float64 already, so that the differences reuse their traces."""
     args = jax.tree_util.tree_map(lambda a: host(a, np.float64) if is_float(a) else a, sample.args)
     if shared is None or not all(a.dtype == np.float64 for a in jax.tree_util.tree_leaves(sample.args) if is_float(a)):
-        fn = closure(rule.fn, args, diff)
-        shared = jax.jit(fn), jax.jit(pullback(fn))
+        shared = traced(closure(rule.fn, args, diff))
     primals = [args[i] for i in diff]
     sizes = [sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(p)) for p in primals]
     m = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(jax.eval_shape(shared[0], *primals)))

@@ -72,6 +72,13 @@ def pullback(fn: Callable[..., Any]) -> Callable[[Sequence[Any], Any], tuple[Any
     return lambda primals, cotangent: jax.vjp(fn, *primals)[1](cotangent)
 
 
+def traced(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``fn`` and its :func:`pullback`, each under one ``jax.jit`` that is inlined where it is
+    called: inside a program every call at the same shapes reuses one trace, and the program is
+    lowered and differentiated as one (no nested programs)."""
+    return jax.jit(fn, inline=True), jax.jit(pullback(fn), inline=True)
+
+
 def is_float(a: Any) -> bool:
     return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
 

@@ -141,8 +141,8 @@ def _input_adjoint(w, geo: Geometry, g):
 
 
 # The patch matrix of C†† is built and multiplied a block of images at a time, each block's part
-# at most this many bytes: its product reads it while it is still in the core's cache, and XLA:CPU
-# runs the blocks' gathers side by side (cnn_28's second layer on 2 cores: 11–12 against 16.5 ms).
+# at most this many bytes: XLA:CPU runs one gather on one thread, and the blocks' gathers side by
+# side (cnn_28's second layer on 2 cores: 13.2–13.5 against 15.6 ms; on one core no change).
 _PATCH_BLOCK_BYTES = 4 * 2**20
 _MAX_BLOCKS = 16  # each block is two more ops in the program: its build time grows with them
 
