@@ -662,6 +662,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "host_memory": host_memory(),
+        "compiler_options": loop.compiler_options(jax.default_backend()),
     }
 
 
@@ -732,7 +733,8 @@ def table(result: dict[str, Any]) -> str:
         f"jax {m['jax']}, numpy {m['numpy']}, torch {m['torch'] or 'not installed'}",
         f"{s['dtype']}, {s['optimizer']}, median of {s['repeats']} interleaved repetitions "
         f"(compile: {s['compile_repeats']}); matmul peak from {s['matmul_size']}x{s['matmul_size']}; "
-        f"{s['seconds']:.0f} s in all; malloc: {m['host_memory']}",
+        f"{s['seconds']:.0f} s in all; malloc: {m['host_memory']}; the step's XLA options: "
+        f"{' '.join(f'{k}={v}' for k, v in m['compiler_options'].items()) or 'none'}",
         "",
     ]
     lines += [f"{name:11} {text}" for name, text in result["models"].items()] + [""]

@@ -85,6 +85,7 @@ def test_json_names_every_figure(quick_run):
     machine = quick_run["machine"]
     assert machine["backend"] == jax.default_backend() and machine["jax"] == jax.__version__
     assert machine["cores"] >= 1 and machine["cpu"]
+    assert machine["compiler_options"] == loop.compiler_options(jax.default_backend())
     assert quick_run["settings"]["repeats"] == 3
 
 

@@ -1,6 +1,7 @@
 """``manualgrad train``: layers, the jitted step on hand rules, checkpoints that survive SIGKILL, many devices."""
 
 import dataclasses
+import functools
 import os
 import pathlib
 import signal
@@ -17,6 +18,7 @@ import pytest
 
 from manualgrad.nn import layers
 from manualgrad.rules import activations
+from manualgrad.rules.convolution import conv2d
 from manualgrad.train import checkpoint, data, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -75,6 +77,47 @@ def test_model_gradient_is_the_hand_rules_and_matches_jax_grad(name):
     manual = jax.grad(lambda p: layers.classifier_loss(net, p, x, y)[0])(params)
     auto = jax.grad(lambda p: layers.classifier_loss(net, p, x, y, reference=True)[0])(params)
     assert _relative(manual, auto) <= 1e-5  # float32: different summation order, a few ulps
+
+
+@pytest.mark.parametrize(
+    "leaf, finite",
+    [
+        (jnp.array([1.0, -2.0]), True),
+        (jnp.array([3e38, -3e38, 3e38]), True),  # finite, though their sum overflows
+        (jnp.array(7, jnp.int32), True),  # optax's step count
+        (jnp.array([1.0, jnp.inf]), False),
+        (jnp.array([-jnp.inf]), False),
+        (jnp.array([0.0, jnp.nan]), False),
+        (jnp.array([1.0, jnp.inf], jnp.bfloat16), False),
+    ],
+)
+def test_the_step_s_finiteness_test_flags_exactly_a_non_finite_entry(leaf, finite):
+    tree = {"w": jnp.ones((2, 3)), "count": jnp.array(1, jnp.int32), "leaf": leaf}
+    assert bool(jax.jit(loop._all_finite)(tree)) is finite
+
+
+def _entry(hlo: str) -> str:
+    """The program's top-level computation: a library's fusion holds its convolution inside."""
+    return hlo[hlo.index("\nENTRY") :]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's options: the step runs on another backend")
+def test_the_step_compiles_its_convolutions_with_xla_s_own_emitter_on_cpu():
+    """:data:`loop.CPU_COMPILER_OPTIONS` take effect in the compiled step: its convolutions are XLA
+    ``convolution`` instructions, not YNNPACK fusions, while a plain ``jax.jit`` keeps XLA's default."""
+    assert loop.compiler_options("cpu") == loop.CPU_COMPILER_OPTIONS and loop.compiler_options("gpu") == {}
+    net = layers.cnn(10)
+    _, params = net.init(jax.random.PRNGKey(0), (-1, 28, 28, 1))
+    x, y = jnp.zeros((128, 28, 28, 1), jnp.float32), jnp.zeros((128,), jnp.int32)
+    tx = optax.adam(1e-3)
+    step = loop.make_step(loop.loss_fn(net, "manual"), tx)
+    compiled = step.lower(params, tx.init(params), net.init_state(params), x, y, loop.step_keys(0, [0])[0]).compile()
+    text = _entry(compiled.as_text())
+    assert text.count(" convolution(") == 2  # the two layers' forward C; both adjoints are products
+    plain = jax.jit(functools.partial(conv2d, stride=2, padding="SAME"))
+    h, w = jnp.zeros((128, 28, 28, 32), jnp.float32), jnp.zeros((3, 3, 32, 64), jnp.float32)
+    default = _entry(plain.lower(h, w).compile().as_text())
+    assert " convolution(" not in default and "__ynn_fusion" in default
 
 
 def test_training_step_runs_the_registered_backward():
