@@ -284,12 +284,13 @@ def loss_fn(net: layers.Layer, grad: str, sequences: bool = False) -> Callable:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    """True when every entry of every leaf is finite: ``Σ (leaf · 0)`` is 0 then and NaN otherwise
-    (``±inf · 0`` and ``NaN · 0`` are NaN, a finite number times 0 is exactly 0, so nothing can
-    overflow). One sum per leaf, which XLA:CPU's reduction kernels run; ``isfinite(leaf).all()``,
-    the same test as an and-reduction, runs in its slower loop emitter (``cnn_28``'s step: 0.96 of
-    the time, interleaved)."""
-    return jnp.isfinite(sum(jnp.sum(leaf * 0) for leaf in jax.tree_util.tree_leaves(tree)))
+    """True when every entry of every leaf is finite: ``max |leaf|`` is finite exactly then (a NaN
+    propagates through ``max``, an infinity is the maximum), one max-reduction per leaf, which
+    XLA:CPU's reduction kernels run. ``isfinite(leaf).all()``, the same test as an and-reduction,
+    runs in its slower loop emitter, and ``Σ leaf · 0`` writes a broadcast zero array first
+    (``cnn_28``'s step, interleaved: 0.97 of the and-reduction's time and of the sum's, within
+    noise of no test at all)."""
+    return jnp.all(jnp.stack([jnp.isfinite(jnp.max(jnp.abs(leaf), initial=0)) for leaf in jax.tree_util.tree_leaves(tree)]))
 
 
 # XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. Its own convolution

@@ -85,6 +85,7 @@ def test_model_gradient_is_the_hand_rules_and_matches_jax_grad(name):
         (jnp.array([1.0, -2.0]), True),
         (jnp.array([3e38, -3e38, 3e38]), True),  # finite, though their sum overflows
         (jnp.array(7, jnp.int32), True),  # optax's step count
+        (jnp.zeros((0, 3)), True),
         (jnp.array([1.0, jnp.inf]), False),
         (jnp.array([-jnp.inf]), False),
         (jnp.array([0.0, jnp.nan]), False),
