@@ -290,7 +290,9 @@ def _all_finite(tree: Any) -> jax.Array:
     runs in its slower loop emitter, and ``Σ leaf · 0`` writes a broadcast zero array first
     (``cnn_28``'s step, interleaved: 0.97 of the and-reduction's time and of the sum's, within
     noise of no test at all)."""
-    return jnp.all(jnp.stack([jnp.isfinite(jnp.max(jnp.abs(leaf), initial=0)) for leaf in jax.tree_util.tree_leaves(tree)]))
+    return jnp.all(
+        jnp.stack([jnp.isfinite(jnp.max(jnp.abs(leaf), initial=0)) for leaf in jax.tree_util.tree_leaves(tree)])
+    )
 
 
 # XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. Its own convolution
