@@ -184,8 +184,11 @@ def _weight_adjoint(x, geo: Geometry, g):
     ``P`` is built and multiplied a block of images at a time (:func:`_images_per_block`), the
     blocks' products summed: the sum over ``b`` cut in parts. The same sum is a correlation of
     ``x`` with ``g`` (seed 000's ``dw = x ⋆ dy``; batch and channels swap roles, ``g`` is the
-    kernel, dilated by the stride), which XLA:CPU computed slower, even for the first layer's
-    narrow ``P`` (one channel in: 9.2 against 4.8 ms for ``cnn_28``'s on 2 cores).
+    kernel, dilated by the stride), which XLA:CPU computed slower with its default convolutions
+    (YNNPACK), even for the first layer's narrow ``P`` (one channel in: 9.2 against 4.8 ms for
+    ``cnn_28``'s on 2 cores); with the train step's own convolutions
+    (:data:`~manualgrad.train.loop.CPU_COMPILER_OPTIONS`) it is faster alone (2.3 against 3.3 ms)
+    and level in the whole step, so the one form serves both.
     """
     c_in, images = jnp.shape(x)[-1], jnp.shape(x)[0]
     block = _images_per_block(images, math.prod(geo.output) * math.prod(geo.window) * c_in * x.dtype.itemsize)

@@ -288,8 +288,8 @@ def _all_finite(tree: Any) -> jax.Array:
     propagates through ``max``, an infinity is the maximum), one max-reduction per leaf, which
     XLA:CPU's reduction kernels run. ``isfinite(leaf).all()``, the same test as an and-reduction,
     runs in its slower loop emitter, and ``Σ leaf · 0`` writes a broadcast zero array first
-    (``cnn_28``'s step, interleaved: 0.97 of the and-reduction's time and of the sum's, within
-    noise of no test at all)."""
+    (``cnn_28``'s step, 30 shuffled repetitions: 0.97–0.99 of the time with either, within noise
+    of no test at all)."""
     return jnp.all(
         jnp.stack([jnp.isfinite(jnp.max(jnp.abs(leaf), initial=0)) for leaf in jax.tree_util.tree_leaves(tree)])
     )
