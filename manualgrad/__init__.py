@@ -44,7 +44,7 @@ from manualgrad.rules import (  # isort: skip
 from manualgrad.check import Report, check  # isort: skip
 from manualgrad.check.audit import audit  # isort: skip
 from manualgrad.registry import Rule, Sample, get, register, rules  # isort: skip
-from manualgrad.rules.validation import RuleDTypeError, RuleInputError  # isort: skip
+from manualgrad.validation import RuleDTypeError, RuleInputError  # isort: skip
 
 __all__ = [
     "Report",

@@ -57,7 +57,7 @@ import numpy as np
 from manualgrad import registry
 from manualgrad.nn.layers import Layer, serial
 from manualgrad.rules import convolution, linear, losses, normalization, pooling
-from manualgrad.rules.validation import RuleInputError
+from manualgrad.validation import RuleInputError
 
 Store = Literal["a_and_F", "a", "F"]
 STORES: tuple[Store, ...] = ("a_and_F", "a", "F")

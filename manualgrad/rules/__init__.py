@@ -1,5 +1,5 @@
 """The rules, one module per family, and the helpers only rules use: argument checks
-(:mod:`~manualgrad.rules.validation`), sample inputs (:mod:`~manualgrad.rules.samples`), window
+(:mod:`~manualgrad.validation`, public for exercise files), sample inputs (:mod:`~manualgrad.rules.samples`), window
 geometry (:mod:`~manualgrad.rules.windows`) and the usual mistakes (:mod:`~manualgrad.rules.mistakes`).
 
 Importing this package registers every family; this order is the order of the registry and the README.
@@ -20,7 +20,7 @@ checks the order and the signatures):
     notation, cites each seed as ``seed 00N`` and has one ``Result:`` line where the result
     begins (``manualgrad exercise`` stops there).
 ``NAME_forward(*args) -> (y, residuals)``
-    Validates the arguments with :mod:`~manualgrad.rules.validation` (a one-sentence
+    Validates the arguments with :mod:`~manualgrad.validation` (a one-sentence
     :class:`~manualgrad.registry.RuleInputError` naming the rule, the argument and the shapes or
     dtypes expected) and returns the output and what the backward pass needs.
 ``NAME_backward(..., g) -> dx`` and, for a rule with weights, ``NAME_gradient(..., g) -> dW``

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from manualgrad.registry import Mistake, Rule, Sample, register
-from manualgrad.rules import mistakes, validation
+from manualgrad import validation
+from manualgrad.rules import mistakes
 from manualgrad.rules.samples import keys, normal
 
 

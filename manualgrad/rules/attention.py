@@ -33,7 +33,8 @@ import numpy as np
 from jax import lax
 
 from manualgrad.registry import VJP, Mistake, Rule, Sample, register
-from manualgrad.rules import mistakes, validation
+from manualgrad import validation
+from manualgrad.rules import mistakes
 from manualgrad.rules.samples import keys, normal
 
 _SOFTMAX_SEEDS = (

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from manualgrad.registry import VJP, Mistake, Rule, Sample, register
-from manualgrad.rules import validation
+from manualgrad import validation
 from manualgrad.rules.samples import keys, normal
 
 

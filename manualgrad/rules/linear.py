@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from manualgrad.registry import Rule, Sample, register
-from manualgrad.rules import validation
+from manualgrad import validation
 from manualgrad.rules.samples import keys, normal
 
 # --------------------------------------------------------------------------- dense

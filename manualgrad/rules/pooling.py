@@ -30,7 +30,8 @@ import numpy as np
 from jax import lax
 
 from manualgrad.registry import Mistake, Rule, Sample, register
-from manualgrad.rules import mistakes, validation, windows
+from manualgrad import validation
+from manualgrad.rules import mistakes, windows
 from manualgrad.rules.samples import keys, normal
 from manualgrad.rules.windows import Geometry, Padding
 

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from manualgrad.registry import Rule, Sample, register
-from manualgrad.rules import activations, linear, mistakes, validation
+from manualgrad import validation
+from manualgrad.rules import activations, linear, mistakes
 from manualgrad.rules.samples import keys, normal
 
 _SEEDS = (

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from jax import lax
 
-from manualgrad.rules.validation import RuleInputError
+from manualgrad.validation import RuleInputError
 
 Padding = str | int | Sequence[tuple[int, int]]
 

@@ -14,7 +14,7 @@ import pytest
 from manualgrad import registry
 from manualgrad.nn import backprop
 from manualgrad.nn.layers import BatchNorm, Conv2D, Dense, Relu
-from manualgrad.rules.validation import RuleInputError
+from manualgrad.validation import RuleInputError
 
 F64 = jnp.float64
 MLP = [

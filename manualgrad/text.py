@@ -1,0 +1,36 @@
+"""Plain-text formatting shared by the reports, the grader and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first line of an error's message (or of a text), empty when there is none: a report row
+    or a one-line refusal shows this, not a multi-line traceback."""
+    text = str(error)
+    return text.splitlines()[0] if text.strip() else ""
+
+
+def table(
+    rows: Sequence[Sequence[object]],
+    *,
+    indent: str = "",
+    separator: str = "  ",
+    align: str | None = None,
+    rule: tuple[str, str] | None = None,
+) -> list[str]:
+    """``rows`` (the first the header) as aligned lines, each column as wide as its widest cell.
+
+    ``align`` gives one character per column, ``<`` (the default) or ``>``; ``rule``, a pair
+    ``(fill, junction)`` such as ``("─", "─┼─")``, draws a line under the header. Trailing spaces
+    are stripped, so the last column is never padded.
+    """
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    align = align or "<" * len(widths)
+    lines = [(indent + separator.join(f"{c:{a}{w}}" for c, a, w in zip(row, align, widths))).rstrip() for row in cells]
+    if rule is not None:
+        fill, junction = rule
+        lines.insert(1, indent + junction.join(fill * w for w in widths))
+    return lines
