@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from manualgrad.registry import VJP, Mistake, Rule, Sample, register
 from manualgrad import validation
+from manualgrad.registry import VJP, Mistake, Rule, Sample, register
 from manualgrad.rules import mistakes
 from manualgrad.rules.samples import keys, normal
 

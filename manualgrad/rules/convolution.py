@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from manualgrad.registry import Rule, Sample, register
 from manualgrad import validation
+from manualgrad.registry import Rule, Sample, register
 from manualgrad.rules import mistakes, windows
 from manualgrad.rules.samples import keys, normal
 from manualgrad.rules.windows import Geometry, Padding

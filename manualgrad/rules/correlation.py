@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad import validation
+from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad.rules import mistakes
 from manualgrad.rules.samples import keys, normal
 from manualgrad.rules.windows import mode_window

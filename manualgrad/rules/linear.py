@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad.registry import Rule, Sample, register
 from manualgrad import validation
+from manualgrad.registry import Rule, Sample, register
 from manualgrad.rules.samples import keys, normal
 
 # --------------------------------------------------------------------------- dense

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad import validation
+from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad.rules import mistakes
 from manualgrad.rules.samples import keys, normal
 

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from manualgrad.registry import Rule, Sample, register
 from manualgrad import validation
+from manualgrad.registry import Rule, Sample, register
 from manualgrad.rules import activations, linear, mistakes
 from manualgrad.rules.samples import keys, normal
 
