@@ -6,16 +6,31 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "manualgrad"
 
 # What each part may import from manualgrad (besides itself); the README's layout section draws it.
+# The foundation (errors, text, extras, validation) imports nothing of the package but errors, and
+# every part may import it; runtime holds the process-wide settings that only the CLI applies.
+FOUNDATION = {"errors", "text", "extras", "validation"}
 ALLOWED = {
-    "registry": set(),
-    "rules": {"registry"},
-    "check": {"rules", "registry"},
-    "teach": {"check", "rules", "registry"},
-    "nn": {"rules", "registry"},
-    "train": {"nn", "check", "rules", "registry"},
-    "bench": {"train", "nn", "check", "rules", "registry"},
+    "errors": set(),
+    "text": set(),
+    "extras": {"errors"},
+    "validation": {"errors"},
+    "runtime": {"errors"},
+    "registry": FOUNDATION,
+    "rules": {"registry"} | FOUNDATION,
+    "check": {"rules", "registry"} | FOUNDATION,
+    "teach": {"check", "rules", "registry"} | FOUNDATION,
+    "nn": {"rules", "registry"} | FOUNDATION,
+    "train": {"nn", "check", "rules", "registry"} | FOUNDATION,
+    "bench": {"train", "nn", "check", "rules", "registry"} | FOUNDATION,
 }
-TOP_LEVEL = {"__init__.py", "__main__.py", "cli.py", "registry.py"}
+TOP_LEVEL = {
+    "__init__.py",
+    "__main__.py",
+    "cli.py",
+    "registry.py",
+    *(f"{name}.py" for name in FOUNDATION),
+    "runtime.py",
+}
 
 
 def _part(path: pathlib.Path) -> str:
