@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 
@@ -34,3 +35,14 @@ def table(
         fill, junction = rule
         lines.insert(1, indent + junction.join(fill * w for w in widths))
     return lines
+
+
+_ROLE = re.compile(r":(?:[a-z]+:)?[a-z]+:`~?([^`<]+?)(?:\s*<[^>]*>)?`")  # :func:`x`, :py:mod:`~a.b`, :ref:`t <x>`
+_LITERAL = re.compile(r"``(.+?)``")
+
+
+def plain(text: str) -> str:
+    """reST markup as a terminal shows it: ````x```` and ``:func:`x``` become ``x`` (a role's ``~a.b``
+    becomes ``b``, as Sphinx shows it), so ``--help``, ``explain`` and exercise files read cleanly."""
+    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if m.group(0).count("~") else m.group(1), text)
+    return _LITERAL.sub(r"\1", text)
