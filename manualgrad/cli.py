@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 
 import manualgrad
-from manualgrad import registry
+from manualgrad import registry, runtime
 from manualgrad.bench import bench
 from manualgrad.check import cache, checker, processes
 from manualgrad.train import checkpoint, data, distributed, loop
@@ -668,7 +668,7 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bench.reuse_host_memory()  # before the first JAX computation (see its docstring)
+    runtime.reuse_host_memory()  # before the first JAX computation (see its docstring)
     try:
         code = args.run(args)
         sys.stdout.flush()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from manualgrad import runtime
 from manualgrad.bench import peers
 from manualgrad.check.tolerances import relative_l2
 from manualgrad.nn import backprop, gpt, layers, recurrent
@@ -591,55 +591,6 @@ def check_seconds(rules: Sequence[str]) -> list[Record]:
     return [record("check_seconds_float64", seconds, "s", rules=what, passed=done.returncode == 0)]
 
 
-# glibc's malloc settings that keep a freed block's pages for the next step (see host_memory)
-REUSE_HOST_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
-_MALLOPT = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # M_ARENA_MAX, ...
-_applied: list[str] = []
-
-
-def reuse_host_memory() -> bool:
-    """Sets :data:`REUSE_HOST_MEMORY` in this process through glibc's ``mallopt``, unless the
-    environment sets any of them (or ``GLIBC_TUNABLES``) or the C library is not glibc; True if set.
-
-    Call it before the process's first JAX computation: XLA:CPU's pool threads take their malloc
-    arenas when they first allocate, and ``M_ARENA_MAX`` bounds only the arenas made after it
-    (measured, ``cnn_28`` bench in one process: page faults 674 000 → 232 000–245 000). The main
-    heap then keeps its freed pages (no trimming): the process stays at its peak memory.
-    ``manualgrad``'s command line calls it first thing; a program using the library calls it itself.
-    """
-    import ctypes
-
-    if _applied or platform.libc_ver()[0] != "glibc" or _from_environment():
-        return bool(_applied)
-    mallopt = ctypes.CDLL(None).mallopt
-    for name, value in REUSE_HOST_MEMORY.items():
-        if mallopt(_MALLOPT[name], int(value)) != 1:
-            raise OSError(f"reuse_host_memory: glibc's mallopt refused {name}={value}")
-        _applied.append(f"{name}={value}")
-    return True
-
-
-def host_memory() -> str:
-    """The ``malloc`` settings this process runs with: those of :data:`REUSE_HOST_MEMORY` that the
-    environment sets, as ``NAME=value`` (and ``GLIBC_TUNABLES``), else those
-    :func:`reuse_host_memory` set (``mallopt NAME=value ...``), else ``"defaults"``.
-
-    XLA:CPU allocates a step's temporaries as one block (80.8 MB for ``cnn_28``) on every
-    execution. Asked for by a pool thread, that is more than a glibc thread arena's 64 MB heap, so
-    glibc maps it afresh and unmaps it when freed, and each step faults in some 20 000 zeroed
-    pages: 32 ms of system time in a 110 ms ``cnn_28`` step on one core (PyTorch's buffers:
-    3 100 pages, 5 ms). One arena (the main heap, which grows without bound), no mapped chunks
-    and no trimming keep the block's pages between steps.
-    """
-    return _from_environment() or (f"mallopt {' '.join(_applied)}" if _applied else "defaults")
-
-
-def _from_environment() -> str:
-    """The settings of :data:`REUSE_HOST_MEMORY` (and ``GLIBC_TUNABLES``) the environment gives, as ``NAME=value``."""
-    names = [*REUSE_HOST_MEMORY, "GLIBC_TUNABLES"]
-    return " ".join(f"{name}={os.environ[name]}" for name in names if name in os.environ)
-
-
 def machine() -> dict[str, Any]:
     """CPU model, cores, backend and device, versions."""
     cpu = platform.processor() or platform.machine()
@@ -661,7 +612,7 @@ def machine() -> dict[str, Any]:
         "torch": _torch_version(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "host_memory": host_memory(),
+        "host_memory": runtime.host_memory(),
         "compiler_options": loop.compiler_options(jax.default_backend()),
     }
 

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from manualgrad import cli
+from manualgrad import cli, runtime
 from manualgrad.bench import bench, peers
 from manualgrad.nn import layers, recurrent
 from manualgrad.train import loop
@@ -314,19 +314,19 @@ def test_the_reuse_settings_keep_a_step_blocks_pages(reuse, monkeypatch):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in bench.REUSE_HOST_MEMORY and k != "GLIBC_TUNABLES"}
-    env |= bench.REUSE_HOST_MEMORY if reuse else {}
+    env = {k: v for k, v in os.environ.items() if k not in runtime.REUSE_HOST_MEMORY and k != "GLIBC_TUNABLES"}
+    env |= runtime.REUSE_HOST_MEMORY if reuse else {}
     out = subprocess.run([sys.executable, "-c", _REALLOCATE], capture_output=True, text=True, check=True, env=env)
     faults = json.loads(out.stdout)
     assert faults[0] >= 0.9 * 20_480
     assert (max(faults[1:]) < 205) if reuse else (min(faults[1:]) >= 0.9 * 20_480), faults
-    monkeypatch.setattr(bench, "_applied", [])  # as in a process that has not called reuse_host_memory
-    for name in ("GLIBC_TUNABLES", *bench.REUSE_HOST_MEMORY):
+    monkeypatch.setattr(runtime, "_applied", [])  # as in a process that has not called reuse_host_memory
+    for name in ("GLIBC_TUNABLES", *runtime.REUSE_HOST_MEMORY):
         monkeypatch.delenv(name, raising=False)
-    for name, value in (bench.REUSE_HOST_MEMORY if reuse else {}).items():
+    for name, value in (runtime.REUSE_HOST_MEMORY if reuse else {}).items():
         monkeypatch.setenv(name, value)
-    expected = " ".join(f"{k}={v}" for k, v in bench.REUSE_HOST_MEMORY.items()) if reuse else "defaults"
-    assert bench.host_memory() == expected
+    expected = " ".join(f"{k}={v}" for k, v in runtime.REUSE_HOST_MEMORY.items()) if reuse else "defaults"
+    assert runtime.host_memory() == expected
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="the settings are glibc's")
@@ -339,9 +339,9 @@ def test_reuse_host_memory_sets_them_from_python_unless_the_environment_does(giv
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in bench.REUSE_HOST_MEMORY and k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if k not in runtime.REUSE_HOST_MEMORY and k != "GLIBC_TUNABLES"}
     env |= {"MALLOC_ARENA_MAX": "8"} if given else {}
-    script = "import jax\nfrom manualgrad.bench import bench\nprint(bench.reuse_host_memory(), bench.host_memory())\n"
+    script = "import jax\nfrom manualgrad import runtime\nprint(runtime.reuse_host_memory(), runtime.host_memory())\n"
     command = [sys.executable, "-c", script + _REALLOCATE]
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     first, second = out.stdout.splitlines()
@@ -349,5 +349,5 @@ def test_reuse_host_memory_sets_them_from_python_unless_the_environment_does(giv
     if given:
         assert first == "False MALLOC_ARENA_MAX=8" and min(faults[1:]) >= 0.9 * 20_480, faults
     else:
-        expected = " ".join(f"{k}={v}" for k, v in bench.REUSE_HOST_MEMORY.items())
+        expected = " ".join(f"{k}={v}" for k, v in runtime.REUSE_HOST_MEMORY.items())
         assert first == f"True mallopt {expected}" and max(faults[1:]) < 205, faults
