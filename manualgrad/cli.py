@@ -38,7 +38,7 @@ import manualgrad
 from manualgrad import registry, runtime
 from manualgrad.bench import bench
 from manualgrad.check import cache, checker, processes
-from manualgrad.train import checkpoint, data, distributed, loop
+from manualgrad.train import checkpoint, data, distributed, loop, step
 
 
 def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule", networks: Sequence[str] = ()) -> bool:
@@ -478,7 +478,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     tr.add_argument("--dataset", default=defaults.dataset, metavar="|".join((*data.SPECS, *data.SEQUENCE_SPECS)))
     tr.add_argument(
         "--optimizer",
-        choices=tuple(loop.OPTIMIZERS),
+        choices=tuple(step.OPTIMIZERS),
         default=None,
         help=f"default: the model's ({model_defaults}); adamw warms up, then decays as a cosine over the run",
     )
@@ -502,7 +502,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     tr.add_argument("--dtype", choices=loop.DTYPES, default=defaults.dtype)
     tr.add_argument(
         "--grad",
-        choices=loop.GRADS,
+        choices=step.GRADS,
         default=defaults.grad,
         help="hand rules, or jax.grad of the same model built from the references",
     )

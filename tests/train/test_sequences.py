@@ -13,6 +13,7 @@ import pytest
 
 from manualgrad import cli
 from manualgrad.train import checkpoint, data, loop
+from manualgrad.train import step as train_step
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_gpt_trains_in_nats_per_character_and_samples_ten_words(tiny, capsys):
 
 
 def test_autodiff_gives_the_same_losses_and_samples(tiny):
-    runs = {grad: tiny / grad for grad in loop.GRADS}
+    runs = {grad: tiny / grad for grad in train_step.GRADS}
     for grad, out in runs.items():
         assert _train("--epochs", "2", "--grad", grad, "--out", str(out), "--cross-check-batches", "0") == 0
     manual, auto = (loop.read_metrics(out / "metrics.csv") for out in runs.values())
@@ -114,12 +115,12 @@ def test_bad_combinations_exit_2_in_one_sentence_and_write_nothing(tmp_path, mon
 
 def test_clip_scales_the_gradient_for_every_optimizer():
     grads = {"w": jnp.array([3.0, 4.0])}  # global norm 5
-    for name in loop.OPTIMIZERS:
-        if name in loop.SCHEDULED:
+    for name in train_step.OPTIMIZERS:
+        if name in train_step.SCHEDULED:
             continue  # its first step's rate is 0 (warm-up); the chain is the same code
-        clipped = loop.optimizer(name, 1.0, clip=0.5)
+        clipped = train_step.optimizer(name, 1.0, clip=0.5)
         updates, _ = clipped.update(grads, clipped.init(grads), grads)
-        plain = loop.optimizer(name, 1.0)
+        plain = train_step.optimizer(name, 1.0)
         expected, _ = plain.update({"w": grads["w"] / 10}, plain.init(grads), grads)
         np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6, err_msg=name)
 
@@ -128,12 +129,12 @@ def test_evaluation_weighs_every_counted_target_alike_and_cropping_keeps_the_los
     sequences = data.load_sequences("words")
     net = loop._gpt(sequences, loop.Config(), jnp.float32)
     params = net.init(jax.random.PRNGKey(0), (-1, sequences.length))[1]
-    loss = loop.loss_fn(net, "manual", sequences=True)
+    loss = train_step.loss_fn(net, "manual", sequences=True)
     x, y = sequences.tokens_test, sequences.mask_test
-    whole = loop.evaluate(loss, params, (), x, y, len(x), sequences=True)
-    assert loop.evaluate(loss, params, (), x, y, 3, sequences=True) == pytest.approx(whole, rel=1e-6)
-    assert loop.cropped(x, y)[1].shape == y.shape  # L = 10 (9 letters and "."): no multiple of 8 below it
+    whole = train_step.evaluate(loss, params, (), x, y, len(x), sequences=True)
+    assert train_step.evaluate(loss, params, (), x, y, 3, sequences=True) == pytest.approx(whole, rel=1e-6)
+    assert train_step.cropped(x, y)[1].shape == y.shape  # L = 10 (9 letters and "."): no multiple of 8 below it
     short = y.sum(axis=1) <= 8  # words of up to 7 letters: 8 counted targets at most
-    xs, ys = loop.cropped(x[short], y[short])
+    xs, ys = train_step.cropped(x[short], y[short])
     assert ys.shape == (short.sum(), 8) and xs.shape == (short.sum(), 9)
     assert float(loss(params, (), xs, ys)[0]) == pytest.approx(float(loss(params, (), x[short], y[short])[0]), rel=1e-6)

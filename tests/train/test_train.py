@@ -19,7 +19,7 @@ import pytest
 from manualgrad.nn import layers
 from manualgrad.rules import activations
 from manualgrad.rules.convolution import conv2d
-from manualgrad.train import checkpoint, data, loop
+from manualgrad.train import checkpoint, data, loop, step
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def test_model_gradient_is_the_hand_rules_and_matches_jax_grad(name):
 )
 def test_the_step_s_finiteness_test_flags_exactly_a_non_finite_entry(leaf, finite):
     tree = {"w": jnp.ones((2, 3)), "count": jnp.array(1, jnp.int32), "leaf": leaf}
-    assert bool(jax.jit(loop._all_finite)(tree)) is finite
+    assert bool(jax.jit(step._all_finite)(tree)) is finite
 
 
 def _entry(hlo: str) -> str:
@@ -104,15 +104,16 @@ def _entry(hlo: str) -> str:
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's options: the step runs on another backend")
 def test_the_step_compiles_its_convolutions_with_xla_s_own_emitter_on_cpu():
-    """:data:`loop.CPU_COMPILER_OPTIONS` take effect in the compiled step: its convolutions are XLA
+    """:data:`step.CPU_COMPILER_OPTIONS` take effect in the compiled step: its convolutions are XLA
     ``convolution`` instructions, not YNNPACK fusions, while a plain ``jax.jit`` keeps XLA's default."""
-    assert loop.compiler_options("cpu") == loop.CPU_COMPILER_OPTIONS and loop.compiler_options("gpu") == {}
+    assert step.compiler_options("cpu") == step.CPU_COMPILER_OPTIONS and step.compiler_options("gpu") == {}
     net = layers.cnn(10)
     _, params = net.init(jax.random.PRNGKey(0), (-1, 28, 28, 1))
     x, y = jnp.zeros((128, 28, 28, 1), jnp.float32), jnp.zeros((128,), jnp.int32)
     tx = optax.adam(1e-3)
-    step = loop.make_step(loop.loss_fn(net, "manual"), tx)
-    compiled = step.lower(params, tx.init(params), net.init_state(params), x, y, loop.step_keys(0, [0])[0]).compile()
+    step_fn = step.make_step(step.loss_fn(net, "manual"), tx)
+    compiled = step_fn.lower(params, tx.init(params), net.init_state(params), x, y, step.step_keys(0, [0])[0])
+    compiled = compiled.compile()
     text = _entry(compiled.as_text())
     assert text.count(" convolution(") == 2  # the two layers' forward C; both adjoints are products
     plain = jax.jit(functools.partial(conv2d, stride=2, padding="SAME"))
@@ -129,9 +130,9 @@ def test_training_step_runs_the_registered_backward():
     tx = optax.sgd(0.1)
 
     def one_step(grad):
-        step = loop.make_step(loop.loss_fn(net, grad), tx)
+        step_fn = step.make_step(step.loss_fn(net, grad), tx)
         p = jax.tree_util.tree_map(jnp.copy, params)
-        return step(p, tx.init(p), net.init_state(p), x, y, loop.step_keys(0, [0])[0])[0]
+        return step_fn(p, tx.init(p), net.init_state(p), x, y, step.step_keys(0, [0])[0])[0]
 
     before = {grad: one_step(grad) for grad in ("manual", "autodiff")}
     activations.relu.defvjp(activations.relu_forward, lambda f, g: (2 * g,))  # forgets the mask, doubles
