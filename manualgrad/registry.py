@@ -15,6 +15,20 @@ from typing import Any
 
 import jax
 
+from manualgrad.errors import ManualgradError
+
+
+class RegistrationError(ManualgradError, ValueError):
+    """A rule that :func:`register` refuses: incomplete, inconsistent or already registered."""
+
+
+class RegistrationTypeError(RegistrationError, TypeError):
+    """A rule whose function, reference or sample inputs are not the kind of object a rule needs."""
+
+
+class UnknownRuleError(ManualgradError, KeyError):
+    """No rule is registered under the name asked for; the message lists the registered ones."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Seed:
@@ -171,37 +185,41 @@ _RULES: dict[str, Rule] = {}
 def register(rule: Rule) -> Rule:
     """Adds ``rule`` to the registry after checking that it is complete."""
     if rule.name in _RULES:
-        raise ValueError(f"register: a rule named {rule.name!r} is already registered")
+        raise RegistrationError(f"register: a rule named {rule.name!r} is already registered")
     if not isinstance(rule.fn, jax.custom_vjp):
-        raise TypeError(f"register: {rule.name}.fn must be a jax.custom_vjp function")
+        raise RegistrationTypeError(f"register: {rule.name}.fn must be a jax.custom_vjp function")
     if not callable(rule.reference) or not callable(rule.sample_inputs):
-        raise TypeError(f"register: {rule.name} needs a reference and a sample_inputs generator")
+        raise RegistrationTypeError(f"register: {rule.name} needs a reference and a sample_inputs generator")
     if not rule.seeds or any(s not in SEEDS for s, _ in rule.seeds):
-        raise ValueError(f"register: {rule.name} must name its seeds among {sorted(SEEDS)}")
+        raise RegistrationError(f"register: {rule.name} must name its seeds among {sorted(SEEDS)}")
     missing = [s for s, _ in rule.seeds if f"seed {s}" not in rule.derivation]
     if missing:
-        raise ValueError(
+        raise RegistrationError(
             f"register: {rule.name}'s docstring must carry the derivation and cite "
             f"{', '.join(f'seed {s}' for s in missing)}"
         )
     bad = [i for i in rule.differentiable if not 0 <= i < len(rule.argnames)]
     if bad:
-        raise ValueError(f"register: {rule.name} has no positional arguments {bad}")
+        raise RegistrationError(f"register: {rule.name} has no positional arguments {bad}")
     if [line.strip() for line in rule.derivation.splitlines()].count(RESULT_MARKER) != 1:
-        raise ValueError(
+        raise RegistrationError(
             f"register: {rule.name}'s docstring must have one line {RESULT_MARKER!r} where the derivation's "
             "result begins (exercises show the derivation up to it)"
         )
     linear = [i for group in rule.linear_in for i in group]
     if any(not group for group in rule.linear_in) or len(linear) != len(set(linear)):
-        raise ValueError(f"register: {rule.name}.linear_in must be disjoint, non-empty groups, got {rule.linear_in}")
+        raise RegistrationError(
+            f"register: {rule.name}.linear_in must be disjoint, non-empty groups, got {rule.linear_in}"
+        )
     if not set(linear) <= set(rule.differentiable):
-        raise ValueError(
+        raise RegistrationError(
             f"register: {rule.name}.linear_in {rule.linear_in} names arguments outside differentiable "
             f"{rule.differentiable}"
         )
     if not {m.argument for m in rule.mistakes} <= set(rule.differentiable):
-        raise ValueError(f"register: {rule.name}.mistakes name arguments outside differentiable {rule.differentiable}")
+        raise RegistrationError(
+            f"register: {rule.name}.mistakes name arguments outside differentiable {rule.differentiable}"
+        )
     _RULES[rule.name] = rule
     return rule
 
@@ -216,4 +234,4 @@ def get(name: str) -> Rule:
     try:
         return _RULES[name]
     except KeyError:
-        raise KeyError(f"no rule named {name!r}; registered rules: {', '.join(_RULES)}") from None
+        raise UnknownRuleError(f"no rule named {name!r}; registered rules: {', '.join(_RULES)}") from None

@@ -11,12 +11,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from manualgrad.errors import ManualgradError
 
-class RuleInputError(ValueError):
+
+class RuleInputError(ManualgradError, ValueError):
     """An argument of a rule has the wrong shape or value."""
 
 
-class RuleDTypeError(TypeError):
+class RuleDTypeError(ManualgradError, TypeError):
     """An argument of a rule has the wrong dtype."""
 
 

@@ -1,7 +1,12 @@
 """The package's house rules: subpackages by job, imports one way between them, no cycle."""
 
 import ast
+import importlib
+import inspect
 import pathlib
+import pkgutil
+
+import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "manualgrad"
 
@@ -102,3 +107,55 @@ def test_no_import_cycle_between_modules():
     modules_only = [n for n in graph if not (PACKAGE.parent / n.replace(".", "/")).is_dir()]
     cycles = [c for n in modules_only if (c := cycle_from(n, n, set()))]
     assert not cycles, cycles
+
+
+def _modules():
+    """Every module of the package, imported (``__main__`` runs the CLI, so it is left out)."""
+    import manualgrad
+
+    names = [m.name for m in pkgutil.walk_packages(manualgrad.__path__, "manualgrad.")]
+    return [importlib.import_module(name) for name in names if not name.endswith("__main__")]
+
+
+# Parts whose error classes other changes of the reorganisation give their ManualgradError base;
+# the check holds everywhere once they land (the marker then goes).
+_PENDING = {"train", "teach"}
+_PARTS = sorted({_part(path) for path in PACKAGE.rglob("*.py")} - {"__main__"})
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        pytest.param(p, marks=pytest.mark.xfail(reason="error bases land with that part's change"))
+        if p in _PENDING
+        else p
+        for p in _PARTS
+    ],
+)
+def test_every_error_class_is_a_manualgrad_error(part):
+    from manualgrad.errors import ManualgradError
+
+    loose = [
+        f"{cls.__module__}.{cls.__qualname__}"
+        for module in _modules()
+        if _part(pathlib.Path(module.__file__)) == part
+        for cls in vars(module).values()
+        if inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == module.__name__
+        if not issubclass(cls, ManualgradError)
+    ]
+    assert not loose, f"not manualgrad.ManualgradError subclasses: {loose}"
+
+
+def test_the_public_rule_names_are_the_registrys():
+    import manualgrad as mg
+    from manualgrad import registry
+
+    names = [rule.name for rule in registry.rules()]
+    assert names and all(getattr(mg, name) is registry.get(name).fn for name in names)
+    assert set(names) <= set(mg.__all__) and len(mg.__all__) == len(set(mg.__all__))
+    public = {"check", "audit", "rules", "get", "Rule", "Sample", "register", "Report", "validation"}
+    errors = {"ManualgradError", "MissingExtraError", "RuleInputError", "RuleDTypeError"}
+    assert public | errors <= set(mg.__all__)
+    assert all(hasattr(mg, name) for name in mg.__all__)
+    assert issubclass(mg.RuleInputError, mg.ManualgradError) and issubclass(mg.RuleInputError, ValueError)
+    assert issubclass(mg.RuleDTypeError, mg.ManualgradError) and issubclass(mg.RuleDTypeError, TypeError)

@@ -60,6 +60,7 @@ except ImportError:  # a jax without jax.extend.core.Literal: the older public n
 from manualgrad import registry
 from manualgrad.check import diagnose
 from manualgrad.check.comparison import compare
+from manualgrad.check.errors import CheckError
 from manualgrad.check.finite_differences import finite_differences
 from manualgrad.check.report import NOT_RUN, Finding, Report
 from manualgrad.check.tolerances import ATOL, TOLERANCES, compiler_options
@@ -168,7 +169,7 @@ def audit(fn: Callable[..., Any], *args: Any, seed: int = 0, calls_per_site: int
     :class:`AuditReport`: ``passed``, ``failures()``, ``first_failure()``, ``text()``.
     """
     if calls_per_site < 1:
-        raise ValueError(f"audit: calls_per_site must be at least 1, got {calls_per_site}")
+        raise CheckError(f"audit: calls_per_site must be at least 1, got {calls_per_site}")
     start = time.perf_counter()
     closed = jax.make_jaxpr(fn)(*args)
     recorder = _Recorder()

@@ -58,9 +58,10 @@ import numpy as np
 
 from manualgrad.check import adjoint, diagnose
 from manualgrad.check.comparison import compare
+from manualgrad.check.errors import BackwardError, CheckError, ReferenceFailed
 from manualgrad.check.finite_differences import SampleDifferences, finite_differences
-from manualgrad.check.report import NOT_RUN, BackwardError, Finding, Report
-from manualgrad.check.targets import ReferenceFailed, select
+from manualgrad.check.report import NOT_RUN, Finding, Report
+from manualgrad.check.targets import select
 from manualgrad.check.timing import CompileClock
 from manualgrad.check.tolerances import ATOL, CHECKS, TOLERANCES, compiler_options
 from manualgrad.check.trees import (
@@ -101,10 +102,10 @@ def check(
     ``jax.config.update``, or set ``WORKERS = 1`` to check in the calling thread.
     """
     if dtype not in TOLERANCES:
-        raise ValueError(f"check: dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
+        raise CheckError(f"check: dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
     unknown = set(checks) - set(CHECKS)
     if unknown:
-        raise ValueError(f"check: unknown checks {sorted(unknown)}; choose from {CHECKS}")
+        raise CheckError(f"check: unknown checks {sorted(unknown)}; choose from {CHECKS}")
     selected = select(target, reference, args, argnums)
     start = time.perf_counter()
     with CompileClock() as clock:

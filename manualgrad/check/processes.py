@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 
 from manualgrad import registry
 from manualgrad.check import cache, checker
+from manualgrad.check.errors import CheckError
 from manualgrad.check.report import Finding, Report
 from manualgrad.check.timing import CompileClock, compile_share
 from manualgrad.check.tolerances import CHECKS, TOLERANCES, compiler_options
@@ -50,7 +51,7 @@ def check(
     if not command():
         return checker.check(list(names), dtype=dtype, seed=seed)
     if dtype not in TOLERANCES:
-        raise ValueError(f"check: dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
+        raise CheckError(f"check: dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # a forked JAX runtime may hang
     with _ctrl_c_ignored():  # the workers start with SIGINT ignored: a terminal's Ctrl-C stops the command alone

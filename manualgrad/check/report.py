@@ -13,11 +13,6 @@ from manualgrad.check.tolerances import CHECKS
 NOT_RUN = "not run"
 
 
-class BackwardError(Exception):
-    """A hand backward broke its contract with ``custom_vjp`` in a way one plain sentence can say
-    (it returned ``None``, used NumPy on a traced array, ...): reported as that sentence."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """One comparison: a rule, a check, a sample and an argument (or the output)."""

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from manualgrad import registry
+from manualgrad.check.errors import CheckTypeError, ReferenceFailed
 from manualgrad.check.trees import is_float, is_float_tree
 from manualgrad.registry import Rule, Sample
 
@@ -29,13 +30,9 @@ def select(
         return [target]
     if callable(target):
         if reference is None or args is None:
-            raise TypeError("check: a function needs its reference= and args= to be checked")
+            raise CheckTypeError("check: a function needs its reference= and args= to be checked")
         return [user_rule(target, reference, tuple(args), argnums)]
     return [t if isinstance(t, Rule) else registry.get(t) for t in target]
-
-
-class ReferenceFailed(Exception):
-    """A user's reference raised while being checked against; the message names it and the error."""
 
 
 def user_rule(

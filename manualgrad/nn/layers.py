@@ -47,12 +47,13 @@ import numpy as np
 from jax import lax
 
 from manualgrad import registry
+from manualgrad.errors import ManualgradError
 from manualgrad.rules.windows import Padding
 
 Shape = tuple[int, ...]
 
 
-class LayerError(ValueError):
+class LayerError(ManualgradError, ValueError):
     """A layer built with, or applied to, arguments it cannot use; the message names the layer."""
 
 

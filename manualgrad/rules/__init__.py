@@ -3,9 +3,8 @@
 geometry (:mod:`~manualgrad.rules.windows`) and the usual mistakes (:mod:`~manualgrad.rules.mistakes`).
 
 Importing this package registers every family; this order is the order of the registry and the README.
-``embedding`` and ``attention`` name both a family's module and its rule: ``manualgrad.rules.attention``
-is the rule, as ``manualgrad.check`` is the function; import the module's other names by name
-(``from manualgrad.rules.attention import attention_backward``).
+The rules themselves are public as ``manualgrad.NAME`` (``mg.dense``), read from the registry;
+``manualgrad.rules.attention`` is the family's module.
 
 The protocol of a rule
 ----------------------
@@ -37,7 +36,7 @@ checks the order and the signatures):
     ``mistakes`` (the rule's usual wrong backwards, for the diagnoses).
 
 To add a rule: write the five pieces in its family's module (or a new module, imported below in
-the registry's order), export ``NAME`` here and from ``manualgrad/__init__.py``, add at least one
+the registry's order; ``manualgrad.NAME`` then comes from the registry), add at least one
 wrong backward to its family's file in ``tests/mutations/`` and a known-value test to
 ``tests/rules/test_known_values.py``, and regenerate the README's table with
 ``python -m manualgrad.teach.docs``. ``register`` refuses a rule without a custom_vjp function, a
@@ -46,47 +45,28 @@ reference, sample inputs, a docstring citing its seeds with one ``Result:`` line
 runs every check on it in both dtypes.
 """
 
-from manualgrad.rules.linear import add, bias_add, dense  # isort: skip
-from manualgrad.rules.activations import gelu, identity, leaky_relu, relu, sigmoid, softplus, tanh  # isort: skip
-from manualgrad.rules.losses import l2_penalty, mse, softmax_cross_entropy  # isort: skip
-from manualgrad.rules.correlation import convolve1d, correlate1d  # isort: skip
-from manualgrad.rules.convolution import conv1d, conv2d  # isort: skip
-from manualgrad.rules.pooling import avg_pool2d, flatten, max_pool2d  # isort: skip
-from manualgrad.rules.normalization import batch_norm, dropout, group_norm, layer_norm, rms_norm  # isort: skip
-from manualgrad.rules.recurrence import lstm, rnn  # isort: skip
-from manualgrad.rules.embedding import embedding  # isort: skip
-from manualgrad.rules.attention import attention, log_softmax, softmax  # isort: skip
+from manualgrad.rules import (  # isort: skip
+    linear,
+    activations,
+    losses,
+    correlation,
+    convolution,
+    pooling,
+    normalization,
+    recurrence,
+    embedding,
+    attention,
+)
 
 __all__ = [
-    "add",
-    "attention",
+    "linear",
+    "activations",
+    "losses",
+    "correlation",
+    "convolution",
+    "pooling",
+    "normalization",
+    "recurrence",
     "embedding",
-    "gelu",
-    "log_softmax",
-    "softmax",
-    "rms_norm",
-    "layer_norm",
-    "group_norm",
-    "dropout",
-    "batch_norm",
-    "avg_pool2d",
-    "bias_add",
-    "conv1d",
-    "conv2d",
-    "convolve1d",
-    "correlate1d",
-    "dense",
-    "flatten",
-    "identity",
-    "l2_penalty",
-    "leaky_relu",
-    "lstm",
-    "max_pool2d",
-    "mse",
-    "relu",
-    "rnn",
-    "sigmoid",
-    "softmax_cross_entropy",
-    "softplus",
-    "tanh",
+    "attention",
 ]
