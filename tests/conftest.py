@@ -8,7 +8,7 @@ whatever ran before it (tests/check/test_cache.py turns the cache on in a folder
 The suite's programs build with the checker's fast-compile options (``cache.fast_eager_builds``:
 no LLVM optimisation, one module, in ``XLA_FLAGS`` before the first computation, inherited by
 the commands the tests start; on jaxlib 0.10 and the CPU only): the tests compile far more than
-they run (tests/train/ 196 s → 79 s on 2 cores), and no test times anything.
+they run, and no test times anything.
 """
 
 import os

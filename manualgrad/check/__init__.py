@@ -1,11 +1,14 @@
-"""The cross-checker. From the bottom up: :mod:`~manualgrad.check.tolerances` (what counts as
-agreement, the relative errors), :mod:`~manualgrad.check.trees` (pytree helpers),
-:mod:`~manualgrad.check.report` (findings), :mod:`~manualgrad.check.comparison`,
-:mod:`~manualgrad.check.finite_differences`, :mod:`~manualgrad.check.adjoint`,
-:mod:`~manualgrad.check.mistakes` (the generic mistakes), :mod:`~manualgrad.check.diagnose`,
-:mod:`~manualgrad.check.targets` (what to check) and, on top, :mod:`~manualgrad.check.checker`
-(:func:`check`, running the samples), with :mod:`~manualgrad.check.processes` (the command's
-rules in several processes), :mod:`~manualgrad.check.cache` and :mod:`~manualgrad.check.timing` beside it."""
+"""The cross-checker. From the bottom up: :mod:`~manualgrad.check.errors` (what it refuses),
+:mod:`~manualgrad.check.tolerances` (what counts as agreement, the relative errors),
+:mod:`~manualgrad.check.trees` (pytree helpers), :mod:`~manualgrad.check.report` (findings),
+:mod:`~manualgrad.check.comparison`, :mod:`~manualgrad.check.finite_differences`,
+:mod:`~manualgrad.check.adjoint`, :mod:`~manualgrad.check.generic_mistakes` (the mistakes any rule
+can make), :mod:`~manualgrad.check.diagnose`, :mod:`~manualgrad.check.targets` (what to check) and,
+on top, :mod:`~manualgrad.check.checker` (:func:`check`, running the samples), with
+:mod:`~manualgrad.check.processes` (the command's rules in several processes),
+:mod:`~manualgrad.check.cache` and :mod:`~manualgrad.check.timing` beside it;
+:mod:`~manualgrad.check.audit` checks every call of a rule inside any function, its report naming
+them by :mod:`~manualgrad.check.sources`."""
 
 from manualgrad.check.checker import check
 from manualgrad.check.report import Finding, Report

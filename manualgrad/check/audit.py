@@ -37,13 +37,9 @@ inside it fails, not run: it ran unseen.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import functools
-import os
-import pathlib
-import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -58,14 +54,15 @@ except ImportError:  # a jax without jax.extend.core.Literal: the older public n
     from jax.core import Literal
 
 from manualgrad import registry
-from manualgrad.check import diagnose
+from manualgrad.check import diagnose, sources
 from manualgrad.check.comparison import compare
 from manualgrad.check.errors import CheckError
 from manualgrad.check.finite_differences import finite_differences
 from manualgrad.check.report import NOT_RUN, Finding, Report
-from manualgrad.check.tolerances import ATOL, TOLERANCES, compiler_options
+from manualgrad.check.tolerances import ATOL, TOLERANCES, fast_compile_options
 from manualgrad.check.trees import closure, is_float, random_like
 from manualgrad.registry import Rule, Sample
+from manualgrad.text import first_line, table
 
 __all__ = ["CALLS_PER_SITE", "AuditReport", "CallSite", "audit"]
 
@@ -73,7 +70,6 @@ __all__ = ["CALLS_PER_SITE", "AuditReport", "CallSite", "audit"]
 # and evenly between. A site's two VJPs are compiled once; each call checked runs them once.
 CALLS_PER_SITE = 3
 _CALLS = ("jit", "call", "remat", "checkpoint")  # call-like primitives: the sub-jaxpr takes the eqn's inputs
-_SOURCE = re.compile(r"^(?P<name>.+) at (?P<file>.+):(?P<line>\d+)$")
 
 
 @dataclasses.dataclass
@@ -144,9 +140,7 @@ class AuditReport(Report):
             *("function", "defined at", "called at", "calls", "argument"),
             *("worst", "/allowed", "verdict", "diagnosis"),
         )
-        rows = [header, *(s.row() for s in self.sites)]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-        lines = [head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+        lines = [head, *table([header, *(s.row() for s in self.sites)], indent="  ")]
         first = self.first_failure()
         if first is None:
             lines.append("every custom_vjp call site agrees with JAX's autodiff of its primal function")
@@ -210,9 +204,7 @@ def _sites(jaxpr) -> dict[int, CallSite]:
     for eqn_id, reason in _unentered(jaxpr):  # it ran, but unseen: a check that could not run, failed
         site = sites[eqn_id]
         site.reached = reason
-        site.findings.append(
-            Finding(site.label, "vjp", "-", "(not entered)", "(all)", np.inf, np.inf, 0.0, 1, 1, NOT_RUN, note=reason)
-        )
+        site.findings.append(Finding.not_run(site.label, "vjp", "-", "(not entered)", reason, tolerance=0.0))
     return sites
 
 
@@ -248,7 +240,7 @@ class _Recorder:
         self.last[id(eqn)] = self.count
         self.count += 1
         if id(eqn) not in self.forward:
-            self.forward[id(eqn)] = jax.jit(functools.partial(_bind, eqn), compiler_options=compiler_options())
+            self.forward[id(eqn)] = jax.jit(functools.partial(_bind, eqn), compiler_options=fast_compile_options())
         return self.forward[id(eqn)](values)
 
 
@@ -388,7 +380,7 @@ def _site_eqns(jaxpr, outer: str = "") -> Iterator[tuple[Any, str]]:
     (else where it calls the primitive around it, ``outer``); not those inside a custom_vjp's primal
     (they take no part in the function's gradient)."""
     for eqn in jaxpr.eqns:
-        called = _called(eqn) or outer
+        called = sources.called(eqn) or outer
         if _is_custom_vjp(eqn):
             yield eqn, called
         else:
@@ -417,77 +409,9 @@ def _unentered(jaxpr) -> Iterator[tuple[int, str]]:
 
 def _site(eqn, called: str, reached: str) -> CallSite:
     jaxpr, _ = _primal_jaxpr(eqn)
-    name, (file, line) = _definition(eqn, jaxpr)
+    name, (file, line) = sources.definition(eqn, jaxpr)
     n = len(eqn.invars) - eqn.params.get("num_consts", 0)
-    return CallSite(name, f"{_shown(file)}:{line}", called, _argnames(file, line, n), reached=reached)
-
-
-def _shown(file: str) -> str:
-    """``file`` relative to the working directory where it lies below it, else as it is."""
-    relative = os.path.relpath(file) if os.path.isabs(file) else file
-    return file if relative.startswith("..") else relative
-
-
-def _definition(eqn, jaxpr) -> tuple[str, tuple[str, int]]:
-    """The custom_vjp function's name and ``file:line``: from the primal's debug info, else the backward's code."""
-    info = getattr(getattr(jaxpr, "debug_info", None), "func_src_info", None) or ""
-    match = _SOURCE.match(info)
-    if match:
-        return match["name"], (match["file"], int(match["line"]))
-    bwd = eqn.params.get("bwd")
-    f = getattr(bwd, "f", bwd)
-    while isinstance(f, functools.partial):
-        f = f.func
-    code = getattr(f, "__code__", None)
-    name = eqn.params.get("name") or getattr(f, "__name__", "custom_vjp")
-    return str(name), (code.co_filename, code.co_firstlineno) if code else ("(unknown)", 0)
-
-
-def _called(eqn) -> str:
-    """Where the user's code made the call (JAX's record of the user frame; private, so defensive)."""
-    try:
-        from jax._src import source_info_util
-
-        frame = source_info_util.user_frame(eqn.source_info.traceback)
-    except Exception:  # another jax release: the call site goes unnamed
-        return ""
-    return f"{_shown(frame.file_name)}:{frame.start_line}" if frame else ""
-
-
-@functools.cache
-def _parsed(file: str) -> ast.Module | None:
-    try:
-        return ast.parse(pathlib.Path(file).read_text())
-    except (OSError, SyntaxError, ValueError):
-        return None
-
-
-def _argnames(file: str, line: int, n: int) -> tuple[str, ...]:
-    """The parameter names of the function defined at ``file:line``, read from its source, less
-    those its decorator's ``nondiff_argnums`` names (they are no inputs of the jaxpr's call), where
-    ``n`` remain; else ``args[i]``."""
-    tree = _parsed(file)
-    for node in ast.walk(tree) if tree else ():
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-            names = [a.arg for a in [*node.args.posonlyargs, *node.args.args]]
-            static = {i for d in node.decorator_list for i in _nondiff_argnums(d)}
-            names = [name for i, name in enumerate(names) if i not in static]
-            if line in (first, node.lineno) and len(names) == n and not node.args.vararg:
-                return tuple(names)
-    return tuple(f"args[{i}]" for i in range(n))
-
-
-def _nondiff_argnums(decorator: ast.expr) -> tuple[int, ...]:
-    """The literal ``nondiff_argnums`` of a decorator such as ``@partial(jax.custom_vjp, nondiff_argnums=(1,))``."""
-    for keyword in decorator.keywords if isinstance(decorator, ast.Call) else ():
-        if keyword.arg == "nondiff_argnums":
-            try:
-                value = ast.literal_eval(keyword.value)
-            except ValueError:
-                return ()
-            return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    return ()
+    return CallSite(name, f"{sources.shown(file)}:{line}", called, sources.argnames(file, line, n), reached=reached)
 
 
 def _spread(calls: list[_Call], k: int) -> list[_Call]:
@@ -523,7 +447,7 @@ class _Pullbacks:
 
     def __init__(self, eqn, diff: list[int]) -> None:
         self.eqn, self.diff = eqn, diff
-        options = compiler_options()
+        options = fast_compile_options()
         self.hand = jax.jit(functools.partial(self._pull, self.call), compiler_options=options)
         self.reference = jax.jit(functools.partial(self._pull, self.primal), compiler_options=options)
 
@@ -551,10 +475,7 @@ def _check_call(site: CallSite, call: _Call, pullbacks: dict[int, _Pullbacks], k
 
     def failed(note: str) -> list[Finding]:
         tol = TOLERANCES.get(dtype, TOLERANCES["float32"])["vjp"]
-        return [
-            Finding(site.label, "vjp", dtype, label, name, np.inf, np.inf, tol, 1, 1, NOT_RUN, note=note)
-            for name in names
-        ]
+        return [Finding.not_run(site.label, "vjp", dtype, label, note, argument=name, tolerance=tol) for name in names]
 
     if dtype not in TOLERANCES:
         return failed(f"{dtype} arguments: the audit has tolerances for {', '.join(TOLERANCES)} only")
@@ -563,7 +484,7 @@ def _check_call(site: CallSite, call: _Call, pullbacks: dict[int, _Pullbacks], k
         u = _cotangent(key, jax.eval_shape(pull.call, call.consts, args))
         received = pull.hand(call.consts, args, u)
     except Exception as error:  # a backward that raises is a failure of this call, not a crash of the audit
-        return failed(f"the backward raised {type(error).__name__}: {_first_line(error)}")
+        return failed(f"the backward raised {type(error).__name__}: {first_line(error)}")
     try:
         expected = pull.reference(call.consts, args, u)
     except Exception as error:  # JAX cannot differentiate the primal: finite differences, where they can be trusted
@@ -598,7 +519,7 @@ def _rule(site: CallSite, call: _Call, primal: Callable[..., Any], diff: list[in
     for rule in registry.rules():
         code = rule.fn.fun.__code__
         if (
-            site.defined == f"{_shown(code.co_filename)}:{code.co_firstlineno}"
+            site.defined == f"{sources.shown(code.co_filename)}:{code.co_firstlineno}"
             and not call.consts
             and not rule.fn.nondiff_argnums
             and len(rule.argnames) == len(call.args)
@@ -619,10 +540,5 @@ def _finite_differences(site: CallSite, fn: Callable[..., Any], args, diff, name
     rule = Rule(site.name, fn, fn, lambda key, dtype: (), tuple(diff), ())
     tol = TOLERANCES["float64"]["finite_diff"]
     differences = finite_differences(rule, Sample(tuple(args), label), diff, names, key)
-    values, hand = jax.jit(differences.evaluate, compiler_options=compiler_options())(*differences.inputs)
+    values, hand = jax.jit(differences.evaluate, compiler_options=fast_compile_options())(*differences.inputs)
     return differences.findings(site.label, label, "float64", tol, np.asarray(values), np.asarray(hand))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error)
-    return text.splitlines()[0] if text else ""

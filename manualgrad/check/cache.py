@@ -31,8 +31,8 @@ from manualgrad.check.tolerances import FAST_COMPILE
 
 DIRECTORY_VARIABLE = "MANUALGRAD_CACHE_DIR"
 OFF_VARIABLE = "MANUALGRAD_NO_CACHE"
-# Every program is written, the check's eager ops too: loading one costs less than building
-# even the smallest (an eager op's build is 20–40 ms on XLA:CPU).
+# Every program is written, the check's eager ops too: reading one back costs less than building
+# even the smallest.
 MIN_COMPILE_SECONDS = 0.0
 # jaxlib releases whose XLA is known to take every flag of FAST_COMPILE (tried on 0.10.2): XLA
 # aborts the process on an unknown flag in XLA_FLAGS, so elsewhere eager ops keep XLA's default build.

@@ -35,8 +35,8 @@ sample's checks are fused into one program (built with
 :data:`~manualgrad.check.tolerances.FAST_COMPILE` on CPU), in which the backward is traced as few
 times as the checks allow (once: :class:`_Traced`), and samples are checked :data:`WORKERS` at a
 time, so that one sample's compile overlaps another's tracing. The hand VJP is not also run
-eagerly: each eager operation on a new shape is a program of its own, and they took over 40 % of
-the check's CPU time for values equal to the compiled ones to round-off. Samples are not batched into one
+eagerly: each eager operation on a new shape is a program of its own, a large share of the
+check's time for values equal to the compiled ones to round-off. Samples are not batched into one
 program per rule: XLA's compile time grows with the program, and one program per rule built as
 much as the per-sample ones together, one thread at a time. ``manualgrad check`` also keeps what
 it built in JAX's persistent compilation cache (:mod:`~manualgrad.check.cache`).
@@ -63,7 +63,7 @@ from manualgrad.check.finite_differences import SampleDifferences, finite_differ
 from manualgrad.check.report import NOT_RUN, Finding, Report
 from manualgrad.check.targets import select
 from manualgrad.check.timing import CompileClock
-from manualgrad.check.tolerances import ATOL, CHECKS, TOLERANCES, compiler_options
+from manualgrad.check.tolerances import ATOL, CHECKS, TOLERANCES, fast_compile_options
 from manualgrad.check.trees import (
     closure,
     is_float_tree,
@@ -72,6 +72,7 @@ from manualgrad.check.trees import (
     traced,
 )
 from manualgrad.registry import Rule, Sample
+from manualgrad.text import first_line
 
 __all__ = ["CHECKS", "NOT_RUN", "TOLERANCES", "WORKERS", "BackwardError", "Finding", "Report", "check"]
 
@@ -130,7 +131,7 @@ def jobs(selected: list[Rule], dtype: str, seed: int) -> list[tuple[Rule, Sample
 def _check_all(selected: list[Rule], dtype: str, checks, seed: int, clock: CompileClock) -> list[list[Finding]]:
     with clock.working():
         todo = jobs(selected, dtype, seed)
-    options = compiler_options()
+    options = fast_compile_options()
 
     def run(job) -> list[Finding]:
         with clock.working():
@@ -154,20 +155,7 @@ def check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> l
             return _check_sample(rule, sample, dtype, checks, key, options)
         except ReferenceFailed as error:  # nothing to compare with: every check failed, the reference named
             return [
-                Finding(
-                    rule.name,
-                    c,
-                    dtype,
-                    sample.label,
-                    "(all)",
-                    np.inf,
-                    np.inf,
-                    TOLERANCES[dtype][c],
-                    1,
-                    1,
-                    NOT_RUN,
-                    note=str(error),
-                )
+                Finding.not_run(rule.name, c, dtype, sample.label, str(error), tolerance=TOLERANCES[dtype][c])
                 for c in CHECKS
                 if c in checks
             ]
@@ -195,8 +183,8 @@ class _Traced:
     ``(primals, cotangent) ↦ cotangents``, each under one ``jax.jit``: inside a sample's program
     every check that calls them at the same shapes reuses one trace, and the checks under
     ``vmap`` and reverse mode transform that trace instead of tracing the Python again
-    (:func:`~manualgrad.check.trees.traced`; inlined, the cold ``manualgrad check`` took 25.1
-    against 27.1 s with nested programs, three runs each, alternating)."""
+    (:func:`~manualgrad.check.trees.traced`; inlined, a cold ``manualgrad check`` is faster than
+    with nested programs: ``manualgrad bench --check-rules`` times it)."""
 
     forward: Callable[..., Any]
     pull: Callable[..., Any]
@@ -361,22 +349,9 @@ def _error_findings(rule: Rule, sample: Sample, dtype: str, check: str, error: E
     sentence for a :class:`BackwardError`, else ``raised TYPE: first line``. For the ``vjp``
     check of a backward that returned a cotangent of the wrong shape (``custom_vjp`` refuses
     it), one finding per such argument, diagnosed from the raw backward."""
-    first = str(error).splitlines()[0] if str(error) else ""
+    first = first_line(error)
     note = first if isinstance(error, BackwardError) else f"raised {type(error).__name__}: {first}"
-    finding = Finding(
-        rule.name,
-        check,
-        dtype,
-        sample.label,
-        "(all)",
-        np.inf,
-        np.inf,
-        TOLERANCES[dtype][check],
-        1,
-        1,
-        NOT_RUN,
-        note=note,
-    )
+    finding = Finding.not_run(rule.name, check, dtype, sample.label, note, tolerance=TOLERANCES[dtype][check])
     if check != "vjp":
         return [finding]
     try:

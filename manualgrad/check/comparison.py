@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -34,45 +35,35 @@ def compare(
     entries larger than ``atol``; NaN anywhere is a mismatch.
     """
     a, n = flat(received), flat(expected)
+    found = functools.partial(
+        Finding, rule=rule, check=check, dtype=dtype, sample=label, argument=argument, tolerance=tol
+    )
     if a.shape != n.shape:
-        return Finding(
-            rule,
-            check,
-            dtype,
-            label,
-            argument,
-            np.inf,
-            np.inf,
-            tol,
-            max(a.size, n.size),
-            n.size,
-            "shape",
+        return found(
+            max_abs_error=np.inf,
+            max_rel_error=np.inf,
+            mismatches=max(a.size, n.size),
+            size=n.size,
+            where="shape",
             note=f"received {a.size} entries, expected {n.size}",
             error_over_allowed=np.inf,
         )
     if a.size == 0:
-        return Finding(rule, check, dtype, label, argument, 0.0, 0.0, tol, 0, 0, note=note, error_over_allowed=0.0)
+        return found(max_abs_error=0.0, max_rel_error=0.0, mismatches=0, size=0, note=note, error_over_allowed=0.0)
     abs_err, rel = relative_errors(a, n, atol)
     mismatch = (rel > tol) & ~(abs_err <= atol)
     with np.errstate(divide="ignore", invalid="ignore"):  # atol may be 0; an exact entry is 0 over allowed
         over = np.where(abs_err == 0, 0.0, np.minimum(rel / tol, abs_err / atol))  # > 1 exactly at a mismatch
     over = np.where(np.isnan(abs_err), np.inf, over)
     worst = int(np.argmax(np.where(mismatch, np.inf, rel))) if mismatch.any() else int(np.argmax(rel))
-    position = where(worst) if where else locate(expected, worst, argument)
-    return Finding(
-        rule,
-        check,
-        dtype,
-        label,
-        argument,
-        float(np.nanmax(abs_err)),
-        float(rel[worst]),
-        tol,
-        int(mismatch.sum()),
-        int(n.size),
-        position,
-        float(n[worst]),
-        float(a[worst]),
-        note,
+    return found(
+        max_abs_error=float(np.nanmax(abs_err)),
+        max_rel_error=float(rel[worst]),
+        mismatches=int(mismatch.sum()),
+        size=int(n.size),
+        where=where(worst) if where else locate(expected, worst, argument),
+        expected=float(n[worst]),
+        received=float(a[worst]),
+        note=note,
         error_over_allowed=float(np.max(over)),
     )

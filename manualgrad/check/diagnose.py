@@ -4,7 +4,7 @@ When a rule's hand cotangent for one argument disagrees with the reference's, :f
 computes the wrong answers the usual mistakes would give and names every one that explains
 the numbers to round-off (the checker's ``vjp`` tolerance) while the right answer does not:
 
-* from the right answer ``E``, for every rule (:mod:`manualgrad.check.mistakes`): ``E``
+* from the right answer ``E``, for every rule (:mod:`manualgrad.check.generic_mistakes`): ``E``
   transposed, ``E`` times a usual constant, or else the constant fitted by least squares;
   and, for a backward whose output has the wrong shape (:func:`diagnose_raw`), a broadcast
   axis not summed, ``E`` transposed or its axes permuted, ``E`` reshaped wrongly;
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad.check import mistakes as generic
-from manualgrad.check.tolerances import ATOL, TOLERANCES, compiler_options
+from manualgrad.check import generic_mistakes as generic
+from manualgrad.check.tolerances import ATOL, TOLERANCES, fast_compile_options
 from manualgrad.check.trees import flat
 from manualgrad.registry import Rule
 from manualgrad.rules import mistakes
@@ -56,7 +56,7 @@ def diagnose(rule: Rule, args: tuple[Any, ...], argument: int, received: Any, g:
 def diagnose_array(received: Any, right: Any, args: Any, dtype: str, extra: Iterable[tuple[str, Any]] = ()) -> str:
     """What ``received`` is, a gradient whose right value is ``right``, where no rule is known (a
     whole network's intermediate): ``"your gradient equals ..."`` for each candidate of ``extra``
-    (``(text, wrong answer)``) and each generic mistake (:mod:`manualgrad.check.mistakes`; the
+    (``(text, wrong answer)``) and each generic mistake (:mod:`manualgrad.check.generic_mistakes`; the
     usual batch sizes read from ``args``) that explains it; of the wrong shape, the first shape
     mistake that does; else :data:`NO_EXPLANATION`."""
     tol = _tolerance(dtype)
@@ -81,7 +81,7 @@ class WrongShape(NamedTuple):
 def diagnose_raw(rule: Rule, args: tuple[Any, ...], g: Any, dtype: str) -> dict[int, WrongShape]:
     """Runs the rule's backward directly, outside ``custom_vjp`` (which rejects a cotangent of
     the wrong shape before anyone sees it), and diagnoses each argument whose raw cotangent
-    has the wrong shape (:func:`manualgrad.check.mistakes.shape_mistakes`), or says :data:`NO_EXPLANATION`."""
+    has the wrong shape (:func:`manualgrad.check.generic_mistakes.shape_mistakes`), or says :data:`NO_EXPLANATION`."""
     fn = rule.fn
     nondiff = getattr(fn, "nondiff_argnums", ())
     try:
@@ -130,7 +130,7 @@ def _evaluate(rule: Rule, args, argument: int, g) -> tuple[Any, list[tuple[str, 
         texts[:] = [text for text, _ in pairs]
         return right, [c for _, c in pairs]
 
-    compiled = jax.jit(program, compiler_options=compiler_options())
+    compiled = jax.jit(program, compiler_options=fast_compile_options())
     right, values = compiled([leaves[i] for i in traced], g)
     return right, list(zip(texts, values))
 

@@ -31,7 +31,7 @@ from manualgrad.check import cache, checker
 from manualgrad.check.errors import CheckError
 from manualgrad.check.report import Finding, Report
 from manualgrad.check.timing import CompileClock, compile_share
-from manualgrad.check.tolerances import CHECKS, TOLERANCES, compiler_options
+from manualgrad.check.tolerances import CHECKS, TOLERANCES, fast_compile_options
 
 PROCESSES = os.cpu_count() or 1
 
@@ -93,5 +93,5 @@ def _check_rule(name: str, dtype: str, seed: int) -> tuple[list[Finding], tuple[
     with CompileClock() as clock:
         with clock.working():
             jobs = checker.jobs([registry.get(name)], dtype, seed)
-            found = [f for job in jobs for f in checker.check_job(*job, dtype, CHECKS, compiler_options())]
+            found = [f for job in jobs for f in checker.check_job(*job, dtype, CHECKS, fast_compile_options())]
     return found, clock.totals()

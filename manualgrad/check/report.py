@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from manualgrad.check.tolerances import CHECKS
+from manualgrad.text import table
 
 # Finding.where of a check that could not run on a sample (it raised): a failure of that check.
 NOT_RUN = "not run"
@@ -35,6 +36,27 @@ class Finding:
     # Entry-by-entry comparisons (comparison.compare): the worst entry's error over the error allowed it,
     # min(relative / tolerance, absolute / atol); above 1 exactly where an entry fails. NaN elsewhere.
     error_over_allowed: float = np.nan
+
+    @classmethod
+    def not_run(
+        cls, rule: str, check: str, dtype: str, sample: str, note: str, *, argument: str = "(all)", tolerance: float
+    ) -> Finding:
+        """``check`` could not run on ``sample`` (it raised, or the code never reached the rule): a
+        failure of that check, its ``note`` saying why."""
+        return cls(
+            rule=rule,
+            check=check,
+            dtype=dtype,
+            sample=sample,
+            argument=argument,
+            max_abs_error=np.inf,
+            max_rel_error=np.inf,
+            tolerance=tolerance,
+            mismatches=1,
+            size=1,
+            where=NOT_RUN,
+            note=note,
+        )
 
     @property
     def passed(self) -> bool:
@@ -128,17 +150,13 @@ class Report:
         ]
 
     def table(self) -> str:
+        """One row per rule, one column per check: the worst relative error and ``ok`` or ``FAIL``."""
         worst = self.worst()
         names = list(dict.fromkeys(f.rule for f in self.findings))
         checks = [c for c in CHECKS if any(k[1] == c for k in worst)]
-        width = max(len("rule"), *(len(n) for n in names)) if names else 4
-        lines = [f"{'rule':<{width}}  " + "  ".join(f"{c:>13}" for c in checks)]
-        for name in names:
-            cells = []
-            for c in checks:
-                f = worst.get((name, c))
-                cells.append(
-                    f"{'-':>13}" if f is None else f"{f.max_rel_error:>9.1e} {'ok' if f.passed else 'FAIL':>3}"
-                )
-            lines.append(f"{name:<{width}}  " + "  ".join(cells))
-        return "\n".join(lines)
+
+        def cell(f: Finding | None) -> str:
+            return "-" if f is None else f"{f.max_rel_error:>9.1e} {'ok' if f.passed else 'FAIL':>3}"
+
+        rows = [["rule", *checks], *([name, *(cell(worst.get((name, c))) for c in checks)] for name in names)]
+        return "\n".join(table(rows, align="<" + ">" * len(checks)))

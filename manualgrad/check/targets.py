@@ -13,6 +13,7 @@ from manualgrad import registry
 from manualgrad.check.errors import CheckTypeError, ReferenceFailed
 from manualgrad.check.trees import is_float, is_float_tree
 from manualgrad.registry import Rule, Sample
+from manualgrad.text import first_line
 
 
 def select(
@@ -59,8 +60,7 @@ def user_rule(
         except Exception as error:
             name = getattr(reference, "__name__", "<lambda>")
             who = "the reference" if name == "<lambda>" else f"the reference {name}"
-            text = str(error).splitlines()[0] if str(error) else ""
-            raise ReferenceFailed(f"{who} raised {type(error).__name__}: {text}") from error
+            raise ReferenceFailed(f"{who} raised {type(error).__name__}: {first_line(error)}") from error
 
     def samples(key, dtype):
         del key

@@ -142,8 +142,8 @@ def _input_adjoint(w, geo: Geometry, g):
 
 
 # The patch matrix of C†† is built and multiplied a block of images at a time, each block's part
-# at most this many bytes: XLA:CPU runs one gather on one thread, and the blocks' gathers side by
-# side (cnn_28's second layer on 2 cores: 13.2–13.5 against 15.6 ms; on one core no change).
+# at most this many bytes: XLA:CPU runs one gather on one thread, and the blocks' gathers run side
+# by side on several cores (``manualgrad bench --models cnn_28`` measures it).
 _PATCH_BLOCK_BYTES = 4 * 2**20
 _MAX_BLOCKS = 16  # each block is two more ops in the program: its build time grows with them
 
@@ -181,15 +181,14 @@ def _weight_adjoint(x, geo: Geometry, g):
     (``C_out × taps·C_in``, small) so the big ``P`` is read in the layout it was written in.
     The rows ``(b, o)`` are flattened into one axis first: with one contracted axis XLA:CPU
     multiplies ``gᵀ P`` as it stands, where over several axes it first copies ``g`` transposed
-    and runs a slower kernel (2× the time on ``cnn_28``'s second layer).
+    and runs a slower kernel.
     ``P`` is built and multiplied a block of images at a time (:func:`_images_per_block`), the
     blocks' products summed: the sum over ``b`` cut in parts. The same sum is a correlation of
     ``x`` with ``g`` (seed 000's ``dw = x ⋆ dy``; batch and channels swap roles, ``g`` is the
-    kernel, dilated by the stride), which XLA:CPU computed slower with its default convolutions
-    (YNNPACK), even for the first layer's narrow ``P`` (one channel in: 9.2 against 4.8 ms for
-    ``cnn_28``'s on 2 cores); with the train step's own convolutions
-    (:data:`~manualgrad.train.loop.CPU_COMPILER_OPTIONS`) it is faster alone (2.3 against 3.3 ms)
-    and level in the whole step, so the one form serves both.
+    kernel, dilated by the stride), which XLA:CPU computes slower with its default convolutions
+    (YNNPACK), even for a first layer's narrow ``P`` (one channel in); with the train step's own
+    compiler options it is faster alone and level in the whole step, so the one form serves both
+    (``manualgrad bench --models digits_cnn,cnn_28`` measures them).
     """
     c_in, images = jnp.shape(x)[-1], jnp.shape(x)[0]
     block = _images_per_block(images, math.prod(geo.output) * math.prod(geo.window) * c_in * x.dtype.itemsize)

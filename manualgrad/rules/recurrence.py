@@ -402,8 +402,8 @@ def lstm_forward(x, h0, c0, w_x, w_h, b):
 
 def _activated(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The gates' activations ``(σ(z_i), σ(z_f), tanh(z_g), σ(z_o))`` of the blocks of ``z``, four
-    arrays: stacked in one, every step's element-wise kernels in both scans wrote and read it
-    through slices (the rule's gradient at the default character LSTM's shape took 8 % longer)."""
+    arrays: stacked in one, every step's element-wise kernels in both scans would write and read it
+    through slices, which is slower (``manualgrad bench --models lstm`` measures the rule)."""
     i, f, g, o = jnp.split(z, 4, axis=-1)
     return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
@@ -415,7 +415,7 @@ def _lstm_scan(x, h0, c0, w_x, w_h, b):
     ``x_t w_x`` is computed in the step, not for all steps before the loop (:func:`_input_part`):
     on XLA's CPU backend that ``(T, N, 4H)`` array stays alive through the whole step and the
     step's element-wise fusions read it through a fused dynamic slice; in the loop the step is
-    faster and the compiled training step 6 MiB smaller (the default character LSTM)."""
+    faster and the compiled training step smaller (``manualgrad bench --models lstm``)."""
 
     def step(carry, x_t):
         h, c = carry

@@ -5,6 +5,7 @@ over an array (``mix``) and a user's custom_vjp ``square`` whose backward is pla
 the right cotangent). Shapes are small and shared, so each audit is one pass of a few eager ops."""
 
 import inspect
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -281,3 +282,17 @@ def test_audit_command_bad_input_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("manualgrad audit: ") and message in err and err.count("\n") == 1, err
     assert cli.main(["audit", f"{path}:loss", "--args", "other_args"]) == 0
+
+
+def test_paths_are_shown_from_the_package_and_the_working_directory(monkeypatch, tmp_path):
+    """manualgrad's own files read from the package's folder wherever the command runs; a user's
+    file relative to the working directory when it lies below it, else absolute."""
+    here = pathlib.Path(__file__).resolve()
+    dense_line = inspect.getsourcelines(mg.dense.fun)[1]
+    square_line = _square.__code__.co_firstlineno + 1
+    for cwd, square_file in [(tmp_path, str(here)), (here.parent, here.name)]:
+        monkeypatch.chdir(cwd)
+        sites = {s.name: s for s in mg.audit(_network(RIGHT), X, W, LABELS).sites}
+        assert sites["dense"].defined == f"manualgrad/rules/linear.py:{dense_line}"
+        assert sites["square"].defined == f"{square_file}:{square_line}"
+        assert sites["square"].called.startswith(f"{square_file}:")

@@ -122,11 +122,11 @@ def test_threads_and_fast_compile_change_no_verdict(monkeypatch):
     """Worker threads report exactly what the calling thread does; XLA's default build
     (instead of :data:`tolerances.FAST_COMPILE`) differs by round-off only."""
     if jax.default_backend() == "cpu":
-        assert tolerances.compiler_options() == tolerances.FAST_COMPILE
+        assert tolerances.fast_compile_options() == tolerances.FAST_COMPILE
     threaded = manualgrad.check("softmax_cross_entropy")
     monkeypatch.setattr(checker, "WORKERS", 1)
     assert manualgrad.check("softmax_cross_entropy").findings == threaded.findings
-    monkeypatch.setattr(checker, "compiler_options", lambda: None)
+    monkeypatch.setattr(checker, "fast_compile_options", lambda: None)
     default_build = manualgrad.check("softmax_cross_entropy")
     assert default_build.passed and threaded.passed
     for fast, default in zip(threaded.findings, default_build.findings, strict=True):
