@@ -1,24 +1,26 @@
 """``manualgrad bench``: what do the hand rules cost against ``jax.grad``, NumPy and PyTorch?
 
-Every figure comes from one run on one machine. A machine whose speed drifts (a shared CPU can
-drift 2× over tens of seconds) makes single timings meaningless, so the contenders of a model
+Every figure comes from one run on one machine. A machine whose speed drifts (a shared CPU's
+does, over tens of seconds) makes single timings meaningless, so the contenders of a model
 are timed **interleaved** — hand rules, ``jax.grad``, the peers, a large matmul, one after the
 other, the order reversed every repetition — and a ratio is the median of the per-repetition
 ratios, hand rules first (``step_ratio_manual_over_jax_grad``).
 
-The step is :func:`manualgrad.train.loop.make_step`: forward, backward and the optax update in one
+The step is :func:`manualgrad.train.step.make_step`: forward, backward and the optax update in one
 jitted program with parameters, optimizer state and model state donated, the model in training
 mode (batch norm's running statistics updated). ``manual`` runs the registered hand rules;
 ``jax_grad`` is the same :mod:`manualgrad.nn.layers` model built from the rules' plain-``jnp``
 references and differentiated by JAX (``--grad autodiff`` of ``manualgrad train``). For models
 with normalisation layers the bench also reports those layers' own residual bytes, each layer's
-VJP taken alone at the activations it sees (:func:`norm_residual_bytes`).
+VJP taken alone at the activations it sees (:func:`~manualgrad.bench.memory.norm_residual_bytes`).
+
+The models are :mod:`~manualgrad.bench.models`', the memory figures
+:mod:`~manualgrad.bench.memory`'s, and :mod:`~manualgrad.bench.report` shows the run as text or JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
 import statistics
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,107 +36,35 @@ import numpy as np
 import optax
 
 from manualgrad import runtime
-from manualgrad.bench import peers
+from manualgrad.bench import memory, peers
+from manualgrad.bench.memory import backprop_memory, compiled_bytes
+from manualgrad.bench.models import KEY, LEARNING_RATE, MODELS, BenchError, Model, inputs
+from manualgrad.bench.report import Record, judge, record, table, to_json
 from manualgrad.check.tolerances import relative_l2
-from manualgrad.nn import backprop, gpt, layers, recurrent
-from manualgrad.rules.attention import attention, attention_reference
-from manualgrad.train import loop
+from manualgrad.nn import layers
+from manualgrad.train import step
 
-LEARNING_RATE = 3e-3
-KEY = np.zeros(2, np.uint32)  # dropout's key in every benchmarked step: PRNGKey(0)'s data, made without a JAX backend
-NORMS = ("batch_norm", "layer_norm", "group_norm", "rms_norm")  # the maps of the normalisation layers
-
-
-class Model(NamedTuple):
-    """A benchmarked model: a :mod:`manualgrad.nn.layers` network, its input shape (no batch) and batch size;
-    for a sequence model (:mod:`manualgrad.nn.gpt`) ``vocab`` > 0, ``input_shape`` ``(T,)`` and its attention's
-    ``heads``."""
-
-    description: str
-    build: Callable[[], layers.Layer]
-    input_shape: tuple[int, ...]
-    batch: int
-    mlp: bool
-    vocab: int = 0
-    heads: int = 0
-
-    @property
-    def sequences(self) -> bool:
-        return self.vocab > 0
-
-
-WORDS_VOCAB, WORDS_LENGTH = 27, 23  # --dataset words: "." and a–z; the longest word, 22 letters, and its "."
-LONG = {"width": 64, "depth": 1, "heads": 4, "context": 512}  # gpt_long: one block, attention over 512 positions
-
-
-MODELS: dict[str, Model] = {
-    "digits_mlp": Model(
-        "digits MLP 64-128-10 (train --model mlp), batch 32", lambda: layers.mlp(10, (128,)), (8, 8, 1), 32, True
-    ),
-    "mlp_1024": Model("MLP 784-1024-1024-10, batch 256", lambda: layers.mlp(10, (1024, 1024)), (784,), 256, True),
-    "mlp_large": Model("MLP 2048-2048-2048-10, batch 1024", lambda: layers.mlp(10, (2048, 2048)), (2048,), 1024, True),
-    "digits_cnn": Model(
-        "digits CNN 8x8x1 (train's default cnn), batch 32", lambda: layers.cnn(10), (8, 8, 1), 32, False
-    ),
-    "cnn_28": Model(
-        "CNN 28x28x1: conv3x3x32, conv3x3x64/2, dense 128, dense 10, batch 128",
-        lambda: layers.cnn(10, (32, 64), 128),
-        (28, 28, 1),
-        128,
-        False,
-    ),
-    "bn_cnn": Model(
-        "cnn_28 with batch_norm after each conv and the dense 128 (train --norm batch; no bias before it), batch 128",
-        lambda: layers.cnn(10, (32, 64), 128, norm=layers.BatchNorm()),
-        (28, 28, 1),
-        128,
-        False,
-    ),
-    "gpt": Model(
-        "the default GPT of train --model gpt --dataset words (width {width}, {depth} blocks, {heads} heads), ".format(
-            **loop.GPT
-        )
-        + f"T = {WORDS_LENGTH}, "
-        f"batch {loop.MODEL_DEFAULTS['gpt']['batch_size']}",
-        lambda: gpt.gpt(WORDS_VOCAB, WORDS_LENGTH, **loop.GPT),
-        (WORDS_LENGTH,),
-        loop.MODEL_DEFAULTS["gpt"]["batch_size"],
-        False,
-        WORDS_VOCAB,
-        loop.GPT["heads"],
-    ),
-    "lstm": Model(
-        "the default character LSTM of train --model lstm --dataset words (embedding {embed}, width {width}), ".format(
-            **recurrent.DEFAULTS["lstm"]._asdict()
-        )
-        + f"T = {WORDS_LENGTH}, batch {recurrent.DEFAULTS['lstm'].batch_size}; "
-        "jax_grad differentiates the reference's scan",
-        lambda: recurrent.char_model("lstm", WORDS_VOCAB),
-        (WORDS_LENGTH,),
-        recurrent.DEFAULTS["lstm"].batch_size,
-        False,
-        WORDS_VOCAB,
-    ),
-    "gpt_long": Model(
-        f"a GPT of one block, width 64, 4 heads, T = S = 512, vocabulary {WORDS_VOCAB}, batch 8",
-        lambda: gpt.gpt(WORDS_VOCAB, **LONG),
-        (LONG["context"],),
-        8,
-        False,
-        WORDS_VOCAB,
-        LONG["heads"],
-    ),
-}
-# Goals of issue 7, per figure: (comparison, bound) — applied to every model unless keyed by one.
-GOALS: dict[str, tuple[str, float]] = {
-    "step_ratio_manual_over_jax_grad": ("<=", 1.0),
-    "memory_ratio_manual_over_jax_grad": ("<=", 1.0),
-    "step_ratio_manual_over_numpy": ("<=", 1.0),
-    "step_ratio_manual_over_torch": ("<=", 1.0),
-    "mlp_large/flops_fraction_manual_of_matmul": (">=", 0.90),
-    "gpt_long/residual_ratio_manual_over_jax_grad": ("<=", 0.5),  # issue 14: no T×S probabilities kept
-    "check_seconds_float64": ("<", 30.0),
-}
+# The measuring below, and the models, memory figures and report that the command line and the
+# comparisons scripts reach as ``bench.NAME``.
+__all__ = [
+    "MODELS",
+    "QUICK",
+    "Settings",
+    "backprop_memory",
+    "bench_model",
+    "check_seconds",
+    "compile_step",
+    "compiled_bytes",
+    "interleaved",
+    "machine",
+    "median_ratio",
+    "relu_flips",
+    "relu_masks",
+    "run",
+    "step_flops",
+    "table",
+    "to_json",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,24 +97,6 @@ QUICK = Settings(
     matmul_size=256,
     check_rules=("relu",),
 )
-
-
-Record = dict[str, Any]
-
-
-def record(figure: str, value: float | None, unit: str, **extra: Any) -> Record:
-    """One figure: ``figure``, ``model`` (None for whole-run figures), ``value``, ``unit``, and extras."""
-    return {"figure": figure, "model": None, "value": value, "unit": unit, **extra}
-
-
-def judge(rec: Record) -> Record:
-    """``rec`` with ``goal`` and ``meets_goal`` where issue 7 sets a goal for its figure."""
-    goal = GOALS.get(f"{rec['model']}/{rec['figure']}") or GOALS.get(rec["figure"])
-    if goal is None or rec["value"] is None:
-        return rec
-    op, bound = goal
-    met = {"<=": rec["value"] <= bound, ">=": rec["value"] >= bound, "<": rec["value"] < bound}[op]
-    return {**rec, "goal": f"{op} {bound:g}", "meets_goal": bool(met)}
 
 
 # --------------------------------------------------------------------------- timing
@@ -228,42 +140,16 @@ def median_ratio(times: dict[str, list[float]], top: str, bottom: str) -> float:
 # --------------------------------------------------------------------------- one model
 
 
-def _inputs(model: Model, seed: int) -> tuple[Any, jax.Array, jax.Array]:
-    """Parameters and a batch: images or features and labels below 10, or random token rows (``T + 1`` ids)
-    with every target counted."""
-    kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
-    _, params = model.build().init(kp, (-1, *model.input_shape))
-    if model.sequences:
-        (length,) = model.input_shape
-        tokens = jax.random.randint(kx, (model.batch, length + 1), 0, model.vocab)
-        return params, tokens, jnp.ones((model.batch, length), bool)
-    x = jax.random.normal(kx, (model.batch, *model.input_shape), jnp.float32)
-    return params, x, jax.random.randint(ky, (model.batch,), 0, 10)
-
-
 def compile_step(
     net: layers.Layer, grad: str, params: Any, x: jax.Array, labels: jax.Array, sequences: bool = False
 ) -> tuple[Any, float]:
-    """``loop.make_step`` for ``grad`` (``manual`` or ``autodiff``), lowered and compiled; and the seconds that took.
+    """``step.make_step`` for ``grad`` (``manual`` or ``autodiff``), lowered and compiled; and the seconds that took.
     ``(x, labels)`` are token rows and target mask for a sequence model (``sequences``)."""
     tx = optax.adam(LEARNING_RATE)
     start = time.perf_counter()
-    step = loop.make_step(loop.loss_fn(net, grad, sequences), tx)
-    compiled = step.lower(params, tx.init(params), net.init_state(params), x, labels, KEY).compile()
+    jitted = step.make_step(step.loss_fn(net, grad, sequences), tx)
+    compiled = jitted.lower(params, tx.init(params), net.init_state(params), x, labels, KEY).compile()
     return compiled, time.perf_counter() - start
-
-
-def footprint(compiled: Any) -> int | None:
-    """Compiled bytes: temporaries + arguments + outputs − aliased (donated) bytes; None where unreported."""
-    memory = compiled.memory_analysis()
-    if memory is None:
-        return None
-    return int(
-        memory.temp_size_in_bytes
-        + memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-    )
 
 
 def step_flops(net: layers.Layer, params: Any, x: jax.Array) -> int:
@@ -357,8 +243,8 @@ def relu_flips(peer: Sequence[np.ndarray], manual: Sequence[np.ndarray]) -> int:
 
     A pre-activation within float32 rounding of 0 (about ``fan_in · 2⁻²⁴ · Σ|h||w|``) can
     round to either sign; where it does, that unit's backward ``G ⊙ [a > 0]`` keeps or drops
-    one sample's whole contribution, which is no round-off: on ``mlp_1024`` one flip (``a ≈ −2·10⁻⁷``)
-    moves the gradients' relative L2 difference from 2·10⁻⁷ to 1.6·10⁻³.
+    one sample's whole contribution, which is no round-off: the ``relu_flips_*`` figures count
+    them, so that a ``gradient_difference_*`` far above round-off is explained.
     """
     return int(sum(np.sum(a != b) for a, b in zip(peer, manual)))
 
@@ -382,44 +268,38 @@ def _compile_both(
     return compiled, records
 
 
+def _both_sides(figure: str, ratio: str, values: dict[str, Any], unit: str = "bytes") -> list[Record]:
+    """``{figure}_manual``, ``{figure}_jax_grad`` and ``{ratio}_ratio_manual_over_jax_grad``."""
+    records = [record(f"{figure}_{side}", values[side], unit) for side in values]
+    return records + [record(f"{ratio}_ratio_manual_over_jax_grad", values["manual"] / values["jax_grad"], "ratio")]
+
+
 def _gradients_and_memory(
     net: layers.Layer, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array, model: Model
 ) -> tuple[dict[str, Any], list[Record]]:
     """Each side's gradient, their difference, and the compiled and residual bytes (training mode)."""
     loss = {
         side: (
-            lambda p, x, y, grad=grad: loop.loss_fn(net, grad, model.sequences)(p, None, x, y, train=True, key=KEY)[0]
+            lambda p, x, y, grad=grad: step.loss_fn(net, grad, model.sequences)(p, None, x, y, train=True, key=KEY)[0]
         )
         for side, grad in (("manual", "manual"), ("jax_grad", "autodiff"))
     }
     grads = {side: jax.jit(jax.grad(fn))(params, x, labels) for side, fn in loss.items()}
-    records = [
-        record(
-            "gradient_difference_jax_grad_vs_manual",
-            relative_l2(jax.tree_util.tree_leaves(grads["jax_grad"]), jax.tree_util.tree_leaves(grads["manual"])),
-            "relative L2",
-        )
-    ]
-    nbytes = {side: footprint(c) for side, c in compiled.items()}
+    difference = relative_l2(jax.tree_util.tree_leaves(grads["jax_grad"]), jax.tree_util.tree_leaves(grads["manual"]))
+    records = [record("gradient_difference_jax_grad_vs_manual", difference, "relative L2")]
+    nbytes = {side: memory.footprint(c) for side, c in compiled.items()}
     if None in nbytes.values():
         records.append(
             record("compiled_bytes", None, "bytes", skipped="memory_analysis() reports nothing on this backend")
         )
     else:
-        records += [record(f"compiled_bytes_{side}", nbytes[side], "bytes") for side in nbytes]
-        records.append(record("memory_ratio_manual_over_jax_grad", nbytes["manual"] / nbytes["jax_grad"], "ratio"))
-    residuals = {side: residual_bytes(fn, params, x, labels) for side, fn in loss.items()}
-    records += [record(f"residual_bytes_{side}", residuals[side], "bytes") for side in residuals]
-    records.append(record("residual_ratio_manual_over_jax_grad", residuals["manual"] / residuals["jax_grad"], "ratio"))
-    norms = norm_residual_bytes(net, params, x) if not model.sequences else attention_residual_bytes(model)
+        records += _both_sides("compiled_bytes", "memory", nbytes)
+    residuals = {side: memory.residual_bytes(fn, params, x, labels) for side, fn in loss.items()}
+    records += _both_sides("residual_bytes", "residual", residuals)
     if model.heads:
-        records += [record(f"attention_residual_bytes_{side}", norms[side], "bytes") for side in norms]
-        records.append(
-            record("attention_residual_ratio_manual_over_jax_grad", norms["manual"] / norms["jax_grad"], "ratio")
-        )
-    elif norms is not None:
-        records += [record(f"norm_residual_bytes_{side}", norms[side], "bytes") for side in norms]
-        records.append(record("norm_residual_ratio_manual_over_jax_grad", norms["manual"] / norms["jax_grad"], "ratio"))
+        records += _both_sides("attention_residual_bytes", "attention_residual", memory.attention_residual_bytes(model))
+    elif not model.sequences and (norms := memory.norm_residual_bytes(net, params, x)) is not None:
+        records += _both_sides("norm_residual_bytes", "norm_residual", norms)
     return grads, records
 
 
@@ -483,7 +363,7 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
     """Every figure for one model of :data:`MODELS`."""
     model = MODELS[name]
     net = model.build()
-    params, x, labels = _inputs(model, settings.seed)
+    params, x, labels = inputs(model, settings.seed)
     compiled, records = _compile_both(net, params, x, labels, settings.compile_repeats, model.sequences)
     grads, memory = _gradients_and_memory(net, compiled, params, x, labels, model)
     contenders, checks, torch_reason = _contenders(model, settings, compiled, params, x, labels, grads)
@@ -493,87 +373,6 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
     if flops:  # 0 for a model that is not a serial of dense and conv layers (the sequence models)
         records += _flops_records(times, flops, settings)
     return [{**rec, "model": name} for rec in records]
-
-
-# --------------------------------------------------------------------------- memory (Remark 8)
-
-
-def compiled_bytes(fn: Callable[..., Any], *args: Any, donate_argnums: tuple[int, ...] = ()) -> int:
-    """The compiled footprint of ``jax.jit(fn)(*args)``: temporaries + arguments + outputs − aliased bytes."""
-    return footprint(jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile())
-
-
-def residual_bytes(loss: Callable[..., Any], params: Any, *args: Any) -> int:
-    """Bytes that reverse mode keeps between forward and backward for ``loss(params, *args)``.
-
-    The residuals are the leaves of the function ``jax.vjp`` returns; leaves that are the
-    arguments themselves cost nothing new and are not counted.
-    """
-    given = {id(leaf) for leaf in jax.tree_util.tree_leaves((params, args))}
-    _, pullback = jax.vjp(lambda p: loss(p, *args), params)
-    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(pullback) if id(leaf) not in given)
-
-
-def norm_residual_bytes(net: layers.Layer, params: Any, x: jax.Array) -> dict[str, int] | None:
-    """The residual bytes (:func:`residual_bytes`) of the normalisation layers of a :func:`~manualgrad.nn.layers.serial`
-    ``net``, hand rules and ``jax.grad``: each layer's VJP in its input and params, taken alone at
-    the activation it sees in training mode, summed; ``None`` for a model without such layers."""
-    seen = []  # (layer, params, input) of each normalisation layer
-    for layer, p in zip(net.layers, params):
-        if layer.map in NORMS:
-            seen.append((layer, p, x))
-        x = layer.apply(p, x, train=True, key=KEY)
-    if not seen:
-        return None
-
-    def alone(layer: layers.Layer, reference: bool) -> Callable[[Any], jax.Array]:
-        return lambda args: layer.apply(args[1], args[0], train=True, reference=reference)
-
-    return {
-        side: sum(residual_bytes(alone(layer, side == "jax_grad"), (h, p)) for layer, p, h in seen)
-        for side in ("manual", "jax_grad")
-    }
-
-
-def attention_residual_bytes(model: Model) -> dict[str, int] | None:
-    """The residual bytes (:func:`residual_bytes`) of one causal ``attention`` of a sequence ``model`` alone, in
-    ``q, k, v`` of its shape ``(batch, T, heads, width/heads)``, hand rule and ``jax.grad`` of the reference;
-    ``None`` for a model without attention (``heads`` 0)."""
-    if not model.heads:
-        return None
-    params = jax.eval_shape(lambda: model.build().init(KEY, (model.batch, *model.input_shape))[1])
-    width = params["blocks"][0]["q"]["w"].shape[0]
-    q, k, v = jax.random.normal(
-        KEY, (3, model.batch, *model.input_shape, model.heads, width // model.heads), jnp.float32
-    )
-    rules = {"manual": attention, "jax_grad": attention_reference}
-    return {side: residual_bytes(lambda qkv, f=f: f(*qkv, True), (q, k, v)) for side, f in rules.items()}
-
-
-def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256, seed: int = 0) -> dict[str, Any]:
-    """Remark 8's storage choices for Algorithm 1 on a ReLU MLP, against ``jax.grad`` (float32).
-
-    For each ``store`` of :func:`manualgrad.nn.backprop.gradients`: the bytes its tape keeps
-    and the compiled footprint of the jitted algorithm; for ``jax.grad`` of the custom_vjp
-    composition and of the references: the residual bytes and the compiled footprint.
-    """
-    network = [layers.Dense(w, "relu") for w in widths[1:-1]] + [layers.Dense(widths[-1])]
-    kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = backprop.init(kp, network, widths[:1], jnp.float32)
-    x = jax.random.normal(kx, (batch, widths[0]), jnp.float32)
-    labels = jax.random.randint(ky, (batch,), 0, widths[-1])
-    loss = "softmax_cross_entropy"
-    result: dict[str, Any] = {"network": f"MLP {'-'.join(map(str, widths))} ReLU, batch {batch}, float32"}
-    for store in backprop.STORES:
-        result[f"algorithm_{store}_tape_bytes"] = backprop.stored_bytes(network, params, x, store)
-        result[f"algorithm_{store}_compiled_bytes"] = compiled_bytes(
-            lambda p, x, y, store=store: backprop.gradients(network, p, x, y, loss, store), params, x, labels
-        )
-    for name, reference in (("custom_vjp", False), ("jax_grad", True)):
-        fn = lambda p, x, y, reference=reference: backprop.loss(network, p, x, y, loss, reference=reference)  # noqa: E731
-        result[f"{name}_residual_bytes"] = residual_bytes(fn, params, x, labels)
-        result[f"{name}_compiled_bytes"] = compiled_bytes(jax.value_and_grad(fn), params, x, labels)
-    return result
 
 
 # --------------------------------------------------------------------------- check, machine, run
@@ -609,27 +408,19 @@ def machine() -> dict[str, Any]:
         "jax": jax.__version__,
         "jaxlib": getattr(__import__("jaxlib"), "__version__", None),
         "numpy": np.__version__,
-        "torch": _torch_version(),
+        "torch": peers.torch_version(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "host_memory": runtime.host_memory(),
-        "compiler_options": loop.compiler_options(jax.default_backend()),
+        "compiler_options": step.compiler_options(jax.default_backend()),
     }
 
 
-def _torch_version() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch.__version__
-
-
 def run(settings: Settings = Settings(), progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every figure of ``manualgrad bench``: ``{"machine", "settings", "records"}``."""
+    """Every figure of ``manualgrad bench``: ``{"machine", "settings", "records", "models"}``."""
     unknown = [m for m in settings.models if m not in MODELS]
     if unknown:
-        raise ValueError(f"bench: unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+        raise BenchError(f"bench: unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
     started = time.perf_counter()
     records: list[Record] = []
     for name in settings.models:
@@ -652,71 +443,3 @@ def run(settings: Settings = Settings(), progress: Callable[[str], None] | None 
         "records": [judge(rec) for rec in records],
         "models": {name: MODELS[name].description for name in settings.models},
     }
-
-
-def _value(rec: Record) -> str:
-    v = rec["value"]
-    if v is None:
-        return "skipped"
-    unit = rec["unit"]
-    if unit == "bytes":
-        return f"{v / 2**20:.2f} MiB"
-    if unit in ("FLOP/s", "FLOP"):
-        return f"{v / 1e9:.4g} G{unit}"
-    if unit in ("ratio", "fraction"):
-        return f"{v:.3f}"
-    if unit in ("count", "threads"):
-        return f"{v:d}"
-    if unit == "relative L2":
-        return f"{v:.1e}"
-    return f"{v:.2f} {unit}"
-
-
-def table(result: dict[str, Any]) -> str:
-    """The records as a text table — one row per figure, one column per model — under the machine and settings.
-
-    A value that misses its goal is marked ``✗``, one that meets it ``✓``; reasons for skipped
-    figures follow the table.
-    """
-    m, s = result["machine"], result["settings"]
-    lines = [
-        f"manualgrad bench on {m['cpu']} ({m['cores']} cores), backend {m['backend']} ({m['device']}), "
-        f"jax {m['jax']}, numpy {m['numpy']}, torch {m['torch'] or 'not installed'}",
-        f"{s['dtype']}, {s['optimizer']}, median of {s['repeats']} interleaved repetitions "
-        f"(compile: {s['compile_repeats']}); matmul peak from {s['matmul_size']}x{s['matmul_size']}; "
-        f"{s['seconds']:.0f} s in all; malloc: {m['host_memory']}; the step's XLA options: "
-        f"{' '.join(f'{k}={v}' for k, v in m['compiler_options'].items()) or 'none'}",
-        "",
-    ]
-    lines += [f"{name:11} {text}" for name, text in result["models"].items()] + [""]
-    models = [name for name in result["models"]]
-    cells: dict[str, dict[str | None, str]] = {}
-    goals: dict[str, str] = {}
-    notes = []
-    for rec in result["records"]:
-        mark = "" if "meets_goal" not in rec else (" ✓" if rec["meets_goal"] else " ✗")
-        cells.setdefault(rec["figure"], {})[rec["model"]] = _value(rec) + mark
-        goals.setdefault(rec["figure"], rec.get("goal", ""))
-        if "skipped" in rec:
-            notes.append(f"{rec['model'] or '-'} {rec['figure']} skipped: {rec['skipped']}")
-    per_model = [f for f in cells if None not in cells[f]]
-    rows = [("figure", *models, "goal")]
-    rows += [(f, *(cells[f].get(name, "") for name in models), goals[f]) for f in per_model]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    for f in cells:
-        if None in cells[f]:
-            rec = next(r for r in result["records"] if r["figure"] == f)
-            extra = ", ".join(
-                f"{k} {v}"
-                for k, v in rec.items()
-                if k not in ("figure", "model", "value", "unit", "goal", "meets_goal")
-            )
-            lines.append(
-                f"{f}: {cells[f][None]}" + (f" (goal {goals[f]})" if goals[f] else "") + (f"; {extra}" if extra else "")
-            )
-    return "\n".join(lines + notes)
-
-
-def to_json(result: dict[str, Any]) -> str:
-    return json.dumps(result, indent=1)

@@ -5,7 +5,7 @@ keeps each layer's input ``O_k`` (for ReLU layers that is ``F_k = σ(a_k)``, Rem
 002), then ``G ← softmax(z) − onehot`` scaled by ``1/m``, and per layer from the top
 ``∇W = Oᵀ G``, ``∇b = 1ᵀ G``, ``G ← (G Wᵀ) ⊙ [F > 0]``. The update is Adam with optax's
 defaults (``b1 = 0.9``, ``b2 = 0.999``, ``eps = 1e-8``), so one step does the same arithmetic as
-``manualgrad.train.loop.make_step`` with ``optax.adam``. The first layer's input needs no
+``manualgrad.train.step.make_step`` with ``optax.adam``. The first layer's input needs no
 gradient and gets none, as in the jitted step.
 
 The model is :func:`manualgrad.nn.layers.mlp`: ``[(W_1, b_1), …, (W_L, b_L)]`` with ReLU between
@@ -21,6 +21,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from manualgrad import extras
+from manualgrad.bench.models import BenchError
+from manualgrad.errors import MissingExtraError
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 Weights = Sequence[tuple[Any, Any]]
@@ -94,25 +98,33 @@ class NumpyMLP:
         return loss
 
 
-def torch_reason() -> str | None:
-    """Why the PyTorch peer cannot run here, or None when it can.
-
-    Imports torch with ``OMP_WAIT_POLICY=PASSIVE`` unless set: OpenMP's default spin-waiting made
-    a 2-thread ``cnn_28`` step 3.5× slower than 1 thread on this 2-core machine under a load of 12
-    (911 vs 264 ms; 201 vs 177 ms passive), a cost of the shared machine, not of PyTorch.
-    """
+def _torch() -> Any:
+    """PyTorch, imported with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: OpenMP's
+    default spin-waiting lets PyTorch's idle threads take the cores its working ones need on a
+    shared machine, a cost of the machine rather than of PyTorch (``manualgrad bench``'s
+    ``torch_threads`` and ``step_ratio_manual_over_torch`` figures measure the step either way)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return extras.require("torch", "bench", "the PyTorch peer")
+
+
+def torch_reason() -> str | None:
+    """Why the PyTorch peer cannot run here (the extra that installs it), or None when it can."""
     try:
-        import torch  # noqa: F401
-    except ImportError as error:
-        return f"torch is not importable ({error}); pip install torch==2.13.0 (or manualgrad[bench])"
+        _torch()
+    except MissingExtraError as error:
+        return str(error)
     return None
+
+
+def torch_version() -> str | None:
+    """PyTorch's version, or None where it is not installed."""
+    return None if torch_reason() is not None else _torch().__version__
 
 
 def fastest_threads(step: Callable[[], Any], calls: int = 3) -> int:
     """1 or :func:`cores` PyTorch threads, whichever runs ``calls`` of ``step`` faster (a loaded
     machine can make one thread faster); PyTorch is left at that count."""
-    import torch
+    torch = _torch()
 
     seconds = {}
     for threads in sorted({1, cores()}, reverse=True):
@@ -134,14 +146,14 @@ def cores() -> int:
 
 def torch_device(backend: str) -> str:
     """``cuda`` when JAX runs on a GPU and PyTorch sees one, else ``cpu``."""
-    import torch
+    torch = _torch()
 
     return "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def torch_matmul(n: int, device: str) -> Callable[[], Any]:
     """A closure that multiplies two ``n × n`` float32 matrices with PyTorch on ``device``."""
-    import torch
+    torch = _torch()
 
     a = torch.randn(n, n, device=device)
 
@@ -157,7 +169,7 @@ def torch_matmul(n: int, device: str) -> Callable[[], Any]:
 @functools.cache
 def _torch_functions():
     """The three ``torch.autograd.Function``s with hand backward: dense with bias, ReLU, softmax cross-entropy."""
-    import torch
+    torch = _torch()
 
     class Dense(torch.autograd.Function):
         """``Z = O W + 1 b``; backward ``G Wᵀ``, gradient ``Oᵀ G`` and ``1ᵀ G``."""
@@ -206,14 +218,36 @@ def _torch_functions():
     return Dense, Relu, SoftmaxCrossEntropy
 
 
-class TorchMLP:
+class _TorchPeer:
+    """What the PyTorch peers share: PyTorch on all :func:`cores`, and the Adam step on the peer's :meth:`loss`."""
+
+    optimizer: Any
+
+    def __init__(self, device: str) -> None:
+        self.torch, self.device = _torch(), device
+        self.torch.set_num_threads(cores())
+
+    def loss(self, x: Any, labels: Any) -> Any:
+        """The mean cross-entropy of the model on ``(x, labels)``, as a tensor autograd can differentiate."""
+        raise NotImplementedError
+
+    def step(self, x: Any, labels: Any) -> Any:
+        """One Adam step; returns the loss (a tensor, synchronised on CUDA)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(x, labels)
+        loss.backward()
+        self.optimizer.step()
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+        return loss
+
+
+class TorchMLP(_TorchPeer):
     """The MLP step in PyTorch: ``torch.autograd.Function``s with hand backward and ``torch.optim.Adam``."""
 
     def __init__(self, weights: Weights, lr: float, device: str = "cpu") -> None:
-        import torch
-
-        torch.set_num_threads(cores())
-        self.torch, self.device = torch, device
+        super().__init__(device)
+        torch = self.torch
         self.params = [torch.tensor(np.asarray(a), device=device, requires_grad=True) for pair in weights for a in pair]
         self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(B1, B2), eps=EPS)
 
@@ -253,16 +287,6 @@ class TorchMLP:
         grads = [p.grad.cpu().numpy() for p in self.params]
         return loss.item(), list(zip(grads[::2], grads[1::2]))
 
-    def step(self, x: Any, labels: Any) -> Any:
-        """One Adam step; returns the loss (a tensor, synchronised on CUDA)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(x, labels)
-        loss.backward()
-        self.optimizer.step()
-        if self.device != "cpu":
-            self.torch.cuda.synchronize()
-        return loss
-
 
 def _torch_conv(torch: Any, w: np.ndarray, b: np.ndarray | None, stride: Any, pads: Sequence[tuple[int, int]]) -> Any:
     """``torch.nn.Conv2d`` holding the HWIO kernel ``w`` as OIHW; XLA's asymmetric SAME padding
@@ -292,13 +316,13 @@ def _torch_dense(torch: Any, w: np.ndarray, b: np.ndarray | None, image: tuple[i
     return linear
 
 
-class TorchCNN:
+class TorchCNN(_TorchPeer):
     """A :func:`manualgrad.nn.layers.cnn` step in PyTorch as a user would write it: ``torch.nn.Conv2d``,
     ``BatchNorm2d``/``BatchNorm1d`` (batch statistics, running statistics kept with momentum 0.1),
     ``Linear``, ``F.cross_entropy``, **autograd's own backward** (oneDNN's convolution adjoints) and
-    ``torch.optim.Adam``; images ``channels_last`` by default (``memory_format``): side by side with
-    NCHW (``contiguous_format``) on 2 cores at load 10 its step took 0.93 (digits_cnn), 0.99 (cnn_28)
-    and 0.97 (bn_cnn) of NCHW's, median of 10 interleaved ratios.
+    ``torch.optim.Adam``; images ``channels_last`` by default (``memory_format``), which ran the bench's
+    CNNs no slower than NCHW (``contiguous_format``): ``manualgrad bench --models digits_cnn,cnn_28,bn_cnn``
+    measures the step of the format given here.
 
     The network is read off ``layers``/``params`` of ``layers.cnn``: conv → [norm] → ReLU per width,
     flatten, dense → [norm] → ReLU, dense. :meth:`gradients` returns the gradients in the JAX
@@ -314,12 +338,10 @@ class TorchCNN:
         memory_format: str = "channels_last",
         device: str = "cpu",
     ) -> None:
-        import torch
-
         from manualgrad.rules import convolution
 
-        torch.set_num_threads(cores())
-        self.torch, self.device = torch, device
+        super().__init__(device)
+        torch = self.torch
         self.memory_format = getattr(torch, memory_format)
         modules, shape, last = [], tuple(input_shape), len(params) - 1
         self.leaves: list[tuple[Any, tuple[int, ...] | None]] = []  # per JAX param: its module, the image it flattens
@@ -338,7 +360,7 @@ class TorchCNN:
                 norm = torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d
                 modules.append(norm(shape[-1], eps=layer.eps))
             elif layer.map is not None:
-                raise ValueError(f"TorchCNN: no PyTorch peer for {layer.map!r} (only conv2d, batch_norm, dense)")
+                raise BenchError(f"TorchCNN: no PyTorch peer for {layer.map!r} (only conv2d, batch_norm, dense)")
             self.leaves.append((modules[-1] if layer.map is not None else None, image))
             if layer.map is not None and k < last and net_layers[k + 1].map != "batch_norm":
                 modules.append(torch.nn.ReLU())
@@ -353,7 +375,7 @@ class TorchCNN:
             self.torch.tensor(np.asarray(labels, np.int64), device=self.device),
         )
 
-    def _loss(self, x: Any, labels: Any) -> Any:
+    def loss(self, x: Any, labels: Any) -> Any:
         return self.torch.nn.functional.cross_entropy(self.model(x), labels)
 
     def gradients(self, x: Any, labels: Any) -> tuple[float, list[Any]]:
@@ -361,20 +383,10 @@ class TorchCNN:
         weights in JAX's flattening order). Batch norm's running statistics are left as they were."""
         saved = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.model.zero_grad(set_to_none=True)
-        loss = self._loss(x, labels)
+        loss = self.loss(x, labels)
         loss.backward()
         self.model.load_state_dict(saved)
         return loss.item(), [() if module is None else _jax_gradient(module, image) for module, image in self.leaves]
-
-    def step(self, x: Any, labels: Any) -> Any:
-        """One Adam step; returns the loss (a tensor, synchronised on CUDA)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(x, labels)
-        loss.backward()
-        self.optimizer.step()
-        if self.device != "cpu":
-            self.torch.cuda.synchronize()
-        return loss
 
 
 def _jax_gradient(module: Any, image: tuple[int, ...] | None) -> dict[str, np.ndarray]:

@@ -11,16 +11,22 @@ import math
 import pathlib
 import re
 import runpy
+import sys
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-from manualgrad import cli, runtime
-from manualgrad.bench import bench, peers
+from manualgrad import cli
+from manualgrad.bench import bench, models, peers, report
+from manualgrad.bench.memory import norm_residual_bytes
+from manualgrad.check.tolerances import relative_l2
+from manualgrad.errors import MissingExtraError
 from manualgrad.nn import layers, recurrent
-from manualgrad.train import loop
+from manualgrad.train import step
+from manualgrad.train.config import MODEL_DEFAULTS
+from manualgrad.train.models import GPT
 
 PER_MODEL = {
     "compile_s_manual",
@@ -61,10 +67,20 @@ PER_MLP = {
 }
 
 
+def _measured(records: list[dict]) -> dict[str, float]:
+    """The measured figures of one model's records, by name. A figure may be left unmeasured only
+    where it needs PyTorch and PyTorch is missing, and then with the reason, which names the extra."""
+    reason = peers.torch_reason()
+    for rec in records:
+        if rec["value"] is None:
+            assert rec["figure"] in PER_TORCH and reason is not None and rec["skipped"] == reason, rec
+    return {r["figure"]: r["value"] for r in records if r["value"] is not None}
+
+
 @pytest.fixture(scope="module")
 def quick_run():
     """What ``manualgrad bench --quick --json`` prints (digits MLP and CNN, 3 repeats, check of relu)."""
-    return json.loads(bench.to_json(bench.run(bench.QUICK)))
+    return json.loads(report.to_json(bench.run(bench.QUICK)))
 
 
 def test_json_names_every_figure(quick_run):
@@ -85,7 +101,7 @@ def test_json_names_every_figure(quick_run):
     machine = quick_run["machine"]
     assert machine["backend"] == jax.default_backend() and machine["jax"] == jax.__version__
     assert machine["cores"] >= 1 and machine["cpu"]
-    assert machine["compiler_options"] == loop.compiler_options(jax.default_backend())
+    assert machine["compiler_options"] == step.compiler_options(jax.default_backend())
     assert quick_run["settings"]["repeats"] == 3
 
 
@@ -128,20 +144,20 @@ def test_gradients_agree_and_counts_are_the_models(quick_run):
 def test_peers_take_the_same_adam_steps_as_the_jitted_step(peer):
     if peer == "torch" and peers.torch_reason() is not None:
         pytest.skip(f"the PyTorch peer cannot run here: {peers.torch_reason()}")
-    params, x, labels = bench._inputs(bench.MODELS["digits_mlp"], 1)
+    params, x, labels = models.inputs(models.MODELS["digits_mlp"], 1)
     weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
-    tx = optax.adam(bench.LEARNING_RATE)
+    tx = optax.adam(models.LEARNING_RATE)
     net = layers.mlp(10, (128,))
-    step = loop.make_step(loop.loss_fn(net, "manual"), tx)
+    jitted = step.make_step(step.loss_fn(net, "manual"), tx)
     state = (params, tx.init(params), net.init_state(params))
     for _ in range(3):
-        *state, _, _, _ = step(*state, x, labels, bench.KEY)  # loss, correct, finite
+        *state, _, _, _ = jitted(*state, x, labels, models.KEY)  # loss, correct, finite
     expected = [a for pair in peers.dense_weights(state[0]) for a in map(np.asarray, pair)]
     if peer == "torch":
-        model = peers.TorchMLP(weights, bench.LEARNING_RATE)
+        model = peers.TorchMLP(weights, models.LEARNING_RATE)
         inputs = model.inputs(np.asarray(x), np.asarray(labels))
     else:
-        model = peers.NumpyMLP(weights, bench.LEARNING_RATE)
+        model = peers.NumpyMLP(weights, models.LEARNING_RATE)
         inputs = (np.asarray(x), np.asarray(labels))
     for _ in range(3):
         model.step(*inputs)
@@ -157,17 +173,17 @@ def test_the_cnn_peer_takes_the_same_adam_steps_as_the_jitted_step():
     if peers.torch_reason() is not None:
         pytest.skip(f"the PyTorch peer cannot run here: {peers.torch_reason()}")
     net = layers.cnn(10, norm=layers.BatchNorm())
-    params, x, labels = bench._inputs(bench.Model("", lambda: net, (8, 8, 1), 8, False), 1)
-    tx = optax.adam(bench.LEARNING_RATE)
-    step = loop.make_step(loop.loss_fn(net, "manual"), tx)
-    model = peers.TorchCNN(net.layers, params, (8, 8, 1), bench.LEARNING_RATE)
+    params, x, labels = models.inputs(models.Model("", lambda: net, (8, 8, 1), 8, False), 1)
+    tx = optax.adam(models.LEARNING_RATE)
+    jitted = step.make_step(step.loss_fn(net, "manual"), tx)
+    model = peers.TorchCNN(net.layers, params, (8, 8, 1), models.LEARNING_RATE)
     inputs = model.inputs(np.asarray(x), np.asarray(labels))
-    grads = jax.grad(lambda p: layers.classifier_loss(net, p, x, labels, train=True, key=bench.KEY)[0])(params)
+    grads = jax.grad(lambda p: layers.classifier_loss(net, p, x, labels, train=True, key=models.KEY)[0])(params)
     # float32 round-off of two implementations of the same sums, batch of 8.
-    assert bench.relative_l2(model.gradients(*inputs)[1], grads) < 1e-5
+    assert relative_l2(model.gradients(*inputs)[1], grads) < 1e-5
     state = (params, tx.init(params), net.init_state(params))
     for _ in range(3):
-        *state, _, _, _ = step(*state, x, labels, bench.KEY)
+        *state, _, _, _ = jitted(*state, x, labels, models.KEY)
         model.step(*inputs)
     got = {name: p.detach().numpy() for name, p in model.model.named_parameters()}
     conv = next(name for name in got if name.endswith("weight") and got[name].ndim == 4)
@@ -178,11 +194,11 @@ def test_the_cnn_peer_takes_the_same_adam_steps_as_the_jitted_step():
 
 
 def test_a_relu_input_on_the_other_side_of_zero_is_counted_and_is_the_gradient_difference():
-    """Issue 17 item 4: a peer whose pre-activation rounds to the other sign of 0 drops one
+    """A peer whose pre-activation rounds to the other sign of 0 drops one
     sample's contribution through that unit — a difference far above round-off, which the bench
     explains with ``relu_flips``. Here bias ``b_j`` puts sample 0's unit ``j`` at ``a = ±1e-5``
     (20 float32 ulps of the ``a`` it replaces, so no rounding undoes it)."""
-    params, x, labels = bench._inputs(bench.MODELS["digits_mlp"], 1)
+    params, x, labels = models.inputs(models.MODELS["digits_mlp"], 1)
     net = layers.mlp(10, (128,))
     a = np.asarray(x).reshape(32, -1) @ np.asarray(params[1]["w"])
     j = int(np.argmin(np.abs(a[0])))
@@ -190,16 +206,16 @@ def test_a_relu_input_on_the_other_side_of_zero_is_counted_and_is_the_gradient_d
     shifted[1]["b"] = params[1]["b"].at[j].set(-a[0, j] - 1e-5)
     weights = [(np.array(w), np.array(b)) for w, b in peers.dense_weights(shifted)]
     weights[0][1][j] += 2e-5  # the peer's a[0, j] ≈ +1e-5, the hand rules' ≈ −1e-5
-    peer = peers.NumpyMLP(weights, bench.LEARNING_RATE)
+    peer = peers.NumpyMLP(weights, models.LEARNING_RATE)
     manual = bench.relu_masks(net, shifted, x)
     assert bench.relu_flips(peer.masks(np.asarray(x)), manual) == 1
     grads = jax.grad(lambda p: layers.classifier_loss(net, p, x, labels)[0])(shifted)
-    difference = bench.relative_l2(peer.gradients(np.asarray(x), np.asarray(labels))[1], peers.dense_weights(grads))
+    difference = relative_l2(peer.gradients(np.asarray(x), np.asarray(labels))[1], peers.dense_weights(grads))
     assert difference > 1e-4  # one of 32 samples' paths through one of 128 units: far above round-off (1e-7)
 
 
 def test_table_shows_every_record(quick_run):
-    text = bench.table(quick_run)
+    text = report.table(quick_run)
     assert all(rec["figure"] in text for rec in quick_run["records"])
     assert quick_run["machine"]["cpu"] in text
 
@@ -237,11 +253,11 @@ def test_comparisons_script_runs_the_same_bench(capsys):
 def test_a_model_with_batch_norm_is_benched_with_its_norms_residuals(monkeypatch):
     """bn_cnn's figures on a small stand-in (digits CNN with batch norm, batch 8): every per-model
     figure, and the norm layers' residuals: the hand rule keeps x̂ and 1/σ per channel, exactly."""
-    model = bench.Model(
+    model = models.Model(
         "digits CNN with batch norm", lambda: layers.cnn(10, norm=layers.BatchNorm()), (8, 8, 1), 8, False
     )
-    monkeypatch.setitem(bench.MODELS, "tiny_bn", model)
-    values = {r["figure"]: r["value"] for r in bench.bench_model("tiny_bn", bench.QUICK)}
+    monkeypatch.setitem(models.MODELS, "tiny_bn", model)
+    values = _measured(bench.bench_model("tiny_bn", bench.QUICK))
     assert PER_MODEL <= set(values)
     assert all(math.isfinite(v) and v >= 0 for v in values.values())
     assert values["gradient_difference_jax_grad_vs_manual"] < 1e-5  # float32 round-off, batch of 8
@@ -249,7 +265,8 @@ def test_a_model_with_batch_norm_is_benched_with_its_norms_residuals(monkeypatch
     expected = 4 * sum(n * c + c for n, c in ((8 * 8 * 8, 16), (8 * 4 * 4, 32), (8, 64)))
     assert values["norm_residual_bytes_manual"] == expected
     assert values["norm_residual_ratio_manual_over_jax_grad"] < 1
-    assert bench.norm_residual_bytes(layers.cnn(10), *bench._inputs(bench.MODELS["digits_cnn"], 0)[:2]) is None
+    assert ("step_ratio_manual_over_torch" in values) == (peers.torch_reason() is None)  # else skipped, saying why
+    assert norm_residual_bytes(layers.cnn(10), *models.inputs(models.MODELS["digits_cnn"], 0)[:2]) is None
 
 
 def test_a_sequence_model_is_benched_with_its_attentions_residuals(monkeypatch):
@@ -258,96 +275,55 @@ def test_a_sequence_model_is_benched_with_its_attentions_residuals(monkeypatch):
     log-sum-exp beyond q, k, v, exactly, where jax.grad keeps T × S probabilities."""
     from manualgrad.nn import gpt
 
-    model = bench.Model("tiny GPT", lambda: gpt.gpt(7, 8, width=16, depth=1, heads=2), (8,), 4, False, 7, 2)
-    monkeypatch.setitem(bench.MODELS, "tiny_gpt", model)
-    values = {r["figure"]: r["value"] for r in bench.bench_model("tiny_gpt", bench.QUICK)}
+    model = models.Model("tiny GPT", lambda: gpt.gpt(7, 8, width=16, depth=1, heads=2), (8,), 4, False, 7, 2)
+    monkeypatch.setitem(models.MODELS, "tiny_gpt", model)
+    values = _measured(bench.bench_model("tiny_gpt", bench.QUICK))
     assert PER_SEQUENCE_MODEL <= set(values)
     assert all(math.isfinite(v) and v >= 0 for v in values.values())
     assert values["gradient_difference_jax_grad_vs_manual"] < 1e-5  # float32 round-off, 32 tokens
     assert values["attention_residual_bytes_manual"] == 4 * (4 * 8 * 2 * 8 + 4 * 2 * 8)  # O (B, T, N, H), lse (B, N, T)
     assert values["attention_residual_ratio_manual_over_jax_grad"] < 1
-    assert bench.GOALS["gpt_long/residual_ratio_manual_over_jax_grad"] == ("<=", 0.5)
+    assert report.GOALS["gpt_long/residual_ratio_manual_over_jax_grad"] == ("<=", 0.5)
 
 
 def test_the_character_lstm_is_benched_as_a_sequence_model(monkeypatch):
     """lstm's figures on a small stand-in (H = 8, E = 4, T = 5, batch 4): every per-model figure, the hand
     BPTT's gradient equal to jax.grad of the reference's scan, no attention figures; and the real entry
     is train's default character LSTM at its default batch."""
-    model = bench.Model("tiny character LSTM", lambda: recurrent.char_model("lstm", 27, 8, 4), (5,), 4, False, 27)
-    monkeypatch.setitem(bench.MODELS, "tiny_lstm", model)
-    values = {r["figure"]: r["value"] for r in bench.bench_model("tiny_lstm", bench.QUICK)}
+    model = models.Model("tiny character LSTM", lambda: recurrent.char_model("lstm", 27, 8, 4), (5,), 4, False, 27)
+    monkeypatch.setitem(models.MODELS, "tiny_lstm", model)
+    values = _measured(bench.bench_model("tiny_lstm", bench.QUICK))
     assert PER_SEQUENCE_MODEL <= set(values)
     assert not any(f.startswith("attention_") for f in values)
     assert all(math.isfinite(v) and v >= 0 for v in values.values())
     assert values["gradient_difference_jax_grad_vs_manual"] < 1e-5  # float32 round-off over 5 steps, batch 4
-    default = bench.MODELS["lstm"]
+    default = models.MODELS["lstm"]
     params = jax.eval_shape(lambda: default.build().init(jax.random.PRNGKey(0), (-1, *default.input_shape))[1])
     width = recurrent.DEFAULTS["lstm"].width
     assert params["recurrent"]["w_h"].shape == (width, 4 * width)
-    assert (default.batch, default.vocab) == (loop.MODEL_DEFAULTS["lstm"]["batch_size"], 27)
+    assert (default.batch, default.vocab) == (MODEL_DEFAULTS["lstm"]["batch_size"], 27)
 
 
-_REALLOCATE = """
-import resource, threading
-faults = []
-def step():  # one block above glibc's 64 MB thread-arena heap, as XLA:CPU allocates a step's temporaries
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = bytearray(80 << 20)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    del block
-for _ in range(3):
-    thread = threading.Thread(target=step)
-    thread.start()
-    thread.join()
-print(faults)
-"""
+def test_the_bench_gpt_is_train_s_default_gpt():
+    """The bench writes its models' shapes itself; the one it describes as train's default GPT is it."""
+    default = models.MODELS["gpt"]
+    params = jax.eval_shape(lambda: default.build().init(jax.random.PRNGKey(0), (-1, *default.input_shape))[1])
+    assert params["blocks"][0]["q"]["w"].shape == (GPT["width"], GPT["width"])
+    assert (len(params["blocks"]), default.heads) == (GPT["depth"], GPT["heads"])
+    assert (default.batch, default.vocab) == (MODEL_DEFAULTS["gpt"]["batch_size"], 27)
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="the settings are glibc's")
-@pytest.mark.parametrize("reuse", [False, True])
-def test_the_reuse_settings_keep_a_step_blocks_pages(reuse, monkeypatch):
-    """An 80 MB block allocated and freed by a thread, three times: with glibc's defaults each is
-    mapped afresh, 20 480 pages (4 KiB) faulted in every time; started with
-    ``REUSE_HOST_MEMORY`` the second and third reuse the first's pages (bound: 1 % of them, for
-    the interpreter's own small allocations). ``host_memory`` names the settings either way."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in runtime.REUSE_HOST_MEMORY and k != "GLIBC_TUNABLES"}
-    env |= runtime.REUSE_HOST_MEMORY if reuse else {}
-    out = subprocess.run([sys.executable, "-c", _REALLOCATE], capture_output=True, text=True, check=True, env=env)
-    faults = json.loads(out.stdout)
-    assert faults[0] >= 0.9 * 20_480
-    assert (max(faults[1:]) < 205) if reuse else (min(faults[1:]) >= 0.9 * 20_480), faults
-    monkeypatch.setattr(runtime, "_applied", [])  # as in a process that has not called reuse_host_memory
-    for name in ("GLIBC_TUNABLES", *runtime.REUSE_HOST_MEMORY):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in (runtime.REUSE_HOST_MEMORY if reuse else {}).items():
-        monkeypatch.setenv(name, value)
-    expected = " ".join(f"{k}={v}" for k, v in runtime.REUSE_HOST_MEMORY.items()) if reuse else "defaults"
-    assert runtime.host_memory() == expected
-
-
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="the settings are glibc's")
-@pytest.mark.parametrize("given", [False, True])
-def test_reuse_host_memory_sets_them_from_python_unless_the_environment_does(given):
-    """``reuse_host_memory()`` after importing jax and before computing, as the command line does:
-    the second and third 80 MB blocks reuse the first's pages (bound as above). With a setting in
-    the environment it leaves glibc alone (MALLOC_ARENA_MAX=8 alone keeps the blocks mapped afresh)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in runtime.REUSE_HOST_MEMORY and k != "GLIBC_TUNABLES"}
-    env |= {"MALLOC_ARENA_MAX": "8"} if given else {}
-    script = "import jax\nfrom manualgrad import runtime\nprint(runtime.reuse_host_memory(), runtime.host_memory())\n"
-    command = [sys.executable, "-c", script + _REALLOCATE]
-    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-    first, second = out.stdout.splitlines()
-    faults = json.loads(second)
-    if given:
-        assert first == "False MALLOC_ARENA_MAX=8" and min(faults[1:]) >= 0.9 * 20_480, faults
-    else:
-        expected = " ".join(f"{k}={v}" for k, v in runtime.REUSE_HOST_MEMORY.items())
-        assert first == f"True mallopt {expected}" and max(faults[1:]) < 205, faults
+def test_without_pytorch_its_figures_are_skipped_with_the_extra_that_installs_it(monkeypatch):
+    """A machine without PyTorch (the ``test`` extra does not install it): the PyTorch peer's figure
+    is reported as skipped with the reason, naming the extra; every other figure is measured."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails, as where it is not installed
+    reason = "the PyTorch peer needs torch: pip install 'manualgrad[bench]'"
+    assert peers.torch_reason() == reason and peers.torch_version() is None
+    with pytest.raises(MissingExtraError, match=re.escape(reason)):
+        peers.TorchMLP([(np.ones((2, 2)), np.ones(2))], models.LEARNING_RATE)
+    records = bench.bench_model("digits_mlp", bench.QUICK)
+    assert {r["figure"]: r["skipped"] for r in records if r["value"] is None} == {
+        "step_ratio_manual_over_torch": reason
+    }
+    assert PER_MODEL | PER_MLP <= set(_measured(records))
+    assert not {"torch_threads", "gradient_difference_torch_vs_manual"} & {r["figure"] for r in records}
