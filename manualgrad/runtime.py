@@ -8,10 +8,16 @@ from __future__ import annotations
 import os
 import platform
 
+from manualgrad.errors import ManualgradError
+
 # glibc's malloc settings that keep a freed block's pages for the next step (see host_memory)
 REUSE_HOST_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 _MALLOPT = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # M_ARENA_MAX, ...
 _applied: list[str] = []
+
+
+class HostMemoryError(ManualgradError, OSError):
+    """glibc refused one of the malloc settings."""
 
 
 def reuse_host_memory() -> bool:
@@ -31,7 +37,7 @@ def reuse_host_memory() -> bool:
     mallopt = ctypes.CDLL(None).mallopt
     for name, value in REUSE_HOST_MEMORY.items():
         if mallopt(_MALLOPT[name], int(value)) != 1:
-            raise OSError(f"reuse_host_memory: glibc's mallopt refused {name}={value}")
+            raise HostMemoryError(f"reuse_host_memory: glibc's mallopt refused {name}={value}")
         _applied.append(f"{name}={value}")
     return True
 

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from manualgrad import runtime
+from manualgrad.errors import ManualgradError
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
 
@@ -79,3 +80,22 @@ def test_reuse_host_memory_sets_them_from_python_unless_the_environment_does(giv
     else:
         expected = " ".join(f"{k}={v}" for k, v in runtime.REUSE_HOST_MEMORY.items())
         assert first == f"True mallopt {expected}" and max(faults[1:]) < 205, faults
+
+
+@glibc_only
+def test_a_setting_that_glibc_refuses_is_a_manualgrad_error(monkeypatch):
+    """If ``mallopt`` refuses a setting, the error names it and is both the library's and an ``OSError``."""
+    import ctypes
+
+    class Refusing:
+        @staticmethod
+        def mallopt(param: int, value: int) -> int:
+            return 0
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Refusing())
+    monkeypatch.setattr(runtime, "_applied", [])
+    for name in ("GLIBC_TUNABLES", *runtime.REUSE_HOST_MEMORY):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(runtime.HostMemoryError, match="mallopt refused MALLOC_ARENA_MAX=1") as refused:
+        runtime.reuse_host_memory()
+    assert isinstance(refused.value, ManualgradError) and isinstance(refused.value, OSError)
