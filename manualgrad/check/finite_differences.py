@@ -70,11 +70,12 @@ class Differences:
         """Compares the hand VJP with the differences, both as returned by :meth:`SampleDifferences.evaluate`."""
         steps = values[:-1].reshape(len(FD_STEPS), -1, values.shape[-1])[:, self.rows]
         f0, hand = values[-1], hand[self.cotangent_rows, self.columns]
-        if self.directions is None:
-            return self._exact_jacobian(rule, label, dtype, tol, steps, f0, hand)
-        return self._random_directions(rule, label, dtype, tol, steps, f0, hand)
+        judged = self._random_directions if self.directions is not None else self._exact_jacobian
+        received, expected, atol, note, where = judged(tol, steps, f0, hand)
+        return compare(rule, "finite_diff", dtype, label, self.name, received, expected, tol, atol, note, where)
 
-    def _exact_jacobian(self, rule, label, dtype, tol, steps, f0, hand) -> Finding:
+    def _exact_jacobian(self, tol, steps, f0, hand):
+        """The whole Jacobian, entry by entry: ``(received, expected, atol, note, where)`` for :func:`compare`."""
         magnitude = np.maximum(np.max(np.abs(steps), axis=0), np.abs(f0))
         estimate, straddles, atol = richardson(steps, f0, magnitude, tol)
         kinks = np.any(straddles, axis=1)
@@ -85,21 +86,10 @@ class Differences:
             o, j = np.unravel_index(index, (hand.shape[0], int(keep.sum())))
             return f"d output[{o}] / d {locate(self.arg, int(np.flatnonzero(keep)[j]), self.name)}"
 
-        return compare(
-            rule,
-            "finite_diff",
-            dtype,
-            label,
-            self.name,
-            hand[:, keep],
-            estimate.T[:, keep],
-            tol,
-            np.ravel(atol.T[:, keep]),
-            note,
-            position,
-        )
+        return hand[:, keep], estimate.T[:, keep], np.ravel(atol.T[:, keep]), note, position
 
-    def _random_directions(self, rule, label, dtype, tol, steps, f0, hand) -> Finding:
+    def _random_directions(self, tol, steps, f0, hand):
+        """``uᵀ J v`` along the random directions: ``(received, expected, atol, note, where)`` for :func:`compare`."""
         u = self.cotangents
         magnitude = np.abs(u) @ np.maximum(np.max(np.abs(steps), axis=(0, 1)), np.abs(f0))
         estimate, kinks, atol = richardson(np.einsum("skm,km->sk", steps, u), u @ f0, magnitude, tol)
@@ -107,19 +97,7 @@ class Differences:
         note = f"uᵀJv along {FAST_DIRECTIONS} random directions"
         note += f", {int(kinks.sum())} crossing a kink left out" if kinks.any() else ""
         received = np.einsum("km,km->k", hand, self.directions)
-        return compare(
-            rule,
-            "finite_diff",
-            dtype,
-            label,
-            self.name,
-            received[keep],
-            estimate[keep],
-            tol,
-            atol[keep],
-            note,
-            lambda index: f"direction {int(keep[index])}",
-        )
+        return received[keep], estimate[keep], atol[keep], note, lambda index: f"direction {int(keep[index])}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,7 @@ instead of ``z``. In a network ``F`` is also the next layer's input, which its d
 saves anyway, so the activation costs no extra residual at all. Gelu is not monotone, so its
 ``σ'`` is no function of ``F``: it saves ``z``.
 
-Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
-→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
-→ ``register(Rule(...))``; read it there before adding a rule.
+Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 """
 
 from __future__ import annotations

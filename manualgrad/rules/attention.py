@@ -16,9 +16,7 @@ backward. The usual mistakes (the softmax Jacobian's diagonal alone, the ``1/√
 the causal mask forgotten in the backward, ``dQ`` and ``dK`` swapped) are attached to the
 rules as :class:`~manualgrad.registry.Mistake` s built from the references.
 
-Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
-→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
-→ ``register(Rule(...))``; read it there before adding a rule.
+Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 """
 
 from __future__ import annotations

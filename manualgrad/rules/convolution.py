@@ -29,9 +29,7 @@ The two collections are the same sums. The code computes both adjoints in the ta
 the patch matrix gathered from ``x`` in one pass per block of images. ``C`` is one
 ``lax.conv_general_dilated``; nothing here calls ``jax.vjp``.
 
-Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
-→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
-→ ``register(Rule(...))``; read it there before adding a rule.
+Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 """
 
 from __future__ import annotations
@@ -230,6 +228,14 @@ def _reference(rule: str, x, w, stride, padding, dilation):
     return jnp.einsum("...kc,kcd->...d", patches, jnp.reshape(w, (len(taps), *jnp.shape(w)[-2:])))
 
 
+def _forward(rule: str, x, w, stride, padding: Padding, dilation):
+    """The forward pass of ``conv1d`` and ``conv2d``: the arguments validated, ``C(x, W)`` and the
+    residuals ``(x, W)``."""
+    _validate(rule, x, w, *_LAYOUTS[rule])
+    geo = geometry(rule, jnp.shape(x), jnp.shape(w), stride, padding, dilation)
+    return _convolve(x, w, geo), (x, w)
+
+
 def _conv_vjp(rule: str, backward, gradient):
     """The VJP of ``rule`` from its backward pass ``C†`` and gradient pass ``C††``."""
 
@@ -327,9 +333,7 @@ def conv2d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
 
 
 def conv2d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
-    _validate("conv2d", x, w, *_LAYOUTS["conv2d"])
-    geo = geometry("conv2d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    return _convolve(x, w, geo), (x, w)
+    return _forward("conv2d", x, w, stride, padding, dilation)
 
 
 def conv2d_backward(w, geo: Geometry, g):
@@ -403,18 +407,16 @@ def conv1d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dil
 
 
 def conv1d_forward(x, w, stride=1, padding: Padding = "VALID", dilation=1):
-    _validate("conv1d", x, w, *_LAYOUTS["conv1d"])
-    geo = geometry("conv1d", jnp.shape(x), jnp.shape(w), stride, padding, dilation)
-    return _convolve(x, w, geo), (x, w)
+    return _forward("conv1d", x, w, stride, padding, dilation)
 
 
 def conv1d_backward(w, geo: Geometry, g):
-    """Backward pass ``dx = C†(G, W) = Σ_k P_k*(G W_kᵀ)``, a transposed convolution."""
+    """Backward pass ``dx = C†(G, W)``: :func:`conv2d_backward`'s with one spatial axis."""
     return _input_adjoint(w, geo, g)
 
 
 def conv1d_gradient(x, geo: Geometry, g):
-    """Gradient pass ``dW = C††(x, G)``: the patch matrix of ``x`` transposed, times ``G``."""
+    """Gradient pass ``dW = C††(x, G)``: :func:`conv2d_gradient`'s with one spatial axis."""
     return _weight_adjoint(x, geo, g)
 
 

@@ -16,9 +16,7 @@ Finite signals are cropped to a window of shifts by a ``mode``, exactly as
 ``numpy.correlate`` / ``numpy.convolve`` do; the docstring of :func:`correlate1d` shows where
 the seed's infinite-signal proof breaks for them and how zero padding repairs it.
 
-Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
-→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
-→ ``register(Rule(...))``; read it there before adding a rule.
+Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 """
 
 from __future__ import annotations

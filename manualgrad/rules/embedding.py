@@ -1,8 +1,6 @@
 """The embedding lookup ``table[ids]``: a linear map in the table whose adjoint is a scatter-add.
 
-Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
-→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
-→ ``register(Rule(...))``; read it there before adding a rule.
+Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 """
 
 from __future__ import annotations

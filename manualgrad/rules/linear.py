@@ -1,8 +1,6 @@
 """Linear rules: the dense layer ``x W``, the bias add ``z + ι(b)`` and the residual add ``x + y``.
 
-Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
-→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
-→ ``register(Rule(...))``; read it there before adding a rule.
+Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from jax import lax
 
 from manualgrad import validation
 from manualgrad.registry import Rule, Sample, register
-from manualgrad.rules.samples import keys, normal
+from manualgrad.rules.samples import keys, normal, pairs
 
 # --------------------------------------------------------------------------- dense
 
@@ -243,10 +241,9 @@ def _add_vjp(residuals, g):
 add.defvjp(add_forward, _add_vjp)
 
 
-def _add_samples(key, dtype):
-    k = keys(key)
-    shapes = [((4, 3), "batch 4"), ((1, 1), "batch 1, width 1"), ((2, 5, 3), "a sequence (B, T, C)"), ((), "scalars")]
-    return [Sample((normal(next(k), s, dtype), normal(next(k), s, dtype)), label) for s, label in shapes]
+_add_samples = pairs(
+    [((4, 3), "batch 4"), ((1, 1), "batch 1, width 1"), ((2, 5, 3), "a sequence (B, T, C)"), ((), "scalars")]
+)
 
 
 register(

@@ -1,8 +1,6 @@
 """Losses: mean squared error, softmax cross-entropy, and the L2 penalty.
 
-Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
-→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
-→ ``register(Rule(...))``; read it there before adding a rule.
+Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import numpy as np
 from manualgrad import validation
 from manualgrad.registry import Mistake, Rule, Sample, register
 from manualgrad.rules import mistakes
-from manualgrad.rules.samples import keys, normal
+from manualgrad.rules.samples import keys, normal, pairs
 
 # --------------------------------------------------------------------------- mse
 
@@ -69,10 +67,7 @@ def mse_backward(r: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
 mse.defvjp(mse_forward, mse_backward)
 
 
-def _mse_samples(key, dtype):
-    k = keys(key)
-    pairs = [((4, 3), "batch 4"), ((1, 2), "batch 1"), ((2, 3, 2), "extra axis"), ((5,), "scalar per sample")]
-    return [Sample((normal(next(k), s, dtype), normal(next(k), s, dtype)), label) for s, label in pairs]
+_mse_samples = pairs([((4, 3), "batch 4"), ((1, 2), "batch 1"), ((2, 3, 2), "extra axis"), ((5,), "scalar per sample")])
 
 
 register(

@@ -21,9 +21,7 @@ The usual mistakes (``μ`` and ``σ`` taken as constants, the unbiased variance,
 the wrong axes, dropout not rescaled or its mask drawn again with another key) are attached to
 the rules as :class:`~manualgrad.registry.Mistake` s built from the references.
 
-Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
-→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
-→ ``register(Rule(...))``; read it there before adding a rule.
+Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 """
 
 from __future__ import annotations

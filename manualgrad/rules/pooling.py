@@ -14,9 +14,7 @@ and no ``b`` (``J = K = ∅``), so there is no gradient pass, only the backward 
 All window arithmetic (window, stride and padding normalisation, output sizes, leftover
 rows, and the errors for a bad configuration) comes from :mod:`manualgrad.rules.windows`.
 
-Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
-→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
-→ ``register(Rule(...))``; read it there before adding a rule.
+Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 """
 
 from __future__ import annotations

@@ -22,9 +22,7 @@ wrong point, the weights' gradients of one step only, the gates in another order
 reproduced by the references' ``slip`` keyword (:data:`SLIPS`) and attached to the rules as
 :class:`~manualgrad.registry.Mistake` s (:func:`manualgrad.rules.mistakes.slipped`).
 
-Each rule below follows the protocol in :mod:`manualgrad.rules`: ``NAME_reference`` → ``@jax.custom_vjp NAME``
-→ ``NAME_forward`` (output, residuals) → ``NAME_backward``/``NAME_gradient`` (cotangent ``g`` last)
-→ ``register(Rule(...))``; read it there before adding a rule.
+Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 """
 
 from __future__ import annotations

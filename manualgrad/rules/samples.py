@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from manualgrad.registry import Sample, SampleInputs
+
 
 def generator(key: jax.Array) -> np.random.Generator:
     """A NumPy generator seeded by a JAX key. Drawing on the host avoids compiling a random
@@ -25,3 +27,14 @@ def keys(key: jax.Array) -> Iterator[jax.Array]:
     while True:
         key, sub = jax.random.split(key)
         yield sub
+
+
+def pairs(shapes: list[tuple[tuple[int, ...], str]]) -> SampleInputs:
+    """Sample inputs of two standard normal arrays of one shape, one :class:`Sample` per
+    ``(shape, label)``: for a rule of two arguments of equal shapes."""
+
+    def samples(key: jax.Array, dtype: Any) -> list[Sample]:
+        k = keys(key)
+        return [Sample((normal(next(k), s, dtype), normal(next(k), s, dtype)), label) for s, label in shapes]
+
+    return samples
