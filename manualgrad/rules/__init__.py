@@ -20,7 +20,7 @@ checks the order and the signatures):
     begins (``manualgrad exercise`` stops there).
 ``NAME_forward(*args) -> (y, residuals)``
     Validates the arguments with :mod:`~manualgrad.validation` (a one-sentence
-    :class:`~manualgrad.registry.RuleInputError` naming the rule, the argument and the shapes or
+    :class:`~manualgrad.validation.RuleInputError` naming the rule, the argument and the shapes or
     dtypes expected) and returns the output and what the backward pass needs.
 ``NAME_backward(..., g) -> dx`` and, for a rule with weights, ``NAME_gradient(..., g) -> dW``
     The seeds' backward pass ``C†`` (the cotangent of the input) and gradient pass ``C††`` (the
@@ -39,7 +39,8 @@ To add a rule: write the five pieces in its family's module (or a new module, im
 the registry's order; ``manualgrad.NAME`` then comes from the registry), add at least one
 wrong backward to its family's file in ``tests/mutations/`` and a known-value test to
 ``tests/rules/test_known_values.py``, and regenerate the README's table with
-``python -m manualgrad.teach.docs``. ``register`` refuses a rule without a custom_vjp function, a
+``python -m manualgrad.teach.docs``. ``register`` refuses (a
+:class:`~manualgrad.registry.RegistrationError`) a rule without a custom_vjp function, a
 reference, sample inputs, a docstring citing its seeds with one ``Result:`` line, or with
 ``linear_in`` groups that overlap or leave ``differentiable``; ``tests/rules/test_rules.py`` then
 runs every check on it in both dtypes.
