@@ -73,7 +73,7 @@ def _cnn_loss(hand: bool):
 
 
 def _hessian(loss, flat) -> jax.Array:
-    return jax.jit(jax.hessian(loss))(flat)  # jitted: ~1 s each instead of ~10 s eager
+    return jax.jit(jax.hessian(loss))(flat)  # jitted: one program instead of an eager op per step, far faster
 
 
 @functools.cache
