@@ -32,13 +32,23 @@ import math
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import manualgrad
 from manualgrad import registry, runtime
 from manualgrad.bench import bench
 from manualgrad.check import cache, checker, processes
-from manualgrad.train import checkpoint, data, distributed, loop, step
+from manualgrad.errors import ManualgradError
+from manualgrad.text import first_line, plain
+from manualgrad.train import config, data, distributed, errors, loop, models, step
+from manualgrad.train.errors import FieldMessage, counted, either
+
+
+def _refuse(command: str, message: str) -> int:
+    """Prints ``manualgrad COMMAND: MESSAGE`` on stderr; returns 2, the status of a refused command line."""
+    print(f"manualgrad {command}: {message}", file=sys.stderr)
+    return 2
 
 
 def _refuse_unknown_rules(command: str, names: Sequence[str], what: str = "rule", networks: Sequence[str] = ()) -> bool:
@@ -79,7 +89,9 @@ def _check(args: argparse.Namespace) -> int:
             print(json.dumps(record))
         return 0 if report.passed else 1
     where = f"programs cached in {cached_in}" if cached_in else "no compilation cache"
-    print(f"manualgrad check: {len(names)} rules, dtype {args.dtype}, {where}; worst relative error per check")
+    print(
+        f"manualgrad check: {counted(len(names), 'rule')}, dtype {args.dtype}, {where}; worst relative error per check"
+    )
     print(report.table())
     failures = report.failures()
     for f in failures:
@@ -115,8 +127,7 @@ def _bench(args: argparse.Namespace) -> int:
     if settings.check_rules and _refuse_unknown_rules("bench: --check-rules", settings.check_rules, "rule(s)"):
         return 2
     if min(settings.repeats, settings.compile_repeats, settings.matmul_n()) < 1:
-        print("manualgrad bench: --repeats, --compile-repeats and --matmul-size must be ≥ 1", file=sys.stderr)
-        return 2
+        return _refuse("bench", "--repeats, --compile-repeats and --matmul-size must be ≥ 1")
     progress = None if args.json else (lambda line: print(f"  measuring {line}", file=sys.stderr, flush=True))
     result = bench.run(settings, progress)
     print(bench.to_json(result) if args.json else bench.table(result))
@@ -130,8 +141,7 @@ def _explain(args: argparse.Namespace) -> int:
         print(explain.rule_list())
         return 0
     if args.rule is None:
-        print("manualgrad explain: give a RULE or --list", file=sys.stderr)
-        return 2
+        return _refuse("explain", "give a RULE or --list")
     if _refuse_unknown_rules("explain", [args.rule]):
         return 2
     print(explain.explain(args.rule))
@@ -142,8 +152,7 @@ def _exercise(args: argparse.Namespace) -> int:
     from manualgrad.teach import exercise, networks, notebook
 
     if (args.rule is None) == (args.network is None):
-        print("manualgrad exercise: give a RULE or --network NAME (one of them)", file=sys.stderr)
-        return 2
+        return _refuse("exercise", "give a RULE or --network NAME (one of them)")
     if (
         _refuse_unknown_rules("exercise", [args.rule])
         if args.rule
@@ -153,16 +162,14 @@ def _exercise(args: argparse.Namespace) -> int:
     name = args.rule or args.network
     out = pathlib.Path(args.out or f"{name}_exercise.{'ipynb' if args.notebook else 'py'}")
     if out.exists():
-        print(f"manualgrad exercise: {out} exists; remove it or choose another --out FILE", file=sys.stderr)
-        return 2
+        return _refuse("exercise", f"{out} exists; remove it or choose another --out FILE")
     try:
         if args.notebook:
             (notebook.write_network if args.network else notebook.write)(name, out)
         else:
             out.write_text(networks.exercise_text(name) if args.network else exercise.exercise(name))
     except OSError as error:
-        print(f"manualgrad exercise: cannot write {out}: {error.strerror}", file=sys.stderr)
-        return 2
+        return _refuse("exercise", f"cannot write {out}: {error.strerror}")
     then = "run its last cell, or" if args.notebook else "then run"
     print(f"wrote {out}: write its backward, {then} `manualgrad grade {out}`")
     return 0
@@ -232,8 +239,7 @@ def _grade(args: argparse.Namespace) -> int:
             try:
                 pathlib.Path(args.out).write_text(document)
             except OSError as error:
-                print(f"manualgrad grade: cannot write {args.out}: {error.strerror}", file=sys.stderr)
-                return 2
+                return _refuse("grade", f"cannot write {args.out}: {error.strerror}")
             print(f"wrote {args.out} ({args.format})")
     if any(r.status == results.ERROR for r in graded) and not args.expect:
         return 2
@@ -244,24 +250,20 @@ def _autograder(args: argparse.Namespace) -> int:
     from manualgrad.teach import autograder, results
 
     if not args.rules and not args.networks:
-        print("manualgrad autograder: give the RULEs (or --network NAME) a submission must contain", file=sys.stderr)
-        return 2
+        return _refuse("autograder", "give the RULEs (or --network NAME) a submission must contain")
     if _refuse_unknown_rules("autograder", args.rules) or _refuse_unknown_networks("autograder", args.networks):
         return 2
     out = pathlib.Path(args.out)
     if out.exists():
-        print(f"manualgrad autograder: {out} exists; remove it or choose another --out FILE", file=sys.stderr)
-        return 2
+        return _refuse("autograder", f"{out} exists; remove it or choose another --out FILE")
     try:
         weights = results.load_weights(args.weights) if args.weights else None
         exercises = [*args.rules, *args.networks]
         names = autograder.bundle(exercises, out, weights=weights, timeout=args.timeout, dtype=args.dtype)
     except (results.WeightsError, autograder.BundleError) as error:
-        print(f"manualgrad autograder: {error}", file=sys.stderr)
-        return 2
+        return _refuse("autograder", str(error))
     except OSError as error:
-        print(f"manualgrad autograder: cannot write {out}: {error.strerror}", file=sys.stderr)
-        return 2
+        return _refuse("autograder", f"cannot write {out}: {error.strerror}")
     print(f"wrote {out}: {', '.join(names)}; upload it as a Gradescope autograder (Ubuntu, Python 3)")
     return 0
 
@@ -271,48 +273,42 @@ def _audit(args: argparse.Namespace) -> int:
 
     file, sep, name = args.target.rpartition(":")
     if not sep or not file or not name.isidentifier():
-        print(f"manualgrad audit: give FILE:FUNCTION, e.g. model.py:loss; got {args.target!r}", file=sys.stderr)
-        return 2
+        return _refuse("audit", f"give FILE:FUNCTION, e.g. model.py:loss; got {args.target!r}")
     if not pathlib.Path(file).is_file():
-        print(f"manualgrad audit: no file {file!r}", file=sys.stderr)
-        return 2
+        return _refuse("audit", f"no file {file!r}")
     try:
         module = exercise.run_file(file, "manualgrad_audited")
     except exercise.ExerciseError as error:
-        print(f"manualgrad audit: {error}", file=sys.stderr)
-        return 2
+        return _refuse("audit", str(error))
     fn, make = getattr(module, name, None), getattr(module, args.args, None)
     for what, f, role in ((name, fn, "to audit"), (args.args, make, f"returning the arguments of {name} (--args)")):
         if not callable(f):
-            print(f"manualgrad audit: {file} defines no function {what} {role}", file=sys.stderr)
-            return 2
+            return _refuse("audit", f"{file} defines no function {what} {role}")
     try:
         values = make()
         if not isinstance(values, (tuple, list)):
             raise TypeError(f"it returned {type(values).__name__}, not a tuple of {name}'s positional arguments")
         report = manualgrad.audit(fn, *values, seed=args.seed)
     except Exception as error:  # the user's code: its error in one line, the audit never began
-        first = str(error).splitlines()[0] if str(error) else ""
-        print(f"manualgrad audit: {file}:{name} with {args.args}(): {type(error).__name__}: {first}", file=sys.stderr)
-        return 2
+        return _refuse("audit", f"{file}:{name} with {args.args}(): {type(error).__name__}: {first_line(error)}")
     print(report.text())
     return 0 if report.passed else 1
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = loop.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(loop.Config)})
+    configuration = config.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)})
     try:
-        summary = loop.train(config)
-    except (loop.TrainError, data.DataError, checkpoint.CheckpointError, distributed.DistributedError) as error:
-        print(
-            f"manualgrad {error}" if str(error).startswith("train:") else f"manualgrad train: {error}", file=sys.stderr
-        )
-        return 2
-    except loop.Diverged as error:
-        print(f"manualgrad {error}", file=sys.stderr)
+        summary = loop.train(configuration)
+    except errors.Diverged as error:
+        print(f"manualgrad train: {_refusal(error)}", file=sys.stderr)
         return 1
-    except loop.Interrupted as error:
-        print(f"manualgrad {error}", file=sys.stderr)
+    except errors.Interrupted as error:
+        given = "".join(f" {_flag(k)} {v}" for k, v in error.arguments.items())
+        print(
+            f"manualgrad train: interrupted at step {error.step}; checkpoint saved to {error.path}; "
+            f"resume with --resume {error.directory}{given}",
+            file=sys.stderr,
+        )
         return INTERRUPTED
     except KeyboardInterrupt:  # outside the steps (loading, compiling, plot, cross-check) or a second Ctrl-C
         print("manualgrad train: interrupted; the checkpoints written so far are kept", file=sys.stderr)
@@ -320,342 +316,237 @@ def _train(args: argparse.Namespace) -> int:
     if summary["process"] != distributed.WRITER:
         print(f"process {summary['process']} of {summary['processes']} done; process 0 wrote the run's files")
         return 0
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    """What ``manualgrad train`` prints once the run is done."""
+    on = f"{counted(summary['devices'], 'device')} of {counted(summary['processes'], 'process', 'processes')}"
     print(
         f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f} after "
-        f"{summary['epoch']} epochs ({summary['steps']} steps on {summary['devices']} device(s) of "
-        f"{summary['processes']} process(es)) "
+        f"{counted(int(summary['epoch']), 'epoch')} ({counted(summary['steps'], 'step')} on {on}) "
         f"in {summary['seconds']:.1f} s ({summary['steps_per_second']:.1f} steps/s)"
     )
-    if summary["cross_check_max_relative_error"] is None:
+    error, batches = summary["cross_check_max_relative_error"], summary["cross_check_batches"]
+    if error is None:
         print("no cross-check of the hand-rule gradient (--cross-check-batches 0)")
     else:
-        print(
-            f"hand-rule gradient vs jax.grad of the references on {summary['cross_check_batches']} batches: "
-            f"max relative error {summary['cross_check_max_relative_error']:.1e}"
-            + ("" if math.isfinite(summary["cross_check_max_relative_error"]) else " (a gradient has NaN or ∞ entries)")
-        )
+        where = f"on {counted(batches, 'batch', 'batches')}: max relative error {error:.1e}"
+        nan = "" if math.isfinite(error) else " (a gradient has NaN or ∞ entries)"
+        print(f"hand-rule gradient vs jax.grad of the references {where}{nan}")
     if summary["samples"] is not None:
-        print(f"{len(summary['samples'])} samples from the model: {' '.join(summary['samples'])}")
+        print(f"{counted(len(summary['samples']), 'sample')} from the model: {' '.join(summary['samples'])}")
     latest = f"; {summary['latest']} names {summary['directory']}" if summary["latest"] else ""
     samples = f", {pathlib.Path(summary['directory']) / 'samples.txt'}" if summary["samples"] is not None else ""
     print(f"wrote {summary['metrics']}, {summary['curves']}{samples}, {summary['checkpoint']}{latest}")
-    return 0
 
 
 def _launch(args: argparse.Namespace) -> int:
     arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
-    try:
-        return distributed.launch(args.processes, arguments)
-    except distributed.DistributedError as error:
-        print(f"manualgrad {error}", file=sys.stderr)
-        return 2
+    return distributed.launch(args.processes, arguments)
 
 
-def _add_check(commands: argparse._SubParsersAction) -> None:
-    check = commands.add_parser("check", help="cross-check hand rules against jax.grad and finite differences")
-    check.add_argument("rules", nargs="*", metavar="RULE", help="rules to check (default: all)")
-    check.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
-    check.add_argument("--json", action="store_true", help="one JSON record per rule and check")
-    check.add_argument(
-        "--no-cache",
-        action="store_true",
-        help=f"compile every program afresh: no persistent compilation cache (also {cache.OFF_VARIABLE}=1)",
-    )
-    check.set_defaults(run=_check)
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help with reST markup shown plainly (:func:`manualgrad.text.plain`)."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain(text))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return plain(super()._expand_help(action))
 
 
-def _add_explain(commands: argparse._SubParsersAction) -> None:
-    explain = commands.add_parser("explain", help="a rule's derivation, its seed, and a live numeric check")
-    explain.add_argument("rule", nargs="?", metavar="RULE", help="the rule to explain")
-    explain.add_argument("--list", action="store_true", help="list the rules")
-    explain.set_defaults(run=_explain)
+class _Parser(argparse.ArgumentParser):
+    """A parser whose refusals are one line, ``manualgrad COMMAND: --flag must be …``, exit 2, no usage block."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            flag = "/".join(action.option_strings) or action.metavar or action.dest
+            choices = either([str(c) for c in action.choices])
+            raise argparse.ArgumentError(None, f"{flag} must be {choices}, got {value!r}")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message.removeprefix('argument ')} (see {self.prog} --help)\n")
 
 
-def _add_exercise(commands: argparse._SubParsersAction) -> None:
-    from manualgrad.teach import networks
-
-    ex = commands.add_parser(
-        "exercise", help="write a rule's exercise: forward, derivation up to the result, empty backward"
-    )
-    ex.add_argument("rule", nargs="?", metavar="RULE", help="the rule to practise")
-    ex.add_argument(
-        "--network",
-        metavar="NAME",
-        default=None,
-        help=f"a whole network instead, the gradient of every intermediate: {', '.join(networks.NETWORKS)}",
-    )
-    ex.add_argument("--notebook", action="store_true", help="write a Jupyter notebook (.ipynb) that grades in place")
-    ex.add_argument(
-        "--out", metavar="FILE", default=None, help="where to write it (default: NAME_exercise.py or .ipynb)"
-    )
-    ex.set_defaults(run=_exercise)
+Option = tuple[tuple[str, ...], dict[str, Any]]  # add_argument's names and keywords
 
 
-def _add_grade(commands: argparse._SubParsersAction) -> None:
-    from manualgrad.teach import results
-
-    gr = commands.add_parser(
-        "grade", help="grade exercise files' backwards with every check, each in its own process, and diagnose them"
-    )
-    gr.add_argument("files", nargs="*", metavar="FILE", help="files or notebooks written by `manualgrad exercise`")
-    gr.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
-    gr.add_argument("--format", choices=results.FORMATS, default="text", help="text, or a document (see --out)")
-    gr.add_argument("--out", metavar="FILE", default=None, help="write the --format document here (default: stdout)")
-    gr.add_argument(
-        "--weights",
-        metavar="FILE",
-        default=None,
-        help='JSON points: {"RULE": points, "RULE: CHECK": points, "NETWORK: dNAME": points} (default 1 a test)',
-    )
-    gr.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help=f"a submission still running after this fails (default {results.DEFAULT_TIMEOUT:g})",
-    )
-    gr.add_argument(
-        "--in-process",
-        action="store_true",
-        help="grade in this process, one file after another, with no time limit: only for code you trust",
-    )
-    gr.add_argument(
-        "--expect",
-        nargs="+",
-        default=[],
-        metavar="NAME",
-        help="grade the FILEs for these rules or networks only; one with no file fails (autograder runs)",
-    )
-    gr.set_defaults(run=_grade)
+def _option(*names: str, help: str | None = None, **keywords: Any) -> Option:
+    return names, {"help": help, **keywords}
 
 
-def _add_autograder(commands: argparse._SubParsersAction) -> None:
-    from manualgrad.teach import results
-
-    ag = commands.add_parser(
-        "autograder", help="build a Gradescope autograder bundle (.zip) for rules' and networks' exercises"
-    )
-    ag.add_argument("rules", nargs="*", metavar="RULE", help="the rule exercises a submission must contain")
-    ag.add_argument(
-        "--network",
-        dest="networks",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a network exercise a submission must contain (repeat for more)",
-    )
-    ag.add_argument("--out", metavar="FILE", default="autograder.zip", help="the bundle (default: autograder.zip)")
-    ag.add_argument("--weights", metavar="FILE", default=None, help="JSON points, as for `manualgrad grade`")
-    ag.add_argument("--timeout", type=float, default=results.DEFAULT_TIMEOUT, metavar="SECONDS")
-    ag.add_argument("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
-    ag.set_defaults(run=_autograder)
+def _command(commands: argparse._SubParsersAction, run: Callable, help: str, *options: Option) -> _Parser:
+    """The sub-parser of the command that ``run`` (``_NAME``) runs, with ``options``."""
+    parser = commands.add_parser(run.__name__.strip("_"), help=help, description=help)
+    _add_options(parser, *options)
+    parser.set_defaults(run=run)
+    return parser
 
 
-def _add_audit(commands: argparse._SubParsersAction) -> None:
-    au = commands.add_parser(
-        "audit", help="check every custom_vjp inside a function at the values it receives there (no reference needed)"
-    )
-    au.add_argument("target", metavar="FILE:FUNCTION", help="the function to audit, e.g. model.py:loss")
-    au.add_argument(
-        "--args",
-        default="audit_args",
-        metavar="NAME",
-        help="the function in FILE that returns FUNCTION's arguments as a tuple (default: audit_args)",
-    )
-    au.add_argument("--seed", type=int, default=0, help="the random output cotangents")
-    au.set_defaults(run=_audit)
+def _add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *options: Option) -> None:
+    for names, keywords in options:
+        parser.add_argument(*names, **keywords)
 
 
-def _add_train(commands: argparse._SubParsersAction) -> None:
-    defaults = loop.Config()
-    tr = commands.add_parser("train", help="train a model on the hand rules (jitted, optax, checkpoints, many devices)")
-    tr.add_argument("--model", choices=tuple(loop.MODELS), default=defaults.model)
-    model_defaults = "; ".join(
-        f"{'other models' if name == '*' else name}: "
-        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in given.items())
-        for name, given in loop.MODEL_DEFAULTS.items()
-    )
-    tr.add_argument("--dataset", default=defaults.dataset, metavar="|".join((*data.SPECS, *data.SEQUENCE_SPECS)))
-    tr.add_argument(
-        "--optimizer",
-        choices=tuple(step.OPTIMIZERS),
-        default=None,
-        help=f"default: the model's ({model_defaults}); adamw warms up, then decays as a cosine over the run",
-    )
-    tr.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate (default: sgd 0.1, momentum 0.05, adam 3e-3, adamw 1e-2, its peak)",
-    )
-    tr.add_argument("--batch-size", type=int, default=None, help="default: the model's (see --optimizer)")
-    tr.add_argument("--epochs", type=int, default=None, help="default: the model's (see --optimizer)")
-    tr.add_argument(
-        "--clip",
-        type=float,
-        default=None,
-        metavar="NORM",
-        help="scale each gradient down to global norm NORM if larger (optax.clip_by_global_norm; "
-        "default: the model's, see --optimizer; none for the others)",
-    )
-    tr.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, split and data order")
-    tr.add_argument("--dtype", choices=loop.DTYPES, default=defaults.dtype)
-    tr.add_argument(
-        "--grad",
-        choices=step.GRADS,
-        default=defaults.grad,
-        help="hand rules, or jax.grad of the same model built from the references",
-    )
-    tr.add_argument(
-        "--norm",
-        choices=tuple(loop.NORMS),
-        default=defaults.norm,
-        help="normalisation after every hidden conv and dense layer, before its ReLU (batch: running statistics)",
-    )
-    tr.add_argument(
-        "--groups",
-        type=int,
-        default=None,
-        metavar="G",
-        help=f"channel groups of --norm group (default {loop.DEFAULT_GROUPS}; must divide every width)",
-    )
-    tr.add_argument(
-        "--dropout",
-        type=float,
-        default=defaults.dropout,
-        metavar="RATE",
-        help="inverted dropout after every dense hidden ReLU while training, in [0, 1) (default 0: none)",
-    )
-    tr.add_argument(
-        "--out",
-        default=None,
-        metavar="DIR",
-        help="metrics.csv, curves.png, checkpoints (default: a new folder runs/<start time>, "
-        "named by runs/latest); refused if DIR holds a run, unless --overwrite or --resume DIR",
-    )
-    tr.add_argument("--overwrite", action="store_true", help="with --out DIR: delete the run DIR holds first")
-    tr.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=defaults.checkpoint_every,
-        metavar="N",
-        help="also checkpoint every N steps (always at the end of each epoch)",
-    )
-    tr.add_argument(
-        "--resume",
-        default=None,
-        metavar="DIR",
-        help="continue the run checkpointed in DIR, in DIR (give the run's arguments again)",
-    )
-    tr.add_argument(
-        "--devices", type=int, default=None, metavar="N", help="shard each batch over N local devices (default: all)"
-    )
-    tr.add_argument(
-        "--cross-check-batches",
-        type=int,
-        default=defaults.cross_check_batches,
-        metavar="N",
-        help="batches for the final hand-rule vs jax.grad check (0: none)",
-    )
-    _add_distributed_flags(tr, defaults)
-    tr.set_defaults(run=_train)
+_DTYPE = _option("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
+_RULES = "the rule exercises a submission must contain"
+_POINTS = 'JSON points: {"RULE": points, "RULE: CHECK": points, "NETWORK: dNAME": points} (default 1 a test)'
 
 
-def _add_distributed_flags(tr: argparse.ArgumentParser, defaults: loop.Config) -> None:
-    group = tr.add_argument_group(
+def _add_teaching(commands: argparse._SubParsersAction) -> None:
+    """explain, exercise, grade and autograder."""
+    from manualgrad.teach import networks, results
+
+    whole = f"a whole network instead, the gradient of every intermediate: {', '.join(networks.NETWORKS)}"
+    trusted = "grade in this process, one file after another, with no time limit: only for code you trust"
+    expect = "grade the FILEs for these rules or networks only; one with no file fails (autograder runs)"
+    timeout = f"a submission still running after this fails (default {results.DEFAULT_TIMEOUT:g})"
+    _command(commands, _explain, "a rule's derivation, its seed, and a live numeric check",
+             _option("rule", nargs="?", metavar="RULE", help="the rule to explain"),
+             _option("--list", action="store_true", help="list the rules"))  # fmt: skip
+    _command(commands, _exercise, "write a rule's exercise: forward, derivation up to the result, empty backward",
+             _option("rule", nargs="?", metavar="RULE", help="the rule to practise"),
+             _option("--network", metavar="NAME", help=whole),
+             _option("--notebook", action="store_true", help="write a Jupyter notebook (.ipynb) that grades in place"),
+             _option("--out", metavar="FILE", help="where to write it (default: NAME_exercise.py or .ipynb)"),
+             )  # fmt: skip
+    _command(commands, _grade, "grade exercise files' backwards with every check, each in its own process, and "
+             "diagnose them",
+             _option("files", nargs="*", metavar="FILE", help="files or notebooks written by `manualgrad exercise`"),
+             _DTYPE,
+             _option("--format", choices=results.FORMATS, default="text", help="text, or a document (see --out)"),
+             _option("--out", metavar="FILE", help="write the --format document here (default: stdout)"),
+             _option("--weights", metavar="FILE", help=_POINTS),
+             _option("--timeout", type=float, metavar="SECONDS", help=timeout),
+             _option("--in-process", action="store_true", help=trusted),
+             _option("--expect", nargs="+", default=[], metavar="NAME", help=expect))  # fmt: skip
+    _command(commands, _autograder, "build a Gradescope autograder bundle (.zip) for rules' and networks' exercises",
+             _option("rules", nargs="*", metavar="RULE", help=_RULES),
+             _option("--network", dest="networks", action="append", default=[], metavar="NAME",
+                     help="a network exercise a submission must contain (repeat for more)"),
+             _option("--out", metavar="FILE", default="autograder.zip", help="the bundle (default: autograder.zip)"),
+             _option("--weights", metavar="FILE", help="JSON points, as for `manualgrad grade`"),
+             _option("--timeout", type=float, default=results.DEFAULT_TIMEOUT, metavar="SECONDS"),
+             _DTYPE)  # fmt: skip
+
+
+def _add_checking(commands: argparse._SubParsersAction) -> None:
+    """check and audit."""
+    no_cache = f"compile every program afresh: no persistent compilation cache (also {cache.OFF_VARIABLE}=1)"
+    returns = "the function in FILE that returns FUNCTION's arguments as a tuple (default: audit_args)"
+    _command(commands, _check, "cross-check hand rules against jax.grad and finite differences",
+             _option("rules", nargs="*", metavar="RULE", help="rules to check (default: all)"),
+             _DTYPE,
+             _option("--json", action="store_true", help="one JSON record per rule and check"),
+             _option("--no-cache", action="store_true", help=no_cache))  # fmt: skip
+    _command(commands, _audit, "check every custom_vjp inside a function at the values it receives there (no "
+             "reference needed)",
+             _option("target", metavar="FILE:FUNCTION", help="the function to audit, e.g. model.py:loss"),
+             _option("--args", default="audit_args", metavar="NAME", help=returns),
+             _option("--seed", type=int, default=0, help="the random output cotangents"))  # fmt: skip
+
+
+_TRAIN_DEFAULTS = config.Config()
+_BY_MODEL = "default: the model's (see --optimizer)"
+_MODEL_DEFAULTS = "; ".join(
+    f"{'other models' if name == '*' else name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in given.items())
+    for name, given in config.MODEL_DEFAULTS.items()
+)
+
+
+def _field(flag: str, help: str | None = None, **keywords: Any) -> Option:
+    """A training flag, whose default is its :class:`~manualgrad.train.config.Config` field's."""
+    default = getattr(_TRAIN_DEFAULTS, flag.removeprefix("--").replace("-", "_"))
+    return _option(flag, help=help, **({} if "action" in keywords else {"default": default}), **keywords)
+
+
+_TRAIN_OPTIONS = (
+    _field("--model", choices=tuple(models.MODELS)),
+    _field("--dataset", metavar="|".join((*data.SPECS, *data.SEQUENCE_SPECS))),
+    _field("--optimizer", f"default: the model's ({_MODEL_DEFAULTS}); adamw warms up, then decays as a cosine over "
+           "the run", choices=tuple(step.OPTIMIZERS)),
+    _field("--lr", "learning rate (default: sgd 0.1, momentum 0.05, adam 3e-3, adamw 1e-2, its peak)", type=float),
+    _field("--batch-size", _BY_MODEL, type=int),
+    _field("--epochs", _BY_MODEL, type=int),
+    _field("--clip", "scale each gradient down to global norm NORM if larger (optax.clip_by_global_norm; default: "
+           "the model's, see --optimizer; none for the others)", type=float, metavar="NORM"),
+    _field("--seed", "initialisation, split and data order", type=int),
+    _field("--dtype", choices=config.DTYPES),
+    _field("--grad", "hand rules, or jax.grad of the same model built from the references", choices=step.GRADS),
+    _field("--norm", "normalisation after every hidden conv and dense layer, before its ReLU (batch: running "
+           "statistics)", choices=tuple(models.NORMS)),
+    _field("--groups", f"channel groups of --norm group (default {models.DEFAULT_GROUPS}; must divide every width)",
+           type=int, metavar="G"),
+    _field("--dropout", "inverted dropout after every dense hidden ReLU while training, in [0, 1) (default 0: "
+           "none)", type=float, metavar="RATE"),
+    _field("--out", "metrics.csv, curves.png, checkpoints (default: a new folder runs/<start time>, named by "
+           "runs/latest); refused if DIR holds a run, unless --overwrite or --resume DIR", metavar="DIR"),
+    _field("--overwrite", "with --out DIR: delete the run DIR holds first", action="store_true"),
+    _field("--checkpoint-every", "also checkpoint every N steps (always at the end of each epoch)", type=int,
+           metavar="N"),
+    _field("--resume", "continue the run checkpointed in DIR, in DIR (give the run's arguments again)", metavar="DIR"),
+    _field("--devices", "shard each batch over N local devices (default: all)", type=int, metavar="N"),
+    _field("--cross-check-batches", "batches for the final hand-rule vs jax.grad check (0: none)", type=int,
+           metavar="N"),
+)  # fmt: skip
+_DISTRIBUTED_OPTIONS = (
+    _field("--coordinator", "process 0's address, the same for all", metavar="HOST:PORT"),
+    _field("--num-processes", "processes in the run", type=int, metavar="N"),
+    _field("--process-id", "this process, 0 to N-1", type=int, metavar="I"),
+    _field("--distributed", "detect the three above under SLURM, Open MPI, Kubernetes (auto) or through mpi4py",
+           choices=tuple(distributed.DETECTIONS)),
+    _field("--process-timeout", "wait this long for the others to join, for a silent process's heartbeat and at "
+           f"exit; then stop with an error (default {_TRAIN_DEFAULTS.process_timeout:g})", type=float,
+           metavar="SECONDS"),
+)  # fmt: skip
+
+
+def _add_training(commands: argparse._SubParsersAction) -> None:
+    """train and launch."""
+    train = _command(commands, _train, "train a model on the hand rules (jitted, optax, checkpoints, many devices)",
+                     *_TRAIN_OPTIONS)  # fmt: skip
+    group = train.add_argument_group(
         "several processes (jax.distributed; one per host, --batch-size is the global batch, process 0 writes)"
     )
-    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, the same for all")
-    group.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the run")
-    group.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0 to N-1")
-    group.add_argument(
-        "--distributed",
-        choices=tuple(distributed.DETECTIONS),
-        default=None,
-        help="detect the three above under SLURM, Open MPI, Kubernetes (auto) or through mpi4py",
-    )
-    group.add_argument(
-        "--process-timeout",
-        type=float,
-        default=defaults.process_timeout,
-        metavar="SECONDS",
-        help="wait this long for the others to join, for a silent process's heartbeat and at exit; then stop "
-        f"with an error (default {defaults.process_timeout:g})",
-    )
-
-
-def _add_launch(commands: argparse._SubParsersAction) -> None:
-    la = commands.add_parser(
-        "launch", help="run `train ARGS` as N processes of one jax.distributed run on this machine"
-    )
-    la.add_argument("--processes", type=int, required=True, metavar="N", help="processes to start")
-    la.add_argument(
-        "arguments", nargs=argparse.REMAINDER, metavar="-- train ARGS", help="the command every process runs"
-    )
-    la.set_defaults(run=_launch)
+    _add_options(group, *_DISTRIBUTED_OPTIONS)
+    _command(commands, _launch, "run `train ARGS` as N processes of one jax.distributed run on this machine",
+             _option("--processes", type=int, required=True, metavar="N", help="processes to start"),
+             _option("arguments", nargs=argparse.REMAINDER, metavar="-- train ARGS",
+                     help="the command every process runs"))  # fmt: skip
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
-    bench_ = commands.add_parser(
-        "bench", help="hand rules vs jax.grad, NumPy and PyTorch: step time, compile time, memory, FLOP/s, check time"
-    )
-    bench_.add_argument(
-        "--models",
-        default=None,
-        metavar="M1,M2",
-        help=f"comma-separated, from: {', '.join(bench.MODELS)} (default: all)",
-    )
-    bench_.add_argument(
-        "--repeats", type=int, default=None, help=f"interleaved timed repetitions per model ({bench.Settings.repeats})"
-    )
-    bench_.add_argument(
-        "--compile-repeats",
-        type=int,
-        default=None,
-        help=f"interleaved compilations per side ({bench.Settings.compile_repeats})",
-    )
-    bench_.add_argument(
-        "--matmul-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="side of the float32 matmul that measures the peak (2048 on CPU, 8192 on accelerators)",
-    )
-    bench_.add_argument("--no-peers", action="store_true", help="leave out the NumPy and PyTorch peers")
-    bench_.add_argument(
-        "--check-rules",
-        nargs="*",
-        default=None,
-        metavar="RULE",
-        help="time `manualgrad check --dtype float64` on these rules (default: all)",
-    )
-    bench_.add_argument("--no-check", action="store_true", help="leave out the check's wall time")
-    bench_.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run in seconds: digits models, 3 repeats, 256 matmul, check of relu only (not a measurement)",
-    )
-    bench_.add_argument(
-        "--json", action="store_true", help="one JSON document: machine, settings, one record per figure"
-    )
-    bench_.set_defaults(run=_bench)
+    settings = bench.Settings
+    _command(commands, _bench, "hand rules vs jax.grad, NumPy and PyTorch: step time, compile time, memory, "
+             "FLOP/s, check time",
+             _option("--models", metavar="M1,M2", help=f"comma-separated, from: {', '.join(bench.MODELS)} (default: "
+                     "all)"),
+             _option("--repeats", type=int, help=f"interleaved timed repetitions per model ({settings.repeats})"),
+             _option("--compile-repeats", type=int, help=f"interleaved compilations per side "
+                     f"({settings.compile_repeats})"),
+             _option("--matmul-size", type=int, metavar="N", help="side of the float32 matmul that measures the "
+                     "peak (2048 on CPU, 8192 on accelerators)"),
+             _option("--no-peers", action="store_true", help="leave out the NumPy and PyTorch peers"),
+             _option("--check-rules", nargs="*", metavar="RULE", help="time `manualgrad check --dtype float64` on "
+                     "these rules (default: all)"),
+             _option("--no-check", action="store_true", help="leave out the check's wall time"),
+             _option("--quick", action="store_true", help="smoke run in seconds: digits models, 3 repeats, 256 "
+                     "matmul, check of relu only (not a measurement)"),
+             _option("--json", action="store_true", help="one JSON document: machine, settings, one record per "
+                     "figure"))  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``manualgrad`` parser: one sub-parser per command, each added by its ``_add_COMMAND``."""
-    parser = argparse.ArgumentParser(prog="manualgrad", description=manualgrad.__doc__.splitlines()[0])
+    """The ``manualgrad`` parser: one sub-parser per command."""
+    parser = _Parser(prog="manualgrad", description=manualgrad.__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (
-        _add_check,
-        _add_audit,
-        _add_explain,
-        _add_exercise,
-        _add_grade,
-        _add_autograder,
-        _add_train,
-        _add_launch,
-        _add_bench,
-    ):
+    for add in (_add_checking, _add_teaching, _add_training, _add_bench):
         add(commands)
     return parser
 
@@ -664,6 +555,18 @@ def build_parser() -> argparse.ArgumentParser:
 # (`manualgrad check --json | head -1`) expects, and not check's 1 for a failed check.
 BROKEN_PIPE = 141
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+def _flag(field: str) -> str:
+    """A configuration field as the command line spells it: ``batch_size`` → ``--batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def _refusal(error: ManualgradError) -> str:
+    """The library's refusal in one line, its fields named as flags."""
+    if isinstance(error, FieldMessage):
+        return first_line(error.spelled(_flag, metavars=True))
+    return first_line(error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -678,6 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # train saves and stops on its own first Ctrl-C; this is any other command's
         print(f"manualgrad {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
         return INTERRUPTED
+    except ManualgradError as error:  # a refusal of the library's, a missing extra among them
+        print(f"manualgrad {args.command}: {_refusal(error)}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -88,10 +88,10 @@ def test_readme_python_examples_run():
 def test_help_offers_what_is_defined(capsys):
     """Each sub-command's --help offers the choices where they are defined: datasets, models, optimizers."""
     from manualgrad.bench import bench
-    from manualgrad.train import data, loop, step
+    from manualgrad.train import data, models, step
 
     for command, names in (
-        ("train", (*data.SPECS, *loop.MODELS, *step.OPTIMIZERS, *step.GRADS)),
+        ("train", (*data.SPECS, *models.MODELS, *step.OPTIMIZERS, *step.GRADS)),
         ("bench", tuple(bench.MODELS)),
     ):
         with pytest.raises(SystemExit):

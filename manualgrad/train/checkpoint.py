@@ -35,13 +35,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from manualgrad.errors import ManualgradError
+
 VERSION = 1
 _NAME = re.compile(r"checkpoint-(\d{8,})\.npz")
 _META = "__meta__"
 _SHOWN = 5  # leaf paths named in a mismatch message before "and N more"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ManualgradError, RuntimeError):
     """A checkpoint that cannot be read, or that does not fit the state it is loaded into."""
 
 

@@ -26,6 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from manualgrad import extras
+from manualgrad.errors import ManualgradError
+from manualgrad.train.errors import counted
+
 SPECS = ("digits", "xor", "spirals", "moons", "idx:PATH")
 
 # IDX type code -> big-endian element type.
@@ -38,6 +42,7 @@ IDX_TYPES = {
     0x0E: np.dtype(">f8"),
 }
 
+_SHOWN = 4  # names of a folder an error lists at most
 IDX_FILES = {
     "train images": "train-images-idx3-ubyte",
     "train labels": "train-labels-idx1-ubyte",
@@ -46,7 +51,7 @@ IDX_FILES = {
 }
 
 
-class DataError(ValueError):
+class DataError(ManualgradError, ValueError):
     """A dataset cannot be loaded or batched as asked."""
 
 
@@ -118,9 +123,8 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, seed: int, test_fraction: fl
 
 def digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's bundled 8×8 handwritten digits (1797 images, no download), ``(N, 8, 8, 1)``."""
-    from sklearn.datasets import load_digits  # here: importing scikit-learn takes a while
-
-    bunch = load_digits()
+    datasets = extras.require("sklearn.datasets", "train", "the digits data set")  # here: its import takes a while
+    bunch = datasets.load_digits()
     x = (bunch.images / 16.0)[..., None]
     return _split("digits", x, bunch.target, seed, test_fraction, classes=10)
 
@@ -149,9 +153,8 @@ def spirals(seed: int = 0, n: int = 1000, noise: float = 0.05, test_fraction: fl
 
 def moons(seed: int = 0, n: int = 1000, noise: float = 0.1, test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's two interleaving half circles, centred on the origin (``make_moons - (0.5, 0.25)``)."""
-    from sklearn.datasets import make_moons  # here: importing scikit-learn takes a while
-
-    x, y = make_moons(n, noise=noise, random_state=seed)
+    datasets = extras.require("sklearn.datasets", "train", "the moons data set")  # here: its import takes a while
+    x, y = datasets.make_moons(n, noise=noise, random_state=seed)
     return _split("moons", x - np.array([0.5, 0.25]), y, seed, test_fraction, classes=2)
 
 
@@ -220,8 +223,7 @@ def idx(path: str | os.PathLike) -> Dataset:
         if name is None:
             expected = ", ".join(f"{s}[.gz]" for s in IDX_FILES.values())
             raise DataError(
-                f"idx: {directory} has no {role} file {stem}[.gz]; expected {expected}; "
-                f"found {', '.join(present) or 'nothing'}"
+                f"idx: {directory} has no {role} file {stem}[.gz]; expected {expected}; found {_found(present)}"
             )
         arrays[role] = (directory / name, read_idx(directory / name))
     x_train, y_train = _idx_pair(*arrays["train images"], *arrays["train labels"])
@@ -233,6 +235,16 @@ def idx(path: str | os.PathLike) -> Dataset:
         )
     classes = max(2, int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1)
     return Dataset(f"idx:{os.fspath(path)}", x_train, y_train, x_test, y_test, classes)
+
+
+def _found(names: list[str]) -> str:
+    """What a folder holds, as an error shows it: the few names that look like IDX files, and how many others."""
+    like = [n for n in names if "idx" in n or "ubyte" in n]
+    others = len(names) - len(like)
+    if not like:
+        return f"no IDX file among its {counted(others, 'entry', 'entries')}" if others else "nothing"
+    shown = ", ".join(like[:_SHOWN]) + (f" and {len(like) - _SHOWN} more" if len(like) > _SHOWN else "")
+    return shown + (f" (and {counted(others, 'other entry', 'other entries')})" if others else "")
 
 
 def _idx_pair(

@@ -37,13 +37,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
+
+from manualgrad.errors import ManualgradError
+from manualgrad.text import first_line
+from manualgrad.train.errors import FieldMessage
 
 DETECTIONS: dict[str, str | None] = {"auto": None, "mpi4py": "mpi4py"}  # --distributed -> jax's detection method
 DEFAULT_TIMEOUT = 60  # seconds: --process-timeout
@@ -54,12 +59,13 @@ LAUNCHED = ("--coordinator", "--num-processes", "--process-id", "--distributed")
 _ADDRESS = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})")
 
 
-class DistributedError(ValueError):
-    """Flags of a multi-process run that cannot work, or processes that do not agree, named in the CLI's words."""
+class DistributedError(FieldMessage, ManualgradError, ValueError):
+    """Settings of a multi-process run that cannot work, or processes that do not agree, naming the
+    :class:`~manualgrad.train.config.Config` fields at fault (:class:`~manualgrad.train.errors.FieldMessage`)."""
 
 
 def requested(config: Any) -> bool:
-    """Whether ``config`` (a :class:`~manualgrad.train.loop.Config`) asks for ``jax.distributed``."""
+    """Whether ``config`` (a :class:`~manualgrad.train.config.Config`) asks for ``jax.distributed``."""
     return config.distributed is not None or any(
         value is not None for value in (config.coordinator, config.num_processes, config.process_id)
     )
@@ -68,17 +74,20 @@ def requested(config: Any) -> bool:
 def validate(config: Any) -> None:
     """Raises :class:`DistributedError` naming the first distributed flag that cannot work."""
     explicit = {
-        "--coordinator": config.coordinator,
-        "--num-processes": config.num_processes,
-        "--process-id": config.process_id,
+        "coordinator": config.coordinator,
+        "num_processes": config.num_processes,
+        "process_id": config.process_id,
     }
     if config.distributed is not None and config.distributed not in DETECTIONS:
-        raise DistributedError(f"train: --distributed must be {' or '.join(DETECTIONS)}, got {config.distributed!r}")
-    missing = [flag for flag, value in explicit.items() if value is None]
-    if config.distributed is None and 0 < len(missing) < len(explicit):
         raise DistributedError(
-            f"train: {', '.join(f for f in explicit if f not in missing)} also needs {' and '.join(missing)} "
-            "(or --distributed auto to detect them under SLURM, Open MPI or Kubernetes)"
+            "{distributed} must be " + " or ".join(DETECTIONS) + ", got {got!r}", got=config.distributed
+        )
+    missing = [f"{{{field}}}" for field, value in explicit.items() if value is None]
+    if config.distributed is None and 0 < len(missing) < len(explicit):
+        given = ", ".join(f"{{{field}}}" for field, value in explicit.items() if value is not None)
+        raise DistributedError(
+            f"{given} also needs {' and '.join(missing)} "
+            "(or {distributed} auto to detect them under SLURM, Open MPI or Kubernetes)"
         )
     _validate_numbers(config)
 
@@ -87,17 +96,19 @@ def _validate_numbers(config: Any) -> None:
     """``--coordinator HOST:PORT``, ``--num-processes``, ``--process-id`` and ``--process-timeout`` in range."""
     if config.coordinator is not None and not _valid_address(config.coordinator):
         raise DistributedError(
-            f"train: --coordinator must be HOST:PORT with a port from 1 to 65535, got {config.coordinator!r}"
+            "{coordinator} must be HOST:PORT with a port from 1 to 65535, got {got!r}", got=config.coordinator
         )
     if config.num_processes is not None and config.num_processes < 1:
-        raise DistributedError(f"train: --num-processes must be ≥ 1, got {config.num_processes}")
+        raise DistributedError("{num_processes} must be ≥ 1, got {got}", got=config.num_processes)
     if config.process_id is not None and not 0 <= config.process_id < (config.num_processes or sys.maxsize):
         last = "" if config.num_processes is None else f" to {config.num_processes - 1}"
         raise DistributedError(
-            f"train: --process-id must be from 0{last} (one less than --num-processes), got {config.process_id}"
+            "{process_id} must be from 0{last} (one less than {num_processes}), got {got}",
+            last=last,
+            got=config.process_id,
         )
     if not config.process_timeout > 0:
-        raise DistributedError(f"train: --process-timeout must be > 0 seconds, got {config.process_timeout:g}")
+        raise DistributedError("{process_timeout} must be > 0 seconds, got {got:g}", got=config.process_timeout)
 
 
 def _valid_address(address: str) -> bool:
@@ -129,14 +140,18 @@ def initialize(config: Any) -> None:
         )
     except ValueError as error:  # what jax's detection could not fill in
         raise DistributedError(
-            f"train: --distributed {config.distributed or 'auto'} found no cluster to join ({error}): run under "
-            "SLURM, Open MPI or Kubernetes, or give --coordinator HOST:PORT --num-processes N --process-id I"
+            "{distributed} {how} found no cluster to join ({error}): run under SLURM, Open MPI or Kubernetes, "
+            "or give {coordinator:HOST:PORT} {num_processes:N} {process_id:I}",
+            how=config.distributed or "auto",
+            error=error,
         ) from error
     except RuntimeError as error:  # jaxlib's XlaRuntimeError: the others did not join in time, or the port is taken
-        first = str(error).splitlines()[0]
         raise DistributedError(
-            f"train: could not join the other processes through the coordinator {config.coordinator or '(detected)'} "
-            f"within --process-timeout {timeout} s: {first}"
+            "could not join the other processes through the coordinator {address} within {process_timeout} "
+            "{timeout} s: {error}",
+            address=config.coordinator or "(detected)",
+            timeout=timeout,
+            error=first_line(error),
         ) from error
 
 
@@ -184,9 +199,11 @@ def agree(description: str) -> None:
     others = [p for p in range(len(gathered)) if not np.array_equal(gathered[p], gathered[WRITER])]
     if others:
         raise DistributedError(
-            f"train: process(es) {', '.join(map(str, others))} hold other arguments or another checkpoint than "
-            f"process {WRITER} (this one: {description}); start every process with the same arguments and "
-            "an --out/--resume folder they all see"
+            "process(es) {others} hold other arguments or another checkpoint than process {writer} (this one: "
+            + description
+            + "); start every process with the same arguments and an {out}/{resume} folder they all see",
+            others=", ".join(map(str, others)),
+            writer=WRITER,
         )
 
 
@@ -209,38 +226,31 @@ def launch(processes: int, arguments: Sequence[str], host: str = "localhost") ->
     The coordinator listens on a free port of ``host``. Each process runs in a session of its own,
     so that a terminal's Ctrl-C reaches this launcher alone, which forwards SIGINT (and SIGTERM)
     to every process once per signal it receives: the first stops them all at one step with a
-    checkpoint, a second stops them at once.
+    checkpoint, a second stops them at once. The processes' output reaches this launcher's stdout
+    and stderr a whole line at a time (:func:`_relay`), without gloo's connection notices.
     """
-    if processes < 1:
-        raise DistributedError(f"launch: --processes must be ≥ 1, got {processes}")
-    if not arguments or arguments[0] != "train":
-        raise DistributedError(
-            f"launch: give the command to run after --, e.g. -- train --epochs 2; got {list(arguments)}"
-        )
-    given = [a.split("=", 1)[0] for a in arguments if a.split("=", 1)[0] in LAUNCHED]
-    if given:
-        raise DistributedError(
-            f"launch: {', '.join(given)} are set by launch itself; leave them out of the train arguments"
-        )
+    _validate_launch(processes, arguments)
     address = f"{host}:{free_port()}"
     children = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "manualgrad",
-                *arguments,
-                "--coordinator",
-                address,
-                "--num-processes",
-                str(processes),
-                "--process-id",
-                str(i),
-            ],
+            [sys.executable, "-m", "manualgrad", *arguments]
+            + ["--coordinator", address, "--num-processes", str(processes), "--process-id", str(i)],
             start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
         )
         for i in range(processes)
     ]
+    lock = threading.Lock()
+    relays = [
+        threading.Thread(target=_relay, args=(pipe, sink, lock), daemon=True)
+        for child in children
+        for pipe, sink in ((child.stdout, sys.stdout), (child.stderr, sys.stderr))
+    ]
+    for relay in relays:
+        relay.start()
 
     def forward(signum: int, frame: Any) -> None:
         for child in children:
@@ -250,6 +260,8 @@ def launch(processes: int, arguments: Sequence[str], host: str = "localhost") ->
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         statuses = [exit_status(child.wait()) for child in children]
+        for relay in relays:
+            relay.join()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -257,3 +269,34 @@ def launch(processes: int, arguments: Sequence[str], host: str = "localhost") ->
         if status:
             print(f"manualgrad launch: process {i} of {processes} exited with status {status}", file=sys.stderr)
     return max(statuses)
+
+
+def _validate_launch(processes: int, arguments: Sequence[str]) -> None:
+    """Raises :class:`DistributedError` unless ``arguments`` are a ``train`` command that launch can complete."""
+    if processes < 1:
+        raise DistributedError("{processes} must be ≥ 1, got {got}", got=processes)
+    if not arguments or arguments[0] != "train":
+        raise DistributedError(
+            "give the command to run after --, e.g. -- train --epochs 2; got {got}", got=list(arguments)
+        )
+    given = [a.split("=", 1)[0] for a in arguments if a.split("=", 1)[0] in LAUNCHED]
+    if given:
+        raise DistributedError(
+            "{given} are set by launch itself; leave them out of the train arguments", given=", ".join(given)
+        )
+
+
+# gloo's TCP transport writes "[Gloo] Rank R is connected to N peer ranks ..." from C++ for every
+# process that joins: a notice for its developers, which a run's log need not repeat.
+_NOTICE = "[Gloo] "
+
+
+def _relay(pipe: IO[str], sink: IO[str], lock: threading.Lock) -> None:
+    """Copies ``pipe`` to ``sink`` a whole line at a time (under ``lock``, shared by every process's
+    pipes, so that two processes' lines never mix), leaving out gloo's notices."""
+    with pipe:
+        for line in pipe:
+            if not line.startswith(_NOTICE):
+                with lock:
+                    sink.write(line)
+                    sink.flush()

@@ -22,14 +22,23 @@ def either(names: Sequence[str]) -> str:
     return f"{', '.join(first)} or {last}" if first else last
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 epoch``, ``2 epochs``: ``n`` and ``noun``, plural (``plural``, or ``noun + "s"``) unless ``n`` is 1."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def literal(text: object) -> str:
     """``text`` as a part of a :class:`FieldMessage` template: its braces doubled, so that they are not fields."""
     return str(text).replace("{", "{{").replace("}", "}}")
 
 
 class FieldMessage(Exception):
-    """A message whose ``{name}`` placeholders are :class:`~manualgrad.train.config.Config` fields,
-    except those given as ``values``: ``FieldMessage("{lr} must be > 0, got {got:g}", got=-1.0)``."""
+    r"""A message whose ``{name}`` placeholders are :class:`~manualgrad.train.config.Config` fields,
+    except those given as ``values``: ``FieldMessage("{lr} must be > 0, got {got:g}", got=-1.0)``.
+
+    A field's format spec is what its value looks like, for a command line to show after the flag:
+    ``{out:DIR}`` reads ``out`` in ``str(error)`` and ``--out DIR`` in :meth:`spelled`\ ``(flag, metavars=True)``.
+    """
 
     def __init__(self, template: str, **values: Any) -> None:
         self.template, self.values = template, values
@@ -42,9 +51,21 @@ class FieldMessage(Exception):
         """The first field the message names (the one it is about), ``None`` if it names none."""
         return self.fields[0] if self.fields else None
 
-    def spelled(self, name: Callable[[str], str]) -> str:
-        """The message with each field spelled ``name(field)``, e.g. as a command-line flag."""
-        return self.template.format(**{f: name(f) for f in self.fields}, **self.values)
+    def spelled(self, name: Callable[[str], str], *, metavars: bool = False) -> str:
+        """The message with each field spelled ``name(field)`` (e.g. as a command-line flag), followed
+        by what its value looks like where the template says and ``metavars`` asks for it."""
+        spelling = {f: _Spelling(name(f), metavars) for f in self.fields}
+        return self.template.format(**spelling, **self.values)
+
+
+class _Spelling:
+    """A field's name in a template, with its value's look after it when asked (``--out DIR``)."""
+
+    def __init__(self, name: str, metavars: bool) -> None:
+        self.name, self.metavars = name, metavars
+
+    def __format__(self, metavar: str) -> str:
+        return f"{self.name} {metavar}" if metavar and self.metavars else self.name
 
 
 class TrainError(ManualgradError, ValueError):

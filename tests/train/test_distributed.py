@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from manualgrad import cli
-from manualgrad.train import checkpoint, data, distributed, loop
+from manualgrad.train import checkpoint, data, distributed, progress
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
@@ -46,7 +46,7 @@ def one_process(tmp_path_factory):
     env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = _run("train", *RUN, "--devices", "2", "--out", str(out), env=env)
     assert result.returncode == 0, result.stderr
-    assert f"({TOTAL} steps on 2 device(s) of 1 process(es))" in result.stdout
+    assert f"({TOTAL} steps on 2 devices of 1 process)" in result.stdout
     return out
 
 
@@ -63,9 +63,11 @@ def _relative(a, b):
 
 
 def _assert_same_run(received, expected):
-    rows, reference = loop.read_metrics(received / "metrics.csv"), loop.read_metrics(expected / "metrics.csv")
+    rows, reference = progress.read_metrics(received / "metrics.csv"), progress.read_metrics(expected / "metrics.csv")
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in reference] == list(range(1, 5))
-    worst = max(_relative(np.float64(r[k]), np.float64(e[k])) for r, e in zip(rows, reference) for k in loop.METRICS)
+    worst = max(
+        _relative(np.float64(r[k]), np.float64(e[k])) for r, e in zip(rows, reference) for k in progress.METRICS
+    )
     (got, step), (want, want_step) = _final(received), _final(expected)
     assert step == want_step == TOTAL and set(got) == set(want)
     worst = max([worst] + [_relative(got[k], want[k]) for k in want if want[k].dtype.kind == "f"])
@@ -110,7 +112,7 @@ def test_a_killed_process_stops_the_other_and_launch_resumes_the_run(tmp_path, o
     resumed = _run("launch", "--processes", "2", "--", "train", *flags, "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from step {killed_at}" in resumed.stdout
-    assert f"({TOTAL} steps on 2 device(s) of 2 process(es))" in resumed.stdout
+    assert f"({TOTAL} steps on 2 devices of 2 processes)" in resumed.stdout
     assert "process 1 of 2 done; process 0 wrote the run's files" in resumed.stdout
     print(
         f"process 0 stopped {waited:.1f} s after process 1 was killed at step {killed_at};",

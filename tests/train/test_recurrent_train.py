@@ -10,7 +10,8 @@ import pytest
 
 from manualgrad import cli
 from manualgrad.nn import recurrent
-from manualgrad.train import loop
+from manualgrad.train import progress
+from manualgrad.train.config import Config, resolved
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def tiny(word_list, monkeypatch):
 
 @pytest.mark.parametrize("kind", recurrent.KINDS)
 def test_defaults_are_the_tuned_ones(kind):
-    config = loop.resolved(loop.Config(model=kind, dataset="words"))
+    config = resolved(Config(model=kind, dataset="words"))
     tuned = recurrent.DEFAULTS[kind]
     assert (config.optimizer, config.batch_size, config.learning_rate, config.clip, config.epochs) == (
         tuned.optimizer,
@@ -32,7 +33,7 @@ def test_defaults_are_the_tuned_ones(kind):
         tuned.clip,
         tuned.epochs,
     )
-    assert loop.resolved(loop.Config(model=kind, dataset="words", clip=5.0, lr=1e-3)).clip == 5.0  # flags win
+    assert resolved(Config(model=kind, dataset="words", clip=5.0, lr=1e-3)).clip == 5.0  # flags win
 
 
 @pytest.mark.parametrize("kind", recurrent.KINDS)
@@ -41,7 +42,7 @@ def test_a_tiny_run_learns_samples_ten_words_and_its_gradient_is_jax_grads(tiny,
     args = ["train", "--model", kind, "--dataset", "words", "--batch-size", "16", "--lr", "0.02", "--epochs", "2"]
     assert cli.main([*args, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    rows = loop.read_metrics(out / "metrics.csv")
+    rows = progress.read_metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[1]["test_loss"] < rows[0]["test_loss"] < math.log(27)  # below the uniform guess over 27 tokens
     samples = (out / "samples.txt").read_text().splitlines()

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from manualgrad import cli
-from manualgrad.train import checkpoint, data, loop
+from manualgrad.train import checkpoint, data, models, progress
 from manualgrad.train import step as train_step
 
 
 @pytest.fixture
 def tiny(word_list, monkeypatch):
     """--dataset words reads a list of 200 words of 2-9 letters; --model gpt is the tiny GPT."""
-    monkeypatch.setattr(loop, "GPT", {"width": 16, "depth": 1, "heads": 2})
+    monkeypatch.setattr(models, "GPT", {"width": 16, "depth": 1, "heads": 2})
     return word_list
 
 
@@ -37,8 +37,8 @@ def test_gpt_trains_in_nats_per_character_and_samples_ten_words(tiny, capsys):
     out = tiny / "run"
     assert _train("--epochs", "2", "--out", str(out)) == 0
     printed = capsys.readouterr().out
-    rows = loop.read_metrics(out / "metrics.csv")
-    assert [r["epoch"] for r in rows] == [1, 2] and set(rows[0]) == set(loop.METRICS)
+    rows = progress.read_metrics(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2] and set(rows[0]) == set(progress.METRICS)
     assert rows[1]["test_loss"] < rows[0]["test_loss"] < math.log(27)  # below the uniform guess over 27 tokens
     assert 0 < rows[1]["test_accuracy"] < 1
     assert "test loss" in printed and "nats/char" in printed
@@ -52,7 +52,7 @@ def test_autodiff_gives_the_same_losses_and_samples(tiny):
     runs = {grad: tiny / grad for grad in train_step.GRADS}
     for grad, out in runs.items():
         assert _train("--epochs", "2", "--grad", grad, "--out", str(out), "--cross-check-batches", "0") == 0
-    manual, auto = (loop.read_metrics(out / "metrics.csv") for out in runs.values())
+    manual, auto = (progress.read_metrics(out / "metrics.csv") for out in runs.values())
     for a, b in zip(manual, auto):
         for k in ("train_loss", "test_loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-5)  # float32 round-off (~1e-7 a step) over 22 steps
@@ -70,7 +70,7 @@ def test_resume_from_mid_epoch_is_bit_identical(tiny):
     assert received.keys() == expected.keys()
     for k in expected:
         np.testing.assert_array_equal(received[k], expected[k], err_msg=k)
-    assert loop.read_metrics(cut / "metrics.csv") == loop.read_metrics(whole / "metrics.csv")
+    assert progress.read_metrics(cut / "metrics.csv") == progress.read_metrics(whole / "metrics.csv")
     assert (cut / "samples.txt").read_text() == (whole / "samples.txt").read_text()
 
 
@@ -127,7 +127,7 @@ def test_clip_scales_the_gradient_for_every_optimizer():
 
 def test_evaluation_weighs_every_counted_target_alike_and_cropping_keeps_the_loss(tiny):
     sequences = data.load_sequences("words")
-    net = loop._gpt(sequences, loop.Config(), jnp.float32)
+    net = models.transformer(sequences, jnp.float32, **models.GPT)
     params = net.init(jax.random.PRNGKey(0), (-1, sequences.length))[1]
     loss = train_step.loss_fn(net, "manual", sequences=True)
     x, y = sequences.tokens_test, sequences.mask_test

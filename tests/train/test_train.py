@@ -19,7 +19,8 @@ import pytest
 from manualgrad.nn import layers
 from manualgrad.rules import activations
 from manualgrad.rules.convolution import conv2d
-from manualgrad.train import checkpoint, data, loop, step
+from manualgrad.train import checkpoint, data, errors, loop, models, progress, runs, step
+from manualgrad.train.config import ADDED_LATER, Config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -150,12 +151,12 @@ def test_training_step_runs_the_registered_backward():
 
 @pytest.mark.parametrize("norm", ["none", "batch"])
 def test_default_digits_cnn_reaches_97_percent(tmp_path, norm):
-    summary = loop.train(loop.Config(norm=norm, out=str(tmp_path)))
+    summary = loop.train(Config(norm=norm, out=str(tmp_path)))
     assert summary["test_accuracy"] >= 0.97
     assert summary["cross_check_max_relative_error"] <= 1e-4  # float32 gradients of a trained net
-    rows = loop.read_metrics(tmp_path / "metrics.csv")
+    rows = progress.read_metrics(tmp_path / "metrics.csv")
     assert [r["epoch"] for r in rows] == list(range(1, 11))
-    assert set(rows[0]) == set(loop.METRICS)
+    assert set(rows[0]) == set(progress.METRICS)
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -215,7 +216,7 @@ def _assert_same_run(received_dir, expected_dir):
     assert meta_cut["step"] == meta_whole["step"] == LONG_TOTAL
     for a, b in zip(jax.tree_util.tree_leaves(received), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_array_equal(a, b)  # bit for bit
-    assert loop.read_metrics(received_dir / "metrics.csv") == loop.read_metrics(expected_dir / "metrics.csv")
+    assert progress.read_metrics(received_dir / "metrics.csv") == progress.read_metrics(expected_dir / "metrics.csv")
 
 
 def test_sigkill_then_resume_is_bit_identical_and_skips_a_damaged_checkpoint(tmp_path, uninterrupted):
@@ -281,7 +282,7 @@ def test_out_holding_a_run_is_refused_untouched_unless_overwrite(tmp_path, capsy
     # the old run's later checkpoint is gone, and the one reported written is this run's
     assert [p.name for p in checkpoint.checkpoints(out)] == ["checkpoint-00000025.npz"]
     assert f"wrote {out / 'metrics.csv'}, {out / 'curves.png'}, {out / 'checkpoint-00000025.npz'}" in out_text
-    assert len(loop.read_metrics(out / "metrics.csv")) == 1
+    assert len(progress.read_metrics(out / "metrics.csv")) == 1
 
 
 def test_without_out_every_run_gets_a_folder_and_latest_names_the_newest(tmp_path, monkeypatch, capsys):
@@ -307,25 +308,25 @@ def test_run_folders_never_collide_and_latest_falls_back_to_a_text_file(tmp_path
     import datetime
 
     now = datetime.datetime(2026, 12, 1, 8, 42, 11)
-    names = [loop.new_run_folder(tmp_path, now).name for _ in range(3)]
+    names = [runs.new_run_folder(tmp_path, now).name for _ in range(3)]
     assert names == ["2026-12-01T08-42-11", "2026-12-01T08-42-11-2", "2026-12-01T08-42-11-3"]
-    assert loop.point_latest(tmp_path / names[0]) is None
-    assert loop.followed(tmp_path / "latest") == tmp_path / names[0]
+    assert runs.point_latest(tmp_path / names[0]) is None
+    assert runs.followed(tmp_path / "latest") == tmp_path / names[0]
 
     def no_symlinks(*args, **kwargs):
         raise OSError("symbolic links are not supported here")
 
     monkeypatch.setattr(os, "symlink", no_symlinks)
-    assert loop.point_latest(tmp_path / names[2]) is None
+    assert runs.point_latest(tmp_path / names[2]) is None
     assert (tmp_path / "latest").read_text() == names[2] + "\n" and not (tmp_path / "latest").is_symlink()
-    assert loop.followed(tmp_path / "latest") == tmp_path / names[2]
+    assert runs.followed(tmp_path / "latest") == tmp_path / names[2]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "latest"])  # no temporary left
 
 
 def test_a_latest_folder_of_an_older_version_is_left_alone(tmp_path):
     (tmp_path / "latest").mkdir()
     (tmp_path / "latest" / "metrics.csv").write_text("old run")
-    warning = loop.point_latest(loop.new_run_folder(tmp_path, None))
+    warning = runs.point_latest(runs.new_run_folder(tmp_path, None))
     assert warning.startswith(f"{tmp_path / 'latest'} is a folder of its own")
     assert (tmp_path / "latest" / "metrics.csv").read_text() == "old run"
 
@@ -338,7 +339,7 @@ def test_resume_continues_in_its_folder(tmp_path, monkeypatch, capsys):
     assert _train("--epochs", "2", "--resume", str(run), "--lr", "0.003") == 0  # adam's default, now explicit
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"resuming from step 25 (epoch 2) in {run}"
-    assert [r["epoch"] for r in loop.read_metrics(run / "metrics.csv")] == [1, 2]
+    assert [r["epoch"] for r in progress.read_metrics(run / "metrics.csv")] == [1, 2]
     assert [p.name for p in checkpoint.checkpoints(run)] == ["checkpoint-00000025.npz", "checkpoint-00000050.npz"]
     assert not (tmp_path / "runs").exists()
 
@@ -439,13 +440,18 @@ def test_no_cross_check_with_zero_batches(tmp_path, capsys):
     assert "max relative error" not in out
 
 
-def test_bad_configurations_name_the_flag(tmp_path):
-    with pytest.raises(loop.TrainError, match="--model cnn needs images"):
-        loop.train(loop.Config(dataset="xor", out=str(tmp_path)))
-    with pytest.raises(loop.TrainError, match="--devices must be between 1 and"):
-        loop.train(loop.Config(model="mlp", dataset="xor", devices=999, out=str(tmp_path)))
-    with pytest.raises(loop.TrainError, match="no checkpoint there"):
-        loop.train(loop.Config(model="mlp", dataset="xor", resume=str(tmp_path)))
+def test_bad_configurations_name_the_field(tmp_path):
+    """The library's refusals name the configuration's fields (the command line names its flags)."""
+    with pytest.raises(errors.ConfigError, match="^model cnn needs images") as error:
+        loop.train(Config(dataset="xor", out=str(tmp_path)))
+    assert error.value.field == "model"
+    with pytest.raises(errors.ConfigError, match="^devices must be between 1 and") as error:
+        loop.train(Config(model="mlp", dataset="xor", devices=999, out=str(tmp_path)))
+    assert error.value.field == "devices"
+    with pytest.raises(errors.ConfigError, match="^lr must be a finite number > 0, got nan"):
+        loop.train(Config(model="mlp", dataset="xor", lr=float("nan"), out=str(tmp_path)))
+    with pytest.raises(errors.TrainError, match="no checkpoint there"):
+        loop.train(Config(model="mlp", dataset="xor", resume=str(tmp_path)))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -454,7 +460,7 @@ def test_idx_dataset_trains(tmp_path):
     for split, n in (("train", 64), ("t10k", 32)):
         data.write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         data.write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
-    summary = loop.train(loop.Config(model="mlp", dataset=f"idx:{tmp_path}", epochs=1, out=str(tmp_path / "run")))
+    summary = loop.train(Config(model="mlp", dataset=f"idx:{tmp_path}", epochs=1, out=str(tmp_path / "run")))
     assert summary["steps"] == 2 and 0 <= summary["test_accuracy"] <= 1
 
 
@@ -481,7 +487,7 @@ def test_eight_devices_give_the_one_device_gradient(tmp_path):
             results[n] = jax.device_get(grad(ps, xs, jax.device_put(y, NamedSharding(mesh, P("data")))))
         pairs = zip(jax.tree_util.tree_leaves(results[8]), jax.tree_util.tree_leaves(results[1]))
         print(max(float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in pairs))
-        summary = loop.train(loop.Config(model="mlp", epochs=1, devices=8, out=sys.argv[1]))
+        summary = loop.train(Config(model="mlp", epochs=1, devices=8, out=sys.argv[1]))
         print(summary["devices"], summary["test_accuracy"])
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
@@ -518,7 +524,7 @@ def test_batch_norm_and_dropout_resume_bit_identical_from_mid_epoch(tmp_path):
     assert received.keys() == expected.keys()
     for k in expected:
         np.testing.assert_array_equal(received[k], expected[k], err_msg=k)
-    assert loop.read_metrics(cut / "metrics.csv") == loop.read_metrics(whole / "metrics.csv")
+    assert progress.read_metrics(cut / "metrics.csv") == progress.read_metrics(whole / "metrics.csv")
 
 
 def test_a_run_saved_before_norm_and_dropout_resumes(tmp_path, capsys):
@@ -529,7 +535,7 @@ def test_a_run_saved_before_norm_and_dropout_resumes(tmp_path, capsys):
     _, params = net.init(jax.random.PRNGKey(0), (-1, 2))
     path = checkpoint.checkpoints(run)[-1]
     state, meta = checkpoint.load(path, {"params": params, "opt_state": optax.adam(3e-3).init(params)})
-    for key in loop.ADDED_LATER:
+    for key in ADDED_LATER:
         del meta["config"][key]
     path.unlink()
     checkpoint.save(run, meta.pop("step"), state, meta)
@@ -540,11 +546,11 @@ def test_a_run_saved_before_norm_and_dropout_resumes(tmp_path, capsys):
     assert "it was trained with --norm none, this command asks for --norm rms" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("norm", list(loop.NORMS))
+@pytest.mark.parametrize("norm", list(models.NORMS))
 def test_autodiff_runs_every_norm_and_the_cross_check_agrees(tmp_path, norm):
     """--grad autodiff trains each norm (with dropout) from the references; the hand rules' gradient
     of the result matches jax.grad's to float32 round-off."""
-    config = loop.Config(
+    config = Config(
         model="mlp", dataset="xor", norm=norm, dropout=0.2, grad="autodiff", epochs=1, cross_check_batches=1
     )
     summary = loop.train(dataclasses.replace(config, out=str(tmp_path)))
