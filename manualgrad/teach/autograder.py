@@ -22,12 +22,14 @@ import importlib.metadata
 import io
 import json
 import pathlib
+import re
 import shlex
 import tomllib
 import zipfile
 from collections.abc import Sequence
 
 import manualgrad
+from manualgrad.errors import ManualgradError
 from manualgrad.teach import results
 
 WHEEL_TAG = "py3-none-any"
@@ -61,7 +63,7 @@ exit 0
 """
 
 
-class BundleError(ValueError):
+class BundleError(ManualgradError, ValueError):
     """An autograder bundle that cannot be built."""
 
 
@@ -129,21 +131,29 @@ def _zip(entries: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+# A requirement of the teach extra in installed metadata, to be made unconditional.
+_TEACH_EXTRA = r'^(Requires-Dist: [^;\n]+?)\s*;\s*extra == "teach"\s*$'
+
+
 def _metadata(pyproject: pathlib.Path) -> tuple[str, str]:
-    """``(METADATA text, version)``: from ``pyproject``'s ``[project]`` where it exists, else the installed one."""
+    """``(METADATA text, version)``: from ``pyproject``'s ``[project]`` where it exists, else the
+    installed one; the teach extra's requirements made unconditional either way."""
     if pyproject.is_file():
         project = tomllib.loads(pyproject.read_text())["project"]
+        extras = project.get("optional-dependencies", {})
         lines = [
             "Metadata-Version: 2.1",
             f"Name: {project['name']}",
             f"Version: {project['version']}",
             f"Summary: {project.get('description', '')}",
             f"Requires-Python: {project.get('requires-python', '>=3')}",
-            *(f"Requires-Dist: {d}" for d in project.get("dependencies", [])),
+            # The grader reads notebook submissions too: the teach extra's packages are its own.
+            *(f"Requires-Dist: {d}" for d in [*project.get("dependencies", []), *extras.get("teach", [])]),
         ]
         return "\n".join(lines) + "\n", project["version"]
     try:
         distribution = importlib.metadata.distribution("manualgrad")
     except importlib.metadata.PackageNotFoundError:
         raise BundleError("manualgrad has neither a pyproject.toml beside it nor installed metadata") from None
-    return distribution.read_text("METADATA") or "", distribution.version
+    metadata = re.sub(_TEACH_EXTRA, r"\1", distribution.read_text("METADATA") or "", flags=re.M)
+    return metadata, distribution.version

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from manualgrad import text
 from manualgrad.check.tolerances import relative_error
 
 COLUMNS = ("hand formula (seed)", "custom_vjp rules", "Algorithm 1/2", "jax.grad", "max difference")
@@ -53,10 +54,7 @@ def table(rows: Sequence[Row]) -> str:
         [r.quantity, *(_cell(v) for v in (r.hand, r.custom_vjp, r.algorithm, r.jax_grad)), f"{r.difference():.1e}"]
         for r in rows
     ]
-    header = ["quantity", *COLUMNS]
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *cells)]
-    line = lambda row: " │ ".join(str(c).ljust(w) for c, w in zip(row, widths))  # noqa: E731
-    return "\n".join([line(header), "─┼─".join("─" * w for w in widths), *map(line, cells)])
+    return "\n".join(text.table([["quantity", *COLUMNS], *cells], separator=" │ ", rule=("─", "─┼─")))
 
 
 def report(title: str, rows: Sequence[Row], tolerance: float = 1e-12) -> float:

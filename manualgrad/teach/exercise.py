@@ -1,8 +1,11 @@
 """Exercises: write a rule's backward yourself, then get graded by the checker.
 
-:func:`exercise` writes, for any registered rule, a Python file with the rule's forward (its
-source, importing what it uses from its module), its docstring's derivation up to the
-``Result:`` line, and an empty ``backward`` to fill in. :func:`grade` loads such a file,
+:func:`exercise` writes, for any registered rule, a Python file with the rule's forward
+(:mod:`~manualgrad.teach.forwards`: readable on its own, importing only manualgrad's public
+names, so that the file survives an upgrade), its docstring's derivation up to the ``Result:``
+line, and an empty ``backward`` to fill in. Its second line records the exercise format and the
+manualgrad version that wrote it; a file of a format this version cannot grade is refused in one
+sentence (:func:`load_module`). :func:`grade` loads such a file,
 registers the student's backward as a ``custom_vjp`` beside the real rule (same name, same
 samples, same reference) and runs every check of :func:`manualgrad.check` on it, with the
 diagnosis of a wrong gradient and the seed sections to reread.
@@ -17,13 +20,14 @@ not a hand rule and scores 0.
 from __future__ import annotations
 
 import ast
-import builtins
 import dataclasses
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import pathlib
+import re
 import sys
 import time
 import types
@@ -32,17 +36,23 @@ from typing import Any
 
 import jax
 
-from manualgrad import registry
+from manualgrad import registry, text
 from manualgrad.check import checker
+from manualgrad.errors import ManualgradError
 from manualgrad.registry import Rule
-from manualgrad.teach import results
+from manualgrad.teach import forwards, results
 
 HEADER = "# manualgrad exercise: "
+NETWORK = "network "  # the title of a whole-network exercise: ``# manualgrad exercise: network NAME``
+# The layout of the files this version writes: 1 had no version line and imported manualgrad's
+# private modules; 2 imports only public names. A new layout that old graders cannot read bumps it.
+FORMAT = 2
+_FORMAT_LINE = re.compile(r"# manualgrad exercise format (\d+), written by manualgrad (\S+)")
 # JAX's automatic differentiation: none of it belongs in a hand-written backward.
 AUTODIFF = ("vjp", "grad", "value_and_grad", "jacrev", "jacfwd", "jvp", "linearize", "hessian", "linear_transpose")
 
 
-class ExerciseError(ValueError):
+class ExerciseError(ManualgradError, ValueError):
     """A file that cannot be graded: missing, not an exercise, an unknown rule, or broken."""
 
 
@@ -88,11 +98,8 @@ def parts(name: str, grading: tuple[str, str] = FILE_GRADING) -> Parts:
     """The pieces of rule ``name``'s exercise; ``grading`` says how to get graded, in the task
     and in the empty backward's error."""
     rule = registry.get(name)
-    forward = rule.fn.fwd
-    module = inspect.getmodule(forward)
-    source = inspect.getsource(forward).replace(f"def {forward.__name__}(", "def forward(", 1)
-    given = {"jax", "jnp", "np"}  # imported by every exercise
-    used = sorted(n for n in _names_used(forward.__code__) - given if n in vars(module) and not hasattr(builtins, n))
+    imports, forward = forwards.source(rule)
+    forward = text.plain(forward)
     params, returned = _backward_signature(rule)
     cotangents = _cotangents(returned)[1:-1]
     task = f"""Your task: carry the derivation through to the result and write ``backward`` below. It
@@ -100,8 +107,6 @@ receives {", ".join(f"``{p}``" for p in params)} — ``residuals`` is the second
 returns — and returns ``({cotangents})``, one cotangent per input, shaped like that input
 (an integer input such as class labels gets ``np.zeros(shape, jax.dtypes.float0)``).
 Then {grading[0]}."""
-    imports = "from __future__ import annotations\n\nimport jax\nimport jax.numpy as jnp\nimport numpy as np\n"
-    imports += f"from {module.__name__} import {', '.join(used)}\n" if used else "\n"
     backward = f"""def backward({", ".join(params)}):
     raise NotImplementedError(
         "{rule.name}: write backward({", ".join(params)}) returning ({cotangents}); "
@@ -109,19 +114,34 @@ Then {grading[0]}."""
     )
 """
     seeds = [registry.cite(s, section) for s, section in rule.seeds]
-    return Parts(rule, rule.derivation_setup, task, seeds, imports, source, backward)
+    head = "from __future__ import annotations\n\n" + "\n".join(imports) + "\n"
+    return Parts(rule, rule.derivation_setup, task, seeds, head, forward, backward)
+
+
+def version() -> str:
+    """The installed manualgrad's version, or ``"unknown"`` for a copy run from its source tree uninstalled."""
+    try:
+        return importlib.metadata.version("manualgrad")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def header(title: str) -> str:
+    """The first two lines of an exercise file for ``title`` (a rule's name or ``network NAME``):
+    what it is for, and the format and version that wrote it."""
+    return f"{HEADER}{title}\n# manualgrad exercise format {FORMAT}, written by manualgrad {version()}"
 
 
 def exercise(name: str) -> str:
     """The exercise file for rule ``name``."""
     p = parts(name)
 
-    def indented(text: str) -> str:
-        return "\n".join(("    " + line).rstrip() for line in text.splitlines())
+    def indented(block: str) -> str:
+        return "\n".join(("    " + line).rstrip() for line in text.plain(block).splitlines())
 
     seeds = "\n".join(f"    {s}" for s in p.seeds)
-    return f'''{HEADER}{p.rule.name}
-"""Exercise: the backward rule of ``{p.rule.name}``.
+    return f'''{header(p.rule.name)}
+"""Exercise: the backward rule of {p.rule.name}.
 
 {indented(p.derivation)}
 
@@ -164,23 +184,63 @@ def rule_of(path: str | pathlib.Path) -> Rule:
 def _module(path: str | pathlib.Path) -> tuple[Rule, types.ModuleType]:
     """The registered rule an exercise file is for, and the file run as a module."""
     rule = rule_of(path)
-    module = run_file(path, f"manualgrad_exercise_{rule.name}")
+    module = load_module(path, rule.name)
     missing = [f for f in ("forward", "backward") if not callable(getattr(module, f, None))]
     if missing:
         raise ExerciseError(f"{path} defines no {' or '.join(missing)} function")
     return rule, module
 
 
+def format_of(path: str | pathlib.Path) -> tuple[int, str]:
+    """``(exercise format, the manualgrad version that wrote it)`` from the file's second line;
+    ``(1, "an earlier manualgrad")`` for a file without that line, as format 1 wrote them."""
+    lines = pathlib.Path(path).read_text(errors="replace").splitlines()
+    match = _FORMAT_LINE.fullmatch(lines[1].strip()) if len(lines) > 1 else None
+    return (int(match[1]), f"manualgrad {match[2]}") if match else (1, "an earlier manualgrad")
+
+
+def load_module(path: str | pathlib.Path, title: str) -> types.ModuleType:
+    """The exercise file at ``path`` for ``title`` (a rule's name or ``network NAME``) run as a
+    module; :class:`ExerciseError`, one sentence, where this version cannot grade its format (a
+    format it does not know, or an older file that imports what manualgrad no longer has)."""
+    number, writer = format_of(path)
+    name = title.removeprefix(NETWORK)
+    fresh = f"write a fresh file with `manualgrad exercise {'--network ' if title.startswith(NETWORK) else ''}{name}`"
+    if not 1 <= number <= FORMAT:
+        raise ExerciseError(
+            f"{path} was written by {writer} in exercise format {number}; this manualgrad ({version()}) "
+            f"grades formats 1 to {FORMAT}: {fresh}"
+        )
+    try:
+        return _run(path, f"manualgrad_exercise_{name}")
+    except ImportError as error:
+        if number == FORMAT:
+            raise _does_not_run(path, error) from None
+        gone = error.name or text.first_line(error)
+        raise ExerciseError(
+            f"{path} was written by {writer} in exercise format {number} and imports {gone}, which this "
+            f"manualgrad ({version()}) no longer has; it grades format {FORMAT}: {fresh}"
+        ) from None
+    except Exception as error:
+        raise _does_not_run(path, error) from None
+
+
 def run_file(path: str | pathlib.Path, name: str) -> types.ModuleType:
     """The Python file at ``path`` run as a module called ``name``; :class:`ExerciseError` if it raises."""
+    try:
+        return _run(path, name)
+    except Exception as error:
+        raise _does_not_run(path, error) from None
+
+
+def _does_not_run(path: str | pathlib.Path, error: Exception) -> ExerciseError:
+    return ExerciseError(f"{path} does not run: {type(error).__name__}: {text.first_line(error)}")
+
+
+def _run(path: str | pathlib.Path, name: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as error:
-        raise ExerciseError(
-            f"{path} does not run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        ) from None
+    spec.loader.exec_module(module)
     return module
 
 
@@ -258,11 +318,11 @@ def autodiff_in(forbidden: dict[int, tuple[Any, str, str]], module: Any, source:
     tree = ast.parse(source)
     references = list(_references(tree, vars(module)))  # first: it imports what the file's functions import
     found = []
-    for node, text, obj in references:
+    for node, written, obj in references:
         what = forbidden.get(id(obj))
         if what is not None and what[0] is obj:
             canonical = what[1]
-            named = text if text == canonical else f"{text}, that is {canonical}"
+            named = written if written == canonical else f"{written}, that is {canonical}"
             found.append((node.lineno, f"line {node.lineno}: {named} ({what[2]})"))
     return [line for _, line in sorted(set(found))]
 

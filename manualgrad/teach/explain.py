@@ -6,16 +6,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad import registry
+from manualgrad import registry, text
 from manualgrad.check import checker
 from manualgrad.check.tolerances import relative_error
 from manualgrad.rules.samples import generator
 
 
-def rule_list() -> str:
-    """One line per registered rule: name, module and its seeds (:func:`registry.cite`)."""
-    width = max(len(r.name) for r in registry.rules())
-    return "\n".join(f"{r.name:<{width}}  {r.fn.__module__}  {r.seed_text}" for r in registry.rules())
+def rule_list(width: int = 100) -> str:
+    """One line per registered rule, at most ``width`` columns: its name, its family (the module
+    that defines it), the ids of its seeds and their sections, cut short with ``…`` where the line
+    would be longer (``manualgrad explain RULE`` cites them in full)."""
+    rows = [
+        (
+            r.name,
+            r.fn.__module__.rsplit(".", 1)[-1],
+            f"seed {', '.join(s for s, _ in r.seeds)}: {'; '.join(section for _, section in r.seeds)}",
+        )
+        for r in registry.rules()
+    ]
+    return "\n".join(line if len(line) <= width else line[: width - 1] + "…" for line in text.table(rows))
 
 
 def _live(rule: registry.Rule) -> str:
@@ -57,7 +66,7 @@ def explain(name: str) -> str:
         [
             f"{rule.name} — {rule.fn.__module__}",
             "Seeds:\n" + "\n".join(f"  {registry.cite(s, section)}" for s, section in rule.seeds),
-            rule.derivation,
+            text.plain(rule.derivation),
             _live(rule),
             "Every sample, hand VJP against jax.grad of the reference and against finite differences "
             f"(worst relative error):\n{report.table()}\n"

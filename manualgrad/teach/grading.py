@@ -10,7 +10,7 @@ next. A process is not a sandbox: the student's code can read and write what the
 grade untrusted code in a container (as Gradescope does).
 
 :func:`grade_file` grades one file in the calling process: an exercise file (``.py``) of a rule
-or of a whole network (:mod:`~manualgrad.teach.networks`), or an exercise notebook (``.ipynb``,
+or of a whole network (:mod:`~manualgrad.teach.network_grading`), or an exercise notebook (``.ipynb``,
 :mod:`~manualgrad.teach.notebook`); a file that cannot be graded is a
 :data:`~manualgrad.teach.results.ERROR` result with its one-sentence reason.
 """
@@ -29,7 +29,8 @@ import time
 from collections.abc import Sequence
 
 from manualgrad import registry
-from manualgrad.teach import exercise, networks, notebook, results
+from manualgrad.errors import ManualgradError
+from manualgrad.teach import exercise, network_grading, networks, notebook, results
 
 # The student's own output kept in a failed submission's reason, from its end.
 OUTPUT_TAIL = 2000
@@ -40,8 +41,10 @@ def rule_name(path: str | pathlib.Path) -> str:
     try:
         if _is_notebook(path):
             return notebook.rule_name(path)
-        return networks.network_of(path).name if networks.is_network_file(path) else exercise.rule_of(path).name
-    except exercise.ExerciseError:
+        if network_grading.is_network_file(path):
+            return network_grading.network_of(path).name
+        return exercise.rule_of(path).name
+    except ManualgradError:  # not an exercise, or a notebook that cannot be read here
         return ""
 
 
@@ -49,7 +52,7 @@ def tests_of(name: str) -> list[str]:
     """The tests of exercise ``name``: a rule's graded checks, a network's gradients (``dNAME``)
     in backward order; none for a name that is neither."""
     if name in networks.NETWORKS:
-        return [f"d{n}" for n in networks.order(networks.get(name))]
+        return [f"d{n}" for n in networks.order(networks.network(name))]
     rules = {r.name: r for r in registry.rules()}
     return exercise.graded_checks(rules[name]) if name in rules else []
 
@@ -90,8 +93,9 @@ def grade_file(path: str | pathlib.Path, dtype: str = "float64") -> results.Resu
     try:
         if _is_notebook(path):
             return notebook.grade(path, dtype)
-        return networks.grade(path, dtype) if networks.is_network_file(path) else exercise.grade(path, dtype)
-    except exercise.ExerciseError as error:
+        grade = network_grading.grade if network_grading.is_network_file(path) else exercise.grade
+        return grade(path, dtype)
+    except ManualgradError as error:  # an ExerciseError, or the missing nbformat of a notebook
         return failed(str(path), rule_name(path), results.ERROR, str(error), time.perf_counter() - start)
 
 

@@ -4,12 +4,13 @@ A :class:`Network` is a forward written intermediate by intermediate, as named :
 (each a ``jax.numpy`` expression of the inputs and earlier steps, the last the scalar loss), its
 fixed inputs (data, constants, parameters) and the parameters whose gradients are graded.
 :func:`exercise_text` writes a file whose ``backward(values)`` the student fills in: one line per
-gradient, named ``d`` + the forward's name, in backward order (:func:`order`). :func:`grade` runs
-it on the network's values and compares each gradient with the reference, ``jax.vjp`` of the
-forward itself (:func:`gradients`; never manualgrad's own backward): one row per gradient, with
-*exact* (bit-equal), *close* (every entry within the checker's ``vjp`` tolerance,
-:mod:`manualgrad.check.tolerances`), the max abs difference and the diagnosis of a wrong one
-(:func:`manualgrad.check.diagnose.diagnose_array`, and the network's own :class:`Mistake`\\ s).
+gradient, named ``d`` + the forward's name, in backward order (:func:`order`).
+:func:`manualgrad.teach.network_grading.grade` runs it on the network's values and compares each
+gradient with the reference, ``jax.vjp`` of the forward itself (:func:`gradients`; never
+manualgrad's own backward): one row per gradient, with *exact* (bit-equal), *close* (every entry
+within the checker's ``vjp`` tolerance, :mod:`manualgrad.check.tolerances`), the max abs
+difference and the diagnosis of a wrong one (:func:`manualgrad.check.diagnose.diagnose_array`,
+and the network's own :class:`NetworkMistake`\\ s).
 
 Backward order is the order in which a backward pass completes the gradients: a value's is
 complete once every step that uses it has been differentiated, that is after the first of those
@@ -27,11 +28,8 @@ import ast
 import contextlib
 import dataclasses
 import functools
-import pathlib
 import re
 import textwrap
-import time
-import traceback
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -40,13 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad import registry
-from manualgrad.check import comparison, diagnose
-from manualgrad.check.tolerances import ATOL, TOLERANCES, compiler_options
-from manualgrad.teach import exercise, results
+from manualgrad import registry, text
+from manualgrad.check.tolerances import compiler_options
+from manualgrad.teach import exercise
 
 WRAP = 96  # the docstring's paragraphs, refilled after their numbers are put in
-PREFIX = "network "  # an exercise file's first line: ``# manualgrad exercise: network NAME``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +67,7 @@ class Step:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mistake:
+class NetworkMistake:
     """A usual mistake in the gradient of ``name``: ``wrong(values, right gradients)`` is what it gives."""
 
     name: str
@@ -92,7 +88,7 @@ class Network:
     inputs: Callable[[], dict[str, Any]]
     params: tuple[str, ...]
     steps: tuple[Step, ...]
-    mistakes: tuple[Mistake, ...] = ()
+    mistakes: tuple[NetworkMistake, ...] = ()
 
     @property
     def loss(self) -> str:
@@ -134,12 +130,14 @@ Beware: the seed's scalar answers have index typos (it writes ``∂L/∂z₁`` w
         Step("L", "0.5 * (a2 - y) ** 2"),
     ),
     (
-        Mistake(
+        NetworkMistake(
             "z1",
             "∂L/∂z₂ · w₄ · σ'(z₁): the seed's typo, z₁ reaches z₂ through w₅",
             lambda v, d: d["z2"] * v["w4"] * v["a1"] * (1 - v["a1"]),
         ),
-        Mistake("w0", "∂L/∂z₀ · a₀: the seed's typo, z₀ = w₀x₀ + w₁x₁ + b₀ takes x₀", lambda v, d: d["z0"] * v["a0"]),
+        NetworkMistake(
+            "w0", "∂L/∂z₀ · a₀: the seed's typo, z₀ = w₀x₀ + w₁x₁ + b₀ takes x₀", lambda v, d: d["z0"] * v["a0"]
+        ),
     ),
 )
 
@@ -178,12 +176,12 @@ of both paths, ``g = Ψ'(z₄) c z₂ᵀ + Φ'(z₁) Z₃ᵀ Ψ'(z₄) c xᵀ`` 
         Step("y", "c @ z5"),
     ),
     (
-        Mistake(
+        NetworkMistake(
             "W",
             "the path through Z₃ = W + V alone: W is used twice, add the path through z₀ = Wx",
             lambda v, d: d["Z3"],
         ),
-        Mistake(
+        NetworkMistake(
             "W",
             "the path through z₀ = Wx alone: W is used twice, add the path through Z₃ = W + V",
             lambda v, d: jnp.outer(d["z0"], v["x"]),
@@ -295,7 +293,7 @@ along.""",
         Step("loss", "-logprobs[jnp.arange(n), Yb].mean()"),
     ),
     (
-        Mistake(
+        NetworkMistake(
             "bndiff2",
             "the right one with Bessel's correction dropped: 1/n where bnvar divides by n − 1",
             lambda v, d: d["bndiff2"] * (v["n"] - 1) / v["n"],
@@ -390,7 +388,7 @@ a masked entry gets no gradient.""",
 NETWORKS = {net.name: net for net in (SEED001, SEED003, MLP_BN, GPT_BLOCK)}
 
 
-def get(name: str) -> Network:
+def network(name: str) -> Network:
     """The network called ``name``; ``KeyError`` with the names known."""
     if name not in NETWORKS:
         raise KeyError(f"unknown network {name!r}; known: {', '.join(NETWORKS)}")
@@ -398,7 +396,7 @@ def get(name: str) -> Network:
 
 
 @contextlib.contextmanager
-def _numerics() -> Iterator[None]:
+def numerics() -> Iterator[None]:
     """float64 available, NumPy's broadcasting allowed: how the forward and the student's backward run."""
     with jax.enable_x64(True), jax.numpy_rank_promotion("allow"):
         yield
@@ -406,7 +404,7 @@ def _numerics() -> Iterator[None]:
 
 def inputs(net: Network, dtype: str = "float64") -> dict[str, Any]:
     """The network's inputs as device arrays, floating ones in ``dtype`` (constants stay Python numbers)."""
-    with _numerics():
+    with numerics():
         return {
             k: v
             if isinstance(v, (int, float))
@@ -435,7 +433,7 @@ def values(name: str, dtype: str = "float64") -> dict[str, Any]:
 def reference(name: str, dtype: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(values, gradients)`` of network ``name`` in ``dtype``: the forward's every value
     (:func:`run`) and the reference gradients (:func:`gradients`), in one compiled program."""
-    net = get(name)
+    net = network(name)
     given = inputs(net, dtype)
     constants = {k: v for k, v in given.items() if isinstance(v, (int, float))}
 
@@ -443,7 +441,7 @@ def reference(name: str, dtype: str) -> tuple[dict[str, Any], dict[str, Any]]:
         forward = run(net, {**constants, **arrays})
         return forward, gradients(net, forward)
 
-    with _numerics():
+    with numerics():
         arrays = {k: v for k, v in given.items() if k not in constants}
         forward, grads = jax.jit(both, compiler_options=compiler_options())(arrays)
     return {**forward, **constants}, grads
@@ -454,7 +452,7 @@ def gradients(net: Network, given: dict[str, Any]) -> dict[str, Any]:
     (:func:`order`), by ``jax.vjp`` of the forward in the parameters and in a zero shift of each
     step's value (whose cotangent is that step's gradient)."""
     steps = {s.name for s in net.steps}
-    with _numerics():
+    with numerics():
         fixed = {k: v for k, v in given.items() if k not in steps and k not in net.params}
         params = {p: given[p] for p in net.params}
         shifts = {s.name: jnp.zeros_like(given[s.name]) for s in net.steps[:-1]}
@@ -503,7 +501,7 @@ class Parts:
 def parts(name: str, grading: tuple[str, str] = exercise.FILE_GRADING) -> Parts:
     """The pieces of network ``name``'s exercise; ``grading`` says how to get graded, in the task
     and in the backward's docstring."""
-    net = get(name)
+    net = network(name)
     vals = values(name)
     width = max(len(f"{s.name} = {s.code}") for s in net.steps)
     forward = "\n".join(f"{f'{s.name} = {s.code}':<{width}}  # {_shape(vals[s.name])}" for s in net.steps)
@@ -556,8 +554,8 @@ def exercise_text(name: str) -> str:
     """The exercise file for network ``name``."""
     p = parts(name)
 
-    def indented(text: str, by: str = "    ") -> str:
-        return "\n".join((by + line).rstrip() for line in text.splitlines())
+    def indented(block: str, by: str = "    ") -> str:
+        return "\n".join((by + line).rstrip() for line in text.plain(block).splitlines())
 
     seeds = "\n".join(f"    {s}" for s in p.seeds)
     return f'''{header(name)}
@@ -581,199 +579,5 @@ def exercise_text(name: str) -> str:
 
 
 def header(name: str) -> str:
-    """The first line of network ``name``'s exercise file."""
-    return f"{exercise.HEADER}{PREFIX}{name}"
-
-
-def network_of(path: str | pathlib.Path) -> Network:
-    """The network the exercise file at ``path`` is for, read from its first line (nothing runs)."""
-    title = exercise.title_of(path)
-    if not title.startswith(PREFIX):
-        raise exercise.ExerciseError(f"{path} is not a network exercise (it is for {title!r})")
-    try:
-        return get(title[len(PREFIX) :].strip())
-    except KeyError as error:
-        raise exercise.ExerciseError(f"{path} is for {error.args[0]}") from None
-
-
-def is_network_file(path: str | pathlib.Path) -> bool:
-    """Whether the exercise file at ``path`` is for a network (nothing runs; ``False`` for no exercise file)."""
-    try:
-        return exercise.title_of(path).startswith(PREFIX)
-    except exercise.ExerciseError:
-        return False
-
-
-def grade(path: str | pathlib.Path, dtype: str = "float64", shown: str | None = None) -> results.Result:
-    """The graded network exercise file at ``path`` (named ``shown`` in the report, default
-    ``path``): one row per gradient in backward order, the report's text, the time it took."""
-    start = time.perf_counter()
-    net = network_of(path)
-    module = exercise.run_file(path, f"manualgrad_exercise_{net.name}")
-    if not callable(getattr(module, "backward", None)):
-        raise exercise.ExerciseError(f"{path} defines no backward function")
-    source = pathlib.Path(path).read_text(errors="replace")
-    text, rows = grade_module(net, module, source, shown or str(path), dtype)
-    return results.Result(shown or str(path), net.name, results.GRADED, rows, text, time.perf_counter() - start)
-
-
-def forbidden() -> dict[int, tuple[Any, str, str]]:
-    """What a network's hand backward may not use (:func:`manualgrad.teach.exercise.forbidden`),
-    and the reference gradients of this module."""
-    out = exercise.forbidden(None)
-    for f in (reference, gradients):
-        out[id(f)] = (f, f"{__name__}.{f.__name__}", "manualgrad's reference gradients")
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Graded:
-    """One gradient graded: the cells of its line of the table, and its row."""
-
-    name: str
-    exact: bool
-    close: bool
-    max_abs: float | None  # None where it cannot be compared (missing, not an array, wrong shape)
-    diagnosis: str
-    output: str
-
-
-def grade_module(net: Network, module: Any, source: str, shown: str, dtype: str) -> tuple[str, tuple[results.Row, ...]]:
-    """Grades the ``backward`` of ``module`` (anything with that attribute and the namespace it was
-    defined in), ``source`` its code: the report and one row per gradient, in backward order."""
-    graded = order(net)
-    head = f"grading your backward for network {net.name} ({shown}), {dtype}: {len(graded)} gradients in backward order"
-    calls = exercise.autodiff_in(forbidden(), module, source)
-    if calls:
-        why = "not a hand backward: " + "; ".join(calls)
-        lines = [
-            f"{head}: not by hand, not graded",
-            "your backward uses JAX's autodiff or manualgrad's own gradients instead of gradients derived by hand:",
-            *(f"  {line}" for line in calls),
-            f"score: 0/{len(graded)} gradients right",
-        ]
-        return "\n".join(lines), tuple(results.Row(net.name, f"d{n}", False, why) for n in graded)
-    cells, failure = _graded_all(net, module.backward, dtype)
-    return _report(net, head, cells, failure), tuple(
-        results.Row(net.name, f"d{c.name}", c.close, c.output) for c in cells
-    )
-
-
-def _graded_all(net: Network, backward: Callable[..., Any], dtype: str) -> tuple[list[Graded], str]:
-    """Every gradient of ``backward`` graded, in backward order, and why none could be (or ``""``)."""
-    vals, grads = reference(net.name, dtype)
-    with _numerics():  # the student's gradients, and the diagnoses' candidates, in float64 where asked
-        received, failure = _call(backward, vals)
-        cells = [
-            _graded(
-                net,
-                n,
-                vals,
-                grads,
-                dtype,
-                failure or ("" if n in received else f"backward's dict has no {n!r}"),
-                received.get(n),
-            )
-            for n in order(net)
-        ]
-    wrong = next((c for c in cells if not c.close), None)
-    return [_after(c, wrong) if wrong and i > cells.index(wrong) else c for i, c in enumerate(cells)], failure
-
-
-def _report(net: Network, head: str, cells: list[Graded], failure: str) -> str:
-    """The table, the score, and where the backward first goes wrong (or why it did not run)."""
-    right = [c for c in cells if c.close]
-    exact = sum(c.exact for c in cells)
-    lines = [head, *_table(cells)]
-    lines.append(f"score: {len(right)}/{len(cells)} gradients right ({exact} exact, {len(right) - exact} close)")
-    wrong = next((c for c in cells if not c.close), None)
-    if failure:
-        lines.append(failure)
-    elif wrong is None:
-        lines.append("every gradient is right: each one bit-equal to jax.vjp of the forward, or within float round-off")
-    else:
-        uses = "; ".join(f"{s.name} = {s.code}" for s in users(net, wrong.name))
-        above = "every gradient above it is right" if cells.index(wrong) else "it is the first in backward order"
-        lines.append(f"first wrong: d{wrong.name}, the gradient of {wrong.name}, used by {uses}; {above}")
-    if wrong is not None:
-        lines.append(f"reread: {net.seed_text}")
-    return "\n".join(lines)
-
-
-def _after(cell: Graded, first: Graded) -> Graded:
-    """A wrong gradient below the first wrong one that no mistake explains: it may only carry that one's error."""
-    if cell.close or cell.diagnosis != diagnose.NO_EXPLANATION:
-        return cell
-    carried = f"{cell.diagnosis}: it may only carry the error of d{first.name} above"
-    return dataclasses.replace(cell, diagnosis=carried, output=cell.output.replace(cell.diagnosis, carried))
-
-
-def _call(backward: Callable[..., Any], vals: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """``(the student's gradients by name, "")``, or ``({}, why not)``: the backward raised
-    (where in its file) or returned something else than a dict."""
-    try:
-        out = backward(dict(vals))
-    except Exception as error:  # the student's code: its error in one line, every gradient not run
-        frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == backward.__code__.co_filename]
-        where = f" at line {frames[-1].lineno}" if frames else ""
-        first = str(error).splitlines()[0] if str(error) else ""
-        return {}, f"not run: your backward raised {type(error).__name__}{where}: {first}"
-    if not isinstance(out, dict):
-        what = "None" if out is None else type(out).__name__
-        return (
-            {},
-            f"not run: your backward returned {what}: it must return a dict of gradients by name, "
-            "as its return statement is written",
-        )
-    return out, ""
-
-
-def _graded(
-    net: Network, name: str, vals: dict[str, Any], grads: dict[str, Any], dtype: str, failure: str | None, value: Any
-) -> Graded:
-    """Gradient ``name`` graded: ``value`` (the student's) against the reference ``grads[name]``."""
-    right = np.asarray(grads[name])
-    if failure:
-        return Graded(name, False, False, None, failure, failure)
-    if value is None:
-        return Graded(name, False, False, None, "not computed yet (None)", f"d{name} is None: not computed yet")
-    try:
-        mine = np.asarray(value, np.float64)
-    except (TypeError, ValueError):
-        why = f"d{name} is {type(value).__name__}, not an array of numbers"
-        return Graded(name, False, False, None, why, why)
-    extra = [(m.text, m.wrong(vals, grads)) for m in net.mistakes if m.name == name]
-    if mine.shape != right.shape:
-        diagnosis = diagnose.diagnose_array(mine, right, vals, dtype, extra)
-        output = f"wrong shape {mine.shape}, expected {right.shape}: {diagnosis}"
-        return Graded(name, False, False, None, f"wrong shape {mine.shape}: {diagnosis}", output)
-    finding = comparison.compare(
-        net.name, "vjp", dtype, "fixed inputs", f"d{name}", mine, right, TOLERANCES[dtype]["vjp"], ATOL[dtype]
-    )
-    exact = bool(np.array_equal(mine, right.astype(np.float64)))
-    if finding.passed:
-        return Graded(
-            name,
-            exact,
-            True,
-            finding.max_abs_error,
-            "",
-            "exact" if exact else f"close: max abs difference {finding.max_abs_error:.1e}",
-        )
-    diagnosis = diagnose.diagnose_array(mine, right, vals, dtype, extra)
-    output = (
-        f"wrong: {finding.mismatches} of {finding.size} entries differ, "
-        f"max abs difference {finding.max_abs_error:.3g}; "
-        f"worst at {finding.where}: expected {finding.expected:.6g}, received {finding.received:.6g}; {diagnosis}"
-    )
-    return Graded(name, False, False, finding.max_abs_error, diagnosis, output)
-
-
-def _table(cells: list[Graded]) -> list[str]:
-    """The rows as an aligned table: gradient, exact, close, max abs difference, diagnosis."""
-    rows = [("gradient", "exact", "close", "max abs diff", "diagnosis")]
-    for c in cells:
-        diff = "-" if c.max_abs is None else "0" if c.max_abs == 0 else f"{c.max_abs:.1e}"
-        rows.append((f"d{c.name}", "yes" if c.exact else "no", "yes" if c.close else "NO", diff, c.diagnosis))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return ["  " + "  ".join([*(r[i].ljust(widths[i]) for i in range(4)), r[4]]).rstrip() for r in rows]
+    """The first two lines of network ``name``'s exercise file (:func:`manualgrad.teach.exercise.header`)."""
+    return exercise.header(f"{exercise.NETWORK}{name}")

@@ -8,6 +8,8 @@ the forward as code; the empty backward; and a last cell that grades the backwar
 every value of the forward in ``values``, the backward to fill in, and a grading cell
 (:func:`grade_network_here`). The notebook's metadata names its rule or network. :func:`grade`
 grades a saved notebook: its code cells but the last, in order, as one exercise file.
+
+Writing and reading notebooks needs nbformat, from the ``teach`` extra; grading in place does not.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import re
 import tempfile
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nbformat
+from manualgrad import extras, registry, text
+from manualgrad.teach import exercise, network_grading, networks, results
 
-from manualgrad import registry
-from manualgrad.teach import exercise, networks, results
+if TYPE_CHECKING:
+    import nbformat
 
 KEY = "manualgrad"  # the notebook's metadata[KEY]["rule"] (or ["network"]); a cell's metadata[KEY] is its role
 NOTEBOOK_GRADING = (
@@ -113,32 +116,42 @@ def markdown(text: str, is_maths: Callable[[str], bool] | None = None) -> str:
     return "\n".join(lines)
 
 
-def notebook(name: str) -> nbformat.NotebookNode:
-    """Rule ``name``'s exercise as a notebook: derivation, forward, empty backward, grading cell."""
-    p = exercise.parts(name, NOTEBOOK_GRADING)
-    reread = "\n".join(f"* {s}" for s in p.seeds)
-    cells = [
-        nbformat.v4.new_markdown_cell(
-            f"# Exercise: the backward rule of `{p.rule.name}`\n\n{markdown(p.derivation)}\n\n"
-            f"{markdown(p.task)}\n\n**Reread:**\n\n{reread}",
-            metadata={KEY: "derivation"},
-        ),
-        nbformat.v4.new_code_cell(p.imports + "\n\n" + p.forward, metadata={KEY: "forward"}),
-        nbformat.v4.new_code_cell(p.backward, metadata={KEY: "backward"}),
-        nbformat.v4.new_code_cell(
-            f"from manualgrad.teach import notebook\n\nnotebook.grade_here({p.rule.name!r}, globals())",
-            metadata={KEY: "grade"},
-        ),
-    ]
-    nb = nbformat.v4.new_notebook(cells=cells)
-    nb.metadata[KEY] = {"rule": p.rule.name}
+def _nbformat(purpose: str) -> types.ModuleType:
+    return extras.require("nbformat", "teach", purpose)
+
+
+def _new(cells: list[Any], kind: str, name: str) -> nbformat.NotebookNode:
+    """A notebook of ``cells`` whose metadata names its ``kind`` (``rule`` or ``network``) ``name``."""
+    nb = _nbformat("writing a notebook").v4.new_notebook(cells=cells)
+    nb.metadata[KEY] = {kind: name}
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     return nb
 
 
+def notebook(name: str) -> nbformat.NotebookNode:
+    """Rule ``name``'s exercise as a notebook: derivation, forward, empty backward, grading cell."""
+    nbf = _nbformat("writing a notebook")
+    p = exercise.parts(name, NOTEBOOK_GRADING)
+    reread = "\n".join(f"* {s}" for s in p.seeds)
+    cells = [
+        nbf.v4.new_markdown_cell(
+            f"# Exercise: the backward rule of `{p.rule.name}`\n\n{markdown(p.derivation)}\n\n"
+            f"{markdown(p.task)}\n\n**Reread:**\n\n{reread}",
+            metadata={KEY: "derivation"},
+        ),
+        nbf.v4.new_code_cell(p.imports + "\n\n" + p.forward, metadata={KEY: "forward"}),
+        nbf.v4.new_code_cell(p.backward, metadata={KEY: "backward"}),
+        nbf.v4.new_code_cell(
+            f"from manualgrad.teach import notebook\n\nnotebook.grade_here({p.rule.name!r}, globals())",
+            metadata={KEY: "grade"},
+        ),
+    ]
+    return _new(cells, "rule", p.rule.name)
+
+
 def write(name: str, path: str | pathlib.Path) -> None:
     """Writes rule ``name``'s notebook to ``path``."""
-    nbformat.write(notebook(name), str(path))
+    _nbformat("writing a notebook").write(notebook(name), str(path))
 
 
 def _network_maths(span: str) -> bool:
@@ -148,37 +161,35 @@ def _network_maths(span: str) -> bool:
 
 def network_notebook(name: str) -> nbformat.NotebookNode:
     """Network ``name``'s exercise as a notebook: derivation and forward, values, backward, grading cell."""
+    nbf = _nbformat("writing a notebook")
     p = networks.parts(name, NOTEBOOK_GRADING)
     reread = "\n".join(f"* {s}" for s in p.seeds)
     cells = [
-        nbformat.v4.new_markdown_cell(
+        nbf.v4.new_markdown_cell(
             f"# Exercise: backpropagate `{name}` by hand, every intermediate\n\n{markdown(p.net.title, _network_maths)}"
             f"\n\n{markdown(p.net.about, _network_maths)}\n\nThe forward, on fixed inputs (the grader computes it "
             f"and passes every value to `backward`):\n\n```python\n{p.forward}\n```\n\n"
             f"{markdown(p.task, _network_maths)}\n\n**Reread:**\n\n{reread}",
             metadata={KEY: "derivation"},
         ),
-        nbformat.v4.new_code_cell(
+        nbf.v4.new_code_cell(
             f"{p.imports}from manualgrad.teach import networks\n\n"
             f"# every input and intermediate of the forward by name, to look at and to try backward on\n"
             f"values = networks.values({name!r})",
             metadata={KEY: "forward"},
         ),
-        nbformat.v4.new_code_cell(p.backward, metadata={KEY: "backward"}),
-        nbformat.v4.new_code_cell(
+        nbf.v4.new_code_cell(p.backward, metadata={KEY: "backward"}),
+        nbf.v4.new_code_cell(
             f"from manualgrad.teach import notebook\n\nnotebook.grade_network_here({name!r}, globals())",
             metadata={KEY: "grade"},
         ),
     ]
-    nb = nbformat.v4.new_notebook(cells=cells)
-    nb.metadata[KEY] = {"network": name}
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
+    return _new(cells, "network", name)
 
 
 def write_network(name: str, path: str | pathlib.Path) -> None:
     """Writes network ``name``'s notebook to ``path``."""
-    nbformat.write(network_notebook(name), str(path))
+    _nbformat("writing a notebook").write(network_notebook(name), str(path))
 
 
 def _read(path: str | pathlib.Path) -> tuple[str, str]:
@@ -189,14 +200,16 @@ def _read(path: str | pathlib.Path) -> tuple[str, str]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise exercise.ExerciseError(f"no file {str(path)!r}")
+    nbf = _nbformat("grading a notebook")
     try:
-        nb = nbformat.read(str(path), as_version=4)
+        nb = nbf.read(str(path), as_version=4)
     except Exception as error:  # nbformat raises JSON, schema and OS errors of its own kinds
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise exercise.ExerciseError(f"{path} is not a notebook: {type(error).__name__}: {first}") from None
+        raise exercise.ExerciseError(
+            f"{path} is not a notebook: {type(error).__name__}: {text.first_line(error)}"
+        ) from None
     meta = nb.metadata.get(KEY) if isinstance(nb.metadata.get(KEY), dict) else {}
     network = meta.get("network")
-    title = f"{networks.PREFIX}{network}" if network else meta.get("rule")
+    title = f"{exercise.NETWORK}{network}" if network else meta.get("rule")
     if not title:
         raise exercise.ExerciseError(
             f"{path} is not an exercise notebook (its metadata names no rule or network; "
@@ -212,17 +225,17 @@ def _read(path: str | pathlib.Path) -> tuple[str, str]:
 
 def rule_name(path: str | pathlib.Path) -> str:
     """The rule or network a saved exercise notebook is for (an ExerciseError if none)."""
-    return _read(path)[0].removeprefix(networks.PREFIX)
+    return _read(path)[0].removeprefix(exercise.NETWORK)
 
 
 def grade(path: str | pathlib.Path, dtype: str = "float64") -> results.Result:
     """Grades a saved exercise notebook as :func:`manualgrad.teach.exercise.grade` (or
-    :func:`manualgrad.teach.networks.grade`) grades a file."""
+    :func:`manualgrad.teach.network_grading.grade`) grades a file."""
     title, source = _read(path)
     with tempfile.TemporaryDirectory() as folder:
-        file = pathlib.Path(folder) / f"{title.removeprefix(networks.PREFIX)}_notebook.py"
-        file.write_text(f"{exercise.HEADER}{title}\n{source}")
-        grader = networks.grade if title.startswith(networks.PREFIX) else exercise.grade
+        file = pathlib.Path(folder) / f"{title.removeprefix(exercise.NETWORK)}_notebook.py"
+        file.write_text(f"{exercise.header(title)}\n{source}")
+        grader = network_grading.grade if title.startswith(exercise.NETWORK) else exercise.grade
         return grader(file, dtype, shown=str(path))
 
 
@@ -239,11 +252,11 @@ def grade_here(rule: str, namespace: dict[str, Any], dtype: str = "float64") -> 
 def grade_network_here(name: str, namespace: dict[str, Any], dtype: str = "float64") -> bool:
     """A network notebook's last cell: grades the ``backward`` defined in the notebook
     (``namespace``), prints the table, and says whether every gradient is right."""
-    net = networks.get(name)
+    net = networks.network(name)
     return _grade_in_place(
         namespace,
         ("backward",),
-        lambda module, source: networks.grade_module(net, module, source, "this notebook", dtype),
+        lambda module, source: network_grading.grade_module(net, module, source, "this notebook", dtype),
     )
 
 

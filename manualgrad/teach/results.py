@@ -35,13 +35,16 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import Any
 
+from manualgrad import text
+from manualgrad.errors import ManualgradError
+
 SCHEMA = "manualgrad-grade/1"
 FORMATS = ("text", "gradescope", "json", "junit")
 GRADED, ERROR, TIMEOUT, CRASHED = "graded", "error", "timeout", "crashed"
 DEFAULT_TIMEOUT = 600.0  # seconds a submission may take to grade (manualgrad.teach.grading)
 
 
-class WeightsError(ValueError):
+class WeightsError(ManualgradError, ValueError):
     """A weights file that cannot be used: missing, not JSON, or not names to points."""
 
 
@@ -194,7 +197,7 @@ def junit(results: Sequence[Result]) -> str:
             case = ET.SubElement(suite, "testcase", classname=row.group, name=row.test)
             if errored or not row.passed:
                 tag = "error" if errored else "failure"
-                ET.SubElement(case, tag, message=row.output.splitlines()[0] if row.output else tag).text = row.output
+                ET.SubElement(case, tag, message=text.first_line(row.output) or tag).text = row.output
         ET.SubElement(suite, "system-out").text = result.report
         for key, n in (("tests", len(result.rows)), ("failures", failures), ("errors", errors)):
             counts[key] += n
@@ -222,8 +225,7 @@ def summary(results: Sequence[Result], weights: dict[str, float]) -> str:
         score, top = totals(result, weights)
         status = "passed" if result.passed else "failed" if result.status == GRADED else result.status
         rows.append((result.file, result.rule or "-", f"{score:g}/{top:g}", f"{result.seconds:.1f}", status))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = text.table(rows)
     passed = sum(r.passed for r in results)
     lines.append(f"{passed} of {len(results)} submissions passed every test")
     return "\n".join(lines)

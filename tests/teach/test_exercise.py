@@ -12,6 +12,7 @@ import pytest
 import manualgrad
 from manualgrad import cli, registry
 from manualgrad.teach import exercise
+from manualgrad.text import plain
 
 RULES = [rule.name for rule in manualgrad.rules()]
 
@@ -49,11 +50,11 @@ DENSE = (
     "    return g @ w.T, jnp.tensordot(x, g, axes=(lead, lead))\n"
 )
 LEAKY_RELU = "    f = residuals\n    return (jnp.where(f > 0, g, negative_slope * g),)\n"
-# conv2d, tap by tap: tap (i, j) reads the strided window x_pad[:, i·d : i·d + (o−1)s + 1 : s, ...].
+# conv2d, tap by tap: tap (i, j) reads the strided window x_pad[:, i·d : i·d + (o−1)s + 1 : s, ...]; the
+# padding from the exercise file's own helpers, as its forward computes it.
 CONV2D = """    x, w = residuals
-    geo = geometry("conv2d", x.shape, w.shape, stride, padding, dilation)
-    (sh, sw), (dh, dw_), (oh, ow) = geo.strides, geo.dilation, geo.output
-    (hlo, hhi), (wlo, whi) = geo.pads
+    (sh, sw), (dh, dw_), (oh, ow) = spatial(stride, 2), spatial(dilation, 2), g.shape[1:3]
+    (hlo, hhi), (wlo, whi) = zero_padding(padding, x.shape[1:3], w.shape[:2], (sh, sw), (dh, dw_))
     xp = jnp.pad(x, ((0, 0), (hlo, hhi), (wlo, whi), (0, 0)))
     dxp, dw = jnp.zeros_like(xp), jnp.zeros_like(w)
     for i in range(w.shape[0]):
@@ -70,12 +71,12 @@ CONV2D = """    x, w = residuals
 def test_exercise_exists_for_every_rule(name, tmp_path):
     rule = manualgrad.get(name)
     text = exercise.exercise(name)
-    assert text.startswith(f"{exercise.HEADER}{name}\n")
+    assert text.startswith(f"{exercise.HEADER}{name}\n# manualgrad exercise format {exercise.FORMAT}, written by ")
     # The derivation up to its result, and nothing of the result itself.
     setup = rule.derivation_setup
     result = rule.derivation[len(setup) :].split(registry.RESULT_MARKER, 1)[1].strip()
     first_result_line = result.splitlines()[0].strip()
-    assert all(line.strip() in text for line in setup.splitlines())
+    assert all(plain(line).strip() in text for line in setup.splitlines())
     assert first_result_line and first_result_line not in text
     # Runs: its forward is the rule's forward, its backward is empty.
     namespace = runpy.run_path(str(_write(tmp_path, name)))

@@ -133,7 +133,7 @@ def _solved(name, body):
     """Network ``name``'s exercise text with its `dNAME = None` lines replaced by ``body``."""
     lines = networks.exercise_text(name).splitlines(keepends=True)
     blanks = [i for i, line in enumerate(lines) if re.match(r"    d\w+ = None  # ", line)]
-    assert len(blanks) == len(networks.order(networks.get(name)))
+    assert len(blanks) == len(networks.order(networks.network(name)))
     return "".join(lines[: blanks[0]] + [body] + lines[blanks[-1] + 1 :])
 
 
@@ -158,7 +158,7 @@ def test_mlp_bn_grades_on_contexts_drawn_from_the_words_dataset():
     if not data.WORDS.is_file():
         pytest.skip(f"no word list at {data.WORDS} (apt install wamerican): mlp_bn's batch cannot be drawn again")
     assert networks.draw_batch(data.load_sequences("words")) == networks.CONTEXTS
-    values = networks.inputs(networks.get("mlp_bn"))
+    values = networks.inputs(networks.network("mlp_bn"))
     assert ["".join(networks.VOCAB[i] for i in row) for row in values["Xb"]] == [c for c, _, _ in networks.CONTEXTS]
     assert "".join(networks.VOCAB[i] for i in values["Yb"]) == "".join(y for _, y, _ in networks.CONTEXTS)
 
@@ -227,7 +227,7 @@ def test_a_right_solution_grades_every_gradient_exact_or_close(name, tmp_path, c
     assert cli.main(["grade", "--in-process", str(path)]) == 0
     out = capsys.readouterr().out
     table = _table(out)
-    order = [f"d{n}" for n in networks.order(networks.get(name))]
+    order = [f"d{n}" for n in networks.order(networks.network(name))]
     assert list(table) == order and all(close == "yes" for _, close, _ in table.values()), out
     assert all((exact == "yes") == (diff == "0") for exact, _, diff in table.values()), out
     assert f"score: {len(order)}/{len(order)} gradients right" in out
