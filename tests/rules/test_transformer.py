@@ -265,7 +265,7 @@ def test_checker_catches_mistakes_in_several_arguments(mutation):
 # --------------------------------------------------------------------------- exercises
 
 ATTENTION = """    q, k, v, o, lse = residuals
-    p = jnp.exp(_scores(q, k, causal) - lse[..., None])
+    p = jnp.exp(scores(q, k, causal) - lse[..., None])
     ds = p * (jnp.einsum("btnh,bsnh->bnts", g, v) - jnp.einsum("btnh,btnh->bnt", g, o)[..., None])
     scale = 1 / np.sqrt(q.shape[-1])
     dq, dk = jnp.einsum("bnts,bsnh->btnh", ds, k) * scale, jnp.einsum("bnts,btnh->bsnh", ds, q) * scale
@@ -289,7 +289,7 @@ EMBEDDING_SET = """    ids, table = residuals
     ],
 )
 def test_exercises_grade_like_the_others(name, body, code, expected, tmp_path, capsys):
-    """A hand solution of the attention exercise (its forward's _scores allowed) passes every check;
+    """A hand solution of the attention exercise (the scores its file defines for the forward) passes every check;
     the embedding's scatter written with .set fails, diagnosed."""
     text = exercise.exercise(name)
     path = tmp_path / f"{name}_exercise.py"
