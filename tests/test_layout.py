@@ -26,7 +26,8 @@ ALLOWED = {
     "teach": {"check", "rules", "registry"} | FOUNDATION,
     "nn": {"rules", "registry"} | FOUNDATION,
     "train": {"nn", "check", "rules", "registry"} | FOUNDATION,
-    "bench": {"train", "nn", "check", "rules", "registry"} | FOUNDATION,
+    # the bench reports the process's runtime settings (which the CLI applies) beside its figures
+    "bench": {"train", "nn", "check", "rules", "registry", "runtime"} | FOUNDATION,
 }
 TOP_LEVEL = {
     "__init__.py",
