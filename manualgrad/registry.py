@@ -29,6 +29,9 @@ class RegistrationTypeError(RegistrationError, TypeError):
 class UnknownRuleError(ManualgradError, KeyError):
     """No rule is registered under the name asked for; the message lists the registered ones."""
 
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # the sentence, not KeyError's quoted repr
+
 
 @dataclasses.dataclass(frozen=True)
 class Seed:
