@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from manualgrad import registry  # noqa: E402
+from manualgrad import registry, text  # noqa: E402
 from manualgrad.check import checker, tolerances  # noqa: E402
 
 COMMITTED = Path(__file__).with_name("errors.png")
@@ -99,7 +99,7 @@ def figure(values: dict[tuple[str, str], dict[str, float]], out: Path) -> Path:
 def output_path(argv: Sequence[str] | None = None) -> Path:
     """Where the figure goes: ``--update``, the committed figure; ``--out PATH``; else a
     temporary folder, so that running the script leaves the working tree as it was."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=text.first_line(__doc__))
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, help="write the figure to this PNG file")
     where.add_argument("--update", action="store_true", help=f"rewrite the committed {COMMITTED.name}")

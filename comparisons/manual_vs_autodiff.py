@@ -20,7 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from manualgrad.train import loop  # noqa: E402
+from manualgrad import text  # noqa: E402
+from manualgrad.train import loop, progress  # noqa: E402
+from manualgrad.train.config import Config  # noqa: E402
 
 GRADIENTS = {"manual": "the hand rules (custom_vjp)", "autodiff": "jax.grad of the plain-jnp references"}
 
@@ -31,13 +33,13 @@ def main(epochs: int = 5, model: str = "mlp", out: Path = Path("runs/manual_vs_a
     for grad in ("manual", "autodiff"):
         print(f"--grad {grad}: {model} trained on {GRADIENTS[grad]}, into {out / grad}")
         # overwrite: the script's own output folder, rewritten on every run
-        config = loop.Config(model=model, epochs=epochs, grad=grad, out=str(out / grad), overwrite=True)
+        config = Config(model=model, epochs=epochs, grad=grad, out=str(out / grad), overwrite=True)
         loop.train(config)
-        runs[grad] = list(loop.read_metrics(out / grad / "metrics.csv"))
+        runs[grad] = list(progress.read_metrics(out / grad / "metrics.csv"))
     differences = []
     print(f"both runs, {model} on digits, {epochs} epochs, seed 0: relative difference, hand rules vs jax.grad")
     for m, a in zip(runs["manual"], runs["autodiff"]):
-        row = {k: abs(m[k] - a[k]) / max(abs(a[k]), 1e-30) for k in loop.METRICS if k != "epoch"}
+        row = {k: abs(m[k] - a[k]) / max(abs(a[k]), 1e-30) for k in progress.METRICS if k != "epoch"}
         differences.append(row)
         print(f"epoch {int(m['epoch']):2d}  " + "  ".join(f"{k} {v:.1e}" for k, v in row.items()))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -61,7 +63,7 @@ def main(epochs: int = 5, model: str = "mlp", out: Path = Path("runs/manual_vs_a
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=text.first_line(__doc__))
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     parser.add_argument("--out", type=Path, default=Path("runs/manual_vs_autodiff"))

@@ -23,6 +23,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from manualgrad import text
 from manualgrad.bench import bench
 from manualgrad.nn import backprop, layers
 
@@ -76,6 +77,6 @@ def main(batch: int = 256) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=text.first_line(__doc__))
     parser.add_argument("--batch", type=int, default=256)
     main(parser.parse_args().batch)

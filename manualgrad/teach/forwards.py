@@ -1,8 +1,9 @@
 """The forward an exercise file shows, readable on its own and importing only public names.
 
 A rule whose forward uses only public modules (``jax.numpy``, ``lax``, :mod:`manualgrad.validation`,
-the standard library) is shown as it is written. A rule whose forward calls the library's own
-helpers is shown as its ``NAME_forward`` below instead: the same computation, the same output and
+the standard library) is shown as it is written, less its calls of the library's private argument
+checks (``_validate...``). A rule whose forward computes with the library's own helpers is shown
+as its ``NAME_forward`` below instead: the same computation, the same output and
 the same residuals, in plain ``jax.numpy`` and ``lax`` (``tests/teach/test_exercise_files.py`` holds
 each to its rule on every sample). These leave out the argument checks the rule makes.
 :func:`source` gives a rule's forward as an exercise file's code, with the helpers below it calls
@@ -258,24 +259,6 @@ def embedding_forward(ids, table):
     return jnp.where(valid[..., None], table[jnp.clip(ids, 0, vocab - 1)], jnp.nan), (ids, table)
 
 
-def softmax_forward(z, axis=-1):
-    """``p = exp(z − max) / Σ exp(z − max)`` along ``axis``."""
-    e = jnp.exp(z - jnp.max(z, axis=axis, keepdims=True))
-    p = e / jnp.sum(e, axis=axis, keepdims=True)
-    return p, p
-
-
-def log_softmax_forward(z, axis=-1):
-    """``log softmax(z)`` along ``axis``: ``z − max − log(1 + Σ_{others} exp(z − max))``, the
-    entries at the maximum counted exactly."""
-    shifted = z - jnp.max(z, axis=axis, keepdims=True)
-    top = shifted == 0
-    others = jnp.sum(jnp.where(top, 0, jnp.exp(shifted)), axis=axis, keepdims=True)
-    ties = jnp.sum(top, axis=axis, keepdims=True, dtype=shifted.dtype) - 1
-    y = shifted - jnp.log1p(others + ties)
-    return y, y
-
-
 def scores(q, k, causal):
     """``S = q kᵀ / √H`` per batch entry and head, ``(B, N, T, S)``; with ``causal`` the keys after
     each query (``s > t``) set to ``−∞``."""
@@ -325,7 +308,17 @@ def _import_order(line: str) -> tuple[int, bool, str]:
 
 
 def _source(f: Callable[..., Any]) -> str:
-    return textwrap.dedent(inspect.getsource(f)).strip() + "\n"
+    """``f``'s source as an exercise file shows it: without the statements that only call one of
+    the library's private argument checks (``_validate...``), which a file cannot import."""
+    lines = textwrap.dedent(inspect.getsource(f)).splitlines()
+    body = ast.parse("\n".join(lines)).body[0].body
+    checks = {i for stmt in body if _is_private_check(stmt) for i in range(stmt.lineno - 1, stmt.end_lineno)}
+    return "\n".join(line for i, line in enumerate(lines) if i not in checks).strip() + "\n"
+
+
+def _is_private_check(statement: ast.stmt) -> bool:
+    call = statement.value if isinstance(statement, ast.Expr) else None
+    return isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id.startswith("_validate")
 
 
 def _closure(rule: Rule, forward: Callable[..., Any]) -> tuple[list[Callable[..., Any]], set[str]]:
@@ -355,8 +348,8 @@ def _closure(rule: Rule, forward: Callable[..., Any]) -> tuple[list[Callable[...
 
 
 def _free_names(f: Callable[..., Any]) -> set[str]:
-    """The global names ``f``'s code, decorators and annotations read."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(f))).body[0]
+    """The global names ``f``'s shown code (:func:`_source`), decorators and annotations read."""
+    tree = ast.parse(_source(f)).body[0]
     bound, read = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):

@@ -120,9 +120,18 @@ def _nbformat(purpose: str) -> types.ModuleType:
     return extras.require("nbformat", "teach", purpose)
 
 
-def _new(cells: list[Any], kind: str, name: str) -> nbformat.NotebookNode:
-    """A notebook of ``cells`` whose metadata names its ``kind`` (``rule`` or ``network``) ``name``."""
-    nb = _nbformat("writing a notebook").v4.new_notebook(cells=cells)
+def _new(kind: str, name: str, derivation: str, forward: str, backward: str, grade: str) -> nbformat.NotebookNode:
+    """A notebook whose metadata names its ``kind`` (``rule`` or ``network``) ``name``, of four
+    cells: the ``derivation`` (Markdown), the ``forward`` and the ``backward`` code, and the cell
+    that calls ``grade`` (a call of this module's)."""
+    nbf = _nbformat("writing a notebook")
+    cells = [
+        nbf.v4.new_markdown_cell(derivation, metadata={KEY: "derivation"}),
+        nbf.v4.new_code_cell(forward, metadata={KEY: "forward"}),
+        nbf.v4.new_code_cell(backward, metadata={KEY: "backward"}),
+        nbf.v4.new_code_cell(f"from manualgrad.teach import notebook\n\nnotebook.{grade}", metadata={KEY: "grade"}),
+    ]
+    nb = nbf.v4.new_notebook(cells=cells)
     nb.metadata[KEY] = {kind: name}
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     return nb
@@ -130,23 +139,17 @@ def _new(cells: list[Any], kind: str, name: str) -> nbformat.NotebookNode:
 
 def notebook(name: str) -> nbformat.NotebookNode:
     """Rule ``name``'s exercise as a notebook: derivation, forward, empty backward, grading cell."""
-    nbf = _nbformat("writing a notebook")
     p = exercise.parts(name, NOTEBOOK_GRADING)
     reread = "\n".join(f"* {s}" for s in p.seeds)
-    cells = [
-        nbf.v4.new_markdown_cell(
-            f"# Exercise: the backward rule of `{p.rule.name}`\n\n{markdown(p.derivation)}\n\n"
-            f"{markdown(p.task)}\n\n**Reread:**\n\n{reread}",
-            metadata={KEY: "derivation"},
-        ),
-        nbf.v4.new_code_cell(p.imports + "\n\n" + p.forward, metadata={KEY: "forward"}),
-        nbf.v4.new_code_cell(p.backward, metadata={KEY: "backward"}),
-        nbf.v4.new_code_cell(
-            f"from manualgrad.teach import notebook\n\nnotebook.grade_here({p.rule.name!r}, globals())",
-            metadata={KEY: "grade"},
-        ),
-    ]
-    return _new(cells, "rule", p.rule.name)
+    return _new(
+        "rule",
+        p.rule.name,
+        f"# Exercise: the backward rule of `{p.rule.name}`\n\n{markdown(p.derivation)}\n\n"
+        f"{markdown(p.task)}\n\n**Reread:**\n\n{reread}",
+        p.imports + "\n\n" + p.forward,
+        p.backward,
+        f"grade_here({p.rule.name!r}, globals())",
+    )
 
 
 def write(name: str, path: str | pathlib.Path) -> None:
@@ -161,30 +164,21 @@ def _network_maths(span: str) -> bool:
 
 def network_notebook(name: str) -> nbformat.NotebookNode:
     """Network ``name``'s exercise as a notebook: derivation and forward, values, backward, grading cell."""
-    nbf = _nbformat("writing a notebook")
     p = networks.parts(name, NOTEBOOK_GRADING)
     reread = "\n".join(f"* {s}" for s in p.seeds)
-    cells = [
-        nbf.v4.new_markdown_cell(
-            f"# Exercise: backpropagate `{name}` by hand, every intermediate\n\n{markdown(p.net.title, _network_maths)}"
-            f"\n\n{markdown(p.net.about, _network_maths)}\n\nThe forward, on fixed inputs (the grader computes it "
-            f"and passes every value to `backward`):\n\n```python\n{p.forward}\n```\n\n"
-            f"{markdown(p.task, _network_maths)}\n\n**Reread:**\n\n{reread}",
-            metadata={KEY: "derivation"},
-        ),
-        nbf.v4.new_code_cell(
-            f"{p.imports}from manualgrad.teach import networks\n\n"
-            f"# every input and intermediate of the forward by name, to look at and to try backward on\n"
-            f"values = networks.values({name!r})",
-            metadata={KEY: "forward"},
-        ),
-        nbf.v4.new_code_cell(p.backward, metadata={KEY: "backward"}),
-        nbf.v4.new_code_cell(
-            f"from manualgrad.teach import notebook\n\nnotebook.grade_network_here({name!r}, globals())",
-            metadata={KEY: "grade"},
-        ),
-    ]
-    return _new(cells, "network", name)
+    return _new(
+        "network",
+        name,
+        f"# Exercise: backpropagate `{name}` by hand, every intermediate\n\n{markdown(p.net.title, _network_maths)}"
+        f"\n\n{markdown(p.net.about, _network_maths)}\n\nThe forward, on fixed inputs (the grader computes it "
+        f"and passes every value to `backward`):\n\n```python\n{p.forward}\n```\n\n"
+        f"{markdown(p.task, _network_maths)}\n\n**Reread:**\n\n{reread}",
+        f"{p.imports}from manualgrad.teach import networks\n\n"
+        f"# every input and intermediate of the forward by name, to look at and to try backward on\n"
+        f"values = networks.values({name!r})",
+        p.backward,
+        f"grade_network_here({name!r}, globals())",
+    )
 
 
 def write_network(name: str, path: str | pathlib.Path) -> None:

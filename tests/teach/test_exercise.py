@@ -165,8 +165,8 @@ def test_exercise_command_writes_and_refuses_to_overwrite(tmp_path, capsys):
     assert "unknown rule nope" in capsys.readouterr().err
 
 
-# Issue 11, item 1: the transpose of the right dw, (out, in): custom_vjp refuses it on every sample but
-# 'width 1' (w of shape 1 × 1). It used to score 6/7, the checks that could not run counted as passed.
+# The transpose of the right dw, (out, in): custom_vjp refuses it on every sample but
+# 'width 1' (w of shape 1 × 1): a check that could not run on a sample fails on it.
 TRANSPOSED_DW = (
     "    x, w = residuals\n    x2 = jnp.reshape(x, (-1, x.shape[-1]))\n"
     "    g2 = jnp.reshape(g, (-1, g.shape[-1]))\n    return g @ w.T, g2.T @ x2\n"
@@ -184,13 +184,13 @@ def test_a_check_that_could_not_run_on_a_sample_fails_on_it(tmp_path, capsys):
 
 
 def test_a_wrong_shape_cotangent_is_diagnosed(tmp_path, capsys):
-    # Issue 11, item 2: the same dw is exactly the right one transposed, and the diagnosis says so.
+    # The same dw is exactly the right one transposed, and the diagnosis says so.
     _, out = _grade(_write(tmp_path, "dense", TRANSPOSED_DW), capsys)
     diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis: ")]
     assert diagnoses == ["diagnosis: dense, argument w: your gradient equals the right one transposed"], out
 
 
-# Issue 11, item 3: the usual slips of the backward's contract, each one plain sentence.
+# The usual slips of the backward's contract, each one plain sentence.
 MUST = "it must return a tuple with one cotangent per argument of the forward, here "
 SLIPS = {
     "no return": (
@@ -245,7 +245,7 @@ def test_a_common_slip_is_a_graded_failure_with_one_sentence(slip, tmp_path, cap
     assert _check_lines(out)["forward"][0] == "ok"
 
 
-# Issue 11, item 4: autodiff, or manualgrad's own backward, inside a hand backward.
+# Autodiff, or manualgrad's own backward, inside a hand backward.
 AUTODIFF = {
     "jax.vjp": ("    x, w = residuals\n    return jax.vjp(lambda a, b: a @ b, x, w)[1](g)\n", "jax.vjp"),
     "from jax import": (
