@@ -129,7 +129,12 @@ def version() -> str:
 def header(title: str) -> str:
     """The first two lines of an exercise file for ``title`` (a rule's name or ``network NAME``):
     what it is for, and the format and version that wrote it."""
-    return f"{HEADER}{title}\n# manualgrad exercise format {FORMAT}, written by manualgrad {version()}"
+    return f"{HEADER}{title}\n{format_line()}"
+
+
+def format_line(number: int = FORMAT, written_by: str | None = None) -> str:
+    """An exercise file's second line: format ``number``, written by manualgrad ``written_by`` (this version)."""
+    return f"# manualgrad exercise format {number}, written by manualgrad {written_by or version()}"
 
 
 def exercise(name: str) -> str:

@@ -132,7 +132,7 @@ def _new(kind: str, name: str, derivation: str, forward: str, backward: str, gra
         nbf.v4.new_code_cell(f"from manualgrad.teach import notebook\n\nnotebook.{grade}", metadata={KEY: "grade"}),
     ]
     nb = nbf.v4.new_notebook(cells=cells)
-    nb.metadata[KEY] = {kind: name}
+    nb.metadata[KEY] = {kind: name, "format": exercise.FORMAT, "version": exercise.version()}
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     return nb
 
@@ -188,8 +188,9 @@ def write_network(name: str, path: str | pathlib.Path) -> None:
 
 def _read(path: str | pathlib.Path) -> tuple[str, str]:
     """``(title, source)`` of a saved exercise notebook: its rule's name or ``network NAME``
-    (the first line of an exercise file, :func:`manualgrad.teach.exercise.title_of`), and every
-    code cell but the grading one, in order, each headed by its number; IPython's ``%``/``!``
+    (the first line of an exercise file, :func:`manualgrad.teach.exercise.title_of`), and the
+    rest of the file its cells make: the format line where the notebook records its format, then
+    every code cell but the grading one, in order, each headed by its number; IPython's ``%``/``!``
     lines commented out."""
     path = pathlib.Path(path)
     if not path.is_file():
@@ -214,7 +215,9 @@ def _read(path: str | pathlib.Path) -> tuple[str, str]:
         for i, c in enumerate(nb.cells)
         if c.cell_type == "code" and c.metadata.get(KEY) != "grade"
     ]
-    return str(title), "\n\n".join(code) + "\n"
+    # The format line of the file the cells make; none for a notebook written before notebooks recorded it.
+    head = f"{exercise.format_line(meta['format'], meta.get('version', 'unknown'))}\n" if "format" in meta else ""
+    return str(title), head + "\n\n".join(code) + "\n"
 
 
 def rule_name(path: str | pathlib.Path) -> str:
@@ -228,9 +231,12 @@ def grade(path: str | pathlib.Path, dtype: str = "float64") -> results.Result:
     title, source = _read(path)
     with tempfile.TemporaryDirectory() as folder:
         file = pathlib.Path(folder) / f"{title.removeprefix(exercise.NETWORK)}_notebook.py"
-        file.write_text(f"{exercise.header(title)}\n{source}")
+        file.write_text(f"{exercise.HEADER}{title}\n{source}")
         grader = network_grading.grade if title.startswith(exercise.NETWORK) else exercise.grade
-        return grader(file, dtype, shown=str(path))
+        try:
+            return grader(file, dtype, shown=str(path))
+        except exercise.ExerciseError as error:  # said of the notebook, not of the file made from it
+            raise exercise.ExerciseError(str(error).replace(str(file), str(path))) from None
 
 
 def grade_here(rule: str, namespace: dict[str, Any], dtype: str = "float64") -> bool:

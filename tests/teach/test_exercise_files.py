@@ -111,7 +111,8 @@ RIGHT = {
         "    xhat, inv, gamma = residuals\n"
         "    lead = tuple(range(g.ndim - 1))\n"
         "    gx = jnp.reshape(gamma, (1,) * (g.ndim - 1) + (-1,)) * g\n"
-        "    dx = inv * (gx - jnp.mean(gx, axis=-1, keepdims=True) - xhat * jnp.mean(gx * xhat, axis=-1, keepdims=True))\n"
+        "    mean = lambda a: jnp.mean(a, axis=-1, keepdims=True)\n"
+        "    dx = inv * (gx - mean(gx) - xhat * mean(gx * xhat))\n"
         "    return dx, jnp.sum(g * xhat, axis=lead), jnp.sum(g, axis=lead)\n",
         "6/6",
     ),
@@ -217,3 +218,21 @@ def test_explain_shows_the_derivation_without_rest_markup(capsys):
     assert cli.main(["explain", "conv2d"]) == 0
     out = capsys.readouterr().out
     assert registry.get("conv2d").derivation.count("``") and "``" not in out
+
+
+def test_a_notebook_from_before_the_format_whose_imports_are_gone_is_refused_in_one_sentence(tmp_path):
+    import nbformat
+
+    path = tmp_path / "dense.ipynb"
+    assert cli.main(["exercise", "dense", "--notebook", "--out", str(path)]) == 0
+    nb = nbformat.read(str(path), as_version=4)
+    nb.metadata["manualgrad"] = {"rule": "dense"}  # as notebooks were written before they recorded their format
+    forward = next(c for c in nb.cells if c.metadata.get("manualgrad") == "forward")
+    forward.source = forward.source.replace("from manualgrad import", "from manualgrad.linear import")
+    nbformat.write(nb, str(path))
+    graded = grading.grade_file(path)
+    assert graded.status == "error" and graded.rows[0].output == (
+        f"{path} was written by an earlier manualgrad in exercise format 1 and imports manualgrad.linear, which "
+        f"this manualgrad ({exercise.version()}) no longer has; it grades format {exercise.FORMAT}: write a fresh "
+        "file with `manualgrad exercise dense`"
+    )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from manualgrad import cli, registry
-from manualgrad.teach import grading, networks, notebook, results
+from manualgrad.teach import exercise, grading, networks, notebook, results
 from manualgrad.train import data
 
 # Right solutions, derived by hand: the body of backward that replaces its `dNAME = None` lines.
@@ -343,7 +343,7 @@ def test_every_network_has_a_valid_notebook(name):
     nb = notebook.network_notebook(name)
     nbformat.validate(nb)
     assert [c.metadata[notebook.KEY] for c in nb.cells] == ["derivation", "forward", "backward", "grade"]
-    assert nb.metadata[notebook.KEY] == {"network": name}
+    assert nb.metadata[notebook.KEY] == {"network": name, "format": exercise.FORMAT, "version": exercise.version()}
     text = nb.cells[0].source
     assert text.count("$") % 2 == 0 and "```python\n" in text and "`backward`" in text
     assert f"notebook.grade_network_here({name!r}, globals())" in nb.cells[-1].source

@@ -9,7 +9,7 @@ import pytest
 
 import manualgrad
 from manualgrad import cli
-from manualgrad.teach import notebook
+from manualgrad.teach import exercise, notebook
 
 RULES = [rule.name for rule in manualgrad.rules()]
 RELU = "    return (g * (residuals > 0),)\n"
@@ -31,7 +31,7 @@ def test_every_rule_has_a_valid_notebook(name):
     nbformat.validate(nb)
     roles = [c.metadata[notebook.KEY] for c in nb.cells]
     assert roles == ["derivation", "forward", "backward", "grade"]
-    assert nb.metadata[notebook.KEY] == {"rule": name}
+    assert nb.metadata[notebook.KEY] == {"rule": name, "format": exercise.FORMAT, "version": exercise.version()}
     assert f"notebook.grade_here({name!r}, globals())" in nb.cells[-1].source
     text = nb.cells[0].source
     assert text.count("$") % 2 == 0  # every formula closed
