@@ -156,6 +156,18 @@ def test_distributed_auto_outside_a_cluster_says_what_to_give():
     assert "--coordinator HOST:PORT --num-processes N --process-id I" in line
 
 
+def test_launch_relays_each_process_s_lines_whole_without_gloo_s_notices(tmp_path):
+    """gloo's C++ notices ("[Gloo] Rank 1 is connected to …") are left out, and the two processes'
+    lines arrive whole, never mixed mid-line."""
+    one_epoch = ("--model", "mlp", "--dataset", "xor", "--epochs", "1", "--cross-check-batches", "0")
+    result = _run("launch", "--processes", "2", "--", "train", *one_epoch, "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert "Gloo" not in result.stdout + result.stderr
+    known = ("run folder ", "epoch   1 ", "process 1 of 2 done;", "test accuracy ", "no cross-check ", "wrote ")
+    assert all(line.startswith(known) for line in result.stdout.splitlines()), result.stdout
+    assert "after 1 epoch (25 steps on 2 devices of 2 processes)" in result.stdout
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

@@ -472,6 +472,7 @@ def test_eight_devices_give_the_one_device_gradient(tmp_path):
         from jax.sharding import NamedSharding, PartitionSpec as P
         from manualgrad.nn import layers
         from manualgrad.train import loop
+        from manualgrad.train.config import Config
         assert len(jax.devices()) == 8
         rng = np.random.default_rng(0)
         x, y = rng.random((32, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 32).astype(np.int32)
