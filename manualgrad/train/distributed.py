@@ -2,7 +2,7 @@
 
 One process per host runs the same program (``jax.distributed``); CPU collectives go through
 gloo. The mesh of :func:`manualgrad.train.loop.mesh` then spans every process's devices,
-process-major (:func:`devices`), so ``--batch-size`` stays the *global* batch ``B`` and process
+process-major (:func:`devices`), so ``batch_size`` stays the *global* batch ``B`` and process
 ``p`` of ``P`` feeds its rows ``[p·B/P, (p+1)·B/P)`` of it (:func:`global_batch`, through
 ``jax.make_array_from_process_local_data``). Every process computes the same epoch order, so
 the global batch is the one-process batch and the step is the one-process program: XLA's
@@ -11,17 +11,17 @@ devices sit in one process or in several. Parameters, optimizer state and model 
 replicated (``P()``).
 
 Process 0 alone writes (:func:`is_writer`): the run folder, metrics, plots and checkpoints;
-``--out``/``--resume`` must therefore name a folder every process sees at the same path (a
-shared file system; one host trivially). On ``--resume`` every process reads the newest
+``out``/``resume`` must therefore name a folder every process sees at the same path (a
+shared file system; one host trivially). On ``resume`` every process reads the newest
 checkpoint itself, and :func:`agree` makes all of them stop with an error unless they hold the
 same arguments and the same step. Ctrl-C stops every process at the same step
 (:func:`stop_requested`).
 
-Starting: ``--coordinator HOST:PORT --num-processes N --process-id I`` names everything, or
-``--distributed auto`` lets ``jax.distributed.initialize()`` detect it (SLURM, Open MPI, Cloud
-TPU, Kubernetes with ``jax[k8s]``; ``--distributed mpi4py`` for other MPIs); explicit flags
+Starting: ``coordinator`` (``HOST:PORT``), ``num_processes`` and ``process_id`` name everything, or
+``distributed="auto"`` lets ``jax.distributed.initialize()`` detect it (SLURM, Open MPI, Cloud
+TPU, Kubernetes with ``jax[k8s]``; ``"mpi4py"`` for other MPIs); the fields given explicitly
 override what is detected. A process that dies stops the others: JAX's coordination service
-misses its heartbeat for ``--process-timeout`` seconds and terminates every other process with
+misses its heartbeat for ``process_timeout`` seconds and terminates every other process with
 ``Terminating process because the JAX distributed service detected fatal errors`` (SIGABRT);
 the same timeout bounds the wait for all processes to join at start and to meet at exit.
 
@@ -50,8 +50,8 @@ from manualgrad.errors import ManualgradError
 from manualgrad.text import first_line
 from manualgrad.train.errors import FieldMessage
 
-DETECTIONS: dict[str, str | None] = {"auto": None, "mpi4py": "mpi4py"}  # --distributed -> jax's detection method
-DEFAULT_TIMEOUT = 60  # seconds: --process-timeout
+DETECTIONS: dict[str, str | None] = {"auto": None, "mpi4py": "mpi4py"}  # distributed -> jax's detection method
+DEFAULT_TIMEOUT = 60  # seconds: process_timeout
 WRITER = 0  # the process that writes the run's files
 COLLECTIVES = "jax_cpu_collectives_implementation"  # the config option naming CPU collectives (jax 0.10)
 STOP_EVERY = 10  # steps between two comparisons of the processes' Ctrl-C flags
@@ -93,7 +93,7 @@ def validate(config: Any) -> None:
 
 
 def _validate_numbers(config: Any) -> None:
-    """``--coordinator HOST:PORT``, ``--num-processes``, ``--process-id`` and ``--process-timeout`` in range."""
+    """``coordinator`` (``HOST:PORT``), ``num_processes``, ``process_id`` and ``process_timeout`` in range."""
     if config.coordinator is not None and not _valid_address(config.coordinator):
         raise DistributedError(
             "{coordinator} must be HOST:PORT with a port from 1 to 65535, got {got!r}", got=config.coordinator
@@ -180,7 +180,7 @@ def global_batch(rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def stop_requested(pressed: bool, step: int) -> bool:
     """Whether Ctrl-C has reached any process, asked by every process before step ``step``: the processes
-    compare their flags every :data:`STOP_EVERY` steps (a gather costs about one step of a small model),
+    compare their flags every :data:`STOP_EVERY` steps (a gather across the processes, too dear for every step),
     so all of them stop at the same step, at most ``STOP_EVERY - 1`` steps after the first press."""
     if jax.process_count() == 1:
         return pressed

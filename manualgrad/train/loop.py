@@ -345,9 +345,13 @@ def _prepared(config: Config) -> tuple[_Run, _Reached, Path, Path | None]:
 def train(config: Config) -> dict[str, Any]:
     """Runs ``manualgrad train``; returns the summary (final metrics, cross-check, timings, paths).
 
-    Raises :class:`~manualgrad.train.errors.ConfigError` for a configuration that cannot run (before
-    writing anything), :class:`~manualgrad.train.errors.Diverged` when the loss or the state stops being
-    finite, and :class:`~manualgrad.train.errors.Interrupted` on Ctrl-C.
+    Raises :class:`~manualgrad.train.errors.ConfigError` for a configuration that cannot run, before
+    writing anything (as do a data set's :class:`~manualgrad.train.data.DataError`, a checkpoint's
+    :class:`~manualgrad.train.checkpoint.CheckpointError`, the processes'
+    :class:`~manualgrad.train.distributed.DistributedError` and a missing extra's
+    :class:`~manualgrad.errors.MissingExtraError`: all :class:`~manualgrad.errors.ManualgradError`),
+    :class:`~manualgrad.train.errors.Diverged` when the loss or the state stops being finite, and
+    :class:`~manualgrad.train.errors.Interrupted` on Ctrl-C.
     """
     started = time.perf_counter()
     config = resolved(config)

@@ -24,7 +24,6 @@ from manualgrad.train import data
 from manualgrad.train.errors import ConfigError, either
 
 _DROPOUT_STREAM = 1  # fold_in(PRNGKey(seed), 1): the dropout keys' root, apart from the initialisation's key
-
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     "sgd": optax.sgd,
     "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
@@ -33,8 +32,6 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
 }
 SCHEDULED = ("adamw",)  # the learning rate warms up linearly, then decays as a cosine over the run
 WARMUP = 0.05  # the fraction of the run's steps spent warming up
-
-
 GRADS = ("manual", "autodiff")  # the hand rules, or jax.grad of the same model built from the references
 
 
