@@ -2,7 +2,8 @@
 
 Images are float32 NHWC with values in ``[0, 1]``, points are float32 ``(N, d)`` rows, and
 labels are int32 class indices. ``load("digits" | "xor" | "spirals" | "moons" | "idx:PATH")``
-picks one; ``idx:PATH`` reads MNIST-format IDX files (e.g. Fashion-MNIST) from a directory.
+picks one; ``idx:PATH`` reads MNIST-format IDX files (e.g. Fashion-MNIST) from a directory
+(:mod:`~manualgrad.train.idx_format`).
 
 Token sequences for next-token models (a GPT, an LSTM) are :class:`Sequences`:
 ``load_sequences("words" | "text:PATH")`` (:data:`SEQUENCE_SPECS`); their convention (token ids,
@@ -16,31 +17,18 @@ resumed at any epoch sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import math
 import os
 import re
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from manualgrad import extras
-from manualgrad.errors import ManualgradError
-from manualgrad.train.errors import counted
+from manualgrad.train.errors import DataError, counted
+from manualgrad.train.idx_format import read_idx
 
 SPECS = ("digits", "xor", "spirals", "moons", "idx:PATH")
-
-# IDX type code -> big-endian element type.
-IDX_TYPES = {
-    0x08: np.dtype("u1"),
-    0x09: np.dtype("i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
 
 _SHOWN = 4  # names of a folder an error lists at most
 IDX_FILES = {
@@ -49,10 +37,6 @@ IDX_FILES = {
     "test images": "t10k-images-idx3-ubyte",
     "test labels": "t10k-labels-idx1-ubyte",
 }
-
-
-class DataError(ManualgradError, ValueError):
-    """A dataset cannot be loaded or batched as asked."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -156,55 +140,6 @@ def moons(seed: int = 0, n: int = 1000, noise: float = 0.1, test_fraction: float
     datasets = extras.require("sklearn.datasets", "train", "the moons data set")  # here: its import takes a while
     x, y = datasets.make_moons(n, noise=noise, random_state=seed)
     return _split("moons", x - np.array([0.5, 0.25]), y, seed, test_fraction, classes=2)
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """The array stored in an IDX file, raw or gzip-compressed (recognised by its content).
-
-    The format: two zero bytes, a type code (:data:`IDX_TYPES`), the number of dimensions,
-    each dimension as a big-endian int32, then the elements in C order, big-endian.
-    """
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: not a readable gzip file ({e})") from None
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_TYPES:
-        raise DataError(
-            f"{path}: not an IDX file: bad magic number {raw[:4].hex(' ') or '(empty file)'}, expected "
-            f"00 00 <type> <ndim> with type one of {', '.join(f'{t:02x}' for t in IDX_TYPES)}"
-        )
-    dtype, ndim = IDX_TYPES[raw[2]], raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header: {ndim} dimensions need {header} bytes, the file has {len(raw)}")
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", ndim, 4))
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(raw) != expected:
-        state = "truncated" if len(raw) < expected else "too long"
-        raise DataError(
-            f"{path}: {state}: the header says {dtype.newbyteorder('=')} of shape {dims}, which is "
-            f"{expected} bytes with the header, but the file has {len(raw)}"
-        )
-    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Writes ``array`` as an IDX file, gzip-compressed when ``path`` ends in ``.gz``."""
-    array = np.asarray(array)
-    types = {dtype.newbyteorder("="): code for code, dtype in IDX_TYPES.items()}
-    if array.dtype not in types or not 1 <= array.ndim <= 255:
-        raise DataError(
-            f"write_idx: IDX holds arrays of 1 to 255 dimensions of {', '.join(str(t) for t in types)}; "
-            f"got {array.dtype} of shape {array.shape}"
-        )
-    code = types[array.dtype]
-    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
-    content = header + np.ascontiguousarray(array, IDX_TYPES[code]).tobytes()
-    if os.fspath(path).endswith(".gz"):
-        content = gzip.compress(content, mtime=0)
-    Path(path).write_bytes(content)
 
 
 def idx(path: str | os.PathLike) -> Dataset:

@@ -72,6 +72,10 @@ class TrainError(ManualgradError, ValueError):
     """A training run that cannot start or go on."""
 
 
+class DataError(ManualgradError, ValueError):
+    """A dataset cannot be loaded or batched as asked."""
+
+
 class ConfigError(FieldMessage, TrainError):
     """A configuration that cannot run, naming the fields at fault (:attr:`fields`)."""
 

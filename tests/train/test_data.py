@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from manualgrad.train import data
+from manualgrad.train import data, idx_format
 from manualgrad.train.data import DataError
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -144,9 +144,9 @@ def test_write_then_read_idx_round_trips(tmp_path, dtype, suffix):
         else:
             array = rng.standard_normal(shape).astype(dtype)
         path = tmp_path / f"a{len(shape)}{suffix}"
-        data.write_idx(path, array)
+        idx_format.write_idx(path, array)
         assert (path.read_bytes()[:2] == b"\x1f\x8b") == (suffix == ".gz")
-        back = data.read_idx(path)
+        back = idx_format.read_idx(path)
         assert back.dtype == array.dtype and back.dtype.isnative
         np.testing.assert_array_equal(back, array)
 
@@ -155,11 +155,11 @@ def test_idx_layout_is_the_mnist_one(tmp_path):
     """Header and data written by hand, the way the MNIST files are laid out."""
     images = tmp_path / "images"
     images.write_bytes(struct.pack(">I3i", 0x00000803, 2, 2, 3) + bytes(range(12)))
-    np.testing.assert_array_equal(data.read_idx(images), np.arange(12, dtype=np.uint8).reshape(2, 2, 3))
+    np.testing.assert_array_equal(idx_format.read_idx(images), np.arange(12, dtype=np.uint8).reshape(2, 2, 3))
     shorts = tmp_path / "shorts.gz"
     shorts.write_bytes(gzip.compress(struct.pack(">4Bi3h", 0, 0, 0x0B, 1, 3, -2, 300, 7)))
-    np.testing.assert_array_equal(data.read_idx(shorts), np.array([-2, 300, 7], np.int16))
-    data.write_idx(tmp_path / "labels", np.array([1, 2], np.int32))
+    np.testing.assert_array_equal(idx_format.read_idx(shorts), np.array([-2, 300, 7], np.int16))
+    idx_format.write_idx(tmp_path / "labels", np.array([1, 2], np.int32))
     assert (tmp_path / "labels").read_bytes() == struct.pack(">4B3i", 0, 0, 0x0C, 1, 2, 1, 2)
 
 
@@ -189,13 +189,13 @@ def test_read_idx_refuses_malformed_files(tmp_path, content, message):
     path = tmp_path / "bad"
     path.write_bytes(content)
     with pytest.raises(DataError, match=message):
-        data.read_idx(path)
+        idx_format.read_idx(path)
 
 
 @pytest.mark.parametrize("array", [np.zeros(3, bool), np.zeros(3, np.int64), np.zeros((), np.uint8)])
 def test_write_idx_refuses_what_idx_cannot_hold(tmp_path, array):
     with pytest.raises(DataError, match=rf"write_idx: IDX holds .* got {array.dtype} of shape"):
-        data.write_idx(tmp_path / "x", array)
+        idx_format.write_idx(tmp_path / "x", array)
 
 
 # IDX directories
@@ -212,7 +212,7 @@ def write_mnist(directory, n_train=20, n_test=10, size=(28, 28), suffix="", labe
     }
     directory.mkdir(exist_ok=True)
     for name, array in arrays.items():
-        data.write_idx(directory / (name + suffix), array)
+        idx_format.write_idx(directory / (name + suffix), array)
     return arrays
 
 
@@ -235,9 +235,9 @@ def test_idx_directory_takes_any_image_size_channels_and_float_images(tmp_path):
     assert d.input_shape == (5, 7, 1) and d.classes == 2  # at least two classes
 
     colour = np.random.default_rng(2).random((4, 6, 6, 3)).astype(np.float32)
-    data.write_idx(tmp_path / "train-images-idx3-ubyte", colour)
-    data.write_idx(tmp_path / "t10k-images-idx3-ubyte", colour[:3])
-    data.write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 4, 1, 2], np.int32))
+    idx_format.write_idx(tmp_path / "train-images-idx3-ubyte", colour)
+    idx_format.write_idx(tmp_path / "t10k-images-idx3-ubyte", colour[:3])
+    idx_format.write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 4, 1, 2], np.int32))
     d = data.idx(str(tmp_path))
     assert d.input_shape == (6, 6, 3) and d.classes == 5
     np.testing.assert_array_equal(d.x_train, colour)
@@ -294,7 +294,7 @@ def test_idx_truncated_file(tmp_path):
 
 def test_idx_image_and_label_counts_must_agree(tmp_path):
     write_mnist(tmp_path)
-    data.write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(19, np.uint8))
+    idx_format.write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(19, np.uint8))
     message = r"train-images-idx3-ubyte has 20 images but train-labels-idx1-ubyte has 19 labels"
     with pytest.raises(DataError, match=message):
         data.idx(tmp_path)
@@ -324,7 +324,7 @@ def test_idx_image_and_label_counts_must_agree(tmp_path):
 )
 def test_idx_refuses_arrays_that_are_not_images_and_labels(tmp_path, name, array, message):
     write_mnist(tmp_path)
-    data.write_idx(tmp_path / name, array)
+    idx_format.write_idx(tmp_path / name, array)
     with pytest.raises(DataError, match=message):
         data.idx(tmp_path)
 

@@ -19,7 +19,7 @@ import pytest
 from manualgrad.nn import layers
 from manualgrad.rules import activations
 from manualgrad.rules.convolution import conv2d
-from manualgrad.train import checkpoint, data, errors, loop, models, progress, runs, step
+from manualgrad.train import checkpoint, data, errors, idx_format, loop, models, progress, runs, step
 from manualgrad.train.config import ADDED_LATER, Config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -458,8 +458,9 @@ def test_bad_configurations_name_the_field(tmp_path):
 def test_idx_dataset_trains(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 64), ("t10k", 32)):
-        data.write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        data.write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        idx_format.write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
+        idx_format.write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
     summary = loop.train(Config(model="mlp", dataset=f"idx:{tmp_path}", epochs=1, out=str(tmp_path / "run")))
     assert summary["steps"] == 2 and 0 <= summary["test_accuracy"] <= 1
 
