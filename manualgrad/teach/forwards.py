@@ -333,16 +333,21 @@ def _closure(rule: Rule, forward: Callable[..., Any]) -> tuple[list[Callable[...
         for name in sorted(_free_names(f)):
             value = f.__globals__.get(name, getattr(builtins, name, None))
             helper = inspect.unwrap(value) if callable(value) else None
+            if value is not None and value is getattr(builtins, name, None):
+                continue
             if isinstance(value, types.ModuleType):
                 imports.add(_import_line(rule, name, value))
             elif getattr(typing, name, None) is value:
                 imports.add(f"from typing import {name}")
             elif inspect.isfunction(helper) and helper.__module__ == __name__:
                 todo.append(helper)
-            elif value is None or value is not getattr(builtins, name, None):
+            elif f.__module__.split(".")[0] != "manualgrad" and not name.startswith("_"):
+                imports.add(f"from {f.__module__} import {name}")  # a rule registered by its user: their module
+            else:
+                ours = f.__module__.startswith("manualgrad.")
                 raise ForwardSourceError(
-                    f"the forward of {rule.name} uses {name}, which an exercise file cannot import: "
-                    f"give it a {rule.name}_forward in {__name__}"
+                    f"the forward of {rule.name} uses {name}, which an exercise file cannot import"
+                    + (f": give it a {rule.name}_forward in {__name__}" if ours else "")
                 )
     return functions, imports
 
