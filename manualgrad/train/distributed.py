@@ -46,7 +46,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from manualgrad.errors import ManualgradError
 from manualgrad.text import first_line
 from manualgrad.train.errors import FieldMessage
 
@@ -59,7 +58,7 @@ LAUNCHED = ("--coordinator", "--num-processes", "--process-id", "--distributed")
 _ADDRESS = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})")
 
 
-class DistributedError(FieldMessage, ManualgradError, ValueError):
+class DistributedError(FieldMessage, ValueError):
     """Settings of a multi-process run that cannot work, or processes that do not agree, naming the
     :class:`~manualgrad.train.config.Config` fields at fault (:class:`~manualgrad.train.errors.FieldMessage`)."""
 

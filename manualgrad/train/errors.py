@@ -32,7 +32,7 @@ def literal(text: object) -> str:
     return str(text).replace("{", "{{").replace("}", "}}")
 
 
-class FieldMessage(Exception):
+class FieldMessage(ManualgradError):
     r"""A message whose ``{name}`` placeholders are :class:`~manualgrad.train.config.Config` fields,
     except those given as ``values``: ``FieldMessage("{lr} must be > 0, got {got:g}", got=-1.0)``.
 
@@ -80,7 +80,7 @@ class ConfigError(FieldMessage, TrainError):
     """A configuration that cannot run, naming the fields at fault (:attr:`fields`)."""
 
 
-class Diverged(FieldMessage, ManualgradError, RuntimeError):
+class Diverged(FieldMessage, RuntimeError):
     """The loss, the parameters or the optimizer state stopped being finite; nothing of that state was saved."""
 
 
