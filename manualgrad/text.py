@@ -38,7 +38,7 @@ def table(
 
 
 _ROLE = re.compile(r":(?:[a-z]+:)?[a-z]+:`~?([^`<]+?)(?:\s*<[^>]*>)?`")  # :func:`x`, :py:mod:`~a.b`, :ref:`t <x>`
-_LITERAL = re.compile(r"``(.+?)``")
+_LITERAL = re.compile(r"``(.+?)``", re.S)  # a literal may run across a line break
 
 
 def plain(text: str) -> str:
