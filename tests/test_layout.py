@@ -118,21 +118,10 @@ def _modules():
     return [importlib.import_module(name) for name in names if not name.endswith("__main__")]
 
 
-# Parts whose error classes other changes of the reorganisation give their ManualgradError base;
-# the check holds everywhere once they land (the marker then goes).
-_PENDING = {"train"}
 _PARTS = sorted({_part(path) for path in PACKAGE.rglob("*.py")} - {"__main__"})
 
 
-@pytest.mark.parametrize(
-    "part",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(reason="error bases land with that part's change"))
-        if p in _PENDING
-        else p
-        for p in _PARTS
-    ],
-)
+@pytest.mark.parametrize("part", _PARTS)
 def test_every_error_class_is_a_manualgrad_error(part):
     from manualgrad.errors import ManualgradError
 
