@@ -69,10 +69,6 @@ def fast_compile_options() -> dict[str, Any] | None:
     return FAST_COMPILE
 
 
-# Transitional: teach/networks.py still imports this name; it goes once that import says fast_compile_options.
-compiler_options = fast_compile_options
-
-
 def relative_errors(received: np.ndarray, expected: np.ndarray, atol: Any) -> tuple[np.ndarray, np.ndarray]:
     """Entry by entry, on flat float64 arrays ``a`` (received) and ``n`` (expected): the absolute
     errors ``|a − n|`` and the relative ones ``|a − n| / max(|a|, |n|)``, 0 where that scale is at

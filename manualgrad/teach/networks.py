@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from manualgrad import registry, text
-from manualgrad.check.tolerances import compiler_options
+from manualgrad.check.tolerances import fast_compile_options
 from manualgrad.teach import exercise
 
 WRAP = 96  # the docstring's paragraphs, refilled after their numbers are put in
@@ -443,7 +443,7 @@ def reference(name: str, dtype: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
     with numerics():
         arrays = {k: v for k, v in given.items() if k not in constants}
-        forward, grads = jax.jit(both, compiler_options=compiler_options())(arrays)
+        forward, grads = jax.jit(both, compiler_options=fast_compile_options())(arrays)
     return {**forward, **constants}, grads
 
 
