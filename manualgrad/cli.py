@@ -378,6 +378,7 @@ Option = tuple[tuple[str, ...], dict[str, Any]]  # add_argument's names and keyw
 
 
 def _option(*names: str, help: str | None = None, **keywords: Any) -> Option:
+    """``parser.add_argument(*names, help=help, **keywords)``, to be added by :func:`_add_options`."""
     return names, {"help": help, **keywords}
 
 
@@ -395,7 +396,6 @@ def _add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *opt
 
 
 _DTYPE = _option("--dtype", choices=sorted(checker.TOLERANCES), default="float64")
-_RULES = "the rule exercises a submission must contain"
 _POINTS = 'JSON points: {"RULE": points, "RULE: CHECK": points, "NETWORK: dNAME": points} (default 1 a test)'
 
 
@@ -407,6 +407,7 @@ def _add_teaching(commands: argparse._SubParsersAction) -> None:
     trusted = "grade in this process, one file after another, with no time limit: only for code you trust"
     expect = "grade the FILEs for these rules or networks only; one with no file fails (autograder runs)"
     timeout = f"a submission still running after this fails (default {results.DEFAULT_TIMEOUT:g})"
+    where = "where to write it (default: NAME_exercise.py or .ipynb)"
     _command(commands, _explain, "a rule's derivation, its seed, and a live numeric check",
              _option("rule", nargs="?", metavar="RULE", help="the rule to explain"),
              _option("--list", action="store_true", help="list the rules"))  # fmt: skip
@@ -414,8 +415,7 @@ def _add_teaching(commands: argparse._SubParsersAction) -> None:
              _option("rule", nargs="?", metavar="RULE", help="the rule to practise"),
              _option("--network", metavar="NAME", help=whole),
              _option("--notebook", action="store_true", help="write a Jupyter notebook (.ipynb) that grades in place"),
-             _option("--out", metavar="FILE", help="where to write it (default: NAME_exercise.py or .ipynb)"),
-             )  # fmt: skip
+             _option("--out", metavar="FILE", help=where))  # fmt: skip
     _command(commands, _grade, "grade exercise files' backwards with every check, each in its own process, and "
              "diagnose them",
              _option("files", nargs="*", metavar="FILE", help="files or notebooks written by `manualgrad exercise`"),
@@ -427,7 +427,7 @@ def _add_teaching(commands: argparse._SubParsersAction) -> None:
              _option("--in-process", action="store_true", help=trusted),
              _option("--expect", nargs="+", default=[], metavar="NAME", help=expect))  # fmt: skip
     _command(commands, _autograder, "build a Gradescope autograder bundle (.zip) for rules' and networks' exercises",
-             _option("rules", nargs="*", metavar="RULE", help=_RULES),
+             _option("rules", nargs="*", metavar="RULE", help="the rule exercises a submission must contain"),
              _option("--network", dest="networks", action="append", default=[], metavar="NAME",
                      help="a network exercise a submission must contain (repeat for more)"),
              _option("--out", metavar="FILE", default="autograder.zip", help="the bundle (default: autograder.zip)"),
