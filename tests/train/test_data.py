@@ -508,6 +508,6 @@ def test_the_word_list():
     if not WORD_LIST.is_file():
         pytest.skip(f"no word list at {WORD_LIST}: apt install wamerican")
     w = data.load_sequences("words")
-    assert len(w.tokens_train) + len(w.tokens_test) == 73445  # the count, lower-cased a–z only
+    assert len(w.tokens_train) + len(w.tokens_test) == 73445  # wamerican's words, lower-cased, a–z only
     assert (len(w.tokens_test), len(w.vocab), w.length) == (7344, 27, 23)  # round(7344.5), the longest word 22
     assert int(w.mask_train.sum() + w.mask_test.sum()) == 667584  # 73,445 words of 8.09 letters, plus the ends

@@ -4,7 +4,7 @@ process on 2 devices, a process killed mid-run, resume through ``manualgrad laun
 Tolerance of the comparisons: the two programs are the same SPMD step over a 2-device mesh with the same
 global batches; they differ only in who sums the two per-device partial gradients (XLA's in-process
 all-reduce or gloo across processes). A sum of two float32 numbers is commutative, so no reduction order
-can differ and the runs come out bit-identical (measured: difference 0). The bound allows a future
+can differ and the runs come out bit-identical. The bound allows a future
 collective that splits or re-associates the sum: 1 ulp (2⁻²³) per step in the gradient, carried through
 Adam's normalised updates at most linearly over the run's 100 steps, 100 · 1.2e-7 ≈ 1.2e-5 → 5e-5.
 """
