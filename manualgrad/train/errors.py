@@ -1,9 +1,11 @@
 """The errors of ``manualgrad train``, in the library's words.
 
 A message that names a :class:`~manualgrad.train.config.Config` field is kept as a template over
-the field names (:class:`ConfigError`, :class:`Diverged`): ``str(error)`` spells them as the
+the field names (:class:`ConfigError`, :class:`Diverged`,
+:class:`~manualgrad.train.distributed.DistributedError`): ``str(error)`` spells them as the
 fields (``lr must be a finite number > 0, got nan``), and the command line spells them as its
-flags (``--lr must be …``) through :meth:`FieldMessage.spelled`.
+flags (``--lr must be …``) through :meth:`FieldMessage.spelled`. :func:`either`, :func:`counted`
+and :func:`literal` phrase the parts of such messages.
 """
 
 from __future__ import annotations
