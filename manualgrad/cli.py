@@ -40,9 +40,9 @@ from manualgrad import registry, runtime
 from manualgrad.bench import bench
 from manualgrad.check import cache, checker, processes
 from manualgrad.errors import ManualgradError
-from manualgrad.text import first_line, plain
+from manualgrad.text import counted, either, first_line, plain
 from manualgrad.train import config, data, distributed, errors, loop, models, step
-from manualgrad.train.errors import FieldMessage, counted, either
+from manualgrad.train.errors import FieldMessage
 
 
 def _refuse(command: str, message: str) -> int:

@@ -13,6 +13,17 @@ def first_line(error: BaseException | str) -> str:
     return text.splitlines()[0] if text.strip() else ""
 
 
+def either(names: Sequence[str]) -> str:
+    """``"a, b or c"``."""
+    *first, last = names
+    return f"{', '.join(first)} or {last}" if first else last
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 epoch``, ``2 epochs``: ``n`` and ``noun``, plural (``plural``, or ``noun + "s"``) unless ``n`` is 1."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def table(
     rows: Sequence[Sequence[object]],
     *,

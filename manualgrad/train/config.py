@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from manualgrad.nn import recurrent
+from manualgrad.text import either
 from manualgrad.train import data
 from manualgrad.train import distributed as multiprocess  # `distributed` is also a Config field
-from manualgrad.train.errors import ConfigError, either, literal
+from manualgrad.train.errors import ConfigError, literal
 from manualgrad.train.models import DEFAULT_GROUPS, MODELS, NORMS, SEQUENCE_MODELS
 from manualgrad.train.step import GRADS, OPTIMIZERS
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from manualgrad import extras
-from manualgrad.train.errors import DataError, counted
+from manualgrad.text import counted
+from manualgrad.train.errors import DataError
 from manualgrad.train.idx_format import read_idx
 
 SPECS = ("digits", "xor", "spirals", "moons", "idx:PATH")

@@ -4,29 +4,18 @@ A message that names a :class:`~manualgrad.train.config.Config` field is kept as
 the field names (:class:`ConfigError`, :class:`Diverged`,
 :class:`~manualgrad.train.distributed.DistributedError`): ``str(error)`` spells them as the
 fields (``lr must be a finite number > 0, got nan``), and the command line spells them as its
-flags (``--lr must be …``) through :meth:`FieldMessage.spelled`. :func:`either`, :func:`counted`
-and :func:`literal` phrase the parts of such messages.
+flags (``--lr must be …``) through :meth:`FieldMessage.spelled`. :func:`literal` keeps a
+value's braces out of such a template; :mod:`manualgrad.text` phrases lists and counts.
 """
 
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from manualgrad.errors import ManualgradError
-
-
-def either(names: Sequence[str]) -> str:
-    """``"a, b or c"``."""
-    *first, last = names
-    return f"{', '.join(first)} or {last}" if first else last
-
-
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """``1 epoch``, ``2 epochs``: ``n`` and ``noun``, plural (``plural``, or ``noun + "s"``) unless ``n`` is 1."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def literal(text: object) -> str:

@@ -48,10 +48,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from manualgrad.nn import layers
+from manualgrad.text import counted
 from manualgrad.train import checkpoint, data, models, progress, runs, sampling
 from manualgrad.train import distributed as multiprocess
 from manualgrad.train.config import AGREED, RUN_DEFINING, Config, arguments, described, resolved, validate
-from manualgrad.train.errors import ConfigError, Diverged, Interrupted, counted
+from manualgrad.train.errors import ConfigError, Diverged, Interrupted
 from manualgrad.train.step import cropped, cross_check, evaluate, loss_fn, make_step, optimizer, step_keys, targets
 
 STATE = ("params", "opt_state", "model_state")  # what the jitted step carries from one step to the next

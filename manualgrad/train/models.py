@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from manualgrad.nn import gpt, layers, recurrent
+from manualgrad.text import either
 from manualgrad.train import data
-from manualgrad.train.errors import ConfigError, either
+from manualgrad.train.errors import ConfigError
 
 DEFAULT_GROUPS = 4  # group norm's groups: divides every width of the ready-made models
 GPT = {"width": 64, "depth": 2, "heads": 4}  # the ready-made GPT's shape

@@ -19,10 +19,11 @@ import secrets
 import sys
 from pathlib import Path
 
+from manualgrad.text import counted
 from manualgrad.train import checkpoint
 from manualgrad.train import distributed as multiprocess
 from manualgrad.train.config import ADDED_LATER, RUN_DEFINING, RUNS, Config, acting, described
-from manualgrad.train.errors import ConfigError, counted
+from manualgrad.train.errors import ConfigError
 from manualgrad.train.step import SCHEDULED
 
 LATEST = "latest"

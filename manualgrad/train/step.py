@@ -20,8 +20,9 @@ import optax
 
 from manualgrad.check.tolerances import relative_error
 from manualgrad.nn import gpt, layers
+from manualgrad.text import either
 from manualgrad.train import data
-from manualgrad.train.errors import ConfigError, either
+from manualgrad.train.errors import ConfigError
 
 _DROPOUT_STREAM = 1  # fold_in(PRNGKey(seed), 1): the dropout keys' root, apart from the initialisation's key
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {

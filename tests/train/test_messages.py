@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from manualgrad import cli
+from manualgrad import cli, text
 from manualgrad.train import config, data, errors, loop, progress
 
 XOR = ("train", "--model", "mlp", "--dataset", "xor")
@@ -84,7 +84,7 @@ def test_counts_are_in_the_right_number(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"after 1 epoch ({data.steps_per_epoch(800, 32)} steps on 1 device of 1 process)" in out
     assert "(s)" not in out and "(es)" not in out
-    assert errors.counted(1, "batch", "batches") == "1 batch" and errors.counted(3, "batch", "batches") == "3 batches"
+    assert text.counted(1, "batch", "batches") == "1 batch" and text.counted(3, "batch", "batches") == "3 batches"
 
 
 def test_a_log_that_is_not_a_terminal_gets_a_progress_line(tmp_path, capsys, monkeypatch):
