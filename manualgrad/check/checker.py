@@ -33,7 +33,7 @@ check of its sample, with a note that names the reference.
 The run time is compile time (the report splits it, :mod:`~manualgrad.check.timing`): every
 sample's checks are fused into one program (built with
 :data:`~manualgrad.check.tolerances.FAST_COMPILE` on CPU), in which the backward is traced as few
-times as the checks allow (once: :class:`_Traced`), and samples are checked :data:`WORKERS` at a
+times as the checks allow (once: :class:`Traced`), and samples are checked :data:`WORKERS` at a
 time, so that one sample's compile overlaps another's tracing. The hand VJP is not also run
 eagerly: each eager operation on a new shape is a program of its own, a large share of the
 check's time for values equal to the compiled ones to round-off. Samples are not batched into one
@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from manualgrad.check import adjoint, diagnose
+from manualgrad.check.autodiff import Traced, side
 from manualgrad.check.comparison import compare
 from manualgrad.check.errors import BackwardError, CheckError, ReferenceFailed
 from manualgrad.check.finite_differences import SampleDifferences, finite_differences
@@ -69,7 +70,6 @@ from manualgrad.check.trees import (
     is_float_tree,
     random_like,
     stack_perturbed,
-    traced,
 )
 from manualgrad.registry import Rule, Sample
 from manualgrad.text import first_line
@@ -178,23 +178,6 @@ def _argname(rule: Rule, i: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Traced:
-    """A function (the hand rule or the reference, of the differentiated arguments) and its VJP
-    ``(primals, cotangent) ↦ cotangents``, each under one ``jax.jit``: inside a sample's program
-    every check that calls them at the same shapes reuses one trace, and the checks under
-    ``vmap`` and reverse mode transform that trace instead of tracing the Python again
-    (:func:`~manualgrad.check.trees.traced`; inlined, a cold ``manualgrad check`` is faster than
-    with nested programs: ``manualgrad bench --check-rules`` times it)."""
-
-    forward: Callable[..., Any]
-    pull: Callable[..., Any]
-
-    @classmethod
-    def of(cls, fn: Callable[..., Any]) -> _Traced:
-        return cls(*traced(fn))
-
-
-@dataclasses.dataclass(frozen=True)
 class _Draws:
     """One sample's differentiated arguments, closures over them, and every check's random draws."""
 
@@ -202,7 +185,7 @@ class _Draws:
     names: list[str]
     hand: Callable[..., Any]
     ref: Callable[..., Any]
-    traced: tuple[_Traced, _Traced]  # the hand rule's and the reference's
+    traced: tuple[Traced, Traced]  # the hand rule's and the reference's
     primals: list[Any]
     u: Any  # the output cotangent
     v: list[Any]  # grad_of_grad's direction
@@ -218,7 +201,7 @@ def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
     diff = [i for i in rule.differentiable if is_float_tree(args[i])]
     names = [_argname(rule, i) for i in diff]
     hand, ref = closure(rule.fn, args, diff), closure(rule.reference, args, diff)
-    traced = _Traced.of(hand), _Traced.of(ref)
+    traced = Traced.of(hand), Traced.of(ref)
     primals = [args[i] for i in diff]
     ku, kv, kb, ka = jax.random.split(key, 4)
     u = random_like(ku, jax.eval_shape(traced[0].forward, *primals))
@@ -242,26 +225,6 @@ def _draw(rule: Rule, sample: Sample, checks, key) -> _Draws:
     )
 
 
-def _side(fn: _Traced, d: _Draws, wanted, p, c, pb, cb) -> dict[str, Any]:
-    """One side's (the hand rule's or the reference's) values of the autodiff checks ``wanted``.
-
-    The ``jit`` VJP and ``grad_of_grad`` come from one trace of the backward: the VJP of
-    ``p ↦ VJP(p, c)``, whose value is the VJP and whose pullback of ``v`` is the gradient of
-    ``⟨VJP(p, c), v⟩``, reverse over reverse; ``vmap`` batches the same trace.
-    """
-    out = {}
-    if "forward" in wanted:
-        out["forward"] = fn.forward(*p)
-    if "vmap" in wanted:
-        out["vmap"] = jax.vmap(fn.pull)(pb, cb)
-    if "grad_of_grad" in wanted:
-        out["jit"], second = jax.vjp(lambda q: fn.pull(q, c), p)
-        (out["grad_of_grad"],) = second(tuple(d.v))
-    elif "jit" in wanted:
-        out["jit"] = fn.pull(p, c)
-    return out
-
-
 def _run(rule: Rule, sample: Sample, d: _Draws, checks, options):
     """Every check's values: one compiled program with the XLA ``options``."""
     wanted = [c for c in ("forward", "jit", "vmap", "grad_of_grad") if c in checks or (c == "jit" and "vjp" in checks)]
@@ -274,7 +237,7 @@ def _run(rule: Rule, sample: Sample, d: _Draws, checks, options):
             adjoint.pair(hand.forward, hand.pull, d.primals, k, *drawn) for k, drawn in zip(positions, adjoint_inputs)
         ]
         differences = d.differences.evaluate(*fd_inputs) if d.differences else None
-        sides = [_side(fn, d, wanted, *inputs) for fn in d.traced]
+        sides = [side(fn, d.v, wanted, *inputs) for fn in d.traced]
         return {c: (sides[0][c], sides[1][c]) for c in wanted}, differences, pairs
 
     values, fd_values, adjoint_values = jax.jit(program, compiler_options=options)(

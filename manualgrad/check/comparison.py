@@ -6,11 +6,14 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from manualgrad.check import golden
 from manualgrad.check.report import Finding
 from manualgrad.check.tolerances import relative_errors
-from manualgrad.check.trees import flat, locate
+from manualgrad.check.trees import flat, is_float, locate
 
 
 def compare(
@@ -67,3 +70,55 @@ def compare(
         note=note,
         error_over_allowed=float(np.max(over)),
     )
+
+
+def compare_golden(
+    rule: str,
+    check: str,
+    label: str,
+    argument: str,
+    received: Any,
+    reference: Any,
+    gold: Any,
+    golden_error: float = 0.0,
+    note: str = "",
+) -> Finding:
+    """The function's value ``received`` and the reference's ``reference``, both in the function's
+    dtype, against the ``gold`` (:mod:`~manualgrad.check.golden`): the function's error
+    ``err_fn``, the reference's ``err_ref``, passed when ``err_fn`` is within
+    :func:`~manualgrad.check.golden.judge`'s allowance for the dtype of ``received`` (its least
+    precise floating leaf), widened by ``golden_error`` where the golden has an error of its own.
+    The worst entry is named; ``max_rel_error`` and ``tolerance`` are ``err_fn`` and the
+    allowance over the golden's scale."""
+    dtype = least_precise(received)
+    err_fn, err_ref, scale = golden.max_error(received, gold), golden.max_error(reference, gold), golden.scale_of(gold)
+    passed, allowed = golden.judge(err_fn, err_ref, dtype, scale, golden_error=golden_error)
+    a, n = flat(received), flat(gold)
+    shaped = a.shape == n.shape and a.size > 0
+    worst = int(np.nanargmax(np.where(np.isnan(a - n), np.inf, np.abs(a - n)))) if shaped else 0
+    per_scale = 1 / scale if scale > 0 else np.inf
+    return Finding(
+        rule=rule,
+        check=check,
+        dtype=dtype,
+        sample=label,
+        argument=argument,
+        max_abs_error=err_fn,
+        max_rel_error=err_fn * per_scale if err_fn > 0 else 0.0,
+        tolerance=allowed * per_scale if allowed > 0 else 0.0,
+        mismatches=int(not passed),
+        size=int(n.size),
+        where=locate(gold, worst, argument) if shaped else "shape",
+        expected=float(n[worst]) if shaped else 0.0,
+        received=float(a[worst]) if shaped else 0.0,
+        note=note,
+        error_over_allowed=err_fn / allowed if allowed > 0 else (0.0 if err_fn == 0 else np.inf),
+        err_ref=err_ref,
+        allowed=allowed,
+    )
+
+
+def least_precise(tree: Any) -> str:
+    """The name of the least precise floating dtype among ``tree``'s leaves (float64 where none)."""
+    dtypes = [np.dtype(x.dtype) for x in jax.tree_util.tree_leaves(tree) if is_float(x)]
+    return max(dtypes, key=lambda d: float(jnp.finfo(d).eps), default=np.dtype(np.float64)).name

@@ -108,9 +108,14 @@ def scale_of(golden: Any) -> float:
     return max((float(np.max(np.abs(g), initial=0.0)) for g in _floating(golden)), default=0.0)
 
 
-def judge(err_fn: float, err_ref: float, dtype: Any, scale: float) -> tuple[bool, float]:
+def judge(err_fn: float, err_ref: float, dtype: Any, scale: float, *, golden_error: float = 0.0) -> tuple[bool, float]:
     """``(passed, allowed)``: ``allowed = k · err_ref + floor · scale`` with ``dtype``'s
-    :class:`Criterion`, and whether ``err_fn`` is within it (a NaN or infinite error never is)."""
+    :class:`Criterion`, and whether ``err_fn`` is within it (a NaN or infinite error never is).
+
+    ``golden_error`` bounds the golden's own error, where it is not exact to float64 (a
+    reference that computes in float32 inside): both measured errors are then off by up to
+    that much, the function's ``err_fn ≤ true + e`` and the reference's ``true ≤ err_ref + e``,
+    so the allowance grows by ``(k + 1) · e``."""
     criterion = CRITERIA[dtype_name(dtype)]
-    allowed = criterion.k * err_ref + criterion.floor * scale
+    allowed = criterion.k * err_ref + criterion.floor * scale + (criterion.k + 1) * golden_error
     return bool(np.isfinite(err_fn) and err_fn <= allowed), float(allowed)

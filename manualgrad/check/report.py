@@ -12,6 +12,9 @@ from manualgrad.text import table
 
 # Finding.where of a check that could not run on a sample (it raised): a failure of that check.
 NOT_RUN = "not run"
+# Finding.where of a check that cannot apply to a function (nothing in it is linear, JAX cannot
+# differentiate its backward, finite differences cannot resolve its dtype): neither passed nor failed.
+NOT_APPLICABLE = "not applicable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,10 @@ class Finding:
     # Entry-by-entry comparisons (comparison.compare): the worst entry's error over the error allowed it,
     # min(relative / tolerance, absolute / atol); above 1 exactly where an entry fails. NaN elsewhere.
     error_over_allowed: float = np.nan
+    # Judged against a float64 golden (manualgrad.check.golden): the reference's own error against it
+    # (max_abs_error is the function's), and the absolute error allowed. NaN elsewhere.
+    err_ref: float = np.nan
+    allowed: float = np.nan
 
     @classmethod
     def not_run(
@@ -58,12 +65,61 @@ class Finding:
             note=note,
         )
 
+    @classmethod
+    def not_applicable(
+        cls, rule: str, check: str, dtype: str, sample: str, why: str, *, argument: str = "(all)"
+    ) -> Finding:
+        """``check`` cannot apply to this function, for the reason the sentence ``why`` gives: it
+        counts neither as a pass nor as a failure (:attr:`status`)."""
+        return cls(
+            rule=rule,
+            check=check,
+            dtype=dtype,
+            sample=sample,
+            argument=argument,
+            max_abs_error=np.nan,
+            max_rel_error=np.nan,
+            tolerance=np.nan,
+            mismatches=0,
+            size=0,
+            where=NOT_APPLICABLE,
+            note=why,
+        )
+
+    @property
+    def status(self) -> str:
+        """``"passed"``, ``"failed"`` or ``"not applicable"``."""
+        if self.where == NOT_APPLICABLE:
+            return NOT_APPLICABLE
+        return "passed" if self.mismatches == 0 else "failed"
+
     @property
     def passed(self) -> bool:
-        return self.mismatches == 0
+        return self.status == "passed"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    @property
+    def golden(self) -> bool:
+        """Judged against a float64 golden (:mod:`~manualgrad.check.golden`)."""
+        return not np.isnan(self.err_ref)
+
+    @property
+    def ratio(self) -> float:
+        """``err_fn / err_ref`` of a golden comparison (``inf`` where the reference is exact and the
+        function is not, NaN where both are exact or the finding is no golden comparison)."""
+        if not self.golden or (self.max_abs_error == 0 and self.err_ref == 0):
+            return np.nan
+        return self.max_abs_error / self.err_ref if self.err_ref > 0 else np.inf
 
     def describe(self) -> str:
         head = f"{self.rule}, argument {self.argument}, sample {self.sample!r}, {self.check} ({self.dtype})"
+        if self.where == NOT_APPLICABLE:
+            return f"{head}: not applicable: {self.note}"
+        if self.golden and self.where != NOT_RUN:
+            return self._describe_golden(head)
         if self.passed:
             return f"{head}: ok, worst relative error {self.max_rel_error:.1e}"
         if self.where == NOT_RUN:
@@ -81,16 +137,31 @@ class Finding:
             + (f"; {self.diagnosis}" if self.diagnosis else "")
         )
 
+    def _describe_golden(self, head: str) -> str:
+        errors = (
+            f"error {self.max_abs_error:.2e} against the float64 golden, the reference's {self.err_ref:.2e} "
+            f"(ratio {self.ratio:.3g}), allowed {self.allowed:.2e}"
+        )
+        if self.passed:
+            return f"{head}: ok, {errors}" + (f"; {self.note}" if self.note else "")
+        return (
+            f"{head}: {errors}; worst at {self.where}: golden {self.expected:.6g}, received {self.received:.6g}"
+            + (f"; {self.note}" if self.note else "")
+            + (f"; {self.diagnosis}" if self.diagnosis else "")
+        )
+
 
 @dataclasses.dataclass
 class Report:
     """Every :class:`Finding` of one :func:`check` call; ``seconds`` of wall time, of which
-    ``compile_seconds`` went to building programs (:mod:`~manualgrad.check.timing`)."""
+    ``compile_seconds`` went to building programs (:mod:`~manualgrad.check.timing`); ``notes``,
+    sentences about the whole check (what a function was judged against)."""
 
     dtype: str
     findings: list[Finding]
     seconds: float
     compile_seconds: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def run_seconds(self) -> float:
@@ -102,10 +173,14 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return all(f.passed for f in self.findings)
+        """No finding failed (one not applicable is no failure)."""
+        return not any(f.failed for f in self.findings)
 
     def failures(self) -> list[Finding]:
-        return [f for f in self.findings if not f.passed]
+        return [f for f in self.findings if f.failed]
+
+    def not_applicable(self) -> list[Finding]:
+        return [f for f in self.findings if f.status == NOT_APPLICABLE]
 
     def diagnoses(self) -> list[str]:
         """One line per (rule, argument) with a diagnosed failure, e.g. ``dense, argument w: your
@@ -122,41 +197,97 @@ class Report:
         return lines
 
     def worst(self) -> dict[tuple[str, str], Finding]:
-        """The worst finding per (rule, check): a failing one first, then the largest error."""
+        """The worst finding per (rule, check): a failing one first, then the largest error; one
+        not applicable only where the check applied nowhere."""
         out: dict[tuple[str, str], Finding] = {}
+
+        def rank(f: Finding) -> tuple[int, float]:
+            return (f.failed - (f.status == NOT_APPLICABLE), -np.inf if np.isnan(f.max_rel_error) else f.max_rel_error)
+
         for f in self.findings:
             key = (f.rule, f.check)
             old = out.get(key)
-            if old is None or (not f.passed, f.max_rel_error) > (not old.passed, old.max_rel_error):
+            if old is None or rank(f) > rank(old):
                 out[key] = f
         return out
 
+    def counts(self) -> dict[str, int]:
+        """How many (rule, check) pairs passed, failed and were not applicable, by :attr:`Finding.status`
+        of their :meth:`worst` finding."""
+        statuses = [f.status for f in self.worst().values()]
+        return {status: statuses.count(status) for status in ("passed", "failed", NOT_APPLICABLE)}
+
+    def summary(self) -> str:
+        """E.g. ``5 passed, 1 failed, 2 not applicable in 3.2 s (compile 2.1 s, run 1.1 s)``."""
+        n = self.counts()
+        return f"{n['passed']} passed, {n['failed']} failed, {n[NOT_APPLICABLE]} not applicable in {self.timing()}"
+
     def records(self) -> list[dict[str, Any]]:
-        """One JSON-ready record per rule and check."""
+        """One JSON-ready record per rule and check; a check judged against the golden also lists,
+        per argument, the function's error, the reference's and their ratio."""
         return [
             {
                 "rule": f.rule,
                 "check": f.check,
-                "dtype": self.dtype,
-                "passed": all(g.passed for g in self.findings if (g.rule, g.check) == key),
+                "dtype": f.dtype if f.golden else self.dtype,
+                "status": f.status,
+                "passed": f.status == "passed",
                 "max_rel_error": f.max_rel_error,
                 "max_abs_error": f.max_abs_error,
                 "tolerance": f.tolerance,
                 "worst_sample": f.sample,
                 "worst_argument": f.argument,
                 "detail": f.describe(),
+                **({"arguments": [_golden_record(g) for g in self._of(*key)]} if f.golden else {}),
             }
             for key, f in self.worst().items()
         ]
 
+    def _of(self, rule: str, check: str) -> list[Finding]:
+        return [f for f in self.findings if (f.rule, f.check) == (rule, check)]
+
     def table(self) -> str:
-        """One row per rule, one column per check: the worst relative error and ``ok`` or ``FAIL``."""
+        """One row per rule, one column per check: the worst relative error and ``ok``, ``FAIL`` or
+        ``n/a``; for a function judged against the golden, one row per check and argument instead,
+        with both errors and their ratio (:meth:`golden_table`)."""
+        if any(f.golden for f in self.findings):
+            return self.golden_table()
         worst = self.worst()
         names = list(dict.fromkeys(f.rule for f in self.findings))
         checks = [c for c in CHECKS if any(k[1] == c for k in worst)]
 
         def cell(f: Finding | None) -> str:
-            return "-" if f is None else f"{f.max_rel_error:>9.1e} {'ok' if f.passed else 'FAIL':>3}"
+            if f is None:
+                return "-"
+            if f.status == NOT_APPLICABLE:
+                return "n/a"
+            return f"{f.max_rel_error:>9.1e} {'ok' if f.passed else 'FAIL':>3}"
 
         rows = [["rule", *checks], *([name, *(cell(worst.get((name, c))) for c in checks)] for name in names)]
         return "\n".join(table(rows, align="<" + ">" * len(checks)))
+
+    def golden_table(self) -> str:
+        """One row per finding: check, argument, dtype, ``err_fn`` and ``err_ref`` against the
+        float64 golden, their ratio, the error allowed and the verdict."""
+        rows = [["check", "argument", "dtype", "err_fn", "err_ref", "ratio", "allowed", ""]]
+        for f in self.findings:
+            if f.golden and f.where != NOT_RUN:
+                numbers = [f"{f.max_abs_error:.2e}", f"{f.err_ref:.2e}", f"{f.ratio:.3g}", f"{f.allowed:.2e}"]
+            elif f.status == NOT_APPLICABLE or f.where == NOT_RUN:
+                numbers = ["-"] * 4
+            else:
+                numbers = [f"{f.max_abs_error:.2e}", "-", "-", f"rel {f.tolerance:.0e}"]
+            verdict = {"passed": "ok", "failed": "FAIL", NOT_APPLICABLE: "n/a"}[f.status]
+            rows.append([f.check, f.argument, f.dtype, *numbers, verdict])
+        return "\n".join(table(rows, align="<<<>>>><"))
+
+
+def _golden_record(f: Finding) -> dict[str, Any]:
+    return {
+        "argument": f.argument,
+        "status": f.status,
+        "err_fn": f.max_abs_error,
+        "err_ref": f.err_ref,
+        "ratio": f.ratio,
+        "allowed": f.allowed,
+    }
