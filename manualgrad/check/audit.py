@@ -1,4 +1,4 @@
-"""The audit: every ``custom_vjp`` inside any function, checked where it is called, no reference needed.
+"""The audit: every ``custom_vjp`` inside any function, checked where it is called.
 
 :func:`audit` traces ``fn`` with ``jax.make_jaxpr`` and evaluates the jaxpr with an interpreter
 (:class:`_Interpreter`) that enters ``jit``, nested ``jit``, ``closed_call``, ``checkpoint``,
@@ -9,20 +9,15 @@ own alike. Under ``vmap`` a call site receives the whole batch (JAX batches the 
 spread from the first to the last, are checked; of a ``cond`` only the branch taken runs, and a
 call site in a branch never taken is listed as not reached (nothing to check it at).
 
-At each recorded call, with the call's own arguments ``a`` and a random output cotangent ``u``:
-
-    received  = the rule's VJP,  uᵀ ∂f(a)   by the call site's fwd and bwd (``jax.vjp`` of the call);
-    expected  = JAX's autodiff of the custom_vjp's primal function ``f`` (the eqn's ``call_jaxpr``,
-                custom_vjp calls nested in it evaluated by their own primal), at the same ``a``, ``u``.
-
-Where JAX cannot differentiate the primal, float64 calls are checked against finite differences
-instead (:mod:`~manualgrad.check.finite_differences`); a float32 call there, or any call whose
-checks raise, is a failure on that call (a check that could not run has failed). Agreement is the
-``vjp`` tolerance of the call's dtype (:mod:`~manualgrad.check.tolerances`), every entry judged
-relative to the larger of itself and the argument's largest entry: inside a real model the values
-are not of order one, and round-off of a sum is relative to its terms, not to a result that
-cancels. A failing call is diagnosed (:mod:`~manualgrad.check.diagnose`): with the rule's own
-mistakes for a registered manualgrad rule, the generic ones (transposed, a constant factor) else.
+At each recorded call, with the call's own arguments ``a`` and a random output cotangent ``u``,
+the call's VJP ``uᵀ ∂f(a)`` by its fwd and bwd is judged (:mod:`~manualgrad.check.audit_calls`)
+against the user's reference for the function where ``references`` gives one (the golden
+criterion, in the call's own dtype); else against JAX's autodiff of the custom_vjp's primal
+function ``f`` (the eqn's ``call_jaxpr``, custom_vjp calls nested in it evaluated by their own
+primal); where JAX cannot differentiate ``f``, against finite differences: in float64 as the
+checker's, in float32 or lower coarse ones in the call's dtype. The report says for each call
+site what it was judged against. Any call whose checks raise fails on that call (a check that
+could not run has failed).
 
 The report names each call site by the custom_vjp function's name and where it is defined
 (``file:line``, from the jaxpr's debug info or the backward's code) and where it is called; the
@@ -37,11 +32,10 @@ inside it fails, not run: it ran unseen.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -53,16 +47,12 @@ try:
 except ImportError:  # a jax without jax.extend.core.Literal: the older public name
     from jax.core import Literal
 
-from manualgrad import registry
-from manualgrad.check import diagnose, sources
-from manualgrad.check.comparison import compare
+from manualgrad.check import sources
+from manualgrad.check.audit_calls import Call, Judged, Pullbacks, bind, check_call
 from manualgrad.check.errors import CheckError
-from manualgrad.check.finite_differences import finite_differences
 from manualgrad.check.report import NOT_RUN, Finding, Report
-from manualgrad.check.tolerances import ATOL, TOLERANCES, fast_compile_options
-from manualgrad.check.trees import closure, is_float, random_like
-from manualgrad.registry import Rule, Sample
-from manualgrad.text import first_line, table
+from manualgrad.check.tolerances import fast_compile_options
+from manualgrad.text import table
 
 __all__ = ["CALLS_PER_SITE", "AuditReport", "CallSite", "audit"]
 
@@ -85,6 +75,7 @@ class CallSite:
     last: int = -1  # its last call's position in the forward order of every call (-1: none ran)
     findings: list[Finding] = dataclasses.field(default_factory=list)
     reached: str = ""  # why it never ran, for a site that did not ("" once it ran)
+    judged: str = Judged.NOTHING.value  # what its calls were judged against (audit_calls.Judged)
 
     @property
     def label(self) -> str:
@@ -92,23 +83,39 @@ class CallSite:
 
     @property
     def passed(self) -> bool:
-        return all(f.passed for f in self.findings)
+        """No finding failed (one not applicable is no failure)."""
+        return not any(f.failed for f in self.findings)
 
     def row(self) -> tuple[str, ...]:
-        """``(function, defined at, called at, calls, argument, worst relative error, worst error over
-        the error allowed it, verdict, diagnosis)``."""
+        """``(function, defined at, called at, calls, judged against, argument, worst relative error,
+        worst error over the error allowed it, verdict, diagnosis)``."""
         if not self.calls and not self.findings:
-            return self.name, self.defined, self.called, "0", "-", "-", "-", "not reached", self.reached
+            return self.name, self.defined, self.called, "0", "-", "-", "-", "-", "not reached", self.reached
         if not self.findings:
-            return self.name, self.defined, self.called, str(self.calls), "-", "-", "-", "-", "no floating argument"
-        worst = max(self.findings, key=lambda f: (not f.passed, f.max_rel_error))
+            return (
+                self.name,
+                self.defined,
+                self.called,
+                str(self.calls),
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "no floating argument",
+            )
+        worst = max(self.findings, key=lambda f: (f.failed, f.error_over_allowed, f.max_rel_error))
         verdict = "ok" if self.passed else ("not run" if worst.where == NOT_RUN else "FAIL")
-        explanation = worst.diagnosis or (worst.note if not worst.passed else "")
+        explanation = worst.diagnosis or (worst.note if worst.failed else "")
+        if worst.golden and worst.where != NOT_RUN:
+            errors = f"err_fn {worst.max_abs_error:.1e}, err_ref {worst.err_ref:.1e}, ratio {worst.ratio:.2g}"
+            explanation = "; ".join(filter(None, [errors, worst.diagnosis]))
         return (
             self.name,
             self.defined,
             self.called,
             str(self.calls),
+            self.judged,
             worst.argument,
             f"{worst.max_rel_error:.1e}",
             f"{worst.error_over_allowed:.2g}",
@@ -137,43 +144,56 @@ class AuditReport(Report):
             f"{self.seconds:.1f} s (backward order)"
         )
         header = (
-            *("function", "defined at", "called at", "calls", "argument"),
+            *("function", "defined at", "called at", "calls", "judged against", "argument"),
             *("worst", "/allowed", "verdict", "diagnosis"),
         )
         lines = [head, *table([header, *(s.row() for s in self.sites)], indent="  ")]
         first = self.first_failure()
         if first is None:
-            lines.append("every custom_vjp call site agrees with JAX's autodiff of its primal function")
+            lines.append("every custom_vjp call site agrees with what it was judged against")
         else:
             where = f", called at {first.called}" if first.called else ""
             lines.append(f"the gradient first goes wrong at {first.name} (defined at {first.defined}{where}):")
-            lines += [f"  {f.describe()}" for f in first.findings if not f.passed][:3]
+            lines += [f"  {f.describe()}" for f in first.findings if f.failed][:3]
         unreached = [s for s in self.sites if not s.calls and not s.findings]
         if unreached:
             lines.append(f"{len(unreached)} call site(s) never ran on these arguments and were not checked")
         return "\n".join(line.rstrip() for line in lines)
 
 
-def audit(fn: Callable[..., Any], *args: Any, seed: int = 0, calls_per_site: int = CALLS_PER_SITE) -> AuditReport:
+def audit(
+    fn: Callable[..., Any],
+    *args: Any,
+    seed: int = 0,
+    calls_per_site: int = CALLS_PER_SITE,
+    references: Mapping[Callable[..., Any] | str, Callable[..., Any]] | None = None,
+) -> AuditReport:
     """Checks every ``custom_vjp`` call inside ``fn(*args)`` at the values it receives there.
 
     For each call with arguments ``a`` and a random output cotangent ``u``, the call's own VJP
     ``uᵀ ∂f(a)`` (its fwd and bwd) is compared with ``jax.vjp`` of the custom_vjp's primal ``f``
-    at ``a`` (finite differences where JAX cannot differentiate ``f``). Returns an
-    :class:`AuditReport`: ``passed``, ``failures()``, ``first_failure()``, ``text()``.
+    at ``a`` (finite differences where JAX cannot differentiate ``f``: coarse ones, in the call's
+    own dtype, below float64). ``references`` maps a custom_vjp function (or its name as the report
+    prints it) to a plain reference taking the same arguments, e.g. a Pallas kernel to its
+    ``*_reference``: its calls are judged by the golden criterion in their own dtype
+    (:mod:`~manualgrad.check.golden`). Returns an :class:`AuditReport`: ``passed``, ``failures()``,
+    ``first_failure()``, ``text()``.
     """
     if calls_per_site < 1:
         raise CheckError(f"audit: calls_per_site must be at least 1, got {calls_per_site}")
     start = time.perf_counter()
+    name = getattr(fn, "__name__", type(fn).__name__)
     closed = jax.make_jaxpr(fn)(*args)
-    recorder = _Recorder()
-    interpreter = _Interpreter(recorder.on_call, recorder.on_unentered)
-    interpreter.run(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
     sites = _sites(closed.jaxpr)
+    given = _references(references or {}, closed.jaxpr, sites, name)
+    recorder = _Recorder()
+    _Interpreter(recorder.on_call, recorder.on_unentered).run(
+        closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args)
+    )
     for eqn_id, position in recorder.last.items():
         sites[eqn_id].last = position
     key = jax.random.PRNGKey(seed)
-    pullbacks: dict[int, _Pullbacks] = {}
+    pullbacks: dict[int, Pullbacks] = {}
     for eqn_id, calls in recorder.calls.items():
         site = sites[eqn_id]
         site.calls = len(calls)
@@ -181,7 +201,8 @@ def audit(fn: Callable[..., Any], *args: Any, seed: int = 0, calls_per_site: int
         site.checked = len(chosen)
         for call in chosen:
             key, sub = jax.random.split(key)
-            site.findings += _check_call(site, call, pullbacks, sub)
+            judged, findings = check_call(site, call, pullbacks, sub, _primal, given.get(eqn_id))
+            site.judged, site.findings = judged.value, site.findings + findings
         site.reached = ""
     ordered = sorted(sites.values(), key=lambda s: -s.last)
     dtypes = sorted({f.dtype for s in ordered for f in s.findings})
@@ -189,9 +210,35 @@ def audit(fn: Callable[..., Any], *args: Any, seed: int = 0, calls_per_site: int
         dtype=", ".join(dtypes) or "-",
         findings=[f for s in ordered for f in s.findings],
         seconds=time.perf_counter() - start,
-        function=getattr(fn, "__name__", type(fn).__name__),
+        function=name,
         sites=ordered,
     )
+
+
+def _references(
+    references: Mapping[Any, Callable[..., Any]], jaxpr, sites: dict[int, CallSite], function: str
+) -> dict[int, Callable[..., Any]]:
+    """The reference of each call site (by its eqn's id) that ``references`` keys by its custom_vjp
+    function or its name; a key that is neither, or that no call site has, is refused."""
+    given: dict[int, Callable[..., Any]] = {}
+    for key, reference in references.items():
+        shown = key if isinstance(key, str) else getattr(key, "__name__", repr(key))
+        if isinstance(key, str):
+            matched = [eqn_id for eqn_id, site in sites.items() if site.name == key]
+        elif callable(getattr(key, "bwd", None)):
+            matched = [id(eqn) for eqn, _ in _site_eqns(jaxpr) if sources.backward(eqn) is key.bwd]
+        else:
+            raise CheckError(f"audit: references are keyed by a custom_vjp function or its name, got {shown}")
+        if not callable(reference):
+            raise CheckError(f"audit: the reference given for {shown} is a {type(reference).__name__}, not a function")
+        if not matched:
+            called = ", ".join(dict.fromkeys(s.name for s in sites.values())) or "none"
+            raise CheckError(
+                f"audit: {function} never calls {shown}, given a reference (the custom_vjp functions it calls: "
+                f"{called})"
+            )
+        given.update(dict.fromkeys(matched, reference))
+    return given
 
 
 def _sites(jaxpr) -> dict[int, CallSite]:
@@ -208,20 +255,11 @@ def _sites(jaxpr) -> dict[int, CallSite]:
     return sites
 
 
-@dataclasses.dataclass(frozen=True)
-class _Call:
-    eqn: Any
-    consts: list[Any]
-    args: list[Any]
-    position: int  # among every recorded call, in forward order
-    where: str  # e.g. "scan iteration 3"
-
-
 class _Recorder:
     """Keeps every custom_vjp call's inputs, then runs the call as JAX would."""
 
     def __init__(self) -> None:
-        self.calls: dict[int, list[_Call]] = {}
+        self.calls: dict[int, list[Call]] = {}
         self.count = 0
         self.forward: dict[int, Callable[..., list[Any]]] = {}  # by eqn id: the call, compiled
         self.last: dict[int, int] = {}  # by eqn id: its last call's position, seen or not
@@ -235,12 +273,12 @@ class _Recorder:
 
     def on_call(self, interpreter: _Interpreter, eqn, values: list[Any]) -> list[Any]:
         n = eqn.params.get("num_consts", 0)
-        call = _Call(eqn, values[:n], values[n:], self.count, ", ".join(interpreter.where))
+        call = Call(eqn, values[:n], values[n:], self.count, ", ".join(interpreter.where))
         self.calls.setdefault(id(eqn), []).append(call)
         self.last[id(eqn)] = self.count
         self.count += 1
         if id(eqn) not in self.forward:
-            self.forward[id(eqn)] = jax.jit(functools.partial(_bind, eqn), compiler_options=fast_compile_options())
+            self.forward[id(eqn)] = jax.jit(functools.partial(bind, eqn), compiler_options=fast_compile_options())
         return self.forward[id(eqn)](values)
 
 
@@ -280,7 +318,7 @@ class _Interpreter:
         if id(eqn) not in self._encloses:
             self._encloses[id(eqn)] = _encloses(eqn)
         if not self._encloses[id(eqn)]:
-            return _bind(eqn, values)
+            return bind(eqn, values)
         if name == "scan":
             return self.scan(eqn, values)
         if name == "while":
@@ -290,7 +328,7 @@ class _Interpreter:
         sub = _call_jaxpr(eqn)
         if sub is None:
             self.on_unentered(eqn)
-            return _bind(eqn, values)
+            return bind(eqn, values)
         return self.run(*sub, values)
 
     def scan(self, eqn, values: list[Any]) -> list[Any]:
@@ -333,16 +371,6 @@ class _Interpreter:
 
 def _is_custom_vjp(eqn) -> bool:
     return "custom_vjp" in eqn.primitive.name
-
-
-def _bind(eqn, values: list[Any]) -> list[Any]:
-    """The eqn evaluated as ``jax.core.eval_jaxpr`` evaluates it: ``get_bind_params`` returns the
-    parameters (jax 0.10) or ``(sub-functions, parameters)`` (earlier releases)."""
-    bound = eqn.primitive.get_bind_params(eqn.params)
-    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-    with getattr(getattr(eqn, "ctx", None), "manager", contextlib.nullcontext()):
-        out = eqn.primitive.bind(*subfuns, *values, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def _closed(jaxpr) -> tuple[Any, list[Any]]:
@@ -414,96 +442,11 @@ def _site(eqn, called: str, reached: str) -> CallSite:
     return CallSite(name, f"{sources.shown(file)}:{line}", called, sources.argnames(file, line, n), reached=reached)
 
 
-def _spread(calls: list[_Call], k: int) -> list[_Call]:
+def _spread(calls: list[Call], k: int) -> list[Call]:
     """``k`` of ``calls`` evenly spread, the first and the last among them."""
     if len(calls) <= k:
         return calls
     return [calls[i] for i in sorted({round(j * (len(calls) - 1) / (k - 1)) for j in range(k)})] if k > 1 else calls[:1]
-
-
-def _cotangent(key, outputs: Any) -> Any:
-    """Standard normal draws for the floating outputs, ``float0`` zeros for the others."""
-    leaves, treedef = jax.tree_util.tree_flatten(outputs)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten(
-        [random_like(k, o) if is_float(o) else np.zeros(np.shape(o), jax.dtypes.float0) for k, o in zip(keys, leaves)]
-    )
-
-
-def _one(outputs: list[Any]) -> Any:
-    """A call's outputs as its function returns them: one array alone, several as a list."""
-    return outputs[0] if len(outputs) == 1 else outputs
-
-
-def _call_dtype(args: list[Any], diff: list[int]) -> str:
-    """The least precise floating dtype among the differentiated arguments."""
-    dtypes = {str(jnp.result_type(args[i])) for i in diff}
-    return min(dtypes, key=lambda d: jnp.finfo(d).bits)
-
-
-class _Pullbacks:
-    """A call site's two VJPs, each compiled once for all its calls (with the checker's compiler
-    options): the call's own, by its fwd and bwd, and JAX's of its primal function."""
-
-    def __init__(self, eqn, diff: list[int]) -> None:
-        self.eqn, self.diff = eqn, diff
-        options = fast_compile_options()
-        self.hand = jax.jit(functools.partial(self._pull, self.call), compiler_options=options)
-        self.reference = jax.jit(functools.partial(self._pull, self.primal), compiler_options=options)
-
-    def call(self, consts: list[Any], args: list[Any]) -> Any:
-        return _one(_bind(self.eqn, [*consts, *args]))
-
-    def primal(self, consts: list[Any], args: list[Any]) -> Any:
-        return _one(_primal(self.eqn, [*consts, *args]))
-
-    def _pull(self, fn, consts, args, u):
-        f = closure(lambda *a: fn(consts, list(a)), args, self.diff)
-        return jax.vjp(f, *[args[i] for i in self.diff])[1](u)
-
-
-def _check_call(site: CallSite, call: _Call, pullbacks: dict[int, _Pullbacks], key) -> list[Finding]:
-    """The findings of one call: one per floating argument (one per argument, not run, where the checks raise)."""
-    args = [jnp.asarray(a) for a in call.args]
-    diff = [i for i, a in enumerate(args) if is_float(a)]
-    if not diff:
-        return []
-    label = f"called at {site.called}" if site.called else "call"
-    label += f" ({call.where})" if call.where else ""
-    dtype = _call_dtype(args, diff)
-    names = [site.argnames[i] for i in diff]
-
-    def failed(note: str) -> list[Finding]:
-        tol = TOLERANCES.get(dtype, TOLERANCES["float32"])["vjp"]
-        return [Finding.not_run(site.label, "vjp", dtype, label, note, argument=name, tolerance=tol) for name in names]
-
-    if dtype not in TOLERANCES:
-        return failed(f"{dtype} arguments: the audit has tolerances for {', '.join(TOLERANCES)} only")
-    pull = pullbacks.setdefault(id(call.eqn), _Pullbacks(call.eqn, diff))
-    try:
-        u = _cotangent(key, jax.eval_shape(pull.call, call.consts, args))
-        received = pull.hand(call.consts, args, u)
-    except Exception as error:  # a backward that raises is a failure of this call, not a crash of the audit
-        return failed(f"the backward raised {type(error).__name__}: {first_line(error)}")
-    try:
-        expected = pull.reference(call.consts, args, u)
-    except Exception as error:  # JAX cannot differentiate the primal: finite differences, where they can be trusted
-        if dtype != "float64":
-            return failed(
-                f"JAX cannot differentiate its primal function ({type(error).__name__}) and finite "
-                "differences need float64: audit it with float64 arguments (jax.enable_x64)"
-            )
-        return _finite_differences(site, lambda *a: pull.call(call.consts, list(a)), args, diff, names, label, key)
-    rule = _rule(site, call, lambda *a: pull.primal(call.consts, list(a)), diff)
-    tol = TOLERANCES[dtype]["vjp"]
-    findings = []
-    for i, name, r, e in zip(diff, names, received, expected):
-        atol = max(ATOL[dtype], tol * float(np.max(np.abs(np.asarray(e, np.float64)), initial=0.0)))
-        f = compare(site.label, "vjp", dtype, label, name, r, e, tol, atol)
-        if not f.passed:
-            f = dataclasses.replace(f, diagnosis=_diagnosis(rule, args, i, r, u, dtype))
-        findings.append(f)
-    return findings
 
 
 def _primal(eqn, values: list[Any]) -> list[Any]:
@@ -511,34 +454,3 @@ def _primal(eqn, values: list[Any]) -> list[Any]:
     their own primal, so that JAX differentiates plain code only."""
     jaxpr, consts = _primal_jaxpr(eqn)
     return _Interpreter(lambda interpreter, inner, inputs: _primal(inner, inputs)).run(jaxpr, consts, values)
-
-
-def _rule(site: CallSite, call: _Call, primal: Callable[..., Any], diff: list[int]) -> Rule:
-    """The registered rule the call site is, where it is one called with all its arguments (its
-    own mistakes diagnose it); else a rule of the call whose reference is its ``primal``."""
-    for rule in registry.rules():
-        code = rule.fn.fun.__code__
-        if (
-            site.defined == f"{sources.shown(code.co_filename)}:{code.co_firstlineno}"
-            and not call.consts
-            and not rule.fn.nondiff_argnums
-            and len(rule.argnames) == len(call.args)
-        ):
-            return rule
-    return Rule(site.name, primal, primal, lambda key, dtype: (), tuple(diff), ())
-
-
-def _diagnosis(rule: Rule, args: list[Any], i: int, received, u, dtype: str) -> str:
-    try:
-        return diagnose.diagnose(rule, tuple(args), i, received, u, dtype)
-    except Exception:  # a primal JAX cannot jit: the failure stands undiagnosed
-        return ""
-
-
-def _finite_differences(site: CallSite, fn: Callable[..., Any], args, diff, names, label, key) -> list[Finding]:
-    """The VJP of the call ``fn`` (of every argument) against finite differences of ``fn`` itself, in float64."""
-    rule = Rule(site.name, fn, fn, lambda key, dtype: (), tuple(diff), ())
-    tol = TOLERANCES["float64"]["finite_diff"]
-    differences = finite_differences(rule, Sample(tuple(args), label), diff, names, key)
-    values, hand = jax.jit(differences.evaluate, compiler_options=fast_compile_options())(*differences.inputs)
-    return differences.findings(site.label, label, "float64", tol, np.asarray(values), np.asarray(hand))

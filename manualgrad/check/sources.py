@@ -8,6 +8,7 @@ import functools
 import os
 import pathlib
 import re
+from typing import Any
 
 # manualgrad's own files are shown from the folder that holds the package: manualgrad/rules/linear.py:52.
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -34,13 +35,19 @@ def definition(eqn, jaxpr) -> tuple[str, tuple[str, int]]:
     match = _SOURCE.match(info)
     if match:
         return match["name"], (match["file"], int(match["line"]))
+    f = backward(eqn)
+    code = getattr(f, "__code__", None)
+    name = eqn.params.get("name") or getattr(f, "__name__", "custom_vjp")
+    return str(name), (code.co_filename, code.co_firstlineno) if code else ("(unknown)", 0)
+
+
+def backward(eqn) -> Any:
+    """The custom_vjp call's backward as its author wrote it (``defvjp``'s ``bwd``), unwrapped."""
     bwd = eqn.params.get("bwd")
     f = getattr(bwd, "f", bwd)
     while isinstance(f, functools.partial):
         f = f.func
-    code = getattr(f, "__code__", None)
-    name = eqn.params.get("name") or getattr(f, "__name__", "custom_vjp")
-    return str(name), (code.co_filename, code.co_firstlineno) if code else ("(unknown)", 0)
+    return f
 
 
 def called(eqn) -> str:

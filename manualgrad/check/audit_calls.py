@@ -1,0 +1,274 @@
+"""One recorded call of a ``custom_vjp`` call site judged by the audit (:func:`check_call`).
+
+Each call is judged against the best ground truth on hand, and the report says which
+(:class:`Judged`, the ``judged against`` column):
+
+* ``reference (golden)``: the user's reference for the function (``audit(..., references=...)``),
+  by the golden criterion (:mod:`~manualgrad.check.golden`) in the call's own dtype. The call's
+  output and VJP (its fwd and bwd) and the reference's, both run in that dtype, are each compared
+  with the *golden*, the reference on the arguments upcast to float64 in 64-bit mode, under the
+  same random cotangent: ``err_fn = max |call − golden|``, ``err_ref = max |ref − golden|``;
+* ``autodiff``: JAX's autodiff of the custom_vjp's primal function, entry by entry at the ``vjp``
+  tolerance of the call's dtype, every entry judged relative to the larger of itself and the
+  argument's largest entry (inside a real model the values are not of order one, and round-off of
+  a sum is relative to its terms, not to a result that cancels);
+* ``finite differences``: where JAX cannot differentiate the primal, in float64
+  (:mod:`~manualgrad.check.finite_differences`);
+* ``coarse finite differences``: the same in float32 or lower, in the call's own dtype, with a step
+  and a tolerance from the function's measured round-off (:mod:`~manualgrad.check.coarse`).
+
+Only the golden runs in 64-bit mode: the call itself runs in the caller's setting, whatever its
+dtype (a kernel's int32 index arithmetic breaks where JAX's 64-bit mode is switched on around it).
+A failing comparison is diagnosed (:mod:`~manualgrad.check.diagnose`): with the rule's own mistakes
+for a registered manualgrad rule, the generic ones (transposed, a constant factor) else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import functools
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from manualgrad import registry
+from manualgrad.check import coarse, diagnose, golden, sources
+from manualgrad.check.comparison import compare, compare_golden
+from manualgrad.check.finite_differences import finite_differences
+from manualgrad.check.report import Finding
+from manualgrad.check.tolerances import ATOL, TOLERANCES, fast_compile_options
+from manualgrad.check.trees import closure, is_float, random_like
+from manualgrad.registry import Rule, Sample
+from manualgrad.text import first_line
+
+
+class Judged(str, enum.Enum):
+    """What a call site was judged against, as the report's ``judged against`` column says it."""
+
+    REFERENCE = "reference (golden)"
+    AUTODIFF = "autodiff"
+    FINITE_DIFFERENCES = "finite differences"
+    COARSE = "coarse finite differences"
+    NOTHING = "-"
+
+
+class CallSite(Protocol):
+    """What the audit knows of a call site (:class:`manualgrad.check.audit.CallSite`)."""
+
+    name: str
+    defined: str
+    called: str
+    argnames: tuple[str, ...]
+
+    @property
+    def label(self) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One recorded call of a site: its closed-over constants, its arguments, where it ran."""
+
+    eqn: Any
+    consts: list[Any]
+    args: list[Any]
+    position: int  # among every recorded call, in forward order
+    where: str  # e.g. "scan iteration 3"
+
+
+def bind(eqn, values: list[Any]) -> list[Any]:
+    """The eqn evaluated as ``jax.core.eval_jaxpr`` evaluates it: ``get_bind_params`` returns the
+    parameters (jax 0.10) or ``(sub-functions, parameters)`` (earlier releases)."""
+    bound = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+    with getattr(getattr(eqn, "ctx", None), "manager", contextlib.nullcontext()):
+        out = eqn.primitive.bind(*subfuns, *values, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _one(outputs: list[Any]) -> Any:
+    """A call's outputs as its function returns them: one array alone, several as a list."""
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _pull(fn: Callable[..., Any], diff: list[int], consts, args, u) -> tuple[Any, Any]:
+    """``fn``'s outputs and VJP under ``u`` for the arguments ``diff``, the others fixed."""
+    out, pull = jax.vjp(closure(lambda *a: fn(consts, list(a)), args, diff), *[args[i] for i in diff])
+    return out, pull(u)
+
+
+class Pullbacks:
+    """A call site's programs, each compiled once for all its calls (with the checker's compiler
+    options): the call, its own VJP by its fwd and bwd (``hand``), JAX's of its primal function
+    (``autodiff``), and the reference's in the call's dtype and as the golden (``golden``)."""
+
+    def __init__(self, eqn, diff: list[int], primal: Callable[..., list[Any]], reference=None) -> None:
+        options = fast_compile_options()
+        self.eqn, self.diff, self._primal, self._reference = eqn, diff, primal, reference
+        self.forward = jax.jit(self.call, compiler_options=options)
+        self.hand = jax.jit(functools.partial(_pull, self.call, diff), compiler_options=options)
+        self.autodiff = jax.jit(functools.partial(_pull, self.primal, diff), compiler_options=options)
+        self.referenced = jax.jit(functools.partial(_pull, self.reference, diff), compiler_options=options)
+
+    def call(self, consts: list[Any], args: list[Any]) -> Any:
+        return _one(bind(self.eqn, [*consts, *args]))
+
+    def primal(self, consts: list[Any], args: list[Any]) -> Any:
+        return _one(self._primal(self.eqn, [*consts, *args]))
+
+    def reference(self, consts: list[Any], args: list[Any]) -> Any:
+        return self._reference(*args)
+
+    def golden(self, args: list[Any], u: Any) -> tuple[Any, Any]:
+        """The reference's output and VJP on ``args`` and ``u`` upcast to float64, in 64-bit mode."""
+        with jax.enable_x64(True):
+            return self.referenced([], golden.upcast(args), golden.upcast(u))
+
+
+def _cotangent(key, outputs: Any) -> Any:
+    """Standard normal draws for the floating outputs, ``float0`` zeros for the others."""
+    leaves, treedef = jax.tree_util.tree_flatten(outputs)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten(
+        [random_like(k, o) if is_float(o) else np.zeros(np.shape(o), jax.dtypes.float0) for k, o in zip(keys, leaves)]
+    )
+
+
+def _call_dtype(args: list[Any], diff: list[int]) -> str:
+    """The least precise floating dtype among the differentiated arguments."""
+    dtypes = {str(jnp.result_type(args[i])) for i in diff}
+    return min(dtypes, key=lambda d: jnp.finfo(d).bits)
+
+
+def check_call(
+    site: CallSite, call: Call, pullbacks: dict[int, Pullbacks], key, primal, reference=None
+) -> tuple[Judged, list[Finding]]:
+    """What one call was judged against and its findings: one per floating argument (and, against a
+    reference, one for the output); one per argument, not run, where the checks raise."""
+    args = [jnp.asarray(a) for a in call.args]
+    diff = [i for i, a in enumerate(args) if is_float(a)]
+    if not diff:
+        return Judged.NOTHING, []
+    label = (f"called at {site.called}" if site.called else "call") + (f" ({call.where})" if call.where else "")
+    dtype = _call_dtype(args, diff)
+    names = [site.argnames[i] for i in diff]
+    judged = Judged.REFERENCE if reference is not None else Judged.AUTODIFF
+
+    def failed(note: str) -> tuple[Judged, list[Finding]]:
+        tol = TOLERANCES.get(dtype, TOLERANCES["float32"])["vjp"]
+        return judged, [
+            Finding.not_run(site.label, "vjp", dtype, label, note, argument=n, tolerance=tol) for n in names
+        ]
+
+    if reference is None and dtype not in TOLERANCES:
+        return failed(
+            f"{dtype} arguments: give it a reference (audit's references) to judge it by the golden criterion"
+        )
+    pull = pullbacks.setdefault(id(call.eqn), Pullbacks(call.eqn, diff, primal, reference))
+    try:
+        u = _cotangent(key, jax.eval_shape(pull.call, call.consts, args))
+        out, received = pull.hand(call.consts, args, u)
+    except Exception as error:  # a backward that raises is a failure of this call, not a crash of the audit
+        return failed(f"the backward raised {type(error).__name__}: {first_line(error)}")
+    if reference is not None:
+        try:
+            return judged, _against_reference(site, label, args, diff, names, dtype, pull, u, out, received)
+        except Exception as error:  # the user's reference: its error said on this call
+            return failed(f"the reference raised {type(error).__name__}: {first_line(error)}")
+    try:
+        expected = pull.autodiff(call.consts, args, u)[1]
+    except Exception:  # JAX cannot differentiate the primal: finite differences
+        if dtype != "float64":
+            forward = functools.partial(pull.forward, call.consts)
+            hand = functools.partial(_cotangents, pull.hand, call.consts)
+            draw = functools.partial(_cotangent, outputs=out)
+            return Judged.COARSE, coarse.check(site.label, label, forward, hand, args, diff, names, dtype, key, draw)
+        return Judged.FINITE_DIFFERENCES, _finite_differences(site, pull, call, diff, names, label, key)
+    rule = _rule(site, call, lambda *a: pull.primal(call.consts, list(a)), diff)
+    return judged, _against_autodiff(site.label, label, args, diff, names, dtype, rule, u, received, expected)
+
+
+def _cotangents(hand: Callable[..., tuple[Any, Any]], consts, args, u) -> Any:
+    return hand(consts, args, u)[1]
+
+
+def _against_autodiff(rule_label, label, args, diff, names, dtype, rule, u, received, expected) -> list[Finding]:
+    """Entry-by-entry comparisons at the dtype's ``vjp`` tolerance, each failure diagnosed."""
+    tol = TOLERANCES[dtype]["vjp"]
+    findings = []
+    for i, name, r, e in zip(diff, names, received, expected):
+        atol = max(ATOL[dtype], tol * float(np.max(np.abs(np.asarray(e, np.float64)), initial=0.0)))
+        f = compare(rule_label, "vjp", dtype, label, name, r, e, tol, atol)
+        if not f.passed:
+            f = dataclasses.replace(f, diagnosis=_diagnosis(rule, args, i, r, u, dtype))
+        findings.append(f)
+    return findings
+
+
+def _against_reference(site, label, args, diff, names, dtype, pull, u, out, received) -> list[Finding]:
+    """The output and each argument's cotangent by the golden criterion: the call and the reference
+    in the call's dtype, each against the golden, under the same cotangent ``u``."""
+    ref_out = jax.eval_shape(pull.reference, [], args)
+    leaves, tree = jax.tree_util.tree_flatten(ref_out)
+    outputs = jax.tree_util.tree_leaves(out)
+    if [np.shape(x) for x in leaves] != [np.shape(x) for x in outputs]:
+        shapes = ", ".join(str(tuple(np.shape(x))) for x in leaves)
+        raise ValueError(f"the reference returns shapes {shapes}, the call {', '.join(str(x.shape) for x in outputs)}")
+    u_ref = tree.unflatten(jax.tree_util.tree_leaves(u))
+    in_dtype = pull.referenced([], args, u_ref)
+    gold = pull.golden(args, u_ref)
+    rows = [("forward", "(output)", outputs, in_dtype[0], gold[0], None)]
+    rows += [("vjp", n, r, e, g, i) for n, r, e, g, i in zip(names, received, in_dtype[1], gold[1], diff)]
+    findings = []
+    for check, name, r, e, g, i in rows:
+        f = compare_golden(site.label, check, label, name, r, e, g)
+        if f.failed and i is not None and dtype in TOLERANCES:
+            f = dataclasses.replace(f, diagnosis=_golden_diagnosis(r, g, args, dtype))
+        findings.append(f)
+    return findings
+
+
+def _golden_diagnosis(received, gold, args, dtype: str) -> str:
+    try:
+        return diagnose.diagnose_array(received, gold, tuple(args), dtype)
+    except Exception:  # nothing to diagnose by: the failure stands undiagnosed
+        return ""
+
+
+def _rule(site: CallSite, call: Call, primal: Callable[..., Any], diff: list[int]) -> Rule:
+    """The registered rule the call site is, where it is one called with all its arguments (its
+    own mistakes diagnose it); else a rule of the call whose reference is its ``primal``."""
+    for rule in registry.rules():
+        code = rule.fn.fun.__code__
+        if (
+            site.defined == f"{sources.shown(code.co_filename)}:{code.co_firstlineno}"
+            and not call.consts
+            and not rule.fn.nondiff_argnums
+            and len(rule.argnames) == len(call.args)
+        ):
+            return rule
+    return Rule(site.name, primal, primal, lambda key, dtype: (), tuple(diff), ())
+
+
+def _diagnosis(rule: Rule, args: list[Any], i: int, received, u, dtype: str) -> str:
+    try:
+        return diagnose.diagnose(rule, tuple(args), i, received, u, dtype)
+    except Exception:  # a primal JAX cannot jit: the failure stands undiagnosed
+        return ""
+
+
+def _finite_differences(site: CallSite, pull: Pullbacks, call: Call, diff, names, label, key) -> list[Finding]:
+    """The VJP of the call (of every argument) against finite differences of the call itself, in float64."""
+
+    def fn(*a):
+        return pull.call(call.consts, list(a))
+
+    rule = Rule(site.name, fn, fn, lambda key, dtype: (), tuple(diff), ())
+    tol = TOLERANCES["float64"]["finite_diff"]
+    differences = finite_differences(rule, Sample(tuple(call.args), label), diff, names, key)
+    values, hand = jax.jit(differences.evaluate, compiler_options=fast_compile_options())(*differences.inputs)
+    return differences.findings(site.label, label, "float64", tol, np.asarray(values), np.asarray(hand))
