@@ -61,6 +61,7 @@ from manualgrad.check.autodiff import Traced, side
 from manualgrad.check.comparison import compare
 from manualgrad.check.errors import BackwardError, CheckError, ReferenceFailed
 from manualgrad.check.finite_differences import SampleDifferences, finite_differences
+from manualgrad.check.own_dtype import check_in_own_dtype
 from manualgrad.check.report import NOT_RUN, Finding, Report
 from manualgrad.check.targets import select
 from manualgrad.check.timing import CompileClock
@@ -76,6 +77,11 @@ from manualgrad.text import first_line
 
 __all__ = ["CHECKS", "NOT_RUN", "TOLERANCES", "WORKERS", "BackwardError", "Finding", "Report", "check"]
 
+# Why a function checked with a reference has no adjoint test: the test needs the arguments it is linear in.
+NOT_LINEAR = (
+    "the dot-product test needs arguments the function is linear in, and a function checked with a reference "
+    "declares none (registered rules do, as Rule.linear_in)"
+)
 # Two threads per core: XLA compiles without holding the GIL, and a small program's compile
 # leaves a core idle that another sample's tracing can use.
 WORKERS = min(8, 2 * (os.cpu_count() or 1))
@@ -87,32 +93,52 @@ def check(
     reference: Callable[..., Any] | None = None,
     args: Sequence[Any] | None = None,
     argnums: Sequence[int] | None = None,
-    dtype: str = "float64",
+    dtype: str | None = None,
     checks: Sequence[str] = CHECKS,
     seed: int = 0,
 ) -> Report:
     """Cross-checks hand rules; returns a :class:`Report` (``report.passed``, ``report.table()``).
 
     ``target`` is ``None`` (every registered rule), a rule name, a :class:`Rule`, a list of
-    those, or any function built from rules, given with its ``reference`` and ``args``
-    (and optionally ``argnums``, the arguments to differentiate; default every floating one).
-    Such a function and its reference run under the caller's ``jax_numpy_rank_promotion``.
+    those, or any function built from rules or written as a kernel, given with its ``reference``
+    and ``args`` (and optionally ``argnums``, the arguments to differentiate; default every
+    floating one). Such a function and its reference run under the caller's
+    ``jax_numpy_rank_promotion``.
+
+    ``dtype``: ``"float64"`` or ``"float32"`` casts the samples (a function's ``args``) to it and
+    checks in JAX's 64-bit mode. ``None``, the default, is ``"float64"`` for registered rules;
+    for a function it checks the function in its arguments' own dtypes (float64, float32,
+    bfloat16, float16) and in the caller's 64-bit setting, judged against a float64 golden by
+    FlashAttention's criterion (:mod:`~manualgrad.check.own_dtype`, :mod:`~manualgrad.check.golden`).
+    A check that cannot apply to a function (the ``adjoint`` test, which needs arguments it is
+    declared linear in; see :mod:`~manualgrad.check.own_dtype` for the others) is reported as not
+    applicable, neither passed nor failed.
 
     Samples are checked in :data:`WORKERS` threads, which do not see JAX configuration
     contexts entered by the caller (``jax.default_device`` and the like): set those with
-    ``jax.config.update``, or set ``WORKERS = 1`` to check in the calling thread.
+    ``jax.config.update``, or set ``WORKERS = 1`` to check in the calling thread. A function in
+    its own dtype is checked in the calling thread.
     """
-    if dtype not in TOLERANCES:
-        raise CheckError(f"check: dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
+    if dtype is not None and dtype not in TOLERANCES:
+        raise CheckError(f"check: dtype must be one of {sorted(TOLERANCES)} or None, got {dtype!r}")
     unknown = set(checks) - set(CHECKS)
     if unknown:
         raise CheckError(f"check: unknown checks {sorted(unknown)}; choose from {CHECKS}")
     selected = select(target, reference, args, argnums)
+    user = callable(target) and not isinstance(target, (str, Rule))
     start = time.perf_counter()
+    notes: list[str] = []
     with CompileClock() as clock:
-        results = _check_all(selected, dtype, checks, seed, clock)
+        if user and dtype is None:
+            with clock.working(), jax.numpy_rank_promotion("raise"):
+                dtype, findings, notes = check_in_own_dtype(selected[0], tuple(args), checks, jax.random.PRNGKey(seed))
+        else:
+            dtype = dtype or "float64"
+            findings = [f for result in _check_all(selected, dtype, checks, seed, clock) for f in result]
+    if user and "adjoint" in checks:
+        findings.append(Finding.not_applicable(selected[0].name, "adjoint", dtype, "given", NOT_LINEAR))
     seconds = time.perf_counter() - start
-    return Report(dtype, [f for result in results for f in result], seconds, clock.compile_seconds(seconds))
+    return Report(dtype, findings, seconds, clock.compile_seconds(seconds), notes)
 
 
 def jobs(selected: list[Rule], dtype: str, seed: int) -> list[tuple[Rule, Sample, jax.Array]]:

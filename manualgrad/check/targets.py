@@ -4,6 +4,7 @@ or a user's own function and reference."""
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,7 +59,7 @@ def user_rule(
         try:
             return reference(*a)
         except Exception as error:
-            name = getattr(reference, "__name__", "<lambda>")
+            name = function_name(reference, "<lambda>")
             who = "the reference" if name == "<lambda>" else f"the reference {name}"
             raise ReferenceFailed(f"{who} raised {type(error).__name__}: {first_line(error)}") from error
 
@@ -69,5 +70,13 @@ def user_rule(
 
     if argnums is None:
         argnums = tuple(i for i, a in enumerate(args) if is_float_tree(a))
-    name = getattr(fn, "__name__", "function")
-    return Rule(name, users(fn), users(named_reference), samples, tuple(argnums), ())
+    return Rule(function_name(fn), users(fn), users(named_reference), samples, tuple(argnums), ())
+
+
+def function_name(fn: Callable[..., Any], default: str = "function") -> str:
+    """``fn``'s name as a report shows it: its ``__name__``, that of the function a
+    ``functools.partial`` wraps, or ``default``; through wrappers (``__wrapped__``)."""
+    fn = inspect.unwrap(fn)
+    while isinstance(fn, functools.partial):
+        fn = inspect.unwrap(fn.func)
+    return getattr(fn, "__name__", default)
