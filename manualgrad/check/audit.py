@@ -48,7 +48,7 @@ except ImportError:  # a jax without jax.extend.core.Literal: the older public n
     from jax.core import Literal
 
 from manualgrad.check import sources
-from manualgrad.check.audit_calls import Call, Judged, Pullbacks, bind, check_call
+from manualgrad.check.audit_calls import FLOAT32_INSIDE, Call, Judged, Pullbacks, bind, check_call
 from manualgrad.check.errors import CheckError
 from manualgrad.check.report import NOT_RUN, Finding, Report
 from manualgrad.check.tolerances import fast_compile_options
@@ -109,7 +109,10 @@ class CallSite:
         explanation = worst.diagnosis or (worst.note if worst.failed else "")
         if worst.golden and worst.where != NOT_RUN:
             errors = f"err_fn {worst.max_abs_error:.1e}, err_ref {worst.err_ref:.1e}, ratio {worst.ratio:.2g}"
-            explanation = "; ".join(filter(None, [errors, worst.diagnosis]))
+            inside = (
+                f"{worst.dtype}'s criterion (computes in {worst.dtype} inside)" if worst.note == FLOAT32_INSIDE else ""
+            )
+            explanation = "; ".join(filter(None, [errors, inside, worst.diagnosis]))
         return (
             self.name,
             self.defined,
