@@ -110,7 +110,7 @@ class CallSite:
         if worst.golden and worst.where != NOT_RUN:
             errors = f"err_fn {worst.max_abs_error:.1e}, err_ref {worst.err_ref:.1e}, ratio {worst.ratio:.2g}"
             inside = (
-                f"{worst.dtype}'s criterion (computes in {worst.dtype} inside)" if worst.note == FLOAT32_INSIDE else ""
+                f"{worst.dtype}'s criterion (computes in {worst.dtype} inside)" if FLOAT32_INSIDE in worst.note else ""
             )
             explanation = "; ".join(filter(None, [errors, inside, worst.diagnosis]))
         return (

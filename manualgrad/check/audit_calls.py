@@ -38,8 +38,10 @@ import numpy as np
 
 from manualgrad import registry
 from manualgrad.check import coarse, diagnose, golden, sources
+from manualgrad.check.autodiff import Traced
 from manualgrad.check.comparison import compare, compare_golden
 from manualgrad.check.finite_differences import finite_differences
+from manualgrad.check.own_dtype import resolution
 from manualgrad.check.report import Finding
 from manualgrad.check.tolerances import ATOL, TOLERANCES, fast_compile_options
 from manualgrad.check.trees import closure, host, is_float, random_like
@@ -133,6 +135,15 @@ class Pullbacks:
         with jax.enable_x64(True):
             return self.referenced([], golden.upcast(args), golden.upcast(u))
 
+    def rounding(self, args: list[Any], u: Any, names: list[str], key) -> list[float]:
+        """The golden's own rounding, the output's then each argument's cotangent's: 0 where it
+        resolves float64 (:func:`~manualgrad.check.own_dtype.resolution`)."""
+        with jax.enable_x64(True):
+            wide = golden.upcast(args)
+            gold = Traced.of(closure(self._reference, wide, self.diff))
+            found = resolution(gold, [wide[i] for i in self.diff], golden.upcast(u), names, key)
+        return [found["output"], *(found[n] for n in names)]
+
 
 def _cotangent(key, outputs: Any) -> Any:
     """Standard normal draws for the floating outputs, ``float0`` zeros for the others."""
@@ -177,7 +188,7 @@ def check_call(
         return failed(f"the backward raised {type(error).__name__}: {first_line(error)}")
     if reference is not None:
         try:
-            return judged, _against_reference(site.label, label, args, diff, names, dtype, pull, u, out, received)
+            return judged, _against_reference(site.label, label, args, diff, names, dtype, pull, u, out, received, key)
         except Exception as error:  # the user's reference: its error said on this call
             return failed(f"the reference raised {type(error).__name__}: {first_line(error)}")
     try:  # no tolerance for autodiff in this dtype: the coarse differences measure their own
@@ -212,7 +223,7 @@ def _against_autodiff(rule_label, label, args, diff, names, dtype, rule, u, rece
     return findings
 
 
-def _against_reference(rule, label, args, diff, names, dtype, pull, u, out, received) -> list[Finding]:
+def _against_reference(rule, label, args, diff, names, dtype, pull, u, out, received, key) -> list[Finding]:
     """The output and each argument's cotangent by the golden criterion: the call and the reference
     in the call's dtype, each against the golden, under the same cotangent ``u``.
 
@@ -220,33 +231,46 @@ def _against_reference(rule, label, args, diff, names, dtype, pull, u, out, rece
     the golden only to float32's round-off: where it fails in float64 but its output meets float32's
     criterion, every comparison is judged by float32's, against the reference on the arguments
     rounded to float32 (the call's values, float32's cast to float64, lose nothing cast back), and
-    the note says so."""
+    the note says so. A reference that computes below float64 inside is no exact golden: each
+    allowance is widened by its rounding, measured, and the note says so."""
     outputs = jax.tree_util.tree_leaves(out)
     leaves, tree = jax.tree_util.tree_flatten(jax.eval_shape(pull.reference, [], args))
     if [np.shape(x) for x in leaves] != [np.shape(x) for x in outputs]:
         shapes = ", ".join(str(tuple(np.shape(x))) for x in leaves)
         raise ValueError(f"the reference returns shapes {shapes}, the call {', '.join(str(x.shape) for x in outputs)}")
     u_ref = tree.unflatten(jax.tree_util.tree_leaves(u))
-    gold = pull.golden(args, u_ref)
+    rounding = pull.rounding(args, u_ref, names, key)
+    gold = (*pull.golden(args, u_ref), rounding, _rounding_note(rounding))
     values = pull.referenced([], args, u_ref)
-    findings = _golden_findings(rule, label, args, diff, names, (outputs, received), values, gold)
+    findings = _golden_findings(rule, label, args, names, (outputs, received), values, gold)
     if dtype != "float64" or not any(f.failed for f in findings):
         return findings
     low = functools.partial(jax.tree_util.tree_map, lambda x: host(x, np.float32) if is_float(x) else x)
     values = pull.referenced([], low(args), low(u_ref))
-    lowered = _golden_findings(rule, label, args, diff, names, low((outputs, received)), values, gold, FLOAT32_INSIDE)
+    lowered = _golden_findings(rule, label, args, names, low((outputs, received)), values, gold, FLOAT32_INSIDE)
     return findings if lowered[0].failed else lowered
 
 
-def _golden_findings(rule, label, args, diff, names, call_values, ref_values, gold, note: str = "") -> list[Finding]:
-    """``(output, cotangents)`` of the call and of the reference against the golden's, one finding
-    each, a failing cotangent diagnosed."""
-    (outputs, received), (ref_out, ref_cot), (gold_out, gold_cot) = call_values, ref_values, gold
-    rows = [("forward", "(output)", outputs, ref_out, gold_out, False)]
-    rows += [("vjp", n, r, e, g, True) for n, r, e, g in zip(names, received, ref_cot, gold_cot)]
+def _rounding_note(rounding: list[float]) -> str:
+    if not any(rounding):
+        return ""
+    return (
+        "the reference does not resolve float64 (it computes below float64 inside): its float64 values move by "
+        f"steps of its own rounding, up to {max(rounding):.1e}; each allowance widened by 3 times that"
+    )
+
+
+def _golden_findings(rule, label, args, names, call_values, ref_values, gold, note: str = "") -> list[Finding]:
+    """``(output, cotangents)`` of the call and of the reference against the golden's
+    ``(output, cotangents, rounding, note)``, one finding each, a failing cotangent diagnosed."""
+    (outputs, received), (ref_out, ref_cot), (gold_out, gold_cot, rounding, said) = call_values, ref_values, gold
+    rows = [("forward", "(output)", outputs, ref_out, gold_out)]
+    rows += [("vjp", n, r, e, g) for n, r, e, g in zip(names, received, ref_cot, gold_cot)]
+    note = "; ".join(filter(None, [note, said]))
     findings = []
-    for check, name, r, e, g, cotangent in rows:
-        f = compare_golden(rule, check, label, name, r, e, g, note=note)
+    for (check, name, r, e, g), error in zip(rows, rounding):
+        f = compare_golden(rule, check, label, name, r, e, g, golden_error=error, note=note)
+        cotangent = check == "vjp"
         if f.failed and cotangent and f.dtype in TOLERANCES:
             f = dataclasses.replace(f, diagnosis=_golden_diagnosis(r, g, args, f.dtype))
         findings.append(f)
