@@ -168,8 +168,10 @@ class Rule:
         """This rule with another backward: a new ``jax.custom_vjp`` with the same signature,
         docstring and ``nondiff_argnums``, whose VJP is ``fwd`` (default the rule's own forward
         pass, saving its residuals) and ``bwd``; ``primal`` (default the rule's function)
-        computes the output where nothing is differentiated. A student's exercise, a planted
-        mutation and a test's wrong backward are all built this way."""
+        computes the output where nothing is differentiated. The new function is of the rule's own
+        class (a rule's ``devices.custom_vjp`` sums an invariant argument's cotangent over the
+        devices before any backward sees it). A student's exercise, a planted mutation and a
+        test's wrong backward are all built this way."""
         original = self.fn
         output = original if primal is None else primal
 
@@ -177,7 +179,8 @@ class Rule:
         def fn(*args):
             return output(*args)
 
-        replaced = jax.custom_vjp(fn, nondiff_argnums=original.nondiff_argnums)
+        # the rule's own kind of custom_vjp: a rule's arguments meet on the devices' axes whatever its backward
+        replaced = type(original)(fn, nondiff_argnums=original.nondiff_argnums)
         replaced.defvjp(original.fwd if fwd is None else fwd, bwd)
         return dataclasses.replace(self, fn=replaced, name=self.name if name is None else name)
 

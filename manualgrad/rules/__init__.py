@@ -1,6 +1,7 @@
 """The rules, one module per family, and the helpers only rules use: argument checks
 (:mod:`~manualgrad.validation`, public for exercise files), sample inputs (:mod:`~manualgrad.rules.samples`), window
-geometry (:mod:`~manualgrad.rules.windows`) and the usual mistakes (:mod:`~manualgrad.rules.mistakes`).
+geometry (:mod:`~manualgrad.rules.windows`), the usual mistakes (:mod:`~manualgrad.rules.mistakes`) and the
+passage across devices (:mod:`~manualgrad.rules.devices`).
 
 Importing this package registers every family; this order is the order of the registry and the README.
 The rules themselves are public as ``manualgrad.NAME`` (``mg.dense``), read from the registry;
@@ -14,10 +15,13 @@ checks the order and the signatures):
 ``NAME_reference(*args) -> y``
     The function in plain ``jnp``, no ``custom_vjp``: the checker differentiates it with
     ``jax.grad`` to judge the hand rule.
-``@jax.custom_vjp def NAME(*args) -> y``
+``@devices.custom_vjp def NAME(*args) -> y``
     The public function, ``NAME_forward(*args)[0]``. Its docstring derives the rule in the seed's
     notation, cites each seed as ``seed 00N`` and has one ``Result:`` line where the result
-    begins (``manualgrad exercise`` stops there).
+    begins (``manualgrad exercise`` stops there). :class:`~manualgrad.rules.devices.custom_vjp` is
+    ``jax.custom_vjp`` whose arguments first meet on the devices' varying axes inside
+    ``jax.shard_map``: the cotangent of an argument replicated over devices is summed over them
+    there, derived once in :mod:`~manualgrad.rules.devices`, so a backward never does it itself.
 ``NAME_forward(*args) -> (y, residuals)``
     Validates the arguments with :mod:`~manualgrad.validation` (a one-sentence
     :class:`~manualgrad.validation.RuleInputError` naming the rule, the argument and the shapes or

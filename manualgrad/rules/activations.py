@@ -8,6 +8,8 @@ saves anyway, so the activation costs no extra residual at all. Gelu is not mono
 ``σ'`` is no function of ``F``: it saves ``z``.
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
+Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
+them (seed 002 §4's ``ι*`` across devices), derived once in :mod:`manualgrad.rules.devices`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from jax import lax
 
 from manualgrad import validation
 from manualgrad.registry import Mistake, Rule, Sample, register
-from manualgrad.rules import mistakes
+from manualgrad.rules import devices, mistakes
 from manualgrad.rules.samples import keys, normal
 
 
@@ -48,7 +50,7 @@ def sigmoid_reference(z: jax.Array) -> jax.Array:
     return 1 / (1 + jnp.exp(-z))
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def sigmoid(z: jax.Array) -> jax.Array:
     """Logistic sigmoid ``F = 1 / (1 + e^{-z})``, backward from the saved output.
 
@@ -103,7 +105,7 @@ def tanh_reference(z: jax.Array) -> jax.Array:
     return jnp.sinh(z) / jnp.cosh(z)
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def tanh(z: jax.Array) -> jax.Array:
     """Hyperbolic tangent ``F = tanh z``, backward from the saved output.
 
@@ -154,7 +156,7 @@ def relu_reference(z: jax.Array) -> jax.Array:
     return jnp.where(z > 0, z, jnp.zeros_like(z))
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def relu(z: jax.Array) -> jax.Array:
     """Rectified linear unit ``F = max(z, 0)``, backward from the saved output.
 
@@ -211,7 +213,7 @@ def leaky_relu_reference(z: jax.Array, negative_slope: float = 0.01) -> jax.Arra
     return jnp.where(z > 0, z, negative_slope * z)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(1,))
 def leaky_relu(z: jax.Array, negative_slope: float = 0.01) -> jax.Array:
     """Leaky ReLU ``F = z if z > 0 else α z``, backward from the saved output.
 
@@ -281,7 +283,7 @@ def softplus_reference(z: jax.Array) -> jax.Array:
     return jnp.log1p(jnp.exp(z))
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def softplus(z: jax.Array) -> jax.Array:
     """Softplus ``F = log(1 + e^z)``, backward from the saved output.
 
@@ -353,7 +355,7 @@ def gelu_reference(z: jax.Array, approximate: bool = True) -> jax.Array:
     return z * _gelu_gate(z, approximate)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(1,))
 def gelu(z: jax.Array, approximate: bool = True) -> jax.Array:
     """Gaussian error linear unit ``F = z Φ(z)``, or its tanh form: ``jax.nn.gelu``'s two formulas.
 
@@ -471,7 +473,7 @@ def identity_reference(z: jax.Array) -> jax.Array:
     return 1 * z
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def identity(z: jax.Array) -> jax.Array:
     """The identity ``F = z``: seed 002's ``σ_0 := id`` for the input layer.
 

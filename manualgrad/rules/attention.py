@@ -17,6 +17,8 @@ the causal mask forgotten in the backward, ``dQ`` and ``dK`` swapped) are attach
 rules as :class:`~manualgrad.registry.Mistake` s built from the references.
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
+Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
+them (seed 002 §4's ``ι*`` across devices), derived once in :mod:`manualgrad.rules.devices`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from jax import lax
 
 from manualgrad import validation
 from manualgrad.registry import VJP, Mistake, Rule, Sample, register
-from manualgrad.rules import mistakes
+from manualgrad.rules import devices, mistakes
 from manualgrad.rules.samples import keys, normal
 
 _SOFTMAX_SEEDS = (
@@ -58,7 +60,7 @@ def softmax_reference(z: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.exp(log_softmax_reference(z, axis))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(1,))
 def softmax(z: jax.Array, axis: int = -1) -> jax.Array:
     """Softmax along ``axis``: ``p_i = e^{z_i} / Σ_j e^{z_j}``, backward from the saved output.
 
@@ -157,7 +159,7 @@ def log_softmax_reference(z: jax.Array, axis: int = -1) -> jax.Array:
     return z - top - jnp.log(jnp.sum(jnp.exp(z - top), axis=axis, keepdims=True))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(1,))
 def log_softmax(z: jax.Array, axis: int = -1) -> jax.Array:
     """Log-softmax along ``axis``: ``y = z − log Σ_j e^{z_j}``, backward from the saved output.
 
@@ -283,7 +285,7 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool =
     return jnp.einsum("bnts,bsnh->btnh", softmax_reference(_scores(q, k, causal), -1), v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(3,))
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) -> jax.Array:
     """Scaled dot-product attention ``O = softmax(Q Kᵀ/√H) V`` per batch entry and head.
 

@@ -30,6 +30,8 @@ the patch matrix gathered from ``x`` in one pass per block of images. ``C`` is o
 ``lax.conv_general_dilated``; nothing here calls ``jax.vjp``.
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
+Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
+them (seed 002 §4's ``ι*`` across devices), derived once in :mod:`manualgrad.rules.devices`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from jax import lax
 
 from manualgrad import validation
 from manualgrad.registry import Rule, Sample, register
-from manualgrad.rules import mistakes, windows
+from manualgrad.rules import devices, mistakes, windows
 from manualgrad.rules.samples import keys, normal
 from manualgrad.rules.windows import Geometry, Padding
 
@@ -290,7 +292,7 @@ def conv2d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
     return _reference("conv2d", x, w, stride, padding, dilation)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv2d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dilation=1) -> jax.Array:
     """2-D convolution (cross-correlation, as in every deep-learning library), NHWC × HWIO → NHWC.
 
@@ -382,7 +384,7 @@ def conv1d_reference(x, w, stride=1, padding: Padding = "VALID", dilation=1):
     return _reference("conv1d", x, w, stride, padding, dilation)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv1d(x: jax.Array, w: jax.Array, stride=1, padding: Padding = "VALID", dilation=1) -> jax.Array:
     """1-D multi-channel convolution (cross-correlation), NWC × WIO → NWC.
 

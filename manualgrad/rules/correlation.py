@@ -17,6 +17,8 @@ Finite signals are cropped to a window of shifts by a ``mode``, exactly as
 the seed's infinite-signal proof breaks for them and how zero padding repairs it.
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
+Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
+them (seed 002 §4's ``ι*`` across devices), derived once in :mod:`manualgrad.rules.devices`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from jax import lax
 
 from manualgrad import validation
 from manualgrad.registry import Mistake, Rule, Sample, register
-from manualgrad.rules import mistakes
+from manualgrad.rules import devices, mistakes
 from manualgrad.rules.samples import keys, normal
 from manualgrad.rules.windows import mode_window
 
@@ -177,7 +179,7 @@ def correlate1d_reference(x: jax.Array, w: jax.Array, mode: str = "valid") -> ja
     return _numpy_correlate_reference(x, w, mode)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(2,))
 def correlate1d(x: jax.Array, w: jax.Array, mode: str = "valid") -> jax.Array:
     """1-D correlation ``y = x ⋆ w``, ``y_i = Σ_j x_{i+j} w_j``, windowed like ``numpy.correlate``.
 
@@ -296,7 +298,7 @@ def convolve1d_reference(x: jax.Array, w: jax.Array, mode: str = "valid") -> jax
     return _numpy_correlate_reference(x, jnp.flip(w), mode)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(2,))
 def convolve1d(x: jax.Array, w: jax.Array, mode: str = "valid") -> jax.Array:
     """1-D convolution ``y = x ∗ w``, ``y_i = Σ_j x_{i−j} w_j``, windowed like ``numpy.convolve``.
 

@@ -1,6 +1,8 @@
 """The embedding lookup ``table[ids]``: a linear map in the table whose adjoint is a scatter-add.
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
+Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
+them (seed 002 §4's ``ι*`` across devices), derived once in :mod:`manualgrad.rules.devices`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from manualgrad import validation
 from manualgrad.registry import VJP, Mistake, Rule, Sample, register
+from manualgrad.rules import devices
 from manualgrad.rules.samples import keys, normal
 
 
@@ -29,7 +32,7 @@ def embedding_reference(ids: jax.Array, table: jax.Array) -> jax.Array:
     return jnp.where(valid[..., None], rows, jnp.nan)
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def embedding(ids: jax.Array, table: jax.Array) -> jax.Array:
     """The embedding lookup ``y = table[ids]``: one row of ``table`` per id.
 

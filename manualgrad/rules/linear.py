@@ -1,6 +1,8 @@
 """Linear rules: the dense layer ``x W``, the bias add ``z + ι(b)`` and the residual add ``x + y``.
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
+Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
+them (seed 002 §4's ``ι*`` across devices), derived once in :mod:`manualgrad.rules.devices`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from jax import lax
 
 from manualgrad import validation
 from manualgrad.registry import Rule, Sample, register
+from manualgrad.rules import devices
 from manualgrad.rules.samples import keys, normal, pairs
 
 # --------------------------------------------------------------------------- dense
@@ -20,7 +23,7 @@ def dense_reference(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,io->...o", x, w)
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     """Dense layer ``y = x W``: ``x`` of shape ``(..., in)``, ``W`` of shape ``(in, out)``.
 
@@ -114,7 +117,7 @@ def bias_add_reference(z: jax.Array, b: jax.Array) -> jax.Array:
     return z + jnp.broadcast_to(b, jnp.shape(z))
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def bias_add(z: jax.Array, b: jax.Array) -> jax.Array:
     """Bias add ``y = z + ι(b)``: ``b`` of shape ``(features,)`` added along the last axis.
 
@@ -199,7 +202,7 @@ def add_reference(x: jax.Array, y: jax.Array) -> jax.Array:
     return x + y
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def add(x: jax.Array, y: jax.Array) -> jax.Array:
     """The residual connection ``out = x + y``: two arrays of one shape and dtype, added entry by entry.
 

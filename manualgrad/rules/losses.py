@@ -1,6 +1,8 @@
 """Losses: mean squared error, softmax cross-entropy, and the L2 penalty.
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
+Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
+them (seed 002 §4's ``ι*`` across devices), derived once in :mod:`manualgrad.rules.devices`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 
 from manualgrad import validation
 from manualgrad.registry import Mistake, Rule, Sample, register
-from manualgrad.rules import mistakes
+from manualgrad.rules import devices, mistakes
 from manualgrad.rules.samples import keys, normal, pairs
 
 # --------------------------------------------------------------------------- mse
@@ -25,7 +27,7 @@ def mse_reference(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(per_sample)
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     """Mean over the batch (leading axis) of ``½‖pred_i − target_i‖²``.
 
@@ -91,7 +93,7 @@ def softmax_cross_entropy_reference(logits: jax.Array, labels: jax.Array) -> jax
     return -jnp.mean(jnp.sum(labels * log_p, axis=-1))
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean over the samples of ``−Σ_c y_c log softmax(z)_c``.
 
@@ -199,7 +201,7 @@ def l2_penalty_reference(params: Any, lam: jax.Array) -> jax.Array:
     return lam / 2 * sum(jnp.sum(w**2) for w in jax.tree_util.tree_leaves(params))
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def l2_penalty(params: Any, lam: jax.Array) -> jax.Array:
     """The weight penalty ``λ Ω(θ)`` with ``Ω(θ) = ½ Σ_W ‖W‖²`` over every leaf of ``params``.
 

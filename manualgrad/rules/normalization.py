@@ -22,6 +22,8 @@ the wrong axes, dropout not rescaled or its mask drawn again with another key) a
 the rules as :class:`~manualgrad.registry.Mistake` s built from the references.
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
+Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
+them (seed 002 §4's ``ι*`` across devices), derived once in :mod:`manualgrad.rules.devices`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from jax import lax
 
 from manualgrad import validation
 from manualgrad.registry import VJP, Mistake, Rule, Sample, register
-from manualgrad.rules import mistakes
+from manualgrad.rules import devices, mistakes
 from manualgrad.rules.samples import keys, normal
 
 _SEEDS = (
@@ -233,7 +235,7 @@ def batch_norm_reference(x, gamma, beta, eps=1e-5, ddof=0, constant=()):
     return _per_channel(gamma, jnp.ndim(x)) * xhat + _per_channel(beta, jnp.ndim(x))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(3,))
 def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float = 1e-5) -> jax.Array:
     """Batch normalisation in training mode: ``y = γ x̂ + β``, ``x̂ = (x − μ)/σ`` per channel.
 
@@ -376,7 +378,7 @@ def layer_norm_reference(x, gamma, beta, eps=1e-5, ddof=0, constant=()):
     return _per_channel(gamma, jnp.ndim(x)) * xhat + _per_channel(beta, jnp.ndim(x))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float = 1e-5) -> jax.Array:
     """Layer normalisation over the last axis: ``y = γ ⊙ x̂ + β``, ``x̂ = (x − μ)/σ`` per row.
 
@@ -482,7 +484,7 @@ def group_norm_reference(x, gamma, beta, groups, eps=1e-5, ddof=0, constant=()):
     return _per_channel(gamma, jnp.ndim(x)) * xhat + _per_channel(beta, jnp.ndim(x))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(3, 4))
 def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, groups: int, eps: float = 1e-5) -> jax.Array:
     """Group normalisation, channels last: ``y = γ ⊙ x̂ + β`` with statistics per sample and group.
 
@@ -608,7 +610,7 @@ def rms_norm_reference(x, gamma, eps=1e-6, constant=()):
     return _per_channel(gamma, jnp.ndim(x)) * x / jnp.sqrt(ms + eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, gamma: jax.Array, eps: float = 1e-6) -> jax.Array:
     """RMS normalisation over the last axis: ``y = γ ⊙ x / r``, ``r = √(mean(x²) + ε)`` per row.
 
@@ -719,7 +721,7 @@ def dropout_reference(x, key, rate):
     return jnp.where(_kept(key, rate, jnp.shape(x)), x / (1 - rate), jnp.zeros_like(x))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(2,))
 def dropout(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
     """Inverted dropout: each entry kept with probability ``1 − rate`` and scaled by ``1/(1 − rate)``.
 

@@ -15,6 +15,8 @@ All window arithmetic (window, stride and padding normalisation, output sizes, l
 rows, and the errors for a bad configuration) comes from :mod:`manualgrad.rules.windows`.
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
+Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
+them (seed 002 §4's ``ι*`` across devices), derived once in :mod:`manualgrad.rules.devices`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from jax import lax
 
 from manualgrad import validation
 from manualgrad.registry import Mistake, Rule, Sample, register
-from manualgrad.rules import mistakes, windows
+from manualgrad.rules import devices, mistakes, windows
 from manualgrad.rules.samples import keys, normal
 from manualgrad.rules.windows import Geometry, Padding
 
@@ -82,7 +84,7 @@ def avg_pool2d_reference(x, window, stride=None, padding: Padding = "VALID"):
     return total / (kh * kw)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(1, 2, 3))
 def avg_pool2d(x: jax.Array, window, stride=None, padding: Padding = "VALID") -> jax.Array:
     """2-D average pooling, NHWC → NHWC, dividing by the full window size.
 
@@ -209,7 +211,7 @@ def max_pool2d_reference(x, window, stride=None, padding: Padding = "VALID"):
     return best
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+@functools.partial(devices.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool2d(x: jax.Array, window, stride=None, padding: Padding = "VALID") -> jax.Array:
     """2-D max pooling, NHWC → NHWC; padded entries are −∞, so they never win.
 
@@ -332,7 +334,7 @@ def flatten_reference(x):
     return jax.vmap(jnp.ravel)(x)
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def flatten(x: jax.Array) -> jax.Array:
     """Flatten every axis but the batch: ``(N, d_1, ..., d_m) → (N, d_1 ⋯ d_m)``, row-major.
 

@@ -23,6 +23,8 @@ reproduced by the references' ``slip`` keyword (:data:`SLIPS`) and attached to t
 :class:`~manualgrad.registry.Mistake` s (:func:`manualgrad.rules.mistakes.slipped`).
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
+Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
+them (seed 002 §4's ``ι*`` across devices), derived once in :mod:`manualgrad.rules.devices`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from jax import lax
 
 from manualgrad import validation
 from manualgrad.registry import Rule, Sample, register
-from manualgrad.rules import activations, linear, mistakes
+from manualgrad.rules import activations, devices, linear, mistakes
 from manualgrad.rules.samples import keys, normal
 
 _SEEDS = (
@@ -154,6 +156,7 @@ def _slips(*names: str) -> tuple[tuple[str, str], ...]:
 
 def rnn_reference(x, h0, w_x, w_h, b, slip=""):
     steps = jnp.shape(x)[1]
+    h0 = devices.vary_like(h0, x, w_x, w_h, b)  # inside shard_map the carry varies as its step does
 
     def step(h, inputs):
         x_t, t = inputs
@@ -164,7 +167,7 @@ def rnn_reference(x, h0, w_x, w_h, b, slip=""):
     return _time_major(lax.scan(step, h0, (_time_major(x), jnp.arange(steps)))[1])
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def rnn(x: jax.Array, h0: jax.Array, w_x: jax.Array, w_h: jax.Array, b: jax.Array) -> jax.Array:
     """Elman RNN over a whole sequence: ``h_t = tanh(x_t w_x + h_{t−1} w_h + b)``, every ``h_t`` returned.
 
@@ -324,6 +327,7 @@ def _gate_blocks(z: jax.Array, slip: str) -> dict[str, jax.Array]:
 
 def lstm_reference(x, h0, c0, w_x, w_h, b, slip=""):
     steps = jnp.shape(x)[1]
+    h0, c0 = devices.vary_like((h0, c0), x, w_x, w_h, b)  # inside shard_map the carry varies as its step does
 
     def step(carry, inputs):
         h, c = carry
@@ -338,7 +342,7 @@ def lstm_reference(x, h0, c0, w_x, w_h, b, slip=""):
     return _time_major(lax.scan(step, (h0, c0), (_time_major(x), jnp.arange(steps)))[1])
 
 
-@jax.custom_vjp
+@devices.custom_vjp
 def lstm(x: jax.Array, h0: jax.Array, c0: jax.Array, w_x: jax.Array, w_h: jax.Array, b: jax.Array) -> jax.Array:
     """LSTM over a whole sequence, gates in PyTorch's order (input, forget, cell, output); every ``h_t`` returned.
 
