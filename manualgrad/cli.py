@@ -4,6 +4,10 @@
 registered rules, names the usual mistake behind a failure (``DIAGNOSIS`` lines) and exits 1 if
 any check fails (2 for a bad command line, as argparse does); compiled programs are kept in JAX's
 persistent compilation cache (:mod:`manualgrad.check.cache`) unless ``--no-cache``.
+``manualgrad check FILE.py:FN --reference FILE.py:REF --args FILE.py:ARGS`` checks a function (a
+kernel) against its reference at the arguments ``ARGS()`` returns, in their own dtypes against a
+float64 golden (``--json``: both errors and their ratio per argument); exit 0 if it passes, 1 if
+not, 2 for input it cannot use. A check that cannot apply is counted as not applicable.
 ``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``), in one
 process or as one of several (``--coordinator``, ``--num-processes``, ``--process-id``, ``--distributed auto``);
 ``manualgrad launch --processes N -- train ARGS`` runs N such processes on this machine and exits with the
@@ -79,28 +83,61 @@ def _refuse_unknown_networks(command: str, names: Sequence[str]) -> bool:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.rules and ":" in args.rules[0]:
+        return _check_function(args)
+    if args.reference or args.args:
+        return _refuse("check", "--reference and --args go with a FILE.py:FUNCTION to check, not with rules")
     names = args.rules or [r.name for r in registry.rules()]
     if _refuse_unknown_rules("check", names, "rule(s)"):
         return 2
+    dtype = args.dtype or "float64"
     with cache.command_settings(not args.no_cache) as cached_in:
-        report = processes.check(names, dtype=args.dtype, cache_dir=cached_in)
+        report = processes.check(names, dtype=dtype, cache_dir=cached_in)
+    where = f"programs cached in {cached_in}" if cached_in else "no compilation cache"
+    return _print_check(
+        args, report, f"{counted(len(names), 'rule')}, dtype {dtype}, {where}; worst relative error per check"
+    )
+
+
+def _check_function(args: argparse.Namespace) -> int:
+    """``manualgrad check FILE.py:FN --reference FILE.py:REF --args FILE.py:ARGS``: FN against REF at ARGS()."""
+    if len(args.rules) > 1:
+        return _refuse("check", f"give one FILE.py:FUNCTION to check, got {len(args.rules)}: {' '.join(args.rules)}")
+    if not args.reference or not args.args:
+        return _refuse("check", "a FILE.py:FUNCTION needs --reference FILE.py:REFERENCE and --args FILE.py:ARGUMENTS")
+    modules: dict[str, Any] = {}
+    try:
+        fn = _function(args.rules[0], "to check", modules)[1]
+        reference = _function(args.reference, "as the reference (--reference)", modules)[1]
+        make = _function(args.args, f"returning the arguments of {args.rules[0]} (--args)", modules)[1]
+    except _BadInput as error:
+        return _refuse("check", str(error))
+    try:
+        values = _arguments(make, args.rules[0])
+    except Exception as error:  # the user's code: its error in one line, the check never began
+        return _refuse("check", f"{args.args}(): {type(error).__name__}: {first_line(error)}")
+    report = manualgrad.check(fn, reference=reference, args=values, dtype=args.dtype)
+    return _print_check(args, report, f"{args.rules[0]} against {args.reference}, dtype {report.dtype}")
+
+
+def _print_check(args: argparse.Namespace, report: Any, heading: str) -> int:
+    """The report as JSON records or as text (heading, table, notes, failures, not applicable,
+    diagnoses, summary); exit 0 if it passed, 1 if not."""
     if args.json:
         for record in report.records():
             print(json.dumps(record))
         return 0 if report.passed else 1
-    where = f"programs cached in {cached_in}" if cached_in else "no compilation cache"
-    print(
-        f"manualgrad check: {counted(len(names), 'rule')}, dtype {args.dtype}, {where}; worst relative error per check"
-    )
+    print(f"manualgrad check: {heading}")
     print(report.table())
-    failures = report.failures()
-    for f in failures:
+    for note in report.notes:
+        print("NOTE " + note)
+    for f in report.failures():
         print("FAIL " + f.describe())
+    for f in report.not_applicable():
+        print("N/A " + f.describe())
     for line in report.diagnoses():
         print("DIAGNOSIS " + line)
-    checks = len(report.worst())
-    failed = len({(f.rule, f.check) for f in failures})
-    print(f"{checks - failed} passed, {failed} failed in {report.timing()}")
+    print(report.summary())
     return 0 if report.passed else 1
 
 
@@ -268,27 +305,51 @@ def _autograder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit(args: argparse.Namespace) -> int:
+class _BadInput(Exception):
+    """A command's input it cannot use, as the one line :func:`_refuse` prints."""
+
+
+def _function(target: str, role: str, modules: dict[str, Any]) -> tuple[Any, Callable[..., Any]]:
+    """The module FILE and its function NAME that ``target``, ``FILE:NAME``, names (``role``
+    says what for, in a refusal); each FILE run once, kept in ``modules``."""
     from manualgrad.teach import exercise
 
-    file, sep, name = args.target.rpartition(":")
+    file, sep, name = target.rpartition(":")
     if not sep or not file or not name.isidentifier():
-        return _refuse("audit", f"give FILE:FUNCTION, e.g. model.py:loss; got {args.target!r}")
+        raise _BadInput(f"give FILE:FUNCTION, e.g. model.py:loss; got {target!r}")
     if not pathlib.Path(file).is_file():
-        return _refuse("audit", f"no file {file!r}")
+        raise _BadInput(f"no file {file!r}")
+    key = str(pathlib.Path(file).resolve())
+    if key not in modules:
+        try:
+            modules[key] = exercise.run_file(file, f"manualgrad_loaded_{len(modules)}")
+        except exercise.ExerciseError as error:
+            raise _BadInput(str(error)) from None
+    fn = getattr(modules[key], name, None)
+    if not callable(fn):
+        raise _BadInput(f"{file} defines no function {name} {role}")
+    return modules[key], fn
+
+
+def _arguments(make: Callable[..., Any], of: str) -> tuple[Any, ...]:
+    """``make()``, the positional arguments of the function ``of``, as a tuple."""
+    values = make()
+    if not isinstance(values, (tuple, list)):
+        raise TypeError(f"it returned {type(values).__name__}, not a tuple of {of}'s positional arguments")
+    return tuple(values)
+
+
+def _audit(args: argparse.Namespace) -> int:
     try:
-        module = exercise.run_file(file, "manualgrad_audited")
-    except exercise.ExerciseError as error:
+        module, fn = _function(args.target, "to audit", {})
+    except _BadInput as error:
         return _refuse("audit", str(error))
-    fn, make = getattr(module, name, None), getattr(module, args.args, None)
-    for what, f, role in ((name, fn, "to audit"), (args.args, make, f"returning the arguments of {name} (--args)")):
-        if not callable(f):
-            return _refuse("audit", f"{file} defines no function {what} {role}")
+    file, name = args.target.rpartition(":")[::2]
+    make = getattr(module, args.args, None)
+    if not callable(make):
+        return _refuse("audit", f"{file} defines no function {args.args} returning the arguments of {name} (--args)")
     try:
-        values = make()
-        if not isinstance(values, (tuple, list)):
-            raise TypeError(f"it returned {type(values).__name__}, not a tuple of {name}'s positional arguments")
-        report = manualgrad.audit(fn, *values, seed=args.seed)
+        report = manualgrad.audit(fn, *_arguments(make, name), seed=args.seed)
     except Exception as error:  # the user's code: its error in one line, the audit never began
         return _refuse("audit", f"{file}:{name} with {args.args}(): {type(error).__name__}: {first_line(error)}")
     print(report.text())
@@ -440,10 +501,19 @@ def _add_checking(commands: argparse._SubParsersAction) -> None:
     """check and audit."""
     no_cache = f"compile every program afresh: no persistent compilation cache (also {cache.OFF_VARIABLE}=1)"
     returns = "the function in FILE that returns FUNCTION's arguments as a tuple (default: audit_args)"
-    _command(commands, _check, "cross-check hand rules against jax.grad and finite differences",
-             _option("rules", nargs="*", metavar="RULE", help="rules to check (default: all)"),
-             _DTYPE,
-             _option("--json", action="store_true", help="one JSON record per rule and check"),
+    own = (
+        "float64 or float32: cast to it, in 64-bit mode (default for rules: float64; for a FILE.py:FUNCTION: its "
+        "arguments' own dtypes, judged against a float64 golden of the reference)"
+    )
+    _command(commands, _check, "cross-check hand rules against jax.grad and finite differences, or a function (a "
+             "kernel) against its reference in its own dtype",
+             _option("rules", nargs="*", metavar="RULE", help="rules to check (default: all), or one FILE.py:FUNCTION"),
+             _option("--reference", metavar="FILE.py:REFERENCE", help="the plain reference of FILE.py:FUNCTION"),
+             _option("--args", metavar="FILE.py:ARGUMENTS", help="a function returning FILE.py:FUNCTION's arguments "
+                     "as a tuple"),
+             _option("--dtype", choices=sorted(checker.TOLERANCES), help=own),
+             _option("--json", action="store_true", help="one JSON record per rule and check (a function's: both "
+                     "errors and their ratio per argument)"),
              _option("--no-cache", action="store_true", help=no_cache))  # fmt: skip
     _command(commands, _audit, "check every custom_vjp inside a function at the values it receives there (no "
              "reference needed)",

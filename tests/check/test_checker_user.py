@@ -1,5 +1,6 @@
 """The checker on a user's own network: no false alarm at kinks, the user's settings for the user's code."""
 
+import json
 import subprocess
 import sys
 
@@ -180,3 +181,103 @@ def test_check_json_into_a_closed_pipe_exits_without_a_traceback():
     stderr = process.stderr.read().decode()
     assert process.wait() == 141, stderr
     assert stderr == ""
+
+
+_KERNEL_FILE = """
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def softplus(z):
+    return jnp.logaddexp(z, 0.0)
+
+
+softplus.defvjp(lambda z: (softplus(z), z), lambda z, g: (g * jax.nn.sigmoid(z) * FACTOR,))
+FACTOR = 1.0
+
+
+def reference(z):
+    return jnp.log1p(jnp.exp(z))
+
+
+def arguments():
+    return (jnp.linspace(-3, 3, 24, dtype=jnp.float32).reshape(4, 6),)
+
+
+def not_a_tuple():
+    return 3
+"""
+
+
+def _kernel_file(tmp_path, factor=1.0):
+    path = tmp_path / "kernel.py"
+    path.write_text(_KERNEL_FILE.replace("FACTOR = 1.0", f"FACTOR = {factor}"))
+    return str(path)
+
+
+def _run_check(capsys, *argv):
+    from manualgrad import cli
+
+    code = cli.main(["check", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_check_command_judges_a_function_in_its_own_dtype_against_the_golden(tmp_path, capsys):
+    path = _kernel_file(tmp_path)
+    given = [f"{path}:softplus", "--reference", f"{path}:reference", "--args", f"{path}:arguments"]
+    code, out, _ = _run_check(capsys, *given)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert "dtype float32" in lines[0]
+    assert lines[1].split() == ["check", "argument", "dtype", "err_fn", "err_ref", "ratio", "allowed"]
+    # forward, vjp, jit, vmap and grad_of_grad (the hand backward is jnp: JAX differentiates it)
+    # pass; finite_diff (float64 only) and adjoint (nothing declared linear) cannot apply.
+    assert lines[-1].startswith("5 passed, 0 failed, 2 not applicable in ")
+    assert sum(line.startswith("N/A ") for line in lines) == 2
+
+    code, out, _ = _run_check(
+        capsys, f"{path}:softplus", "--reference", f"{path}:reference", "--args", f"{path}:arguments"
+    )
+    assert code == 0, out
+    lines = out.splitlines()
+    assert "dtype float32" in lines[0] and lines[1].split() == [
+        "check",
+        "argument",
+        "dtype",
+        "err_fn",
+        "err_ref",
+        "ratio",
+        "allowed",
+    ]
+    # finite_diff (float32), grad_of_grad? (the hand backward is differentiable) and adjoint: the
+    # last two lines count them; adjoint and finite_diff cannot apply to a function in float32.
+    assert lines[-1].startswith("5 passed, 0 failed, 2 not applicable in ")
+    assert sum(line.startswith("N/A ") for line in lines) == 2
+
+    code, out, _ = _run_check(
+        capsys, f"{path}:softplus", "--reference", f"{path}:reference", "--args", f"{path}:arguments", "--json"
+    )
+    records = {r["check"]: r for r in map(json.loads, out.splitlines())}
+    assert code == 0 and records["adjoint"]["status"] == "not applicable"
+    (z,) = records["vjp"]["arguments"]
+    assert z["argument"] == "z" and z["status"] == "passed"
+    assert 0 < z["err_fn"] < 1e-6 and z["err_ref"] > 0 and z["ratio"] == pytest.approx(z["err_fn"] / z["err_ref"])
+
+
+def test_check_command_fails_a_wrong_function_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    path = _kernel_file(tmp_path, factor=1.01)
+    target = [f"{path}:softplus", "--reference", f"{path}:reference"]
+    code, out, _ = _run_check(capsys, *target, "--args", f"{path}:arguments")
+    assert code == 1 and "FAIL softplus, argument z, sample 'given', vjp (float32)" in out, out
+    assert "DIAGNOSIS softplus, argument z: your gradient equals 1.01 × the right one" in out
+    for argv, message in [
+        (target, "needs --reference FILE.py:REFERENCE and --args FILE.py:ARGUMENTS"),
+        ([*target, "--args", f"{path}:nope"], "defines no function nope returning the arguments of"),
+        ([*target, "--args", f"{path}:not_a_tuple"], "not_a_tuple(): TypeError: it returned int, not a tuple"),
+        ([f"{tmp_path}/missing.py:f", "--reference", "r.py:r", "--args", "a.py:a"], "no file"),
+        (["relu", "--reference", f"{path}:reference"], "--reference and --args go with a FILE.py:FUNCTION"),
+    ]:
+        code, out, err = _run_check(capsys, *argv)
+        assert code == 2 and out == "" and len(err.splitlines()) == 1 and message in err, err

@@ -223,8 +223,8 @@ def _net_reference(p, x, labels):
     return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
 
 
-def _net_args(dtype):
-    k = jax.random.split(jax.random.PRNGKey(0), 6)
+def _net_args(dtype, seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 6)
     p = {
         "w1": jax.random.normal(k[0], (8, 16)) / 8**0.5,
         "b1": 0.1 * jax.random.normal(k[1], (16,)),
