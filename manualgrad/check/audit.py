@@ -50,7 +50,7 @@ except ImportError:  # a jax without jax.extend.core.Literal: the older public n
 from manualgrad.check import sources
 from manualgrad.check.audit_calls import FLOAT32_INSIDE, Call, Judged, Pullbacks, bind, check_call
 from manualgrad.check.errors import CheckError
-from manualgrad.check.report import NOT_RUN, Finding, Report
+from manualgrad.check.report import NOT_APPLICABLE, NOT_RUN, Finding, Report
 from manualgrad.check.tolerances import fast_compile_options
 from manualgrad.text import table
 
@@ -104,9 +104,9 @@ class CallSite:
                 "-",
                 "no floating argument",
             )
-        worst = max(self.findings, key=lambda f: (f.failed, f.error_over_allowed, f.max_rel_error))
-        verdict = "ok" if self.passed else ("not run" if worst.where == NOT_RUN else "FAIL")
-        explanation = worst.diagnosis or (worst.note if worst.failed else "")
+        worst = max(self.findings, key=_rank)
+        verdict = "not run" if worst.where == NOT_RUN else "FAIL" if worst.failed else _VERDICTS[worst.status]
+        explanation = worst.diagnosis or (worst.note if not worst.passed else "")
         if worst.golden and worst.where != NOT_RUN:
             errors = f"err_fn {worst.max_abs_error:.1e}, err_ref {worst.err_ref:.1e}, ratio {worst.ratio:.2g}"
             inside = (
@@ -125,6 +125,15 @@ class CallSite:
             verdict,
             explanation,
         )
+
+
+_VERDICTS = {"passed": "ok", NOT_APPLICABLE: NOT_APPLICABLE}
+
+
+def _rank(f: Finding) -> tuple[bool, bool, float, float]:
+    """A call site's worst finding is the largest: a failure, then one passed rather than one not
+    applicable, then the largest error over the error allowed it."""
+    return f.failed, f.passed, np.nan_to_num(f.error_over_allowed, nan=-np.inf), np.nan_to_num(f.max_rel_error)
 
 
 @dataclasses.dataclass
@@ -151,9 +160,11 @@ class AuditReport(Report):
             *("worst", "/allowed", "verdict", "diagnosis"),
         )
         lines = [head, *table([header, *(s.row() for s in self.sites)], indent="  ")]
-        first = self.first_failure()
-        if first is None:
+        first, inapplicable = self.first_failure(), self.not_applicable()
+        if first is None and not inapplicable:
             lines.append("every custom_vjp call site agrees with what it was judged against")
+        elif first is None:
+            lines.append("no custom_vjp call site disagrees with what it was judged against")
         else:
             where = f", called at {first.called}" if first.called else ""
             lines.append(f"the gradient first goes wrong at {first.name} (defined at {first.defined}{where}):")
@@ -161,6 +172,11 @@ class AuditReport(Report):
         unreached = [s for s in self.sites if not s.calls and not s.findings]
         if unreached:
             lines.append(f"{len(unreached)} call site(s) never ran on these arguments and were not checked")
+        if inapplicable:
+            lines.append(
+                f"{len(inapplicable)} of {len(self.findings)} comparisons not applicable (neither passed nor failed): "
+                + "; ".join(dict.fromkeys(f"{f.rule.split(' ')[0]}: {f.note}" for f in inapplicable))
+            )
         return "\n".join(line.rstrip() for line in lines)
 
 

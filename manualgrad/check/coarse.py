@@ -28,7 +28,8 @@ and round-off; the rounding of ``x_t`` to the dtype cancels out). Following Mor�
 
 A hand VJP off by a fraction ``δ`` of its values makes ``|e|`` about ``δ |uᵀJv|``; the finding's
 note says how small a ``δ`` the differences resolve (a few ``ε^⅔``: about 1e-4 in float32, a
-tenth in bfloat16: coarse).
+tenth or more in bfloat16). Differences that resolve no better than :data:`COARSEST` fail a VJP
+they catch, and pass none: where they catch nothing the finding is not applicable.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ PILOT = 4.0  # t₀ = PILOT · ε^⅓, a few times the step that balances round-
 # The noise estimate is one standard deviation, from fifteen pooled fourth differences, and the
 # measured truncation one sample: four times their sum leaves a right VJP well inside.
 SAFETY = 4.0
+# Differences whose allowance exceeds this share of the largest derivative they estimate cannot tell a
+# VJP off by that much from a right one: they fail what they catch, and pass nothing (not applicable).
+COARSEST = 0.1
 HAND_ROUNDING = 16  # ulps of ⟨|c|, |Δx|⟩: the hand VJP's rounding in the dtype, a few per term of a blocked sum
 
 
@@ -152,6 +156,13 @@ def _finding(rule: str, label: str, name: str, dtype: str, eps: float, lines: li
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(size > 0, errors / size, errors)
         resolves = allowed[w] / size[w] if size[w] > 0 else np.inf
+    coarsest = float(np.max(allowed) / max(float(np.max(size)), np.finfo(np.float64).tiny))
+    if not np.any(over > 1) and not coarsest <= COARSEST:
+        why = (
+            f"coarse finite differences in {dtype} resolve only {coarsest:.0%} of the derivative, too coarse to pass "
+            "a VJP: give the audit a reference for this function"
+        )
+        return Finding.not_applicable(rule, "finite_diff", dtype, label, why, argument=name)
     note = (
         f"coarse finite differences in {dtype}, uᵀJv along {len(lines)} random directions: step {steps[w]:.1e} "
         f"of the argument's rms, round-off {sigma:.1e} measured, allowed {allowed[w]:.1e} "

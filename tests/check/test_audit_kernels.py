@@ -187,6 +187,30 @@ def test_a_reference_computing_in_float32_inside_is_said_and_its_rounding_allowe
     assert [f.argument for f in wrong_report.failures()] == ["x"], wrong_report.text()
 
 
+def test_bfloat16_without_a_reference_is_not_applicable_and_with_one_judged_by_the_golden():
+    """In bfloat16 the coarse differences resolve no tenth of a derivative: they pass nothing."""
+
+    def kernel_of(factor):
+        @jax.custom_vjp
+        def kernel(h):
+            return jnp.tanh(h)
+
+        kernel.defvjp(lambda h: (jnp.tanh(h), h), lambda h, g: (factor * (1 - jnp.tanh(h) ** 2) * g,))
+        return kernel
+
+    h = jnp.asarray(np.random.default_rng(3).standard_normal((4, 8)), jnp.bfloat16)
+    right = kernel_of(1.0)
+    alone = mg.audit(lambda h: jnp.sum(right(h)), h)
+    (finding,) = alone.findings
+    assert alone.passed and finding.status == "not applicable" and "give the audit a reference" in finding.note
+    assert alone.sites[0].judged == "coarse finite differences" and "1 of 1 comparisons not applicable" in alone.text()
+    assert mg.audit(lambda h: jnp.sum(right(h)), h, references={right: jnp.tanh}).passed
+    # 10 % is about 25 bfloat16 ulps: far beyond twice the reference's rounding.
+    wrong = kernel_of(1.1)
+    report = mg.audit(lambda h: jnp.sum(wrong(h)), h, references={"kernel": jnp.tanh})
+    assert [f.argument for f in report.failures()] == ["h"], report.text()
+
+
 def test_a_reference_for_a_function_never_called_is_refused():
     m = _pallas_layer_norm()
     args = _inputs(jnp.float32)
@@ -260,11 +284,35 @@ def measure() -> None:
         arguments = f"{dtype} arguments, {f.dtype} criterion" if f.golden else f"{dtype} arguments"
         print(f"{name:36} {judged:26} {arguments:36} seed {seed} {verdict:4} {f.argument:8} {figures} {seconds:.2f} s")
     print(", ".join(f"{judged}: {n} of {len(MISTAKES)} planted mistakes caught" for judged, n in caught.items()))
+    _spread_over_seeds(m)
     start = time.perf_counter()
     ode = mg.audit(_ode_loss, jnp.asarray([1.0, 2.0]), jnp.asarray(0.7))
     worst = max(f.max_rel_error for f in ode.findings)
     print(f"odeint (float64, finite differences): {'ok' if ode.passed else 'FAIL'}, worst relative error "
           f"{worst:.1e}, {time.perf_counter() - start:.2f} s")  # fmt: skip
+
+
+def _spread_over_seeds(m, seeds: int = 8) -> None:
+    """Error over allowed, per way of judging: its largest on the right kernel, its smallest on the
+    argument a 1 % mistake spoils, over ``seeds`` draws of the inputs and cotangents."""
+    scaled = [mistake for mistake in MISTAKES if "1.01" in mistake]
+    for judged in ("reference (golden)", "coarse finite differences"):
+        right, wrong = [], []
+        for seed in range(seeds):
+            args = _inputs(jnp.float32, seed)
+            for kernel in [m.layer_norm, *(_planted(m, mistake) for mistake in scaled)]:
+                references = {kernel: m.layer_norm_reference} if judged.startswith("reference") else None
+                report = mg.audit(_loss(kernel), *args, seed=seed, references=references)
+                if kernel is m.layer_norm:
+                    right.append(max(f.error_over_allowed for f in report.findings))
+                else:
+                    spoilt = MISTAKES[scaled[len(wrong) % len(scaled)]][1]
+                    wrong.append(min(f.error_over_allowed for f in report.findings if f.argument == spoilt))
+        print(
+            f"{judged} over {seeds} seeds: right kernel's error/allowed at most {max(right):.3g} (median "
+            f"{np.median(right):.3g}); 1 % mistakes' at least {min(wrong):.3g}, {sum(w > 1 for w in wrong)} of "
+            f"{len(wrong)} caught"
+        )
 
 
 if __name__ == "__main__":
