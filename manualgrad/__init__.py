@@ -19,6 +19,10 @@ from manualgrad.errors import ManualgradError, MissingExtraError  # isort: skip
 from manualgrad.registry import Rule, Sample, get, register, rules  # isort: skip
 from manualgrad.validation import RuleDTypeError, RuleInputError  # isort: skip
 
+# What exercise files and notebooks call, public so that a file written today runs after an upgrade.
+from manualgrad.teach.networks import values as network_values  # isort: skip
+from manualgrad.teach.notebook import grade_here, grade_network_here  # isort: skip
+
 globals().update({rule.name: rule.fn for rule in registry.rules()})
 
 __all__ = [
@@ -32,6 +36,9 @@ __all__ = [
     "audit",
     "check",
     "get",
+    "grade_here",
+    "grade_network_here",
+    "network_values",
     "register",
     "registry",
     "rules",

@@ -512,7 +512,7 @@ inputs, parameters and intermediates) to its value on the fixed inputs; ``backwa
 gradient of ``{net.loss}`` with respect to each of the {len(graded)} names in its return
 statement, each shaped like that value. Fill them in in the order given, backward order: each
 needs only those above it; one left as None fails alone. Use jax.numpy or NumPy, not autodiff.
-To try it: ``from manualgrad.teach import networks`` and ``backward(networks.values("{name}"))``.
+To try it: ``import manualgrad as mg`` and ``backward(mg.network_values("{name}"))``.
 Then {grading[0]}: one row per gradient, in backward order, says exact (bit-equal), close (within
 float round-off), the max abs difference and the diagnosis, so that the first wrong one shows
 where your backward first goes wrong."""

@@ -123,13 +123,13 @@ def _nbformat(purpose: str) -> types.ModuleType:
 def _new(kind: str, name: str, derivation: str, forward: str, backward: str, grade: str) -> nbformat.NotebookNode:
     """A notebook whose metadata names its ``kind`` (``rule`` or ``network``) ``name``, of four
     cells: the ``derivation`` (Markdown), the ``forward`` and the ``backward`` code, and the cell
-    that calls ``grade`` (a call of this module's)."""
+    that calls ``grade`` (a function of this module's, public as ``mg.NAME``)."""
     nbf = _nbformat("writing a notebook")
     cells = [
         nbf.v4.new_markdown_cell(derivation, metadata={KEY: "derivation"}),
         nbf.v4.new_code_cell(forward, metadata={KEY: "forward"}),
         nbf.v4.new_code_cell(backward, metadata={KEY: "backward"}),
-        nbf.v4.new_code_cell(f"from manualgrad.teach import notebook\n\nnotebook.{grade}", metadata={KEY: "grade"}),
+        nbf.v4.new_code_cell(f"import manualgrad as mg\n\nmg.{grade}", metadata={KEY: "grade"}),
     ]
     nb = nbf.v4.new_notebook(cells=cells)
     nb.metadata[KEY] = {kind: name, "format": exercise.FORMAT, "version": exercise.version()}
@@ -173,9 +173,9 @@ def network_notebook(name: str) -> nbformat.NotebookNode:
         f"\n\n{markdown(p.net.about, _network_maths)}\n\nThe forward, on fixed inputs (the grader computes it "
         f"and passes every value to `backward`):\n\n```python\n{p.forward}\n```\n\n"
         f"{markdown(p.task, _network_maths)}\n\n**Reread:**\n\n{reread}",
-        f"{p.imports}from manualgrad.teach import networks\n\n"
+        f"{p.imports}import manualgrad as mg\n\n"
         f"# every input and intermediate of the forward by name, to look at and to try backward on\n"
-        f"values = networks.values({name!r})",
+        f"values = mg.network_values({name!r})",
         p.backward,
         f"grade_network_here({name!r}, globals())",
     )

@@ -4,6 +4,7 @@ format and version that wrote it; a file of a format this version cannot grade i
 sentence, exit 2."""
 
 import ast
+import json
 import runpy
 import subprocess
 import sys
@@ -236,3 +237,14 @@ def test_a_notebook_from_before_the_format_whose_imports_are_gone_is_refused_in_
         f"this manualgrad ({exercise.version()}) no longer has; it grades format {exercise.FORMAT}: write a fresh "
         "file with `manualgrad exercise dense`"
     )
+
+
+@pytest.mark.parametrize("argv", [["relu"], ["conv2d"], ["lstm"], ["--network", "seed001"]], ids=" ".join)
+def test_every_code_cell_of_a_notebook_imports_only_public_names(argv, tmp_path):
+    path = tmp_path / "exercise.ipynb"
+    assert cli.main(["exercise", *argv, "--notebook", "--out", str(path)]) == 0
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    imported = [i for cell in cells for i in _imports("".join(cell["source"]))]
+    assert ("manualgrad", None) in imported
+    private = [f"{m} {n or ''}".strip() for m, n in imported if not _public(m, n)]
+    assert not private, private

@@ -346,7 +346,7 @@ def test_every_network_has_a_valid_notebook(name):
     assert nb.metadata[notebook.KEY] == {"network": name, "format": exercise.FORMAT, "version": exercise.version()}
     text = nb.cells[0].source
     assert text.count("$") % 2 == 0 and "```python\n" in text and "`backward`" in text
-    assert f"notebook.grade_network_here({name!r}, globals())" in nb.cells[-1].source
+    assert f"mg.grade_network_here({name!r}, globals())" in nb.cells[-1].source
 
 
 def test_a_network_notebook_grades_saved_and_in_place(tmp_path, capsys):

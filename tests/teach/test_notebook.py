@@ -32,7 +32,7 @@ def test_every_rule_has_a_valid_notebook(name):
     roles = [c.metadata[notebook.KEY] for c in nb.cells]
     assert roles == ["derivation", "forward", "backward", "grade"]
     assert nb.metadata[notebook.KEY] == {"rule": name, "format": exercise.FORMAT, "version": exercise.version()}
-    assert f"notebook.grade_here({name!r}, globals())" in nb.cells[-1].source
+    assert f"mg.grade_here({name!r}, globals())" in nb.cells[-1].source
     text = nb.cells[0].source
     assert text.count("$") % 2 == 0  # every formula closed
     maths = re.findall(r"\$\$?([^$]+)\$\$?", text)
