@@ -13,8 +13,9 @@ process or as one of several (``--coordinator``, ``--num-processes``, ``--proces
 ``manualgrad launch --processes N -- train ARGS`` runs N such processes on this machine and exits with the
 worst status among them.
 ``manualgrad bench [...]`` measures the hand rules against ``jax.grad``, NumPy and PyTorch.
-``manualgrad audit FILE:FUNCTION [--args NAME]`` checks every ``custom_vjp`` inside FUNCTION at the
-values it receives there (its arguments from FILE's ``audit_args()``): exit 0 if all agree, 1 if not.
+``manualgrad audit FILE:FUNCTION [--args NAME] [--references NAME]`` checks every ``custom_vjp`` inside
+FUNCTION at the values it receives there (its arguments from FILE's ``audit_args()``, the references
+of kernels from its ``audit_references()`` where it defines one): exit 0 if all agree, 1 if not.
 ``manualgrad explain RULE`` prints a rule's derivation and checks it live; ``--list`` lists rules.
 ``manualgrad exercise RULE [--notebook] [--out FILE]`` writes a rule's exercise (forward, derivation
 up to the result, an empty backward), as a file or a notebook; ``manualgrad exercise --network NAME``
@@ -345,11 +346,14 @@ def _audit(args: argparse.Namespace) -> int:
     except _BadInput as error:
         return _refuse("audit", str(error))
     file, name = args.target.rpartition(":")[::2]
-    make = getattr(module, args.args, None)
+    make, given = getattr(module, args.args, None), getattr(module, args.references or "audit_references", None)
     if not callable(make):
         return _refuse("audit", f"{file} defines no function {args.args} returning the arguments of {name} (--args)")
+    if args.references and not callable(given):
+        return _refuse("audit", f"{file} defines no function {args.references} returning references (--references)")
     try:
-        report = manualgrad.audit(fn, *_arguments(make, name), seed=args.seed)
+        references = given() if callable(given) else None
+        report = manualgrad.audit(fn, *_arguments(make, name), seed=args.seed, references=references)
     except Exception as error:  # the user's code: its error in one line, the audit never began
         return _refuse("audit", f"{file}:{name} with {args.args}(): {type(error).__name__}: {first_line(error)}")
     print(report.text())
@@ -519,6 +523,9 @@ def _add_checking(commands: argparse._SubParsersAction) -> None:
              "reference needed)",
              _option("target", metavar="FILE:FUNCTION", help="the function to audit, e.g. model.py:loss"),
              _option("--args", default="audit_args", metavar="NAME", help=returns),
+             _option("--references", metavar="NAME", help="the function in FILE that returns {custom_vjp function or "
+                     "its name: its plain reference}, those call sites judged against a float64 golden in their own "
+                     "dtype (default: audit_references, where FILE defines it)"),
              _option("--seed", type=int, default=0, help="the random output cotangents"))  # fmt: skip
 
 

@@ -297,3 +297,40 @@ def test_paths_are_shown_from_the_package_and_the_working_directory(monkeypatch,
         assert sites["dense"].defined == f"manualgrad/rules/linear.py:{dense_line}"
         assert sites["square"].defined == f"{square_file}:{square_line}"
         assert sites["square"].called.startswith(f"{square_file}:")
+
+
+KERNEL_FILE = """
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def kernel(x):
+    return jnp.sin(x)
+
+
+kernel.defvjp(lambda x: (kernel(x), x), lambda x, g: (FACTOR * g * jnp.cos(x),))
+
+
+def loss(x):
+    return jnp.sum(kernel(x))
+
+
+def audit_args():
+    return (jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32),)
+
+
+def audit_references():
+    return {kernel: jnp.sin}
+"""
+
+
+@pytest.mark.parametrize("factor, code", [(1.0, 0), (1.01, 1)])
+def test_audit_command_takes_the_files_references(factor, code, tmp_path, capsys):
+    path = tmp_path / "kernel.py"
+    path.write_text(f"FACTOR = {factor}\n" + KERNEL_FILE)
+    assert cli.main(["audit", f"{path}:loss"]) == code
+    out = capsys.readouterr().out
+    assert "reference (golden)" in out and "err_ref" in out
+    assert cli.main(["audit", f"{path}:loss", "--references", "nope"]) == 2
+    assert "defines no function nope returning references (--references)" in capsys.readouterr().err
