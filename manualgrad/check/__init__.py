@@ -3,7 +3,10 @@
 :mod:`~manualgrad.check.trees` (pytree helpers), :mod:`~manualgrad.check.report` (findings),
 :mod:`~manualgrad.check.comparison`, :mod:`~manualgrad.check.finite_differences`,
 :mod:`~manualgrad.check.adjoint`, :mod:`~manualgrad.check.generic_mistakes` (the mistakes any rule
-can make), :mod:`~manualgrad.check.diagnose`, :mod:`~manualgrad.check.targets` (what to check) and,
+can make), :mod:`~manualgrad.check.diagnose`, :mod:`~manualgrad.check.targets` (what to check),
+:mod:`~manualgrad.check.golden` (FlashAttention's criterion against a float64 golden),
+:mod:`~manualgrad.check.autodiff` (one side's values of the autodiff checks),
+:mod:`~manualgrad.check.own_dtype` (a function in its own dtype against the golden) and,
 on top, :mod:`~manualgrad.check.checker` (:func:`check`, running the samples), with
 :mod:`~manualgrad.check.processes` (the command's rules in several processes),
 :mod:`~manualgrad.check.cache` and :mod:`~manualgrad.check.timing` beside it;
