@@ -48,7 +48,7 @@ except ImportError:  # a jax without jax.extend.core.Literal: the older public n
     from jax.core import Literal
 
 from manualgrad.check import sources
-from manualgrad.check.audit_calls import FLOAT32_INSIDE, Call, Judged, Pullbacks, bind, check_call
+from manualgrad.check.audit_calls import FLOAT32_INSIDE, REFERENCE_ROUNDS, Call, Judged, Pullbacks, bind, check_call
 from manualgrad.check.errors import CheckError
 from manualgrad.check.report import NOT_APPLICABLE, NOT_RUN, Finding, Report
 from manualgrad.check.tolerances import fast_compile_options
@@ -109,10 +109,12 @@ class CallSite:
         explanation = worst.diagnosis or (worst.note if not worst.passed else "")
         if worst.golden and worst.where != NOT_RUN:
             errors = f"err_fn {worst.max_abs_error:.1e}, err_ref {worst.err_ref:.1e}, ratio {worst.ratio:.2g}"
-            inside = (
-                f"{worst.dtype}'s criterion (computes in {worst.dtype} inside)" if FLOAT32_INSIDE in worst.note else ""
-            )
-            explanation = "; ".join(filter(None, [errors, inside, worst.diagnosis]))
+            said = {
+                FLOAT32_INSIDE: f"{worst.dtype}'s criterion (computes in {worst.dtype} inside)",
+                REFERENCE_ROUNDS: "the reference rounds below float64 (allowed for)",
+            }
+            flags = [text for key, text in said.items() if key in worst.note]
+            explanation = "; ".join(filter(None, [errors, *flags, worst.diagnosis]))
         return (
             self.name,
             self.defined,

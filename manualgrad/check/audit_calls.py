@@ -7,7 +7,10 @@ Each call is judged against the best ground truth on hand, and the report says w
   by the golden criterion (:mod:`~manualgrad.check.golden`) in the call's own dtype. The call's
   output and VJP (its fwd and bwd) and the reference's, both run in that dtype, are each compared
   with the *golden*, the reference on the arguments upcast to float64 in 64-bit mode, under the
-  same random cotangent: ``err_fn = max |call − golden|``, ``err_ref = max |ref − golden|``;
+  same random cotangent: ``err_fn = max |call − golden|``, ``err_ref = max |ref − golden|``. A
+  float64 call computing in float32 inside is judged by float32's criterion, and a reference
+  computing below float64 inside has its rounding allowed for, each said in the finding's note
+  (:func:`_against_reference`);
 * ``autodiff``: JAX's autodiff of the custom_vjp's primal function, entry by entry at the ``vjp``
   tolerance of the call's dtype, every entry judged relative to the larger of itself and the
   argument's largest entry (inside a real model the values are not of order one, and round-off of
@@ -15,7 +18,9 @@ Each call is judged against the best ground truth on hand, and the report says w
 * ``finite differences``: where JAX cannot differentiate the primal, in float64
   (:mod:`~manualgrad.check.finite_differences`);
 * ``coarse finite differences``: the same in float32 or lower, in the call's own dtype, with a step
-  and a tolerance from the function's measured round-off (:mod:`~manualgrad.check.coarse`).
+  and a tolerance from the function's measured round-off (:mod:`~manualgrad.check.coarse`); also
+  for any call in a dtype the ``vjp`` tolerances do not cover (bfloat16, float16), where too coarse
+  to pass anything they are not applicable.
 
 Only the golden runs in 64-bit mode: the call itself runs in the caller's setting, whatever its
 dtype (a kernel's int32 index arithmetic breaks where JAX's 64-bit mode is switched on around it).
@@ -52,6 +57,9 @@ FLOAT32_INSIDE = (
     "its float64 values agree with the golden only to float32's round-off (it computes in float32 inside): "
     "judged by float32's criterion, against the reference in float32"
 )
+
+
+REFERENCE_ROUNDS = "the reference does not resolve float64"
 
 
 class Judged(str, enum.Enum):
@@ -133,7 +141,8 @@ class Pullbacks:
     def golden(self, args: list[Any], u: Any) -> tuple[Any, Any]:
         """The reference's output and VJP on ``args`` and ``u`` upcast to float64, in 64-bit mode."""
         with jax.enable_x64(True):
-            return self.referenced([], golden.upcast(args), golden.upcast(u))
+            wide = golden.upcast(args)
+            return self.referenced([], wide, self._widened(wide, u))
 
     def rounding(self, args: list[Any], u: Any, names: list[str], key) -> list[float]:
         """The golden's own rounding, the output's then each argument's cotangent's: 0 where it
@@ -141,8 +150,14 @@ class Pullbacks:
         with jax.enable_x64(True):
             wide = golden.upcast(args)
             gold = Traced.of(closure(self._reference, wide, self.diff))
-            found = resolution(gold, [wide[i] for i in self.diff], golden.upcast(u), names, key)
+            found = resolution(gold, [wide[i] for i in self.diff], self._widened(wide, u), names, key)
         return [found["output"], *(found[n] for n in names)]
+
+    def _widened(self, wide: list[Any], u: Any) -> Any:
+        """``u`` in the dtypes of the golden's outputs: float64, or float32 where the reference pins
+        its result to it (``preferred_element_type``) whatever it is given."""
+        shapes = jax.eval_shape(self._reference, *wide)
+        return jax.tree_util.tree_map(lambda c, o: host(c, o.dtype) if is_float(c) else c, u, shapes)
 
 
 def _cotangent(key, outputs: Any) -> Any:
@@ -255,7 +270,7 @@ def _rounding_note(rounding: list[float]) -> str:
     if not any(rounding):
         return ""
     return (
-        "the reference does not resolve float64 (it computes below float64 inside): its float64 values move by "
+        f"{REFERENCE_ROUNDS} (it computes below float64 inside): its float64 values move by "
         f"steps of its own rounding, up to {max(rounding):.1e}; each allowance widened by 3 times that"
     )
 

@@ -6,6 +6,7 @@ own ``layer_norm_reference`` or not, copies of it whose backward carries one pla
 the errors, their ratio (or the coarse differences' step and allowance) and the seconds.
 """
 
+import functools
 import time
 
 import jax
@@ -67,15 +68,19 @@ MISTAKES = {
 
 def _planted(module, mistake: str):
     """A copy of Pallas' ``layer_norm`` (its kernels, forward and all) whose backward carries ``mistake``."""
-    change = MISTAKES[mistake][0]
-    kernel = jax.custom_vjp(module.layer_norm.fun, nondiff_argnums=(3, 4, 5, 6, 7))
+    return _copy(module.layer_norm, MISTAKES[mistake][0])
 
-    def backward(*static_res_do):
-        *_, res, do = static_res_do
-        return change(res, do, *module.layer_norm_backward(*static_res_do))
 
-    kernel.defvjp(module.layer_norm_forward, backward)
-    return kernel
+def _copy(kernel, change):
+    """A copy of the custom_vjp ``kernel`` whose backward's cotangents are ``change(res, g, *cotangents)``."""
+    copy = jax.custom_vjp(kernel.fun, nondiff_argnums=kernel.nondiff_argnums)
+
+    def backward(*static_res_g):
+        *_, res, g = static_res_g
+        return change(res, g, *kernel.bwd(*static_res_g))
+
+    copy.defvjp(kernel.fwd, backward)
+    return copy
 
 
 def test_float32_layer_norm_given_its_reference_passes_by_the_golden_criterion():
@@ -161,6 +166,33 @@ def test_the_call_runs_in_the_callers_64_bit_setting_and_only_the_golden_in_64_b
                           references={kernel: reference})  # fmt: skip
     assert report.passed, report.text()
     assert seen == {"kernel": {False}, "reference": {False, True}}
+
+
+def test_pallas_mha_audited_in_the_callers_32_bit_mode_against_its_float32_pinned_reference():
+    """Pallas' causal ``mha`` breaks in 64-bit mode (its index arithmetic is int32) and its
+    ``mha_reference`` pins its einsums to float32: the audit runs the kernel as the caller does,
+    finds the reference's rounding and allows for it; ``dk`` off by 1 % still fails, named."""
+    attention = pytest.importorskip("jax.experimental.pallas.ops.gpu.attention", reason="no Pallas in this jax")
+    _pallas_layer_norm()
+    blocks = attention.BlockSizes(**dict.fromkeys(attention.BlockSizes.__dataclass_fields__, 16))
+    reference = functools.partial(attention.mha_reference, segment_ids=None, sm_scale=0.25, causal=True)
+
+    def loss_of(kernel):
+        def loss(q, k, v):  # T = 32: two blocks of 16, the causal mask crossing their boundary
+            return jnp.sum(jnp.tanh(kernel(q, k, v, None, 0.25, True, blocks, interpret=True)))
+
+        return loss
+
+    with jax.enable_x64(False):
+        keys = jax.random.split(jax.random.key(0), 3)
+        q, k, v = (jax.random.normal(key, (1, 32, 2, 16), jnp.float32) for key in keys)
+        right = mg.audit(loss_of(attention.mha), q, k, v, references={attention.mha: reference})
+        planted = _copy(attention.mha, lambda res, g, dq, dk, dv, *rest: (dq, dk * 1.01, dv, *rest))
+        wrong = mg.audit(loss_of(planted), q, k, v, references={planted: reference})
+    assert right.passed, right.text()
+    assert all("the reference does not resolve float64" in f.note for f in right.findings)
+    # The findings: the output, then q, k and v (by position where the source's names cannot be matched).
+    assert [f.argument for f in wrong.failures()] == [right.findings[2].argument], wrong.text()
 
 
 def test_a_reference_computing_in_float32_inside_is_said_and_its_rounding_allowed():
