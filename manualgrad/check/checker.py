@@ -135,10 +135,26 @@ def check(
         else:
             dtype = dtype or "float64"
             findings = [f for result in _check_all(selected, dtype, checks, seed, clock) for f in result]
+            findings = _second_order_not_applicable(findings) if user else findings
     if user and "adjoint" in checks:
         findings.append(Finding.not_applicable(selected[0].name, "adjoint", dtype, "given", NOT_LINEAR))
     seconds = time.perf_counter() - start
     return Report(dtype, findings, seconds, clock.compile_seconds(seconds), notes)
+
+
+def _second_order_not_applicable(findings: list[Finding]) -> list[Finding]:
+    """A function's ``grad_of_grad`` that could not run where its VJP ran: JAX cannot differentiate
+    its backward (a ``pallas_call``, a ``while_loop`` in it), and the check is not applicable; a
+    backward that raises fails its VJP checks too, and stays a failure."""
+    ran = {f.sample for f in findings if f.check == "jit" and f.where != NOT_RUN}
+    return [
+        Finding.not_applicable(
+            f.rule, f.check, f.dtype, f.sample, f"JAX cannot differentiate {f.rule}'s backward ({f.note})"
+        )
+        if f.check == "grad_of_grad" and f.where == NOT_RUN and f.sample in ran
+        else f
+        for f in findings
+    ]
 
 
 def jobs(selected: list[Rule], dtype: str, seed: int) -> list[tuple[Rule, Sample, jax.Array]]:

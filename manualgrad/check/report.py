@@ -224,7 +224,8 @@ class Report:
 
     def records(self) -> list[dict[str, Any]]:
         """One JSON-ready record per rule and check; a check judged against the golden also lists,
-        per argument, the function's error, the reference's and their ratio."""
+        per argument, the function's error, the reference's and their ratio. A number that is not
+        finite (a check not run, not applicable, an exact reference) is ``None``: strict JSON has none."""
         return [
             {
                 "rule": f.rule,
@@ -232,9 +233,9 @@ class Report:
                 "dtype": f.dtype if f.golden else self.dtype,
                 "status": f.status,
                 "passed": f.status == "passed",
-                "max_rel_error": f.max_rel_error,
-                "max_abs_error": f.max_abs_error,
-                "tolerance": f.tolerance,
+                "max_rel_error": _finite(f.max_rel_error),
+                "max_abs_error": _finite(f.max_abs_error),
+                "tolerance": _finite(f.tolerance),
                 "worst_sample": f.sample,
                 "worst_argument": f.argument,
                 "detail": f.describe(),
@@ -286,8 +287,12 @@ def _golden_record(f: Finding) -> dict[str, Any]:
     return {
         "argument": f.argument,
         "status": f.status,
-        "err_fn": f.max_abs_error,
-        "err_ref": f.err_ref,
-        "ratio": f.ratio,
-        "allowed": f.allowed,
+        "err_fn": _finite(f.max_abs_error),
+        "err_ref": _finite(f.err_ref),
+        "ratio": _finite(f.ratio),
+        "allowed": _finite(f.allowed),
     }
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None

@@ -200,3 +200,10 @@ def test_register_validates_linear_groups_and_the_result_marker():
     with pytest.raises(ValueError, match="Result:"):
         manualgrad.register(dataclasses.replace(rule, name="dense3", fn=undocumented))
     assert "dense2" not in {r.name for r in manualgrad.rules()}
+
+
+def test_registered_rules_keep_their_float64_checks_by_default():
+    report = manualgrad.check("relu", checks=("vjp", "adjoint"))
+    assert report.dtype == "float64" and report.notes == []
+    assert all(f.dtype == "float64" and not f.golden and f.tolerance == 1e-12 for f in report.findings)
+    assert not report.not_applicable()  # relu declares no linear argument: no adjoint finding, as before

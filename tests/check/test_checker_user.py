@@ -281,3 +281,41 @@ def test_check_command_fails_a_wrong_function_and_refuses_bad_input_in_one_line(
     ]:
         code, out, err = _run_check(capsys, *argv)
         assert code == 2 and out == "" and len(err.splitlines()) == 1 and message in err, err
+
+
+def _sine(backward_on_host: bool):
+    """sin with a hand backward that JAX cannot differentiate (it computes cos(x) · g on the host,
+    through a callback) or that raises."""
+
+    @jax.custom_vjp
+    def sine(x):
+        return jnp.sin(x)
+
+    def bwd(x, g):
+        if not backward_on_host:
+            raise ZeroDivisionError("a broken backward")
+        shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return (jax.pure_callback(lambda x, g: np.cos(x) * g, shape, x, g, vmap_method="sequential"),)
+
+    sine.defvjp(lambda x: (jnp.sin(x), x), bwd)
+    return sine
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_second_order_jax_cannot_take_is_not_applicable_and_a_raising_backward_fails(dtype):
+    x = jnp.linspace(-1.0, 1.0, 5)
+    report = mg.check(_sine(True), reference=jnp.sin, args=(x,), dtype=dtype)
+    assert report.passed, report.table()
+    na = {f.check: f.note for f in report.not_applicable()}
+    assert set(na) == {"grad_of_grad", "adjoint"}
+    assert na["grad_of_grad"].startswith("JAX cannot differentiate sine's backward (")
+    counts = report.counts()
+    assert counts["failed"] == 0 and counts["not applicable"] == 2 and counts["passed"] == 5
+    assert report.summary().startswith("5 passed, 0 failed, 2 not applicable in ")
+    record = next(r for r in report.records() if r["check"] == "grad_of_grad")
+    assert record["status"] == "not applicable" and not record["passed"] and record["max_rel_error"] is None
+
+    broken = mg.check(_sine(False), reference=jnp.sin, args=(x,), dtype=dtype)
+    assert {f.check for f in broken.failures()} == {"vjp", "jit", "vmap", "grad_of_grad", "finite_diff"}
+    assert "a broken backward" in broken.failures()[0].describe()
+    assert not broken.passed and [f.check for f in broken.not_applicable()] == ["adjoint"]
