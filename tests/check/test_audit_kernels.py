@@ -168,27 +168,33 @@ def test_the_call_runs_in_the_callers_64_bit_setting_and_only_the_golden_in_64_b
     assert seen == {"kernel": {False}, "reference": {False, True}}
 
 
-def test_pallas_mha_audited_in_the_callers_32_bit_mode_against_its_float32_pinned_reference():
-    """Pallas' causal ``mha`` breaks in 64-bit mode (its index arithmetic is int32) and its
-    ``mha_reference`` pins its einsums to float32: the audit runs the kernel as the caller does,
-    finds the reference's rounding and allows for it; ``dk`` off by 1 % still fails, named."""
+def _mha():
+    """Pallas' causal ``mha`` (T = 32: two blocks of 16, the causal mask crossing their boundary):
+    the loss around a kernel of its signature, its reference, and ``(q, k, v)`` in float32."""
     attention = pytest.importorskip("jax.experimental.pallas.ops.gpu.attention", reason="no Pallas in this jax")
     _pallas_layer_norm()
     blocks = attention.BlockSizes(**dict.fromkeys(attention.BlockSizes.__dataclass_fields__, 16))
     reference = functools.partial(attention.mha_reference, segment_ids=None, sm_scale=0.25, causal=True)
 
     def loss_of(kernel):
-        def loss(q, k, v):  # T = 32: two blocks of 16, the causal mask crossing their boundary
+        def loss(q, k, v):
             return jnp.sum(jnp.tanh(kernel(q, k, v, None, 0.25, True, blocks, interpret=True)))
 
         return loss
 
+    keys = jax.random.split(jax.random.key(0), 3)
+    return attention, loss_of, reference, [jax.random.normal(key, (1, 32, 2, 16), jnp.float32) for key in keys]
+
+
+def test_pallas_mha_audited_in_the_callers_32_bit_mode_against_its_float32_pinned_reference():
+    """Pallas' causal ``mha`` breaks in 64-bit mode (its index arithmetic is int32) and its
+    ``mha_reference`` pins its einsums to float32: the audit runs the kernel as the caller does,
+    finds the reference's rounding and allows for it; ``dk`` off by 1 % still fails, named."""
+    attention, loss_of, reference, args = _mha()
     with jax.enable_x64(False):
-        keys = jax.random.split(jax.random.key(0), 3)
-        q, k, v = (jax.random.normal(key, (1, 32, 2, 16), jnp.float32) for key in keys)
-        right = mg.audit(loss_of(attention.mha), q, k, v, references={attention.mha: reference})
+        right = mg.audit(loss_of(attention.mha), *args, references={attention.mha: reference})
         planted = _copy(attention.mha, lambda res, g, dq, dk, dv, *rest: (dq, dk * 1.01, dv, *rest))
-        wrong = mg.audit(loss_of(planted), q, k, v, references={planted: reference})
+        wrong = mg.audit(loss_of(planted), *args, references={planted: reference})
     assert right.passed, right.text()
     assert all("the reference does not resolve float64" in f.note for f in right.findings)
     # The findings: the output, then q, k and v (by position where the source's names cannot be matched).
@@ -288,23 +294,28 @@ def measure() -> None:
     m = _pallas_layer_norm()
     rows = []
 
-    def run(name, kernel, references, dtype, seed=0):
+    def run(name, loss, args, references, seed=0):
         start = time.perf_counter()
-        report = mg.audit(_loss(kernel), *_inputs(dtype, seed), references=references, seed=seed)
+        report = mg.audit(loss, *args, references=references, seed=seed)
         seconds = time.perf_counter() - start
         worst = max(report.findings, key=lambda f: f.error_over_allowed)
-        rows.append((name, report.sites[0].judged, dtype.__name__, seed, report.passed, worst, seconds))
+        rows.append((name, report.sites[0].judged, str(args[0].dtype), seed, report.passed, worst, seconds))
         return report
 
+    given = {m.layer_norm: m.layer_norm_reference}
     for seed in range(3):
-        run("layer_norm", m.layer_norm, {m.layer_norm: m.layer_norm_reference}, jnp.float32, seed)
-    run("layer_norm", m.layer_norm, {m.layer_norm: m.layer_norm_reference}, jnp.float64)
-    run("layer_norm", m.layer_norm, None, jnp.float32)
+        run("layer_norm", _loss(m.layer_norm), _inputs(jnp.float32, seed), given, seed)
+    run("layer_norm", _loss(m.layer_norm), _inputs(jnp.float64), given)
+    run("layer_norm", _loss(m.layer_norm), _inputs(jnp.float32), None)
+    attention, loss_of, reference, args = _mha()
+    with jax.enable_x64(False):
+        run("mha (64-bit mode off)", loss_of(attention.mha), args, {attention.mha: reference})
+        run("mha (64-bit mode off)", loss_of(attention.mha), args, None)
     caught = {"reference (golden)": 0, "coarse finite differences": 0}
     for mistake in MISTAKES:
         planted = _planted(m, mistake)
         for references in ({planted: m.layer_norm_reference}, None):
-            report = run(f"planted: {mistake}", planted, references, jnp.float32)
+            report = run(f"planted: {mistake}", _loss(planted), _inputs(jnp.float32), references)
             caught[report.sites[0].judged] += [f.argument for f in report.failures()] == [MISTAKES[mistake][1]]
     for name, judged, dtype, seed, passed, f, seconds in rows:
         figures = (
