@@ -306,8 +306,9 @@ def _autograder(args: argparse.Namespace) -> int:
     return 0
 
 
-class _BadInput(Exception):
-    """A command's input it cannot use, as the one line :func:`_refuse` prints."""
+class _BadInput(ManualgradError, ValueError):
+    """A command's input it cannot use (a FILE:FUNCTION that names nothing), as the one line
+    :func:`_refuse` prints."""
 
 
 def _function(target: str, role: str, modules: dict[str, Any]) -> tuple[Any, Callable[..., Any]]:
