@@ -19,9 +19,12 @@ one that rounds to float32 inside, the values move by steps of that rounding. It
 report, and the golden is used all the same with each allowance widened by the rounding measured
 (:func:`~manualgrad.check.golden.judge`'s ``golden_error``): never a silent pass.
 
-The checks that cannot apply are reported as such (:meth:`~manualgrad.check.report.Finding.not_applicable`):
-``finite_diff`` below float64 (its differences run in float64, and a function checked in its own
-dtype is never switched to it; in bfloat16 no step resolves a derivative at all), ``adjoint``
+``finite_diff`` runs in the function's own dtype too: in float32 as the coarse differences of
+:mod:`~manualgrad.check.coarse`, which measure the function's round-off and choose their step and
+tolerance from it (they check the hand VJP against the function's own forward, the reference not
+involved). The checks that cannot apply are reported as such
+(:meth:`~manualgrad.check.report.Finding.not_applicable`): ``finite_diff`` in bfloat16 and float16
+(no step resolves a derivative there), ``adjoint``
 (:mod:`~manualgrad.check.checker` says so for every function checked with a reference), and
 ``grad_of_grad`` where JAX cannot differentiate the backward (a ``pallas_call`` in it).
 """
@@ -35,7 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from manualgrad.check import diagnose
+from manualgrad.check import coarse, diagnose
 from manualgrad.check.autodiff import Traced, side
 from manualgrad.check.comparison import compare_golden, least_precise
 from manualgrad.check.errors import BackwardError, ReferenceFailed
@@ -260,25 +263,41 @@ def _diagnosis(rule: Rule, args, argument: int, received, u, dtype: str) -> str:
 
 
 def _finite_differences(rule: Rule, args, diff, names, dtype: str, key) -> list[Finding]:
-    """Finite differences in float64, where the arguments are float64 and 64-bit mode is on;
-    else not applicable, one sentence saying why."""
-    if dtype != "float64" or not jax.config.jax_enable_x64:
-        if dtype in ("bfloat16", "float16"):
-            why = (
-                f"finite differences cannot resolve a derivative in {dtype}, whose round-off "
-                f"({float(np.finfo(jax.numpy.dtype(dtype)).eps):.0e}) swamps any step small enough; the cotangents "
-                "are judged against the float64 golden instead"
-            )
-        else:
-            why = (
-                f"finite differences run in float64, and a function checked in its own dtype {dtype} is never "
-                "switched to it; the cotangents are judged against the float64 golden instead"
-            )
+    """In float64, the checker's finite differences (:mod:`~manualgrad.check.finite_differences`);
+    in float32, coarse differences in the function's own dtype, their step and tolerance from its
+    measured round-off (:mod:`~manualgrad.check.coarse`); in bfloat16 and float16 not applicable."""
+    if dtype in ("bfloat16", "float16"):
+        why = (
+            f"finite differences cannot resolve a derivative in {dtype}, whose round-off "
+            f"({float(np.finfo(jax.numpy.dtype(dtype)).eps):.0e}) swamps any step small enough; the cotangents "
+            "are judged against the float64 golden instead"
+        )
         return [Finding.not_applicable(rule.name, "finite_diff", dtype, LABEL, why)]
-    differences = finite_differences(rule, Sample(args, LABEL), diff, names, key)
     try:
+        if dtype != "float64":
+            return _coarse(rule, args, diff, names, dtype, key)
+        differences = finite_differences(rule, Sample(args, LABEL), diff, names, key)
         values = jax.jit(differences.evaluate, compiler_options=fast_compile_options())(*differences.inputs)
-    except Exception as error:
+    except Exception as error:  # the function's forward or backward raised: a failure of the check
         return [_failed(rule, "finite_diff", dtype, error, rule.name)]
     tol = TOLERANCES["float64"]["finite_diff"]
     return differences.findings(rule.name, LABEL, dtype, tol, *map(np.asarray, values))
+
+
+def _coarse(rule: Rule, args, diff, names, dtype: str, key) -> list[Finding]:
+    """:func:`~manualgrad.check.coarse.check` of the function as one of its arguments' floating
+    leaves, one finding per leaf (``p['w1']``), in the caller's 64-bit setting."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path([args[i] for i in diff])
+    leaves = [leaf for _, leaf in paths]
+    labels = [f"{names[path[0].idx]}{jax.tree_util.keystr(path[1:])}" for path, _ in paths]
+    fn = closure(rule.fn, args, diff)
+
+    def whole(flat):
+        return fn(*treedef.unflatten(flat))
+
+    out = jax.eval_shape(whole, leaves)
+    pull = jax.jit(lambda flat, u: jax.vjp(whole, flat)[1](u)[0])
+    every = list(range(len(leaves)))
+    return coarse.check(
+        rule.name, LABEL, jax.jit(whole), pull, leaves, every, labels, dtype, key, lambda k: random_like(k, out)
+    )
