@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from manualgrad import runtime
-from manualgrad.bench import memory, peers
+from manualgrad.bench import memory, peers, sequence_peers
 from manualgrad.bench.memory import backprop_memory, compiled_bytes
 from manualgrad.bench.models import KEY, LEARNING_RATE, MODELS, BenchError, Model, inputs
 from manualgrad.bench.report import Record, judge, record, table, to_json
@@ -220,7 +220,11 @@ def _peer_contenders(
 
 
 def _torch_peer(model: Model, params: Any, device: str) -> Any:
-    """The PyTorch peer of ``model`` at ``params``: hand-backward MLP or autograd CNN."""
+    """The PyTorch peer of ``model`` at ``params``: hand-backward MLP, or ``torch.nn`` and autograd (CNN, GPT, LSTM)."""
+    if model.heads:
+        return sequence_peers.TorchGPT(params, model.heads, LEARNING_RATE, device)
+    if model.sequences:
+        return sequence_peers.TorchLSTM(params, LEARNING_RATE, device)
     if model.mlp:
         weights = [(np.asarray(w), np.asarray(b)) for w, b in peers.dense_weights(params)]
         return peers.TorchMLP(weights, LEARNING_RATE, device)
@@ -303,6 +307,27 @@ def _gradients_and_memory(
     return grads, records
 
 
+def _attention_peak(model: Model, with_peers: bool) -> list[Record]:
+    """One attention's peak bytes beyond its arguments, forward and backward: hand rule, ``jax.grad`` and,
+    ``with_peers`` where it is installed, PyTorch's ``scaled_dot_product_attention``
+    (:func:`sequence_peers.attention_peak_bytes`)."""
+    shape = memory.attention_shape(model)
+    nbytes = memory.attention_peak_bytes(shape)
+    if None in nbytes.values():
+        return [record("attention_peak_bytes", None, "bytes", skipped="memory_analysis() reports nothing here")]
+    records = _both_sides("attention_peak_bytes", "attention_peak", nbytes)
+    if not with_peers:
+        return records
+    reason = peers.torch_reason()
+    if reason is not None:
+        return records + [record("attention_peak_ratio_manual_over_torch", None, "ratio", skipped=reason)]
+    torch_bytes = sequence_peers.attention_peak_bytes(shape, peers.torch_device(jax.default_backend()))
+    return records + [
+        record("attention_peak_bytes_torch", torch_bytes, "bytes"),
+        record("attention_peak_ratio_manual_over_torch", nbytes["manual"] / torch_bytes, "ratio"),
+    ]
+
+
 def _contenders(
     model: Model, settings: Settings, compiled: dict[str, Any], params: Any, x: jax.Array, labels: jax.Array, grads: Any
 ) -> tuple[dict[str, Callable[[], Any]], list[Record], str | None]:
@@ -313,7 +338,7 @@ def _contenders(
     a = jax.random.normal(jax.random.PRNGKey(settings.seed), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     contenders["matmul"] = lambda: matmul(a, a)
-    if not settings.peers or model.sequences:  # no NumPy or PyTorch peer of a sequence model
+    if not settings.peers:
         return contenders, [], None
     more, checks, torch_reason = _peer_contenders(model, params, x, labels, grads["manual"], n)
     return {**contenders, **more}, checks, torch_reason
@@ -369,6 +394,8 @@ def bench_model(name: str, settings: Settings) -> list[Record]:
     contenders, checks, torch_reason = _contenders(model, settings, compiled, params, x, labels, grads)
     times = interleaved(contenders, settings.repeats, settings.warmup, settings.sample_seconds)
     records += memory + checks + _step_records(times, torch_reason)
+    if model.heads:
+        records += _attention_peak(model, settings.peers)
     flops = step_flops(net, params, x)
     if flops:  # 0 for a model that is not a serial of dense and conv layers (the sequence models)
         records += _flops_records(times, flops, settings)

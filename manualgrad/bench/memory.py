@@ -72,13 +72,31 @@ def attention_residual_bytes(model: Model) -> dict[str, int] | None:
     ``None`` for a model without attention (``heads`` 0)."""
     if not model.heads:
         return None
-    params = jax.eval_shape(lambda: model.build().init(KEY, (model.batch, *model.input_shape))[1])
-    width = params["blocks"][0]["q"]["w"].shape[0]
-    q, k, v = jax.random.normal(
-        KEY, (3, model.batch, *model.input_shape, model.heads, width // model.heads), jnp.float32
-    )
+    q, k, v = jax.random.normal(KEY, (3, *attention_shape(model)), jnp.float32)
     rules = {"manual": attention, "jax_grad": attention_reference}
     return {side: residual_bytes(lambda qkv, f=f: f(*qkv, True), (q, k, v)) for side, f in rules.items()}
+
+
+def attention_shape(model: Model) -> tuple[int, int, int, int]:
+    """``(batch, T, heads, width/heads)``: the shape of ``q``, ``k`` and ``v`` in each attention of a sequence ``model``
+    with ``heads`` > 0."""
+    params = jax.eval_shape(lambda: model.build().init(KEY, (model.batch, *model.input_shape))[1])
+    width = params["blocks"][0]["q"]["w"].shape[0]
+    return (model.batch, *model.input_shape, model.heads, width // model.heads)
+
+
+def attention_peak_bytes(shape: tuple[int, int, int, int]) -> dict[str, int | None]:
+    """The bytes one causal ``attention`` of ``q, k, v`` of ``shape`` allocates beyond its arguments, hand rule
+    and ``jax.grad`` of the reference: the compiled program ``(q, k, v, G) ↦ (dq, dk, dv)`` (forward and
+    backward, float32), its temporaries and outputs (the peak XLA plans for); None where unreported."""
+    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    rules = {"manual": attention, "jax_grad": attention_reference}
+    out: dict[str, int | None] = {}
+    for side, f in rules.items():
+        pullback = lambda q, k, v, g, f=f: jax.vjp(lambda *qkv: f(*qkv, True), q, k, v)[1](g)  # noqa: E731
+        memory = jax.jit(pullback).lower(spec, spec, spec, spec).compile().memory_analysis()
+        out[side] = None if memory is None else int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
+    return out
 
 
 def backprop_memory(widths: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256, seed: int = 0) -> dict[str, Any]:

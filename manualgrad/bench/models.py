@@ -27,6 +27,8 @@ LSTM = {"embed": 32, "width": 256}  # train's default character LSTM
 LSTM_BATCH = 128
 LONG = {"width": 64, "depth": 1, "heads": 4, "context": 512}  # gpt_long: one block, attention over 512 positions
 LONG_BATCH = 8
+LONG_2K = {**LONG, "context": 2048}  # gpt_2k: gpt_long's block, attention over 2048 positions
+LONG_2K_BATCH = 2
 
 
 class BenchError(ManualgradError, ValueError):
@@ -106,6 +108,15 @@ MODELS: dict[str, Model] = {
         False,
         WORDS_VOCAB,
         LONG["heads"],
+    ),
+    "gpt_2k": Model(
+        f"gpt_long's block at T = S = {LONG_2K['context']}, batch {LONG_2K_BATCH}",
+        lambda: gpt.gpt(WORDS_VOCAB, **LONG_2K),
+        (LONG_2K["context"],),
+        LONG_2K_BATCH,
+        False,
+        WORDS_VOCAB,
+        LONG_2K["heads"],
     ),
 }
 

@@ -98,7 +98,7 @@ class NumpyMLP:
         return loss
 
 
-def _torch() -> Any:
+def torch_module() -> Any:
     """PyTorch, imported with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: OpenMP's
     default spin-waiting lets PyTorch's idle threads take the cores its working ones need on a
     shared machine, a cost of the machine rather than of PyTorch (``manualgrad bench``'s
@@ -110,7 +110,7 @@ def _torch() -> Any:
 def torch_reason() -> str | None:
     """Why the PyTorch peer cannot run here (the extra that installs it), or None when it can."""
     try:
-        _torch()
+        torch_module()
     except MissingExtraError as error:
         return str(error)
     return None
@@ -118,13 +118,13 @@ def torch_reason() -> str | None:
 
 def torch_version() -> str | None:
     """PyTorch's version, or None where it is not installed."""
-    return None if torch_reason() is not None else _torch().__version__
+    return None if torch_reason() is not None else torch_module().__version__
 
 
 def fastest_threads(step: Callable[[], Any], calls: int = 3) -> int:
     """1 or :func:`cores` PyTorch threads, whichever runs ``calls`` of ``step`` faster (a loaded
     machine can make one thread faster); PyTorch is left at that count."""
-    torch = _torch()
+    torch = torch_module()
 
     seconds = {}
     for threads in sorted({1, cores()}, reverse=True):
@@ -146,14 +146,14 @@ def cores() -> int:
 
 def torch_device(backend: str) -> str:
     """``cuda`` when JAX runs on a GPU and PyTorch sees one, else ``cpu``."""
-    torch = _torch()
+    torch = torch_module()
 
     return "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def torch_matmul(n: int, device: str) -> Callable[[], Any]:
     """A closure that multiplies two ``n × n`` float32 matrices with PyTorch on ``device``."""
-    torch = _torch()
+    torch = torch_module()
 
     a = torch.randn(n, n, device=device)
 
@@ -169,7 +169,7 @@ def torch_matmul(n: int, device: str) -> Callable[[], Any]:
 @functools.cache
 def _torch_functions():
     """The three ``torch.autograd.Function``s with hand backward: dense with bias, ReLU, softmax cross-entropy."""
-    torch = _torch()
+    torch = torch_module()
 
     class Dense(torch.autograd.Function):
         """``Z = O W + 1 b``; backward ``G Wᵀ``, gradient ``Oᵀ G`` and ``1ᵀ G``."""
@@ -218,13 +218,13 @@ def _torch_functions():
     return Dense, Relu, SoftmaxCrossEntropy
 
 
-class _TorchPeer:
+class TorchPeer:
     """What the PyTorch peers share: PyTorch on all :func:`cores`, and the Adam step on the peer's :meth:`loss`."""
 
     optimizer: Any
 
     def __init__(self, device: str) -> None:
-        self.torch, self.device = _torch(), device
+        self.torch, self.device = torch_module(), device
         self.torch.set_num_threads(cores())
 
     def loss(self, x: Any, labels: Any) -> Any:
@@ -242,7 +242,7 @@ class _TorchPeer:
         return loss
 
 
-class TorchMLP(_TorchPeer):
+class TorchMLP(TorchPeer):
     """The MLP step in PyTorch: ``torch.autograd.Function``s with hand backward and ``torch.optim.Adam``."""
 
     def __init__(self, weights: Weights, lr: float, device: str = "cpu") -> None:
@@ -316,7 +316,7 @@ def _torch_dense(torch: Any, w: np.ndarray, b: np.ndarray | None, image: tuple[i
     return linear
 
 
-class TorchCNN(_TorchPeer):
+class TorchCNN(TorchPeer):
     """A :func:`manualgrad.nn.layers.cnn` step in PyTorch as a user would write it: ``torch.nn.Conv2d``,
     ``BatchNorm2d``/``BatchNorm1d`` (batch statistics, running statistics kept with momentum 0.1),
     ``Linear``, ``F.cross_entropy``, **autograd's own backward** (oneDNN's convolution adjoints) and
