@@ -126,6 +126,11 @@ class Rule:
       mistakes: the usual mistakes of this rule's backward (:class:`Mistake`), beyond the
         ones every rule can make (transposed, a constant factor, the sign, an axis not summed),
         which :mod:`manualgrad.check.diagnose` tries when a hand VJP is wrong.
+      split: for a rule with an ``axis_name`` argument (a collective, which runs only inside
+        ``jax.shard_map``): the arguments that vary by device. Its samples give each of them with
+        a leading axis of one block per device and every other argument replicated, and their
+        mistakes see the arguments, the outputs and the cotangents so, the blocks stacked
+        (:func:`manualgrad.check.sharded.device_rule`).
     """
 
     name: str
@@ -136,6 +141,7 @@ class Rule:
     seeds: tuple[tuple[str, str], ...]
     linear_in: tuple[tuple[int, ...], ...] = ()
     mistakes: tuple[Mistake, ...] = ()
+    split: tuple[int, ...] = ()
 
     @property
     def argnames(self) -> tuple[str, ...]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from manualgrad.errors import ManualgradError
 
@@ -60,3 +62,35 @@ def same_shape(rule: str, **arrays: Any) -> None:
     if len(set(shapes.values())) > 1:
         given = ", ".join(f"{name}: {s}" for name, s in shapes.items())
         raise RuleInputError(f"{rule}: arguments must have the same shape, got {given}")
+
+
+def varying(x: Any) -> frozenset[str]:
+    """The mesh axes along which ``x``'s value varies from device to device inside ``jax.shard_map``
+    (empty outside it, and for Python numbers). JAX keeps them in the type, as ``vma`` or as
+    ``manual_axis_type.varying`` depending on the release."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return frozenset(vma)
+
+
+def mesh_axis(rule: str, axis_name: Any) -> int:
+    """The number of devices along the mesh axis ``axis_name``, for a collective: a str naming an
+    axis of the ``jax.shard_map`` the rule runs in; refused otherwise, outside one included."""
+    if not isinstance(axis_name, str):
+        raise RuleInputError(f"{rule}: axis_name must be the name of a mesh axis (a str), got {axis_name!r}")
+    try:
+        return lax.axis_size(axis_name)
+    except NameError:
+        raise RuleInputError(
+            f"{rule}: no mesh axis {axis_name!r} here: a collective runs inside jax.shard_map over that axis"
+        ) from None
+
+
+def varies(rule: str, name: str, x: Any, axis_name: str, expected: bool) -> None:
+    """``x`` is each device's own value along ``axis_name`` (``expected``) or one value copied to
+    every device (not ``expected``), as a collective's argument must be."""
+    if (axis_name in varying(x)) != expected:
+        want, got = ("each device's own value", "one value") if expected else ("one value", "each device's own value")
+        raise RuleInputError(f"{rule}: {name} must be {want} along {axis_name!r}, got {got}")

@@ -9,6 +9,9 @@ The suite's programs build with the checker's fast-compile options (``cache.fast
 no LLVM optimisation, one module, in ``XLA_FLAGS`` before the first computation, inherited by
 the commands the tests start; on jaxlib 0.10 and the CPU only): the tests compile far more than
 they run, and no test times anything.
+Two CPU devices (``jax_num_cpu_devices``, read when JAX starts its backend, and unlike ``XLA_FLAGS``
+not inherited by the commands the tests start): the rules inside ``jax.shard_map`` and the
+collectives run over a mesh of two; everything else uses the first device, or shards over both.
 """
 
 import os
@@ -20,5 +23,6 @@ from manualgrad.check import cache
 os.environ["MANUALGRAD_NO_CACHE"] = "1"
 cache.fast_eager_builds()
 
+jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

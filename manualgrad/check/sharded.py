@@ -25,6 +25,9 @@ exist the check is not applicable, and says how to get them.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,14 +39,16 @@ from manualgrad.check.report import Finding
 from manualgrad.check.tolerances import ATOL
 from manualgrad.check.trees import is_float_tree, random_like
 from manualgrad.registry import Rule, Sample
+from manualgrad.rules import devices
 from manualgrad.text import first_line
 
 CHECK = "shard_map"
-DEVICES = 2
-AXIS = "devices"
+DEVICES = devices.SAMPLE_DEVICES
+AXIS = devices.SAMPLE_AXIS
 # Both sides run the same hand rule on the same values; only the order of the sum over the two
 # devices differs (one all-reduce against autodiff's accumulation): round-off, the vjp check's bound.
 TOLERANCES = {"float64": 1e-12, "float32": 1e-5}
+ON_MESH = "a collective: every check of it runs inside shard_map over the devices"
 HOW_TO_GET_DEVICES = (
     f"needs {DEVICES} devices and this process has {{found}}: on the CPU, set "
     f"XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES} before JAX starts"
@@ -77,6 +82,39 @@ def data_arguments(rule: Rule, args: tuple[Any, ...]) -> list[int]:
     ]
 
 
+def on_mesh(rule: Rule) -> bool:
+    """Whether ``rule`` is a collective: it has an ``axis_name`` and runs only inside ``shard_map``."""
+    return "axis_name" in rule.argnames
+
+
+def device_rule(rule: Rule) -> Rule:
+    """A collective ``rule`` seen from outside ``shard_map``, for every check of the checker: its
+    function and its reference applied on the mesh to its samples, whose ``Rule.split`` arguments
+    hold one block per device on a leading axis (the other arguments are replicated), and the
+    outputs' blocks stacked likewise. Its sample inputs and mistakes are the rule's own, which
+    see the arguments so."""
+    return dataclasses.replace(rule, fn=_on_mesh(rule, rule.fn), reference=_on_mesh(rule, rule.reference))
+
+
+def _on_mesh(rule: Rule, fn: Callable[..., Any]) -> Callable[..., Any]:
+    static = set(rule.fn.nondiff_argnums)
+
+    def stacked(*args: Any) -> Any:
+        inputs = [i for i in range(len(args)) if i not in static]
+
+        def per_device(*values):
+            local = dict(zip(inputs, values))
+            local = {i: jax.tree_util.tree_map(lambda x: x[0], v) if i in rule.split else v for i, v in local.items()}
+            out = fn(*(local.get(i, a) for i, a in enumerate(args)))
+            return jax.tree_util.tree_map(lambda y: y[None], out)
+
+        specs = tuple(PartitionSpec(AXIS) if i in rule.split else PartitionSpec() for i in inputs)
+        on_devices = jax.shard_map(per_device, mesh=mesh(), in_specs=specs, out_specs=PartitionSpec(AXIS))
+        return on_devices(*(args[i] for i in inputs))
+
+    return functools.wraps(fn)(stacked)
+
+
 def _stacked(a: Any) -> Any:
     """Device 0's and device 1's values of a data argument, on a new leading axis."""
     return jax.tree_util.tree_map(lambda x: jnp.stack([x, jnp.flip(x)]), a)
@@ -91,6 +129,8 @@ def findings(rule: Rule, sample: Sample, key: jax.Array, dtype: str, options: An
     why = not_applicable_reason()
     if why is not None:
         return [Finding.not_applicable(rule.name, CHECK, dtype, sample.label, why)]
+    if on_mesh(rule):
+        return [Finding.not_applicable(rule.name, CHECK, dtype, sample.label, ON_MESH)]
     args = sample.args
     diff = [i for i in rule.differentiable if is_float_tree(args[i])]
     if not diff:

@@ -38,21 +38,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from manualgrad import validation
+
 Axes = tuple[str, ...]
+# The mesh the samples of a rule with an axis_name are drawn for: one axis of two devices.
+SAMPLE_AXIS = "devices"
+SAMPLE_DEVICES = 2
 
 
-def varying(x: Any) -> frozenset[str]:
-    """The mesh axes along which ``x``'s value varies from device to device: empty outside
-    ``jax.shard_map`` (and for Python numbers). JAX keeps them in the type, as ``vma`` or as
-    ``manual_axis_type.varying`` depending on the release."""
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-    return frozenset(vma)
-
-
-def _to_varying(x: jax.Array, axes: Axes) -> jax.Array:
+def to_varying(x: jax.Array, axes: Axes) -> jax.Array:
+    """JAX's own cast of ``x`` to vary along ``axes`` (``lax.pcast``, ``lax.pvary`` in older releases):
+    no data moves, JAX differentiates it (its transpose is ``psum``)."""
     pcast = getattr(lax, "pcast", None)
     return pcast(x, axes, to="varying") if pcast is not None else lax.pvary(x, axes)
 
@@ -66,11 +62,11 @@ def copy_to(x: jax.Array, axes: Axes) -> jax.Array:
         forward    ι(x) = x on every device of ``axes`` (its type now varies along them)
         backward   ι*(G) = psum(G, axes)       (the module's derivation)
     """
-    return _to_varying(x, axes)
+    return to_varying(x, axes)
 
 
 def _copy_to_forward(x: jax.Array, axes: Axes) -> tuple[jax.Array, None]:
-    return _to_varying(x, axes), None
+    return to_varying(x, axes), None
 
 
 def _copy_to_vjp(axes: Axes, residuals: None, g: jax.Array) -> tuple[jax.Array]:
@@ -83,7 +79,7 @@ copy_to.defvjp(_copy_to_forward, _copy_to_vjp)
 
 def axes_of(*trees: Any) -> frozenset[str]:
     """Every mesh axis along which some leaf of ``trees`` varies."""
-    return frozenset().union(*(varying(leaf) for leaf in jax.tree_util.tree_leaves(trees)))
+    return frozenset().union(*(validation.varying(leaf) for leaf in jax.tree_util.tree_leaves(trees)))
 
 
 def _onto(tree: Any, axes: frozenset[str], cast: Any) -> Any:
@@ -91,7 +87,7 @@ def _onto(tree: Any, axes: frozenset[str], cast: Any) -> Any:
     integers and keys, which have no cotangent, as they are."""
 
     def leaf_onto(leaf):
-        missing = tuple(sorted(axes - varying(leaf)))
+        missing = tuple(sorted(axes - validation.varying(leaf)))
         return cast(leaf, missing) if missing and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) else leaf
 
     return jax.tree_util.tree_map(leaf_onto, tree)
@@ -110,7 +106,7 @@ def vary_like(tree: Any, *others: Any) -> Any:
     """``tree``'s floating leaves cast to vary along every axis that any leaf of ``tree`` or ``others``
     varies along, by ``lax.pcast`` (whose adjoint, the sum, JAX derives): for a plain-``jnp``
     reference whose ``scan`` carry starts from an argument, so that the carry has its step's type."""
-    return _onto(tree, axes_of(tree, *others), _to_varying)
+    return _onto(tree, axes_of(tree, *others), to_varying)
 
 
 class custom_vjp(jax.custom_vjp):  # noqa: N801 -- named as the jax.custom_vjp it extends

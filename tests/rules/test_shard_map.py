@@ -1,8 +1,8 @@
 """Every rule inside ``jax.shard_map``: the checker's ``shard_map`` check on every registered rule, and
 whole networks' gradients across two devices against one.
 
-The tests marked ``needs_them`` run in a process with two CPU devices (``two_devices.rerun``);
-the others in the suite's own process, which has one.
+The suite runs with two CPU devices (``tests/conftest.py``); with fewer (one accelerator) the tests
+that need two skip, and the check says it is not applicable.
 """
 
 import functools
@@ -10,16 +10,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
-import two_devices
 from jax.sharding import PartitionSpec as P
 
-from manualgrad import registry
+from manualgrad import registry, validation
 from manualgrad.check import checker, sharded
 from manualgrad.check.tolerances import relative_error
 from manualgrad.nn import gpt, layers, recurrent
 from manualgrad.rules import devices
 
-RULES = [rule.name for rule in registry.rules()]
+RULES = [rule.name for rule in registry.rules() if not sharded.on_mesh(rule)]
+COLLECTIVES = [rule.name for rule in registry.rules() if sharded.on_mesh(rule)]
+needs_two = pytest.mark.skipif(jax.device_count() < sharded.DEVICES, reason="needs two devices (tests/conftest.py)")
 # Each rule's first samples: every rule passes across devices in CI's time; all its samples are
 # checked by `manualgrad check --checks shard_map` (two devices set in XLA_FLAGS).
 SAMPLES = 2
@@ -28,18 +29,13 @@ SAMPLES = 2
 TOL = 1e-12
 
 
-def test_two_devices():
-    two_devices.rerun(__file__)
-
-
 def test_every_rule_meets_on_the_devices():
     """No rule can leave out the sum over the devices: every one is a devices.custom_vjp."""
     assert [r.name for r in registry.rules() if not isinstance(r.fn, devices.custom_vjp)] == []
 
 
-def test_one_device_is_not_applicable():
-    if two_devices.present:
-        pytest.skip("this process has two devices")
+def test_one_device_is_not_applicable(monkeypatch):
+    monkeypatch.setattr(jax, "devices", lambda: jax.local_devices()[:1])
     rule = registry.get("dense")
     (job, *_) = checker.jobs([rule], "float64", 0)
     (finding,) = sharded.findings(*job, "float64")
@@ -57,13 +53,20 @@ def test_outside_shard_map_nothing_changes():
     assert str(grad(rule.fn)) == str(grad(bare))
 
 
-@two_devices.needs_them
+@needs_two
 @pytest.mark.parametrize("name", RULES)
 def test_shard_map_check(name):
     rule = registry.get(name)
     found = [f for job in checker.jobs([rule], "float64", 0)[:SAMPLES] for f in sharded.findings(*job, "float64")]
     assert found and all(f.passed for f in found), [f.describe() for f in found if not f.passed]
     assert max(f.max_rel_error for f in found) <= TOL
+
+
+@pytest.mark.parametrize("name", COLLECTIVES)
+def test_a_collective_is_checked_on_the_mesh_by_every_check(name):
+    rule = registry.get(name)
+    found = [f for job in checker.jobs([rule], "float64", 0)[:1] for f in sharded.findings(*job, "float64")]
+    assert [(f.status, f.note) for f in found] == [("not applicable", sharded.ON_MESH)]
 
 
 def _plain(rule: registry.Rule, bwd) -> registry.Rule:
@@ -73,7 +76,7 @@ def _plain(rule: registry.Rule, bwd) -> registry.Rule:
     return registry.Rule(**{**rule.__dict__, "fn": fn})
 
 
-@two_devices.needs_them
+@needs_two
 def test_a_missing_sum_fails():
     """The bug the devices module fixes: a replicated weight's cotangent not summed is refused by JAX,
     and the check says so (not run: a failure)."""
@@ -84,7 +87,7 @@ def test_a_missing_sum_fails():
     assert "manual axis types do not match" in found[0].note
 
 
-@two_devices.needs_them
+@needs_two
 def test_a_mean_instead_of_the_sum_fails():
     """A backward that reduces the weight's cotangent over the devices by their mean: the right type,
     half the value; the check finds it on w and passes x."""
@@ -92,7 +95,7 @@ def test_a_mean_instead_of_the_sum_fails():
 
     def bwd(residuals, g):
         dx, dw = rule.fn.bwd(residuals, g)
-        return dx, jax.lax.pmean(dw, sharded.AXIS) if devices.varying(dw) else dw  # one device: no mean
+        return dx, jax.lax.pmean(dw, sharded.AXIS) if validation.varying(dw) else dw  # one device: no mean
 
     (job, *_) = checker.jobs([rule], "float64", 0)
     found = {f.argument: f for f in sharded.findings(_plain(rule, bwd), *job[1:], "float64")}
@@ -123,7 +126,7 @@ def _models():
     }
 
 
-@two_devices.needs_them
+@needs_two
 @pytest.mark.parametrize("model", ["mlp", "cnn", "transformer block", "lstm, h0 = 0"])
 @pytest.mark.parametrize("reference", [False, True], ids=["rules", "plain jnp"])
 def test_network_gradients_across_devices(model, reference):
