@@ -326,164 +326,141 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) ->
     return attention_forward(q, k, v, causal)[0]
 
 
-# The tile edge for each backend (jax.default_backend()): XLA:CPU runs the tiles of a step as one
-# batched product, where a tile's scores should stay in the core's cache; an accelerator wants
-# tiles that fill its matrix units. Other backends take the CPU's.
+# The tile edge for each backend (jax.default_backend()): a loop step holds one tile's scores,
+# B·N·tile² numbers. On XLA:CPU a larger tile means fewer loop steps, each with a fixed cost, against
+# more masked entries computed on the causal diagonal; an accelerator wants tiles that fill its
+# matrix units. Other backends take the CPU's.
 TILES = {"cpu": 128, "gpu": 128, "tpu": 128}
 
 
-class _Step(NamedTuple):
-    """One step of the tiled loop: ``count`` blocks of ``rows`` queries from query ``q0`` on, block
-    ``a`` against the ``tile`` keys from ``k0 + a·tile`` on; ``visible`` where some key is masked."""
+class _Tiles(NamedTuple):
+    """The tile edge, the numbers of query and key tiles, the true ``T`` and ``S``, and ``causal``."""
 
-    q0: int
-    count: int
-    rows: int
-    k0: int
-    visible: np.ndarray | None
-
-
-class _Plan(NamedTuple):
-    """The tile edge, the queries and keys padded to whole tiles, and the steps."""
-
-    tile: int
+    edge: int
     queries: int
     keys: int
-    steps: tuple[_Step, ...]
+    t: int
+    s: int
+    causal: bool
 
 
-def tile_size(t: int, s: int, h: int, backend: str | None = None) -> int:
-    """The tile edge attention uses for ``T`` queries and ``S`` keys of head size ``H``.
-
-    ``TILES[backend]`` (default ``jax.default_backend()``), halved while a tile's three ``tile × H``
-    operands outgrow a ``tile × tile`` score block, so that a large head keeps the block in cache.
-    Where both ``T`` and ``S`` fit one tile, that tile is the whole row: one step with no padding,
-    the whole-row form (tiling a short row only adds steps, and nothing masked is skipped)."""
+def tile_size(t: int, s: int, backend: str | None = None) -> int:
+    """The tile edge attention uses for ``T`` queries and ``S`` keys: ``TILES[backend]`` (default
+    ``jax.default_backend()``), or ``max(T, S)`` where both fit one tile — a single tile is the
+    whole row, computed with no padding and no loop (tiling a short row would only add loop steps)."""
     edge = TILES.get(backend or jax.default_backend(), TILES["cpu"])
-    while edge > 16 and 3 * h > edge:
-        edge //= 2
     return max(t, s) if max(t, s) <= edge else edge
 
 
-def _plan(t: int, s: int, h: int, causal: bool) -> _Plan:
-    """The steps over the tiles that hold a visible key. Without ``causal``, key tile ``j`` against
-    every query at once. With ``causal``, step ``d`` pairs query tile ``i`` with key tile ``i − d`` for
-    every ``i`` at once: key tiles above the diagonal (``j > i``), empty under the mask, never appear."""
-    tile = tile_size(t, s, h)
-    key_tiles = -(-s // tile)
-    if causal:
-        query_tiles = -(-t // tile)
-        pairs = [(d * tile, min(query_tiles - d, key_tiles), tile, 0) for d in range(query_tiles)]
-        queries = query_tiles * tile
-    else:
-        pairs = [(0, 1, t, j * tile) for j in range(key_tiles)]
-        queries = t
-    steps = tuple(_Step(*pair, _visible(*pair, tile, s, causal)) for pair in pairs)
-    return _Plan(tile, queries, key_tiles * tile, steps)
+def _tiles(t: int, s: int, causal: bool) -> _Tiles:
+    edge = tile_size(t, s)
+    return _Tiles(edge, -(-t // edge), -(-s // edge), t, s, causal)
 
 
-def _visible(q0: int, count: int, rows: int, k0: int, tile: int, s: int, causal: bool) -> np.ndarray | None:
-    """``(count, rows, tile)``: whether query ``q0 + a·rows + r`` sees key ``k0 + a·tile + c`` (a key
-    of the padding ``≥ S`` never, a later key not under ``causal``); ``None`` where every key is seen."""
-    blocks = np.arange(count)[:, None, None]
-    query = q0 + blocks * rows + np.arange(rows)[None, :, None]
-    key = k0 + blocks * tile + np.arange(tile)[None, None, :]
-    seen = (key < s) & ((key <= query) if causal else True)
-    return None if seen.all() else seen
+def _tiled(a, count: int, edge: int):
+    """``(B, N, L, ...)`` as ``(count, B, N, edge, ...)``: tile ``i`` holds positions
+    ``i·edge .. (i + 1)·edge``, zero rows appended past ``L``."""
+    b, n, length = jnp.shape(a)[:3]
+    a = jnp.pad(a, [(0, 0), (0, 0), (0, count * edge - length)] + [(0, 0)] * (jnp.ndim(a) - 3))
+    return jnp.moveaxis(a.reshape(b, n, count, edge, *jnp.shape(a)[3:]), 2, 0)
 
 
-def _heads_first(a, length: int):
-    """``(B, L, N, H)`` as ``(B, N, length, H)``, zero rows appended up to ``length``."""
-    a = jnp.swapaxes(a, 1, 2)
-    return jnp.pad(a, ((0, 0), (0, 0), (0, length - jnp.shape(a)[2]), (0, 0)))
+def _untiled(a, length: int):
+    """The inverse of :func:`_tiled`: ``(count, B, N, edge, ...)`` as ``(B, N, length, ...)``."""
+    count, b, n, edge = jnp.shape(a)[:4]
+    return jnp.moveaxis(a, 0, 2).reshape(b, n, count * edge, *jnp.shape(a)[4:])[:, :, :length]
 
 
-def _blocks(a, start: int, count: int, size: int):
-    """Rows ``start .. start + count·size`` of ``a`` ``(B, N, L, ...)`` as ``count`` blocks of ``size``."""
-    b, n = jnp.shape(a)[:2]
-    return a[:, :, start : start + count * size].reshape(b, n, count, size, *jnp.shape(a)[3:])
+def _tile_scores(tiles: _Tiles, qi, kj, i, j):
+    """Scores ``(B, N, edge, edge)`` of query tile ``i`` against key tile ``j``; ``−∞`` for a key
+    past ``S`` (the padding) and, under ``causal``, for a key after its query."""
+    s = jnp.einsum("bnrh,bnch->bnrc", qi, kj) * float(1 / np.sqrt(jnp.shape(qi)[-1]))  # weakly typed
+    if not tiles.causal and tiles.keys * tiles.edge == tiles.s:
+        return s
+    query = i * tiles.edge + lax.broadcasted_iota(jnp.int32, jnp.shape(s)[-2:], 0)
+    key = j * tiles.edge + lax.broadcasted_iota(jnp.int32, jnp.shape(s)[-2:], 1)
+    seen = (key < tiles.s) & (key <= query) if tiles.causal else key < tiles.s
+    return jnp.where(seen, s, -jnp.inf)
 
 
-def _put(a, start: int, blocks, add: bool = False):
-    """``a`` with the rows from ``start`` on replaced by (or, with ``add``, increased by) ``blocks``."""
-    b, n, count, size = jnp.shape(blocks)[:4]
-    rows = blocks.reshape(b, n, count * size, *jnp.shape(blocks)[4:])
-    where = a.at[:, :, start : start + count * size]
-    return where.add(rows) if add else where.set(rows)
+def _loop(step, carry, xs, seen=None, skip=None):
+    """``lax.scan`` of ``step(carry, (x, index))`` over ``xs`` stacked on axis 0; where
+    ``seen(index)`` is false, ``skip(carry, (x, index))`` runs instead (``lax.cond``: the tile is
+    never computed). One tile is the whole row: ``step`` runs once, with no loop."""
+    count = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    if count == 1:
+        carry, y = step(carry, (jax.tree_util.tree_map(lambda a: a[0], xs), 0))
+        return carry, jax.tree_util.tree_map(lambda a: a[None], y)
+
+    def body(carry, x):
+        return step(carry, x) if seen is None else lax.cond(seen(x[1]), step, skip, carry, x)
+
+    return lax.scan(body, carry, (xs, jnp.arange(count)))
 
 
-def _tile_scores(q, k, step: _Step, tile: int):
-    """The step's query blocks, key blocks and scores ``(B, N, count, rows, tile)``, masked keys ``−∞``."""
-    qb, kb = _blocks(q, step.q0, step.count, step.rows), _blocks(k, step.k0, step.count, tile)
-    s = jnp.einsum("bnarh,bnach->bnarc", qb, kb) * float(1 / np.sqrt(jnp.shape(q)[-1]))  # weakly typed
-    return qb, kb, s if step.visible is None else jnp.where(step.visible, s, -jnp.inf)
-
-
-def _online_step(q, k, v, state, step: _Step, tile: int):
-    """The running maximum ``m``, sum ``l`` and accumulator of the step's queries after its keys:
-    ``m' = max(m, max S)``, ``l' = e^{m − m'} l + Σ e^{S − m'}``, ``acc' = e^{m − m'} acc + e^{S − m'} V``."""
-    m, total, acc = state
-    _, _, s = _tile_scores(q, k, step, tile)
-    old = [_blocks(x, step.q0, step.count, step.rows) for x in state]
-    top = jnp.maximum(old[0], jnp.max(s, axis=-1))
-    p = jnp.exp(s - top[..., None])
-    shrink = jnp.exp(old[0] - top)  # e^{m − m'} ≤ 1; 0 where m is still −∞
-    pv = jnp.einsum("bnarc,bnach->bnarh", p, _blocks(v, step.k0, step.count, tile))
-    new = (top, shrink * old[1] + jnp.sum(p, axis=-1), shrink[..., None] * old[2] + pv)
-    return tuple(_put(x, step.q0, y) for x, y in zip(state, new))
+def _causal_only(tiles: _Tiles, seen):
+    """``seen`` under ``causal``; ``None`` (every tile seen) without."""
+    return seen if tiles.causal else None
 
 
 def attention_forward(q, k, v, causal=False):
     _validate_attention(q, k, v, causal)
-    t = jnp.shape(q)[1]
-    plan = _plan(t, jnp.shape(k)[1], jnp.shape(q)[3], causal)
-    qh, kh, vh = _heads_first(q, plan.queries), _heads_first(k, plan.keys), _heads_first(v, plan.keys)
-    m = jnp.full(jnp.shape(qh)[:3], -jnp.inf, qh.dtype)
-    state = (m, jnp.zeros_like(m), jnp.zeros_like(qh))
-    for step in plan.steps:
-        state = _online_step(qh, kh, vh, state, step, plan.tile)
-    m, total, acc = state
-    o = jnp.swapaxes(acc / total[..., None], 1, 2)[:, :t]
-    return o, (q, k, v, o, (m + jnp.log(total))[..., :t])
+    tiles = _tiles(jnp.shape(q)[1], jnp.shape(k)[1], causal)
+    qt = _tiled(jnp.swapaxes(q, 1, 2), tiles.queries, tiles.edge)
+    kv = tuple(_tiled(jnp.swapaxes(a, 1, 2), tiles.keys, tiles.edge) for a in (k, v))
 
+    def row(_, tile):
+        qi, i = tile
 
-def _backward_step(inputs, grads, step: _Step, tile: int):
-    """The step's share of ``dQ, dK, dV``: ``P = exp(S − ℓ)``, ``dV += Pᵀ G``,
-    ``dS = P ⊙ (G Vᵀ − δ)``, ``dQ += dS K/√H``, ``dK += dSᵀ Q/√H``."""
-    q, k, v, g, lse, delta = inputs
-    qb, kb, s = _tile_scores(q, k, step, tile)
-    lse_b, delta_b, gb = (_blocks(x, step.q0, step.count, step.rows) for x in (lse, delta, g))
-    p = jnp.exp(s - lse_b[..., None])
-    ds = p * (jnp.einsum("bnarh,bnach->bnarc", gb, _blocks(v, step.k0, step.count, tile)) - delta_b[..., None])
-    scale = float(1 / np.sqrt(jnp.shape(q)[-1]))
-    dq, dk, dv = grads
-    return (
-        _put(dq, step.q0, jnp.einsum("bnarc,bnach->bnarh", ds, kb) * scale, add=True),
-        _put(dk, step.k0, jnp.einsum("bnarc,bnarh->bnach", ds, qb) * scale, add=True),
-        _put(dv, step.k0, jnp.einsum("bnarc,bnarh->bnach", p, gb), add=True),
-    )
+        def update(state, tile):  # m' = max(m, max S), l' = e^{m − m'} l + Σ e^{S − m'}, the same for acc
+            (kj, vj), j = tile
+            m, total, acc = state
+            s = _tile_scores(tiles, qi, kj, i, j)
+            top = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - top[..., None])
+            shrink = jnp.exp(m - top)  # e^{m − m'} ≤ 1; 0 while m is still −∞
+            pv = jnp.einsum("bnrc,bnch->bnrh", p, vj)
+            return (top, shrink * total + jnp.sum(p, axis=-1), shrink[..., None] * acc + pv), None
+
+        m = jnp.full(jnp.shape(qi)[:3], -jnp.inf, qi.dtype)
+        state = (m, jnp.zeros_like(m), jnp.zeros_like(qi))
+        (m, total, acc), _ = _loop(update, state, kv, _causal_only(tiles, lambda j: j <= i), lambda c, _: (c, None))
+        return None, (acc / total[..., None], m + jnp.log(total))
+
+    _, (o, lse) = _loop(row, None, qt)
+    o = jnp.swapaxes(_untiled(o, tiles.t), 1, 2)
+    return o, (q, k, v, o, _untiled(lse, tiles.t))
 
 
 def attention_backward(q, k, v, o, lse, causal, g):
-    """Step by step over the forward's tiles, ``P = exp(S − ℓ)`` recomputed from the saved ``ℓ``:
-    ``dV = Pᵀ G``, ``dS = P ⊙ (G Vᵀ − rowsum(G ⊙ O))``, ``dQ = dS K/√H``, ``dK = dSᵀ Q/√H``."""
-    t, s = jnp.shape(q)[1], jnp.shape(k)[1]
-    plan = _plan(t, s, jnp.shape(q)[3], causal)
-    pad = ((0, 0), (0, 0), (0, plan.queries - t))
-    delta = jnp.pad(jnp.einsum("btnh,btnh->bnt", g, o), pad)  # padded queries: G = 0, δ = 0, ℓ = 0 (finite)
-    inputs = (
-        _heads_first(q, plan.queries),
-        _heads_first(k, plan.keys),
-        _heads_first(v, plan.keys),
-        _heads_first(g, plan.queries),
-        jnp.pad(lse, pad),
-        delta,
-    )
-    grads = (jnp.zeros_like(inputs[0]), jnp.zeros_like(inputs[1]), jnp.zeros_like(inputs[2]))
-    for step in plan.steps:
-        grads = _backward_step(inputs, grads, step, plan.tile)
-    dq, dk, dv = (jnp.swapaxes(x, 1, 2)[:, :n] for x, n in zip(grads, (t, s, s)))
-    return dq, dk, dv
+    """Key tile by key tile, the query tiles that see it in turn, ``P = exp(S − ℓ)`` recomputed from
+    the saved ``ℓ``: ``dV = Pᵀ G``, ``dS = P ⊙ (G Vᵀ − rowsum(G ⊙ O))``, ``dQ = dS K/√H``, ``dK = dSᵀ Q/√H``."""
+    tiles = _tiles(jnp.shape(q)[1], jnp.shape(k)[1], causal)
+    scale = float(1 / np.sqrt(jnp.shape(q)[-1]))
+    delta = jnp.einsum("btnh,btnh->bnt", g, o)  # padded queries: G = 0, δ = 0 and ℓ = 0 (finite), so dS = 0
+    heads_first = (jnp.swapaxes(q, 1, 2), jnp.swapaxes(g, 1, 2), lse, delta)
+    rows = tuple(_tiled(a, tiles.queries, tiles.edge) for a in heads_first)
+    kv = tuple(_tiled(jnp.swapaxes(a, 1, 2), tiles.keys, tiles.edge) for a in (k, v))
+
+    def column(dq, tile):
+        (kj, vj), j = tile
+
+        def add(grads, tile):
+            (qi, gi, lse_i, delta_i), i = tile
+            p = jnp.exp(_tile_scores(tiles, qi, kj, i, j) - lse_i[..., None])
+            ds = p * (jnp.einsum("bnrh,bnch->bnrc", gi, vj) - delta_i[..., None])
+            dk = grads[0] + jnp.einsum("bnrc,bnrh->bnch", ds, qi) * scale
+            return (dk, grads[1] + jnp.einsum("bnrc,bnrh->bnch", p, gi)), jnp.einsum("bnrc,bnch->bnrh", ds, kj) * scale
+
+        def skip(grads, tile):
+            return grads, jnp.zeros_like(tile[0][0])
+
+        seen = _causal_only(tiles, lambda i: j <= i)
+        (dk, dv), dq_j = _loop(add, (jnp.zeros_like(kj), jnp.zeros_like(vj)), rows, seen, skip)
+        return dq + dq_j, (dk, dv)
+
+    dq, (dk, dv) = _loop(column, jnp.zeros_like(rows[0]), kv)
+    return tuple(jnp.swapaxes(_untiled(a, n), 1, 2) for a, n in ((dq, tiles.t), (dk, tiles.s), (dv, tiles.s)))
 
 
 def _attention_vjp(causal, residuals, g):
