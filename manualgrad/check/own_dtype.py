@@ -47,7 +47,7 @@ from manualgrad.check.golden import upcast
 from manualgrad.check.report import Finding
 from manualgrad.check.targets import function_name
 from manualgrad.check.tolerances import TOLERANCES, fast_compile_options
-from manualgrad.check.trees import closure, host, random_like, stack_perturbed
+from manualgrad.check.trees import closure, host, is_float_tree, random_like, stack_perturbed
 from manualgrad.registry import Rule, Sample
 from manualgrad.text import first_line
 
@@ -81,7 +81,7 @@ def check_in_own_dtype(
     """The findings of ``rule`` (a user's function and reference, :func:`~manualgrad.check.targets.user_rule`)
     at ``args`` in their own dtypes, with the dtypes' name and the report's notes."""
     args = tuple(args)
-    diff = list(rule.differentiable)
+    diff = [i for i in rule.differentiable if is_float_tree(args[i])]  # integer labels are not differentiated
     names = [rule.argnames[i] if i < len(rule.argnames) else f"args[{i}]" for i in diff]
     primals = [args[i] for i in diff]
     dtype = least_precise(primals)
@@ -203,13 +203,13 @@ def _rounding(tree) -> float:
 def _golden_note(rule: Rule, dtype: str, rounding: dict[str, float]) -> str:
     name = function_name(rule.reference, "the reference")
     said = f"judged in its own dtype {dtype} against the golden, {name} on the arguments in float64 (golden.CRITERIA)"
-    coarse = {k: e for k, e in rounding.items() if e > 0}
-    if not coarse:
+    rough = {k: e for k, e in rounding.items() if e > 0}
+    if not rough:
         return said
-    worst = max(coarse.values())
+    worst = max(rough.values())
     return (
         f"{said}; but {name} does not resolve float64: under a perturbation of {PERTURBATION:g} of the arguments its "
-        f"float64 values of {', '.join(coarse)} move by steps of its own rounding (up to {worst:.1e}), as a reference "
+        f"float64 values of {', '.join(rough)} move by steps of its own rounding (up to {worst:.1e}), as a reference "
         f"computing in float32 inside does; each allowance there is widened by 3 times that rounding"
     )
 
