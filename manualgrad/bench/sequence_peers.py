@@ -10,8 +10,8 @@ initial state) → ``nn.Linear``. Both train with the masked mean cross-entropy 
 :func:`manualgrad.nn.gpt.sequence_loss` (``F.cross_entropy`` per token, weighted by the mask) and
 ``torch.optim.Adam`` (:class:`~manualgrad.bench.peers.TorchPeer`).
 
-Every parameter starts as the JAX model's (``nn.Linear`` holds ``Wᵀ``), so the first loss and the
-gradients agree with the hand rules' to float32 round-off; :meth:`SequencePeer.gradients` returns
+Every parameter starts as the JAX model's, in its dtype (``nn.Linear`` holds ``Wᵀ``), so the first loss
+and the gradients agree with the hand rules' to round-off; :meth:`SequencePeer.gradients` returns
 them in the JAX params' structure and layouts.
 """
 
@@ -68,13 +68,13 @@ class SequencePeer(TorchPeer):
 
     def __init__(self, modules: Any, params: Any, lr: float, device: str, renamed: dict[str, str]) -> None:
         super().__init__(device)
-        self.model, self.names = modules, _torch_names(params, renamed)
+        self.dtype = getattr(self.torch, np.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name)
+        self.model, self.names = modules.to(device=device, dtype=self.dtype).train(), _torch_names(params, renamed)
         named = dict(self.model.named_parameters())
         with self.torch.no_grad():
             for (name, transposed), value in zip(_entries(self.names), jax.tree_util.tree_leaves(params)):
                 value = np.array(value)  # a writable copy: JAX's arrays are read-only to torch
                 named[name].copy_(self.torch.from_numpy(np.ascontiguousarray(value.T if transposed else value)))
-        self.model.to(device).train()
         trained = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.torch.optim.Adam(trained, lr=lr, betas=(B1, B2), eps=EPS)
 
@@ -86,7 +86,7 @@ class SequencePeer(TorchPeer):
         """Token rows ``(N, T + 1)`` and the target mask ``(N, T)`` as tensors on this peer's device."""
         return (
             self.torch.tensor(np.asarray(tokens, np.int64), device=self.device),
-            self.torch.tensor(np.asarray(mask, np.float32), device=self.device),
+            self.torch.tensor(np.asarray(mask), dtype=self.dtype, device=self.device),
         )
 
     def loss(self, tokens: Any, mask: Any) -> Any:

@@ -6,6 +6,7 @@ reason where PyTorch is not installed, except those that need no PyTorch.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -15,10 +16,14 @@ from manualgrad.check.tolerances import relative_l2
 from manualgrad.nn import gpt, recurrent
 from manualgrad.train import step
 
-TINY = {
-    "gpt": models.Model("tiny GPT", lambda: gpt.gpt(7, 8, width=16, depth=2, heads=2), (8,), 3, False, 7, 2),
-    "lstm": models.Model("tiny LSTM", lambda: recurrent.char_model("lstm", 7, 8, 4), (5,), 3, False, 7),
-}
+
+def _tiny(kind: str, dtype=jnp.float32) -> models.Model:
+    if kind == "gpt":
+        return models.Model("tiny GPT", lambda: gpt.gpt(7, 8, 16, 2, 2, dtype), (8,), 3, False, 7, 2)
+    return models.Model("tiny LSTM", lambda: recurrent.char_model("lstm", 7, 8, 4, dtype), (5,), 3, False, 7)
+
+
+TINY = {kind: _tiny(kind) for kind in ("gpt", "lstm")}
 # one weight of each model, its JAX path: the first block's query projection, the LSTM's recurrent weight
 ONE = {"gpt": lambda tree: tree["blocks"][0]["q"]["w"], "lstm": lambda tree: tree["recurrent"]["w_h"]}
 
@@ -36,9 +41,9 @@ def _peer(kind: str, params):
     return sequence_peers.TorchLSTM(params, models.LEARNING_RATE)
 
 
-def _batch(kind: str):
+def _batch(kind: str, model: models.Model | None = None):
     """The tiny model's parameters, token rows, and a target mask with some targets left out (the masked mean)."""
-    params, tokens, mask = models.inputs(TINY[kind], 1)
+    params, tokens, mask = models.inputs(model or TINY[kind], 1)
     return params, tokens, mask.at[0, -3:].set(False).at[2, 1].set(False)
 
 
@@ -58,6 +63,22 @@ def test_the_first_loss_and_the_gradients_are_the_hand_rules(kind):
     assert relative_l2(torch_grads, grads) < 1e-5
     one, expected = ONE[kind](torch_grads), np.asarray(ONE[kind](grads))
     np.testing.assert_allclose(one, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind", ["gpt", "lstm"])
+def test_in_float64_the_peers_are_the_hand_rules_to_1e_12(kind):
+    """The same models in float64: a peer that differs from the JAX model anywhere (an ε, a scale, a mask, a
+    bias) differs by far more than float64 round-off, which float32's 1e-5 could hide."""
+    _needs_torch()
+    model = _tiny(kind, jnp.float64)
+    params, tokens, mask = _batch(kind, model)
+    net = model.build()
+    loss, grads = jax.value_and_grad(lambda p: gpt.sequence_loss(net, p, tokens, mask)[0])(params)
+    peer = _peer(kind, params)
+    torch_loss, torch_grads = peer.gradients(*peer.inputs(np.asarray(tokens), np.asarray(mask)))
+    # float64 round-off (1.1e-16 a rounding) over sums of at most 64 terms and a few dozen layers: below 1e-13
+    np.testing.assert_allclose(torch_loss, float(loss), rtol=1e-12)
+    assert relative_l2(torch_grads, grads) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["gpt", "lstm"])
