@@ -12,7 +12,10 @@ mode (batch norm's running statistics updated). ``manual`` runs the registered h
 ``jax_grad`` is the same :mod:`manualgrad.nn.layers` model built from the rules' plain-``jnp``
 references and differentiated by JAX (``--grad autodiff`` of ``manualgrad train``). For models
 with normalisation layers the bench also reports those layers' own residual bytes, each layer's
-VJP taken alone at the activations it sees (:func:`~manualgrad.bench.memory.norm_residual_bytes`).
+VJP taken alone at the activations it sees (:func:`~manualgrad.bench.memory.norm_residual_bytes`); for
+models with attention, one attention's residual bytes and its peak bytes forward and backward, beside
+PyTorch's ``scaled_dot_product_attention``'s (:func:`~manualgrad.bench.memory.attention_peak_bytes`,
+:func:`~manualgrad.bench.sequence_peers.attention_peak_bytes`).
 
 The models are :mod:`~manualgrad.bench.models`', the memory figures
 :mod:`~manualgrad.bench.memory`'s, and :mod:`~manualgrad.bench.report` shows the run as text or JSON.
