@@ -348,8 +348,12 @@ def tile_size(t: int, s: int, backend: str | None = None) -> int:
     """The tile edge attention uses for ``T`` queries and ``S`` keys: ``TILES[backend]`` (default
     ``jax.default_backend()``), or ``max(T, S)`` where both fit one tile — a single tile is the
     whole row, computed with no padding and no loop (tiling a short row would only add loop steps)."""
-    edge = TILES.get(backend or jax.default_backend(), TILES["cpu"])
+    edge = _edge(backend)
     return max(t, s) if max(t, s) <= edge else edge
+
+
+def _edge(backend: str | None = None) -> int:
+    return TILES.get(backend or jax.default_backend(), TILES["cpu"])
 
 
 def _tiles(t: int, s: int, causal: bool) -> _Tiles:
@@ -483,10 +487,18 @@ _ATTENTION_CONFIGS = [
 
 
 def _attention_samples(key, dtype):
+    """The configurations above, each one tile (the whole row), and two that the backend's tile
+    edge ``e`` splits: causal with three tiles each way, the last ragged (``T = S = 2e + e/3``), and
+    one query against three key tiles, the last ragged."""
+    e = _edge()
+    tiled = [
+        ((1, e + e // 3, e + e // 3, 1, 2), True, f"causal, 2 tiles of {e} each way, the last ragged"),
+        ((1, 5, 2 * e + 3, 1, 2), False, f"3 key tiles of {e}, the last ragged"),
+    ]
     k = keys(key)
     return [
         Sample((*(normal(next(k), (b, r, n, h), dtype) for r in (t, s, s)), causal), label)
-        for (b, t, s, n, h), causal, label in _ATTENTION_CONFIGS
+        for (b, t, s, n, h), causal, label in _ATTENTION_CONFIGS + tiled
     ]
 
 
