@@ -82,6 +82,11 @@ NOT_LINEAR = (
     "the dot-product test needs arguments the function is linear in, and a function checked with a reference "
     "declares none (registered rules do, as Rule.linear_in)"
 )
+# Said where a function checked with a dtype given did not run: the 64-bit mode may be why.
+IN_64_BIT_MODE = (
+    "dtype={dtype!r} checks the function in JAX's 64-bit mode; one that cannot run in it (int32 index "
+    "arithmetic, as in Pallas kernels) is checked in its own dtype and your 64-bit setting with dtype=None"
+)
 # Two threads per core: XLA compiles without holding the GIL, and a small program's compile
 # leaves a core idle that another sample's tracing can use.
 WORKERS = min(8, 2 * (os.cpu_count() or 1))
@@ -135,7 +140,9 @@ def check(
         else:
             dtype = dtype or "float64"
             findings = [f for result in _check_all(selected, dtype, checks, seed, clock) for f in result]
-            findings = _second_order_not_applicable(findings) if user else findings
+            if user:
+                findings = _second_order_not_applicable(findings)
+                notes = [IN_64_BIT_MODE.format(dtype=dtype)] if any(f.where == NOT_RUN for f in findings) else []
     if user and "adjoint" in checks:
         findings.append(Finding.not_applicable(selected[0].name, "adjoint", dtype, "given", NOT_LINEAR))
     seconds = time.perf_counter() - start

@@ -257,3 +257,11 @@ def test_the_criterion_is_flash_attentions():
     eps32 = float(np.finfo(np.float32).eps)
     assert golden.judge(2.0, 1.0, "float32", 0.0) == (True, 2.0)
     assert golden.judge(2.1, 1.0, "float32", 1.0)[1] == pytest.approx(2 + 2 * eps32)
+
+
+def test_a_kernel_that_cannot_run_in_64_bit_mode_is_pointed_to_its_own_dtype():
+    """dtype="float32" checks in 64-bit mode, where mha's int32 index arithmetic meets int64."""
+    fn, reference, make = KERNELS["mha"]
+    report = mg.check(fn, reference=reference, args=make(0), dtype="float32", checks=("forward",))
+    assert not report.passed and "int32, int64" in report.failures()[0].describe()
+    assert "with dtype=None" in report.notes[0]
