@@ -5,7 +5,8 @@ the standard library) is shown as it is written, less its calls of the library's
 checks (``_validate...``). A rule whose forward computes with the library's own helpers is shown
 as its ``NAME_forward`` below instead: the same computation, the same output and
 the same residuals, in plain ``jax.numpy`` and ``lax`` (``tests/teach/test_exercise_files.py`` holds
-each to its rule on every sample). These leave out the argument checks the rule makes.
+each to its rule on every sample) — attention's in whole rows where its rule computes in tiles, so
+equal to round-off. These leave out the argument checks the rule makes.
 :func:`source` gives a rule's forward as an exercise file's code, with the helpers below it calls
 and the imports it needs.
 """
@@ -271,7 +272,11 @@ def scores(q, k, causal):
 
 def attention_forward(q, k, v, causal=False):
     """``o = softmax(S) v`` row by row (``q, k, v``: ``(B, T, N, H)``). Residuals: the inputs,
-    ``o`` and the log-sum-exp ``ℓ`` of each row of scores."""
+    ``o`` and the log-sum-exp ``ℓ`` of each row of scores.
+
+    The rule computes the same in tiles of keys (FlashAttention's online softmax), which never
+    holds a whole row of scores; shown here for whole rows, the form the backward is derived in:
+    the output and residuals agree with the rule's to round-off."""
     s = scores(q, k, causal)
     top = jnp.max(s, axis=-1, keepdims=True)
     lse = (top + jnp.log(jnp.sum(jnp.exp(s - top), axis=-1, keepdims=True)))[..., 0]

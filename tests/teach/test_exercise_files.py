@@ -16,6 +16,7 @@ import pytest
 
 import manualgrad
 from manualgrad import cli, registry
+from manualgrad.check import tolerances
 from manualgrad.teach import exercise, forwards, grading, networks
 
 RULES = [rule.name for rule in manualgrad.rules()]
@@ -74,8 +75,14 @@ def test_every_exercise_file_imports_only_public_names_and_runs(argv, tmp_path, 
     assert callable(namespace["backward"]) and (argv[0] == "--network" or callable(namespace["forward"]))
 
 
+# The forwards a file shows in the whole-row form where the rule computes in tiles: the same output
+# and residuals, summed in another order, so equal to the checker's forward tolerance above its
+# round-off floor (entries of order one) rather than bit for bit.
+WHOLE_ROWS = {"attention"}
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_the_plain_forwards_give_their_rules_output_and_residuals_bit_for_bit(dtype):
+def test_the_plain_forwards_give_their_rules_output_and_residuals(dtype):
     shown = [rule for rule in manualgrad.rules() if forwards.plain_forward(rule)]
     assert shown  # the rules whose own forward computes with a private helper
     with jax.enable_x64(True):
@@ -89,7 +96,11 @@ def test_the_plain_forwards_give_their_rules_output_and_residuals_bit_for_bit(dt
                         a, b = jax.random.key_data(a), jax.random.key_data(b)
                     a, b = np.asarray(a), np.asarray(b)
                     assert a.dtype == b.dtype and a.shape == b.shape, where
-                    np.testing.assert_array_equal(a, b, err_msg=where)
+                    if rule.name in WHOLE_ROWS:
+                        tolerance = (tolerances.TOLERANCES[dtype]["forward"], tolerances.ATOL[dtype])
+                        np.testing.assert_allclose(a, b, *tolerance, err_msg=where)
+                    else:
+                        np.testing.assert_array_equal(a, b, err_msg=where)
 
 
 def test_a_plain_forward_stands_only_for_a_rule_whose_own_forward_cannot_be_shown():
