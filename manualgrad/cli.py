@@ -95,9 +95,8 @@ def _check(args: argparse.Namespace) -> int:
     with cache.command_settings(not args.no_cache) as cached_in:
         report = processes.check(names, dtype=dtype, cache_dir=cached_in)
     where = f"programs cached in {cached_in}" if cached_in else "no compilation cache"
-    return _print_check(
-        args, report, f"{counted(len(names), 'rule')}, dtype {dtype}, {where}; worst relative error per check"
-    )
+    heading = f"manualgrad check: {counted(len(names), 'rule')}, dtype {dtype}, {where}; worst relative error per check"
+    return _print_check(args, report, heading)
 
 
 def _check_function(args: argparse.Namespace) -> int:
@@ -118,27 +117,15 @@ def _check_function(args: argparse.Namespace) -> int:
     except Exception as error:  # the user's code: its error in one line, the check never began
         return _refuse("check", f"{args.args}(): {type(error).__name__}: {first_line(error)}")
     report = manualgrad.check(fn, reference=reference, args=values, dtype=args.dtype)
-    return _print_check(args, report, f"{args.rules[0]} against {args.reference}, dtype {report.dtype}")
+    return _print_check(
+        args, report, f"manualgrad check: {args.rules[0]} against {args.reference}, dtype {report.dtype}"
+    )
 
 
 def _print_check(args: argparse.Namespace, report: Any, heading: str) -> int:
-    """The report as JSON records or as text (heading, table, notes, failures, not applicable,
-    diagnoses, summary); exit 0 if it passed, 1 if not."""
-    if args.json:
-        for record in report.records():
-            print(json.dumps(record))
-        return 0 if report.passed else 1
-    print(f"manualgrad check: {heading}")
-    print(report.table())
-    for note in report.notes:
-        print("NOTE " + note)
-    for f in report.failures():
-        print("FAIL " + f.describe())
-    for f in report.not_applicable():
-        print("N/A " + f.describe())
-    for line in report.diagnoses():
-        print("DIAGNOSIS " + line)
-    print(report.summary())
+    """The report as JSON records or as text; exit 0 if it passed, 1 if not."""
+    lines = [json.dumps(record) for record in report.records()] if args.json else [report.text(heading)]
+    print("\n".join(lines))
     return 0 if report.passed else 1
 
 

@@ -244,6 +244,16 @@ class Report:
             for key, f in self.worst().items()
         ]
 
+    def text(self, heading: str) -> str:
+        """The report as ``manualgrad check`` prints it: ``heading``, the table, then one line per
+        note (``NOTE``), failure (``FAIL``), check not applicable (``N/A``) and diagnosis
+        (``DIAGNOSIS``), and the :meth:`summary`."""
+        lines = [heading, self.table(), *("NOTE " + note for note in self.notes)]
+        lines += ["FAIL " + f.describe() for f in self.failures()]
+        lines += ["N/A " + f.describe() for f in self.not_applicable()]
+        lines += ["DIAGNOSIS " + line for line in self.diagnoses()]
+        return "\n".join([*lines, self.summary()])
+
     def _of(self, rule: str, check: str) -> list[Finding]:
         return [f for f in self.findings if (f.rule, f.check) == (rule, check)]
 
