@@ -12,9 +12,10 @@ all the backward keeps (seed 002's Remark 8). Log-softmax ``y = z − log Σ e^z
 Attention applies the softmax to every row of scores ``S = Q Kᵀ/√H`` and mixes the values
 ``V`` with the probabilities. Its backward keeps neither ``S`` nor ``P`` (``T × S`` numbers per
 head): it keeps the per-row log-sum-exp ``ℓ`` and recomputes ``P = exp(S − ℓ)``, FlashAttention's
-backward. The usual mistakes (the softmax Jacobian's diagonal alone, the ``1/√H`` left out,
-the causal mask forgotten in the backward, ``dQ`` and ``dK`` swapped) are attached to the
-rules as :class:`~manualgrad.registry.Mistake` s built from the references.
+backward; both passes run over tiles of queries and keys, an online softmax in the forward. The
+usual mistakes (the softmax Jacobian's diagonal alone, the ``1/√H`` left out, the causal mask
+forgotten in the backward, ``dQ`` and ``dK`` swapped) are attached to the rules as
+:class:`~manualgrad.registry.Mistake` s built from the references.
 
 Each rule below follows the protocol of :mod:`manualgrad.rules`; read it there before adding one.
 Inside ``jax.shard_map`` a rule's cotangent of an argument replicated over the devices is summed over
@@ -321,7 +322,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) ->
     a future key. The backward needs ``P``, not its ``T × S`` storage per head: with the
     log-sum-exp ``ℓ_t = log Σ_s e^{S_ts}``, ``P_ts = exp(S_ts − ℓ_t)``. The residuals are
     ``q, k, v``, the output ``O`` and ``ℓ`` — ``O(B·N·T)`` numbers beyond the inputs — and the
-    backward recomputes ``S`` and ``P`` from them (FlashAttention's backward, for whole rows).
+    backward recomputes ``S`` and ``P`` from them.
+
+    Both passes run in tiles that never hold a whole row of scores (T. Dao, D. Y. Fu, S. Ermon,
+    A. Rudra and C. Ré, "FlashAttention: Fast and Memory-Efficient Exact Attention with
+    IO-Awareness"; T. Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+    Partitioning"). Queries and keys are cut into tiles of :func:`tile_size`; each query tile visits
+    the key tiles in turn, carrying per row a running maximum ``m``, sum ``l`` and accumulator ``a``
+    from ``m = −∞``, ``l = 0``, ``a = 0``:
+
+        m' = max(m, max_s S_ts),  l' = e^{m − m'} l + Σ_s e^{S_ts − m'},  a' = e^{m − m'} a + Σ_s e^{S_ts − m'} V_s
+
+    The factors ``e^{m − m'}`` are exact, not an approximation: after the tiles seen so far,
+    ``l = Σ_s e^{S_ts − m}`` and ``a = Σ_s e^{S_ts − m} V_s`` over their keys with ``m`` their
+    maximum (induction: ``e^{S − m} e^{m − m'} = e^{S − m'}``), so a new maximum only moves the
+    common shift of the row, to which softmax is invariant. After the last tile ``O_t = a / l`` and
+    ``ℓ_t = m + log l = log Σ_s e^{S_ts}``, every exponent ``≤ 0`` on the way. The backward needs no
+    rescaling: ``P_ts = exp(S_ts − ℓ_t)`` is the final probability itself, recomputed tile by tile
+    from the saved ``ℓ``, and ``δ = rowsum(G ⊙ O)`` is known before any tile, so each tile adds its
+    share of ``dV = Pᵀ G``, ``dQ = dS K/√H`` and ``dK = dSᵀ Q/√H`` — sums over keys and queries,
+    which the tiles partition. Under ``causal`` a key tile ``j > i`` holds only keys after every
+    query of query tile ``i``: there ``P = 0`` and every share is 0, so those tiles (about half) are
+    never computed. The diagonal tiles and a last tile padded past ``T`` or ``S`` set their unseen
+    keys to ``−∞`` (a padded query has ``G = 0``, adding nothing); key ``0`` is seen by every row,
+    so ``m`` is finite after a row's first tile. Where ``T`` and ``S`` fit one tile, that tile is
+    the whole row: one step, no loop, nothing above the diagonal to skip.
     """
     return attention_forward(q, k, v, causal)[0]
 
@@ -334,8 +359,10 @@ TILES = {"cpu": 128, "gpu": 128, "tpu": 128}
 
 
 class _Tiles(NamedTuple):
-    """The tile edge, the numbers of query and key tiles, the true ``T`` and ``S``, and ``causal``."""
+    """The rows of a query tile and the edge of a key tile, the numbers of query and key tiles,
+    the true ``T`` and ``S``, and ``causal``."""
 
+    rows: int
     edge: int
     queries: int
     keys: int
@@ -343,22 +370,23 @@ class _Tiles(NamedTuple):
     s: int
     causal: bool
 
-
-def tile_size(t: int, s: int, backend: str | None = None) -> int:
-    """The tile edge attention uses for ``T`` queries and ``S`` keys: ``TILES[backend]`` (default
-    ``jax.default_backend()``), or ``max(T, S)`` where both fit one tile — a single tile is the
-    whole row, computed with no padding and no loop (tiling a short row would only add loop steps)."""
-    edge = _edge(backend)
-    return max(t, s) if max(t, s) <= edge else edge
+    def seen(self, i, j):
+        """Whether query tile ``i`` sees some key of key tile ``j``: its last query is not before the tile."""
+        return j * self.edge <= (i + 1) * self.rows - 1
 
 
-def _edge(backend: str | None = None) -> int:
+def tile_size(backend: str | None = None) -> int:
+    """The tile edge attention uses on ``backend`` (default ``jax.default_backend()``): ``TILES[backend]``."""
     return TILES.get(backend or jax.default_backend(), TILES["cpu"])
 
 
 def _tiles(t: int, s: int, causal: bool) -> _Tiles:
-    edge = tile_size(t, s)
-    return _Tiles(edge, -(-t // edge), -(-s // edge), t, s, causal)
+    """The tiles of ``T`` queries and ``S`` keys. A ``T`` or ``S`` that fits one tile is one tile of
+    that length, no padding; both fitting is the whole row, one step and no loop (tiling a short row
+    would only add loop steps)."""
+    edge = tile_size()
+    rows, edge = min(t, edge), min(s, edge)
+    return _Tiles(rows, edge, -(-t // rows), -(-s // edge), t, s, causal)
 
 
 def _tiled(a, count: int, edge: int):
@@ -376,12 +404,12 @@ def _untiled(a, length: int):
 
 
 def _tile_scores(tiles: _Tiles, qi, kj, i, j):
-    """Scores ``(B, N, edge, edge)`` of query tile ``i`` against key tile ``j``; ``−∞`` for a key
+    """Scores ``(B, N, rows, edge)`` of query tile ``i`` against key tile ``j``; ``−∞`` for a key
     past ``S`` (the padding) and, under ``causal``, for a key after its query."""
     s = jnp.einsum("bnrh,bnch->bnrc", qi, kj) * float(1 / np.sqrt(jnp.shape(qi)[-1]))  # weakly typed
     if not tiles.causal and tiles.keys * tiles.edge == tiles.s:
         return s
-    query = i * tiles.edge + lax.broadcasted_iota(jnp.int32, jnp.shape(s)[-2:], 0)
+    query = i * tiles.rows + lax.broadcasted_iota(jnp.int32, jnp.shape(s)[-2:], 0)
     key = j * tiles.edge + lax.broadcasted_iota(jnp.int32, jnp.shape(s)[-2:], 1)
     seen = (key < tiles.s) & (key <= query) if tiles.causal else key < tiles.s
     return jnp.where(seen, s, -jnp.inf)
@@ -410,7 +438,7 @@ def _causal_only(tiles: _Tiles, seen):
 def attention_forward(q, k, v, causal=False):
     _validate_attention(q, k, v, causal)
     tiles = _tiles(jnp.shape(q)[1], jnp.shape(k)[1], causal)
-    qt = _tiled(jnp.swapaxes(q, 1, 2), tiles.queries, tiles.edge)
+    qt = _tiled(jnp.swapaxes(q, 1, 2), tiles.queries, tiles.rows)
     kv = tuple(_tiled(jnp.swapaxes(a, 1, 2), tiles.keys, tiles.edge) for a in (k, v))
 
     def row(_, tile):
@@ -428,7 +456,8 @@ def attention_forward(q, k, v, causal=False):
 
         m = jnp.full(jnp.shape(qi)[:3], -jnp.inf, qi.dtype)
         state = (m, jnp.zeros_like(m), jnp.zeros_like(qi))
-        (m, total, acc), _ = _loop(update, state, kv, _causal_only(tiles, lambda j: j <= i), lambda c, _: (c, None))
+        seen = _causal_only(tiles, lambda j: tiles.seen(i, j))
+        (m, total, acc), _ = _loop(update, state, kv, seen, lambda c, _: (c, None))
         return None, (acc / total[..., None], m + jnp.log(total))
 
     _, (o, lse) = _loop(row, None, qt)
@@ -443,7 +472,7 @@ def attention_backward(q, k, v, o, lse, causal, g):
     scale = float(1 / np.sqrt(jnp.shape(q)[-1]))
     delta = jnp.einsum("btnh,btnh->bnt", g, o)  # padded queries: G = 0, δ = 0 and ℓ = 0 (finite), so dS = 0
     heads_first = (jnp.swapaxes(q, 1, 2), jnp.swapaxes(g, 1, 2), lse, delta)
-    rows = tuple(_tiled(a, tiles.queries, tiles.edge) for a in heads_first)
+    rows = tuple(_tiled(a, tiles.queries, tiles.rows) for a in heads_first)
     kv = tuple(_tiled(jnp.swapaxes(a, 1, 2), tiles.keys, tiles.edge) for a in (k, v))
 
     def column(dq, tile):
@@ -459,7 +488,7 @@ def attention_backward(q, k, v, o, lse, causal, g):
         def skip(grads, tile):
             return grads, jnp.zeros_like(tile[0][0])
 
-        seen = _causal_only(tiles, lambda i: j <= i)
+        seen = _causal_only(tiles, lambda i: tiles.seen(i, j))
         (dk, dv), dq_j = _loop(add, (jnp.zeros_like(kj), jnp.zeros_like(vj)), rows, seen, skip)
         return dq + dq_j, (dk, dv)
 
@@ -490,7 +519,7 @@ def _attention_samples(key, dtype):
     """The configurations above, each one tile (the whole row), and two that the backend's tile
     edge ``e`` splits: causal with three tiles each way, the last ragged (``T = S = 2e + e/3``), and
     one query against three key tiles, the last ragged."""
-    e = _edge()
+    e = tile_size()
     tiled = [
         ((1, e + e // 3, e + e // 3, 1, 2), True, f"causal, 2 tiles of {e} each way, the last ragged"),
         ((1, 5, 2 * e + 3, 1, 2), False, f"3 key tiles of {e}, the last ragged"),

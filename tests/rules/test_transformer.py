@@ -20,6 +20,7 @@ import pytest
 import manualgrad as mg
 from manualgrad import cli
 from manualgrad.check.report import NOT_RUN
+from manualgrad.rules import attention as attention_module
 from manualgrad.rules.attention import _pulled_back, attention_forward
 from manualgrad.teach import exercise
 from mutations import mutant
@@ -188,6 +189,51 @@ def test_attention_equals_jax_nn_dot_product_attention(t, s, causal):
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=0, atol=2e-6)
     for mine, reference in zip(grads, pullback(g)):
         np.testing.assert_allclose(np.asarray(mine), np.asarray(reference), rtol=0, atol=2e-6)
+
+
+# Tiles of 4 (the backend's edge forced small): several tiles each way, ragged last tiles, S < T
+# (query tiles past the keys) and S > T (key tiles no query sees under causal).
+TILED = [(11, 11), (11, 6), (6, 11), (9, 3)]
+
+
+@pytest.fixture
+def tiles_of_4(monkeypatch):
+    """The attention rule traced with tiles of 4; shapes of their own (batch 1, 2 heads of 3) so that
+    no trace cached with the backend's tile is reused."""
+    monkeypatch.setitem(attention_module.TILES, jax.default_backend(), 4)
+
+
+@needs_torch
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t, s", TILED)
+def test_tiled_attention_equals_pytorch(t, s, causal, tiles_of_4):
+    import torch.nn.functional as F
+
+    q, k, v = _qkv(t, s, b=1, n=2, h=3)
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention_forward(q, k, v, causal))(q, k, v))
+    assert "scan" in jaxpr and ("cond" in jaxpr) == (causal and s > 4)  # tiled; unseen key tiles skipped
+    out, g, grads = _pull(lambda q, k, v: mg.attention(q, k, v, causal=causal), q, k, v)
+
+    def theirs(q, k, v):
+        heads_first = [a.permute(0, 2, 1, 3) for a in (q, k, v)]
+        return F.scaled_dot_product_attention(*heads_first, is_causal=causal).permute(0, 2, 1, 3)
+
+    expected, expected_grads = _torch_vjp(theirs, [q, k, v], g)
+    _assert_round_off(out, expected)
+    for mine, reference in zip(grads, expected_grads):
+        _assert_round_off(mine, reference)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t, s", TILED)
+def test_tiled_attention_equals_the_whole_row_reference(t, s, causal, tiles_of_4):
+    """The tiles against jax.grad of the whole-row reference, whether PyTorch is installed or not."""
+    q, k, v = _qkv(t, s, b=1, n=2, h=3)
+    out, g, grads = _pull(lambda q, k, v: mg.attention(q, k, v, causal=causal), q, k, v)
+    expected, pullback = jax.vjp(lambda q, k, v: attention_module.attention_reference(q, k, v, causal), q, k, v)
+    _assert_round_off(out, expected)
+    for mine, reference in zip(grads, pullback(g)):
+        _assert_round_off(mine, reference)
 
 
 @pytest.mark.parametrize("causal", [False, True])
