@@ -265,3 +265,12 @@ def test_a_kernel_that_cannot_run_in_64_bit_mode_is_pointed_to_its_own_dtype():
     report = mg.check(fn, reference=reference, args=make(0), dtype="float32", checks=("forward",))
     assert not report.passed and "int32, int64" in report.failures()[0].describe()
     assert "with dtype=None" in report.notes[0]
+
+
+def test_float32_network_gets_coarse_differences_per_leaf():
+    report = mg.check(_net(), reference=_net_reference, args=_net_args(jnp.float32), checks=("finite_diff",))
+    assert report.passed, report.table()
+    found = {f.argument: f for f in report.findings}
+    assert set(found) == {"p['b1']", "p['b2']", "p['w1']", "p['w2']", "x"}
+    # Where the differences are too coarse to judge a leaf, the golden judges it: said, not passed.
+    assert all(f.note.endswith("judged against the float64 golden instead") for f in report.not_applicable())
