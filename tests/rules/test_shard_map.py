@@ -116,6 +116,7 @@ def _models():
     cnn = layers.cnn(3, (2, 3), 4, jnp.float64, norm=layers.GroupNorm(1, dtype=jnp.float64))
     block = gpt.gpt(7, 5, width=8, depth=1, heads=2, dtype=jnp.float64)
     lstm = recurrent.char_model("lstm", 7, width=3, embed=4, dtype=jnp.float64)
+    rnn = recurrent.char_model("rnn", 7, width=3, embed=4, dtype=jnp.float64)
     classify = lambda model: functools.partial(layers.classifier_loss, model)  # noqa: E731
     sequence = lambda model: functools.partial(gpt.sequence_loss, model)  # noqa: E731
     return {
@@ -123,11 +124,12 @@ def _models():
         "cnn": (cnn.init(k[4], images.shape)[1], classify(cnn), (images, labels)),
         "transformer block": (block.init(k[5], (4, 5))[1], sequence(block), (tokens, mask)),
         "lstm, h0 = 0": (lstm.init(k[6], (4, 5))[1], sequence(lstm), (tokens, mask)),
+        "rnn, h0 = 0": (rnn.init(k[7], (4, 5))[1], sequence(rnn), (tokens, mask)),
     }
 
 
 @needs_two
-@pytest.mark.parametrize("model", ["mlp", "cnn", "transformer block", "lstm, h0 = 0"])
+@pytest.mark.parametrize("model", ["mlp", "cnn", "transformer block", "lstm, h0 = 0", "rnn, h0 = 0"])
 @pytest.mark.parametrize("reference", [False, True], ids=["rules", "plain jnp"])
 def test_network_gradients_across_devices(model, reference):
     """``jax.grad`` of the mean loss inside shard_map (the batch split, the parameters replicated)
