@@ -83,8 +83,9 @@ def data_arguments(rule: Rule, args: tuple[Any, ...]) -> list[int]:
 
 
 def on_mesh(rule: Rule) -> bool:
-    """Whether ``rule`` is a collective: it has an ``axis_name`` and runs only inside ``shard_map``."""
-    return "axis_name" in rule.argnames
+    """Whether ``rule`` is a collective (it has an ``axis_name`` and runs only inside ``shard_map``)
+    not yet seen from outside it (:func:`device_rule`)."""
+    return "axis_name" in rule.argnames and not getattr(rule.fn, "mesh_view", False)
 
 
 def device_rule(rule: Rule) -> Rule:
@@ -93,10 +94,13 @@ def device_rule(rule: Rule) -> Rule:
     hold one block per device on a leading axis (the other arguments are replicated), and the
     outputs' blocks stacked likewise. Its sample inputs and mistakes are the rule's own, which
     see the arguments so."""
-    return dataclasses.replace(rule, fn=_on_mesh(rule, rule.fn), reference=_on_mesh(rule, rule.reference))
+    return dataclasses.replace(rule, fn=on_devices(rule, rule.fn), reference=on_devices(rule, rule.reference))
 
 
-def _on_mesh(rule: Rule, fn: Callable[..., Any]) -> Callable[..., Any]:
+def on_devices(rule: Rule, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a collective ``rule``'s function, its reference, an exercise's forward) on the mesh: its
+    ``Rule.split`` arguments given as their blocks stacked, the other arguments replicated, the
+    outputs' blocks stacked."""
     static = set(rule.fn.nondiff_argnums)
 
     def stacked(*args: Any) -> Any:
@@ -112,7 +116,9 @@ def _on_mesh(rule: Rule, fn: Callable[..., Any]) -> Callable[..., Any]:
         on_devices = jax.shard_map(per_device, mesh=mesh(), in_specs=specs, out_specs=PartitionSpec(AXIS))
         return on_devices(*(args[i] for i in inputs))
 
-    return functools.wraps(fn)(stacked)
+    stacked = functools.wraps(fn)(stacked)
+    stacked.mesh_view = True  # already seen from outside shard_map: on_mesh is false for the device rule
+    return stacked
 
 
 def _stacked(a: Any) -> Any:
