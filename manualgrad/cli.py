@@ -1,31 +1,11 @@
-"""The ``manualgrad`` command line.
+"""The ``manualgrad`` command line: ``check``, ``audit``, ``explain``, ``exercise``, ``grade``,
+``autograder``, ``train``, ``launch`` and ``bench`` (``manualgrad COMMAND --help`` describes each).
 
-``manualgrad check [RULE ...] [--dtype float32|float64] [--json] [--no-cache]`` cross-checks the
-registered rules, names the usual mistake behind a failure (``DIAGNOSIS`` lines) and exits 1 if
-any check fails (2 for a bad command line, as argparse does); compiled programs are kept in JAX's
-persistent compilation cache (:mod:`manualgrad.check.cache`) unless ``--no-cache``.
-``manualgrad check FILE.py:FN --reference FILE.py:REF --args FILE.py:ARGS`` checks a function (a
-kernel) against its reference at the arguments ``ARGS()`` returns, in their own dtypes against a
-float64 golden (``--json``: both errors and their ratio per argument); exit 0 if it passes, 1 if
-not, 2 for input it cannot use. A check that cannot apply is counted as not applicable.
-``manualgrad train [...]`` trains a model on the hand rules (see ``manualgrad train --help``), in one
-process or as one of several (``--coordinator``, ``--num-processes``, ``--process-id``, ``--distributed auto``);
-``manualgrad launch --processes N -- train ARGS`` runs N such processes on this machine and exits with the
-worst status among them.
-``manualgrad bench [...]`` measures the hand rules against ``jax.grad``, NumPy and PyTorch.
-``manualgrad audit FILE:FUNCTION [--args NAME] [--references NAME]`` checks every ``custom_vjp`` inside
-FUNCTION at the values it receives there (its arguments from FILE's ``audit_args()``, the references
-of kernels from its ``audit_references()`` where it defines one): exit 0 if all agree, 1 if not.
-``manualgrad explain RULE`` prints a rule's derivation and checks it live; ``--list`` lists rules.
-``manualgrad exercise RULE [--notebook] [--out FILE]`` writes a rule's exercise (forward, derivation
-up to the result, an empty backward), as a file or a notebook; ``manualgrad exercise --network NAME``
-a whole network's (the gradient of every intermediate); ``manualgrad grade FILE ...`` grades
-them, each in its own process (``--timeout``), with a summary table and ``--format
-gradescope|json|junit --out FILE``: exit 0 if every check passes, 1 if some fail, 2 for a file that
-cannot be graded. ``manualgrad autograder RULE ... [--network NAME ...] --out autograder.zip``
-builds a Gradescope bundle.
-Output into a pipe its reader has closed (``manualgrad check --json | head -1``) ends the command
-quietly with status 141, as if killed by SIGPIPE.
+The only module that speaks of flags: a library error names a setting in the library's words, and
+:func:`main` prints it as one line, the setting spelled as its flag. Exit status: 0 when everything
+passed, 1 when a check, grade or audit failed (or training diverged), 2 for input a command cannot
+use, 130 after Ctrl-C, and 141 (as if killed by SIGPIPE) for output into a pipe whose reader has
+closed (``manualgrad check --json | head -1``).
 """
 
 from __future__ import annotations
@@ -41,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import manualgrad
-from manualgrad import registry, runtime
+from manualgrad import registry, runtime, user_code
 from manualgrad.bench import bench
 from manualgrad.check import cache, checker, processes
 from manualgrad.errors import ManualgradError
@@ -107,13 +87,13 @@ def _check_function(args: argparse.Namespace) -> int:
         return _refuse("check", "a FILE.py:FUNCTION needs --reference FILE.py:REFERENCE and --args FILE.py:ARGUMENTS")
     modules: dict[str, Any] = {}
     try:
-        fn = _function(args.rules[0], "to check", modules)[1]
-        reference = _function(args.reference, "as the reference (--reference)", modules)[1]
-        make = _function(args.args, f"returning the arguments of {args.rules[0]} (--args)", modules)[1]
-    except _BadInput as error:
+        fn = user_code.function(args.rules[0], "to check", modules)[1]
+        reference = user_code.function(args.reference, "as the reference (--reference)", modules)[1]
+        make = user_code.function(args.args, f"returning the arguments of {args.rules[0]} (--args)", modules)[1]
+    except user_code.UserCodeError as error:
         return _refuse("check", str(error))
     try:
-        values = _arguments(make, args.rules[0])
+        values = user_code.arguments(make, args.rules[0])
     except Exception as error:  # the user's code: its error in one line, the check never began
         return _refuse("check", f"{args.args}(): {type(error).__name__}: {first_line(error)}")
     report = manualgrad.check(fn, reference=reference, args=values, dtype=args.dtype)
@@ -293,45 +273,10 @@ def _autograder(args: argparse.Namespace) -> int:
     return 0
 
 
-class _BadInput(ManualgradError, ValueError):
-    """A command's input it cannot use (a FILE:FUNCTION that names nothing), as the one line
-    :func:`_refuse` prints."""
-
-
-def _function(target: str, role: str, modules: dict[str, Any]) -> tuple[Any, Callable[..., Any]]:
-    """The module FILE and its function NAME that ``target``, ``FILE:NAME``, names (``role``
-    says what for, in a refusal); each FILE run once, kept in ``modules``."""
-    from manualgrad.teach import exercise
-
-    file, sep, name = target.rpartition(":")
-    if not sep or not file or not name.isidentifier():
-        raise _BadInput(f"give FILE:FUNCTION, e.g. model.py:loss; got {target!r}")
-    if not pathlib.Path(file).is_file():
-        raise _BadInput(f"no file {file!r}")
-    key = str(pathlib.Path(file).resolve())
-    if key not in modules:
-        try:
-            modules[key] = exercise.run_file(file, f"manualgrad_loaded_{len(modules)}")
-        except exercise.ExerciseError as error:
-            raise _BadInput(str(error)) from None
-    fn = getattr(modules[key], name, None)
-    if not callable(fn):
-        raise _BadInput(f"{file} defines no function {name} {role}")
-    return modules[key], fn
-
-
-def _arguments(make: Callable[..., Any], of: str) -> tuple[Any, ...]:
-    """``make()``, the positional arguments of the function ``of``, as a tuple."""
-    values = make()
-    if not isinstance(values, (tuple, list)):
-        raise TypeError(f"it returned {type(values).__name__}, not a tuple of {of}'s positional arguments")
-    return tuple(values)
-
-
 def _audit(args: argparse.Namespace) -> int:
     try:
-        module, fn = _function(args.target, "to audit", {})
-    except _BadInput as error:
+        module, fn = user_code.function(args.target, "to audit", {})
+    except user_code.UserCodeError as error:
         return _refuse("audit", str(error))
     file, name = args.target.rpartition(":")[::2]
     make, given = getattr(module, args.args, None), getattr(module, args.references or "audit_references", None)
@@ -341,7 +286,7 @@ def _audit(args: argparse.Namespace) -> int:
         return _refuse("audit", f"{file} defines no function {args.references} returning references (--references)")
     try:
         references = given() if callable(given) else None
-        report = manualgrad.audit(fn, *_arguments(make, name), seed=args.seed, references=references)
+        report = manualgrad.audit(fn, *user_code.arguments(make, name), seed=args.seed, references=references)
     except Exception as error:  # the user's code: its error in one line, the audit never began
         return _refuse("audit", f"{file}:{name} with {args.args}(): {type(error).__name__}: {first_line(error)}")
     print(report.text())
@@ -616,9 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The status of a process killed by SIGPIPE (128 + 13), which is what a reader that stops early
-# (`manualgrad check --json | head -1`) expects, and not check's 1 for a failed check.
-BROKEN_PIPE = 141
+BROKEN_PIPE = 141  # 128 + SIGPIPE: what a reader that stops early expects, not check's 1 for a failure
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 

@@ -11,14 +11,15 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "manualgrad"
 
 # What each part may import from manualgrad (besides itself); the README's layout section draws it.
-# The foundation (errors, text, extras, validation) imports nothing of the package but errors, and
+# The foundation (errors, text, extras, validation, user_code) imports nothing of the package but errors and text, and
 # every part may import it; runtime holds the process-wide settings that only the CLI applies.
-FOUNDATION = {"errors", "text", "extras", "validation"}
+FOUNDATION = {"errors", "text", "extras", "validation", "user_code"}
 ALLOWED = {
     "errors": set(),
     "text": set(),
     "extras": {"errors"},
     "validation": {"errors"},
+    "user_code": {"errors", "text"},
     "runtime": {"errors"},
     "registry": FOUNDATION,
     "rules": {"registry"} | FOUNDATION,

@@ -36,7 +36,7 @@ from typing import Any
 
 import jax
 
-from manualgrad import registry, text
+from manualgrad import registry, text, user_code
 from manualgrad.check import checker
 from manualgrad.errors import ManualgradError
 from manualgrad.registry import Rule
@@ -217,7 +217,7 @@ def load_module(path: str | pathlib.Path, title: str) -> types.ModuleType:
             f"grades formats 1 to {FORMAT}: {fresh}"
         )
     try:
-        return _run(path, f"manualgrad_exercise_{name}")
+        return user_code.run(path, f"manualgrad_exercise_{name}")
     except ImportError as error:
         if number == FORMAT:
             raise _does_not_run(path, error) from None
@@ -230,23 +230,8 @@ def load_module(path: str | pathlib.Path, title: str) -> types.ModuleType:
         raise _does_not_run(path, error) from None
 
 
-def run_file(path: str | pathlib.Path, name: str) -> types.ModuleType:
-    """The Python file at ``path`` run as a module called ``name``; :class:`ExerciseError` if it raises."""
-    try:
-        return _run(path, name)
-    except Exception as error:
-        raise _does_not_run(path, error) from None
-
-
 def _does_not_run(path: str | pathlib.Path, error: Exception) -> ExerciseError:
     return ExerciseError(f"{path} does not run: {type(error).__name__}: {text.first_line(error)}")
-
-
-def _run(path: str | pathlib.Path, name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def load(path: str | pathlib.Path) -> tuple[Rule, Rule]:

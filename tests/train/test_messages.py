@@ -80,7 +80,7 @@ def test_an_idx_folder_of_other_files_is_not_listed_name_by_name(tmp_path, capsy
 
 
 def test_counts_are_in_the_right_number(tmp_path, capsys):
-    assert cli.main([*XOR, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert cli.main([*XOR, "--epochs", "1", "--devices", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"after 1 epoch ({data.steps_per_epoch(800, 32)} steps on 1 device of 1 process)" in out
     assert "(s)" not in out and "(es)" not in out
