@@ -41,7 +41,11 @@ def judge(rec: Record) -> Record:
         return rec
     op, bound = goal
     met = {"<=": rec["value"] <= bound, ">=": rec["value"] >= bound, "<": rec["value"] < bound}[op]
-    return {**rec, "goal": f"{op} {bound:g}", "meets_goal": bool(met)}
+    return {**rec, "goal": _bound(op, bound), "meets_goal": bool(met)}
+
+
+def _bound(op: str, bound: float) -> str:
+    return f"{op} {bound:g}"
 
 
 def _value(rec: Record) -> str:
@@ -77,6 +81,12 @@ def _header(result: dict[str, Any]) -> list[str]:
     return lines + (text.table(list(result["models"].items())) if result["models"] else []) + [""]
 
 
+def _goal(figure: str, goals: dict[str | None, str]) -> str:
+    """A row's goal column: the goal of every model, then each goal that one model has of its own, after its name."""
+    general = [_bound(*GOALS[figure])] if figure in GOALS else []
+    return "; ".join(general + [f"{model} {goal}" for model, goal in goals.items() if f"{model}/{figure}" in GOALS])
+
+
 def table(result: dict[str, Any]) -> str:
     """The records as a text table — one row per figure, one column per model — under the machine and settings.
 
@@ -85,23 +95,27 @@ def table(result: dict[str, Any]) -> str:
     """
     models = list(result["models"])
     cells: dict[str, dict[str | None, str]] = {}
-    goals: dict[str, str] = {}
+    goals: dict[str, dict[str | None, str]] = {}
     notes = []
     for rec in result["records"]:
         mark = "" if "meets_goal" not in rec else (" ✓" if rec["meets_goal"] else " ✗")
         cells.setdefault(rec["figure"], {})[rec["model"]] = _value(rec) + mark
-        goals.setdefault(rec["figure"], rec.get("goal", ""))
+        goals.setdefault(rec["figure"], {})[rec["model"]] = rec.get("goal", "")
         if "skipped" in rec:
             notes.append(f"{rec['model'] or '-'} {rec['figure']} skipped: {rec['skipped']}")
     rows = [("figure", *models, "goal")]
-    rows += [(f, *(cells[f].get(name, "") for name in models), goals[f]) for f in cells if None not in cells[f]]
+    rows += [
+        (f, *(cells[f].get(name, "") for name in models), _goal(f, goals[f])) for f in cells if None not in cells[f]
+    ]
     lines = _header(result) + text.table(rows)
     for f in cells:
         if None in cells[f]:
             rec = next(r for r in result["records"] if r["figure"] == f)
             extra = ", ".join(f"{k} {v}" for k, v in rec.items() if k not in _NOT_SHOWN)
             lines.append(
-                f"{f}: {cells[f][None]}" + (f" (goal {goals[f]})" if goals[f] else "") + (f"; {extra}" if extra else "")
+                f"{f}: {cells[f][None]}"
+                + (f" (goal {goals[f][None]})" if goals[f][None] else "")
+                + (f"; {extra}" if extra else "")
             )
     return "\n".join(lines + notes)
 

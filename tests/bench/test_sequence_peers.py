@@ -131,3 +131,24 @@ def test_gpt_2k_is_gpt_long_s_block_at_2048_positions_with_its_memory_goals():
     assert judged["gpt_2k", 0.6]["goal"] == "<= 0.5" and judged["gpt_long", 0.6]["goal"] == "<= 1"
     for figure in ("step_ratio_manual_over_torch", "step_ratio_manual_over_jax_grad"):
         assert report.GOALS[figure] == ("<=", 1.0)  # every model, gpt_2k included
+
+
+def test_the_table_names_the_models_with_a_goal_of_their_own():
+    """A row whose models are judged against different bounds says which bound is whose."""
+    records = [
+        report.judge(report.record(figure, 0.3, "ratio", model=model))
+        for model in ("gpt_long", "gpt_2k")
+        for figure in ("memory_ratio_manual_over_jax_grad", "attention_peak_ratio_manual_over_jax_grad")
+    ]
+    machine = {"cpu": "cpu", "cores": 1, "backend": "cpu", "device": "cpu", "jax": "", "numpy": "", "torch": None}
+    settings = {"dtype": "float32", "optimizer": "adam", "repeats": 1, "compile_repeats": 1, "matmul_size": 1}
+    result = {
+        "machine": {**machine, "host_memory": "", "compiler_options": {}},
+        "settings": {**settings, "seconds": 1.0},
+        "records": records,
+        "models": {"gpt_long": "", "gpt_2k": ""},
+    }
+    rows = {line.split()[0]: line for line in report.table(result).splitlines() if "_ratio_" in line}
+    assert rows["memory_ratio_manual_over_jax_grad"].endswith("<= 1; gpt_2k <= 0.5")
+    attention = rows["attention_peak_ratio_manual_over_jax_grad"]  # gpt_2k's goal alone: gpt_long's figure unjudged
+    assert attention.endswith(" gpt_2k <= 0.5") and attention.count("✓") == 1 and "<= 1" not in attention
