@@ -345,8 +345,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) ->
     query of query tile ``i``: there ``P = 0`` and every share is 0, so those tiles (about half) are
     never computed. The diagonal tiles and a last tile padded past ``T`` or ``S`` set their unseen
     keys to ``−∞`` (a padded query has ``G = 0``, adding nothing); key ``0`` is seen by every row,
-    so ``m`` is finite after a row's first tile. Where ``T`` and ``S`` fit one tile, that tile is
-    the whole row: one step, no loop, nothing above the diagonal to skip.
+    so ``m`` is finite after a row's first tile. Where ``T`` and ``S`` both fit one tile the rows
+    are computed whole, in the caller's layout, as derived above: one tile has nothing above the
+    diagonal to skip, and a loop and the move to heads-first would only add work.
     """
     return attention_forward(q, k, v, causal)[0]
 
@@ -382,8 +383,7 @@ def tile_size(backend: str | None = None) -> int:
 
 def _tiles(t: int, s: int, causal: bool) -> _Tiles:
     """The tiles of ``T`` queries and ``S`` keys. A ``T`` or ``S`` that fits one tile is one tile of
-    that length, no padding; both fitting is the whole row, one step and no loop (tiling a short row
-    would only add loop steps)."""
+    that length, no padding."""
     edge = tile_size()
     rows, edge = min(t, edge), min(s, edge)
     return _Tiles(rows, edge, -(-t // rows), -(-s // edge), t, s, causal)
@@ -438,6 +438,11 @@ def _causal_only(tiles: _Tiles, seen):
 def attention_forward(q, k, v, causal=False):
     _validate_attention(q, k, v, causal)
     tiles = _tiles(jnp.shape(q)[1], jnp.shape(k)[1], causal)
+    if tiles.queries == tiles.keys == 1:  # one tile: the whole row, in the caller's layout
+        s = _scores(q, k, causal)
+        lse = _log_sum_exp(s)
+        o = jnp.einsum("bnts,bsnh->btnh", jnp.exp(s - lse[..., None]), v)
+        return o, (q, k, v, o, lse)
     qt = _tiled(jnp.swapaxes(q, 1, 2), tiles.queries, tiles.rows)
     kv = tuple(_tiled(jnp.swapaxes(a, 1, 2), tiles.keys, tiles.edge) for a in (k, v))
 
@@ -471,6 +476,11 @@ def attention_backward(q, k, v, o, lse, causal, g):
     tiles = _tiles(jnp.shape(q)[1], jnp.shape(k)[1], causal)
     scale = float(1 / np.sqrt(jnp.shape(q)[-1]))
     delta = jnp.einsum("btnh,btnh->bnt", g, o)  # padded queries: G = 0, δ = 0 and ℓ = 0 (finite), so dS = 0
+    if tiles.queries == tiles.keys == 1:
+        p = jnp.exp(_scores(q, k, causal) - lse[..., None])
+        ds = p * (jnp.einsum("btnh,bsnh->bnts", g, v) - delta[..., None])
+        dq, dk = jnp.einsum("bnts,bsnh->btnh", ds, k) * scale, jnp.einsum("bnts,btnh->bsnh", ds, q) * scale
+        return dq, dk, jnp.einsum("bnts,btnh->bsnh", p, g)
     heads_first = (jnp.swapaxes(q, 1, 2), jnp.swapaxes(g, 1, 2), lse, delta)
     rows = tuple(_tiled(a, tiles.queries, tiles.rows) for a in heads_first)
     kv = tuple(_tiled(jnp.swapaxes(a, 1, 2), tiles.keys, tiles.edge) for a in (k, v))

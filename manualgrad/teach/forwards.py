@@ -5,8 +5,8 @@ the standard library) is shown as it is written, less its calls of the library's
 checks (``_validate...``). A rule whose forward computes with the library's own helpers is shown
 as its ``NAME_forward`` below instead: the same computation, the same output and
 the same residuals, in plain ``jax.numpy`` and ``lax`` (``tests/teach/test_exercise_files.py`` holds
-each to its rule on every sample) — attention's for whole rows, as one of the tiles its rule computes
-in: bit for bit where a row fits one tile, to round-off over several. These leave out the argument
+each to its rule on every sample) — attention's for whole rows, as its rule computes a row that fits
+one tile: bit for bit there, to round-off where the rule tiles the row. These leave out the argument
 checks the rule makes.
 :func:`source` gives a rule's forward as an exercise file's code, with the helpers below it calls
 and the imports it needs.
@@ -273,18 +273,16 @@ def scores(q, k, causal):
 
 def attention_forward(q, k, v, causal=False):
     """``o = softmax(S) v`` row by row (``q, k, v``: ``(B, T, N, H)``). Residuals: the inputs,
-    ``o`` and the log-sum-exp ``ℓ = m + log l`` of each row of scores (``m`` its maximum, ``l`` the
-    sum of ``e^{S − m}``).
+    ``o`` and the log-sum-exp ``ℓ`` of each row of scores.
 
-    The rule computes the same in tiles of keys (FlashAttention's online softmax), which never
-    holds a whole row of scores; shown here for whole rows, one tile: the form the backward is
-    derived in, equal to the rule's output and residuals to round-off."""
+    The rule computes rows longer than its tile in tiles of keys (FlashAttention's online softmax),
+    never holding a whole row of scores; shown here for whole rows, the form the backward is
+    derived in, which the rule computes where a row fits one tile."""
     s = scores(q, k, causal)
-    top = jnp.max(s, axis=-1)
-    p = jnp.exp(s - top[..., None])
-    total = jnp.sum(p, axis=-1)
-    o = jnp.swapaxes(jnp.einsum("bnts,bsnh->bnth", p, v) / total[..., None], 1, 2)
-    return o, (q, k, v, o, top + jnp.log(total))
+    top = jnp.max(s, axis=-1, keepdims=True)
+    lse = (top + jnp.log(jnp.sum(jnp.exp(s - top), axis=-1, keepdims=True)))[..., 0]
+    o = jnp.einsum("bnts,bsnh->btnh", jnp.exp(s - lse[..., None]), v)
+    return o, (q, k, v, o, lse)
 
 
 def plain_forward(rule: Rule) -> Callable[..., Any] | None:
