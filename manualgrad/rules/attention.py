@@ -353,9 +353,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) ->
 
 
 # The tile edge for each backend (jax.default_backend()): a loop step holds one tile's scores,
-# B·N·tile² numbers. On XLA:CPU a larger tile means fewer loop steps, each with a fixed cost, against
-# more masked entries computed on the causal diagonal; an accelerator wants tiles that fill its
-# matrix units. Other backends take the CPU's.
+# B·N·tile² numbers. On XLA:CPU a smaller tile means more loop steps, each with a fixed cost, and a
+# larger one more masked entries computed on the causal diagonal and a score block that leaves the
+# core's cache; an accelerator wants tiles that fill its matrix units. Other backends take the CPU's.
 TILES = {"cpu": 128, "gpu": 128, "tpu": 128}
 
 
@@ -527,8 +527,10 @@ _ATTENTION_CONFIGS = [
 
 def _attention_samples(key, dtype):
     """The configurations above, each one tile (the whole row), and two that the backend's tile
-    edge ``e`` splits: causal with three tiles each way, the last ragged (``T = S = 2e + e/3``), and
-    one query against three key tiles, the last ragged."""
+    edge ``e`` splits: causal with two tiles each way, the last ragged (``T = S = e + e/3``: the
+    tile above the diagonal skipped, a rescaled row, padded queries and keys), and five queries
+    (one tile of 5 rows) against three key tiles, the last ragged. Rows no longer than that: the
+    float32 check's round-off grows with the keys a row sums over."""
     e = tile_size()
     tiled = [
         ((1, e + e // 3, e + e // 3, 1, 2), True, f"causal, 2 tiles of {e} each way, the last ragged"),
