@@ -460,7 +460,8 @@ def attention_forward(q, k, v, causal=False):
             return (top, shrink * total + jnp.sum(p, axis=-1), shrink[..., None] * acc + pv), None
 
         m = jnp.full(jnp.shape(qi)[:3], -jnp.inf, qi.dtype)
-        state = (m, jnp.zeros_like(m), jnp.zeros_like(qi))
+        # the running max and sum start as constants: inside shard_map they vary as qi does (the scan's carry)
+        state = devices.vary_like((m, jnp.zeros_like(m), jnp.zeros_like(qi)), qi)
         seen = _causal_only(tiles, lambda j: tiles.seen(i, j))
         (m, total, acc), _ = _loop(update, state, kv, seen, lambda c, _: (c, None))
         return None, (acc / total[..., None], m + jnp.log(total))

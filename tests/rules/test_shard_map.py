@@ -21,9 +21,8 @@ from manualgrad.rules import devices
 RULES = [rule.name for rule in registry.rules() if not sharded.on_mesh(rule)]
 COLLECTIVES = [rule.name for rule in registry.rules() if sharded.on_mesh(rule)]
 needs_two = pytest.mark.skipif(jax.device_count() < sharded.DEVICES, reason="needs two devices (tests/conftest.py)")
-# Each rule's first samples: every rule passes across devices in CI's time; all its samples are
-# checked by `manualgrad check --checks shard_map` (two devices set in XLA_FLAGS).
-SAMPLES = 2
+# Each rule's first sample and its last (the awkward cases come last: attention's tiles, the
+# recurrences' long sequences): the suite's time allows two programs per rule.
 # Two devices against one: the same hand rules on the same values, the sum over the devices in
 # another order (one all-reduce against autodiff's accumulation): float64 round-off.
 TOL = 1e-12
@@ -57,7 +56,8 @@ def test_outside_shard_map_nothing_changes():
 @pytest.mark.parametrize("name", RULES)
 def test_shard_map_check(name):
     rule = registry.get(name)
-    found = [f for job in checker.jobs([rule], "float64", 0)[:SAMPLES] for f in sharded.findings(*job, "float64")]
+    jobs = checker.jobs([rule], "float64", 0)
+    found = [f for job in (jobs[0], jobs[-1]) for f in sharded.findings(*job, "float64")]
     assert found and all(f.passed for f in found), [f.describe() for f in found if not f.passed]
     assert max(f.max_rel_error for f in found) <= TOL
 
