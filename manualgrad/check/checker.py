@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manualgrad.check import adjoint, diagnose
+from manualgrad.check import adjoint, diagnose, sharded
 from manualgrad.check.autodiff import Traced, side
 from manualgrad.check.comparison import compare
 from manualgrad.check.errors import BackwardError, CheckError, ReferenceFailed
@@ -200,6 +200,11 @@ def check_job(rule: Rule, sample: Sample, key, dtype: str, checks, options) -> l
     sample: a backward that raises never leaves the forward, or any check, unjudged.
     """
     with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
+        if sharded.on_mesh(rule):  # a collective: every check on the devices' mesh, or none where it is lacking
+            why = sharded.not_applicable_reason()
+            if why is not None:
+                return [Finding.not_applicable(rule.name, c, dtype, sample.label, why) for c in CHECKS if c in checks]
+            rule = sharded.device_rule(rule)
         try:
             return _check_sample(rule, sample, dtype, checks, key, options)
         except ReferenceFailed as error:  # nothing to compare with: every check failed, the reference named

@@ -37,6 +37,7 @@ the activation ``σ_k``, the convolution's geometry and batch norm's ``ε``.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -269,10 +270,19 @@ def _channels_last(v: jax.Array, ndim: int) -> jax.Array:
     return jnp.reshape(v, (1,) * (ndim - 1) + (-1,))
 
 
-def _running_statistics(state: dict[str, jax.Array], x: jax.Array, momentum: float) -> dict[str, jax.Array]:
-    """``mean ← momentum·mean + (1 − momentum)·μ_B`` and ``var ← momentum·var + (1 − momentum)·v_B·m/(m − 1)``."""
+def _running_statistics(
+    state: dict[str, jax.Array], x: jax.Array, momentum: float, axis_name: str | None = None
+) -> dict[str, jax.Array]:
+    """``mean ← momentum·mean + (1 − momentum)·μ_B`` and ``var ← momentum·var + (1 − momentum)·v_B·m/(m − 1)``,
+    the batch's statistics over every device along ``axis_name`` where it is given (``m`` all their entries)."""
     axes = tuple(range(jnp.ndim(x) - 1))
-    batch = {"mean": jnp.mean(x, axis=axes), "var": jnp.var(x, axis=axes, ddof=1)}
+    if axis_name is None:
+        batch = {"mean": jnp.mean(x, axis=axes), "var": jnp.var(x, axis=axes, ddof=1)}
+    else:
+        m = math.prod(jnp.shape(x)[:-1]) * lax.axis_size(axis_name)
+        mean = lax.pmean(jnp.mean(x, axis=axes), axis_name)
+        biased = lax.pmean(jnp.mean((x - _channels_last(mean, jnp.ndim(x))) ** 2, axis=axes), axis_name)
+        batch = {"mean": mean, "var": biased * m / (m - 1)}
     return {k: (momentum * state[k] + (1 - momentum) * batch[k]).astype(state[k].dtype) for k in ("mean", "var")}
 
 
@@ -294,7 +304,11 @@ def _with_running_statistics(x: jax.Array, gamma: jax.Array, beta: jax.Array, st
 
 
 def BatchNorm(  # noqa: N802
-    momentum: float = 0.9, eps: float = 1e-5, activation: str = "identity", dtype: Any = jnp.float32
+    momentum: float = 0.9,
+    eps: float = 1e-5,
+    activation: str = "identity",
+    dtype: Any = jnp.float32,
+    axis_name: str | None = None,
 ) -> Layer:
     """Batch normalisation with running statistics, channels last, then ``activation``.
 
@@ -315,6 +329,11 @@ def BatchNorm(  # noqa: N802
     expression, not a registered rule: manualgrad never differentiates evaluation (training
     runs in training mode), no registered rule scales per channel, and were it differentiated,
     JAX's autodiff of it is exactly its adjoint ``dx = s ⊙ G``, ``s = γ/√(var + ε)``.
+
+    ``axis_name`` (inside ``jax.shard_map``, the batch split over that mesh axis): the batch's
+    statistics, and the running ones, span every device's block (PyTorch's ``SyncBatchNorm``;
+    rule ``sync_batch_norm``, whose backward all-reduces the statistics' cotangents). ``None``:
+    each call's own batch, the rule ``batch_norm``.
     """
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
         raise LayerError(f"BatchNorm: momentum must be a number in [0, 1] (the fraction kept), got {momentum!r}")
@@ -325,8 +344,11 @@ def BatchNorm(  # noqa: N802
         del key
         gamma, beta = params["gamma"], params["beta"]
         if train:
-            y = _rule("batch_norm", reference)(x, gamma, beta, eps)
-            new_state = None if state is None else _running_statistics(state, lax.stop_gradient(x), momentum)
+            if axis_name is None:
+                y = _rule("batch_norm", reference)(x, gamma, beta, eps)
+            else:
+                y = _rule("sync_batch_norm", reference)(x, gamma, beta, eps, axis_name)
+            new_state = None if state is None else _running_statistics(state, lax.stop_gradient(x), momentum, axis_name)
         else:
             y, new_state = _with_running_statistics(x, gamma, beta, state, eps), state
         y = _rule(activation, reference)(y)
@@ -335,9 +357,8 @@ def BatchNorm(  # noqa: N802
     def init_state(params: Any) -> dict[str, jax.Array]:
         return {"mean": jnp.zeros_like(params["gamma"]), "var": jnp.ones_like(params["gamma"])}
 
-    return Layer(
-        _scale_and_shift(dtype), apply, map="batch_norm", activation=activation, eps=eps, init_state=init_state
-    )
+    rule = "batch_norm" if axis_name is None else "sync_batch_norm"
+    return Layer(_scale_and_shift(dtype), apply, map=rule, activation=activation, eps=eps, init_state=init_state)
 
 
 def LayerNorm(eps: float = 1e-5, dtype: Any = jnp.float32) -> Layer:  # noqa: N802

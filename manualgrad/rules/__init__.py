@@ -61,6 +61,7 @@ from manualgrad.rules import (  # isort: skip
     recurrence,
     embedding,
     attention,
+    collectives,
 )
 
 __all__ = [
@@ -74,4 +75,5 @@ __all__ = [
     "recurrence",
     "embedding",
     "attention",
+    "collectives",
 ]

@@ -9,6 +9,7 @@ import manualgrad
 from mutations import (
     activations,
     attention,
+    collectives,
     convolution,
     correlation,
     embedding,
@@ -31,6 +32,7 @@ MUTATIONS: list[Mutation] = [
     *recurrence.MUTATIONS,
     *embedding.MUTATIONS,
     *attention.MUTATIONS,
+    *collectives.MUTATIONS,
 ]
 
 

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from manualgrad.nn import layers
+from manualgrad.validation import RuleInputError
 
 F64 = jnp.float64
 X = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 3, 2), F64) * 2 + 1  # m = 36 entries per channel
@@ -50,6 +51,20 @@ def test_batch_norm_running_statistics_are_pytorchs_and_evaluation_uses_them():
     expected = np.asarray(params["gamma"]) * (np.asarray(X) - mean) / np.sqrt(var + 1e-5) + np.asarray(params["beta"])
     np.testing.assert_allclose(y_eval, expected, rtol=1e-13, atol=1e-14)
     assert same is state
+
+
+def test_batch_norm_across_devices_runs_inside_shard_map_only():
+    """BatchNorm(axis_name=...) is rule sync_batch_norm (tests/rules/test_collectives.py runs it on two
+    devices); outside shard_map its axis names nothing, and it says so in the rule's words."""
+    sync = layers.BatchNorm(dtype=F64, axis_name="data")
+    assert sync.map == "sync_batch_norm"
+    with pytest.raises(RuleInputError, match="sync_batch_norm: no mesh axis 'data' here"):
+        sync.apply(_bn_params(), X, train=True)
+    # evaluation uses the running statistics alone: no device is asked for anything
+    np.testing.assert_array_equal(
+        sync.apply(_bn_params(), X, state=sync.init_state(_bn_params()))[0],
+        layers.BatchNorm(dtype=F64).apply(_bn_params(), X, state=sync.init_state(_bn_params()))[0],
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")

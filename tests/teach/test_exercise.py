@@ -1,6 +1,7 @@
 """Exercises for every registered rule, and grading: a right solution passes, wrong ones fail
 with the right diagnosis, and a file that cannot be graded is a one-line error with exit 2."""
 
+import functools
 import inspect
 import runpy
 
@@ -11,6 +12,7 @@ import pytest
 
 import manualgrad
 from manualgrad import cli, registry
+from manualgrad.check import sharded
 from manualgrad.teach import exercise
 from manualgrad.text import plain
 
@@ -78,10 +80,11 @@ def test_exercise_exists_for_every_rule(name, tmp_path):
     first_result_line = result.splitlines()[0].strip()
     assert all(line.strip() in text for line in plain(setup).splitlines())
     assert first_result_line and first_result_line not in text
-    # Runs: its forward is the rule's forward, its backward is empty.
+    # Runs: its forward is the rule's forward, its backward is empty (a collective's, on the mesh).
     namespace = runpy.run_path(str(_write(tmp_path, name)))
     args = rule.sample_inputs(jax.random.PRNGKey(0), jnp.float64)[0].args
-    np.testing.assert_array_equal(namespace["forward"](*args)[0], rule.fn(*args))
+    run = functools.partial(sharded.on_devices, rule) if sharded.on_mesh(rule) else lambda f: f
+    np.testing.assert_array_equal(run(namespace["forward"])(*args)[0], run(rule.fn)(*args))
     with pytest.raises(NotImplementedError, match=f"{name}: write backward"):
         namespace["backward"](*[None] * len(inspect.signature(namespace["backward"]).parameters))
 
