@@ -98,3 +98,15 @@ def test_help_offers_what_is_defined(capsys):
             cli.main([command, "--help"])
         shown = capsys.readouterr().out
         assert [n for n in names if n not in shown] == []
+
+
+def test_explain_of_a_collective_in_a_one_device_process_says_why_its_live_check_cannot_run():
+    """The command line has one CPU device (the suite's second is not inherited): a collective's
+    live check is not applicable, said in one sentence, and nothing counts as passed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "manualgrad", "explain", "all_gather"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Live check: not applicable: all_gather is a collective and needs 2 devices" in done.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith("0 passed, 0 failed, 2 not applicable in ")
+    assert "all passed" not in done.stdout

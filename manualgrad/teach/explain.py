@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from manualgrad import registry, text
-from manualgrad.check import checker
+from manualgrad.check import checker, sharded
 from manualgrad.check.tolerances import relative_error
 from manualgrad.rules.samples import generator
 
@@ -28,7 +28,13 @@ def rule_list(width: int = 100) -> str:
 
 
 def _live(rule: registry.Rule) -> str:
-    """The hand VJP beside ``jax.vjp`` of the reference on the rule's first float64 sample."""
+    """The hand VJP beside ``jax.vjp`` of the reference on the rule's first float64 sample; a
+    collective's on the mesh of :mod:`~manualgrad.check.sharded`, or why it cannot run here."""
+    if sharded.on_mesh(rule):
+        reason = sharded.not_applicable_reason()
+        if reason is not None:
+            return f"Live check: not applicable: {rule.name} is a collective and {reason}"
+        rule = sharded.device_rule(rule)
     with jax.enable_x64(True):
         sample = rule.sample_inputs(jax.random.PRNGKey(0), jnp.float64)[0]
         args = sample.args
@@ -58,6 +64,13 @@ def _live(rule: registry.Rule) -> str:
     return "\n".join(lines)
 
 
+def _verdict(report: checker.Report) -> str:
+    """Each failure, or the counts where a check could not apply, or ``all passed``."""
+    if report.failures():
+        return "\n".join("FAIL " + f.describe() for f in report.failures())
+    return report.summary() if report.not_applicable() else "all passed"
+
+
 def explain(name: str) -> str:
     """The text ``manualgrad explain NAME`` prints."""
     rule = registry.get(name)
@@ -69,7 +82,6 @@ def explain(name: str) -> str:
             text.plain(rule.derivation),
             _live(rule),
             "Every sample, hand VJP against jax.grad of the reference and against finite differences "
-            f"(worst relative error):\n{report.table()}\n"
-            + ("all passed" if report.passed else "\n".join("FAIL " + f.describe() for f in report.failures())),
+            f"(worst relative error):\n{report.table()}\n" + _verdict(report),
         ]
     )
