@@ -110,3 +110,15 @@ def test_explain_of_a_collective_in_a_one_device_process_says_why_its_live_check
     assert "Live check: not applicable: all_gather is a collective and needs 2 devices" in done.stdout
     assert done.stdout.rstrip().splitlines()[-1].startswith("0 passed, 0 failed, 2 not applicable in ")
     assert "all passed" not in done.stdout
+
+
+def test_grading_a_collective_in_a_one_device_process_says_its_checks_are_not_applicable(tmp_path):
+    path = tmp_path / "all_gather_exercise.py"
+    assert cli.main(["exercise", "all_gather", "--out", str(path)]) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "manualgrad", "grade", str(path)], capture_output=True, text=True, timeout=300
+    )
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("  ")]
+    assert rows and all(row[1] == "n/a" for row in rows), done.stdout
+    assert "not every check could be graded here: needs 2 devices" in done.stdout
+    assert "all checks passed" not in done.stdout and done.returncode == 1

@@ -38,6 +38,7 @@ import jax
 
 from manualgrad import registry, text, user_code
 from manualgrad.check import checker
+from manualgrad.check.report import NOT_APPLICABLE
 from manualgrad.errors import ManualgradError
 from manualgrad.registry import Rule
 from manualgrad.teach import forwards, results
@@ -482,7 +483,8 @@ def grade_module(rule: Rule, module: Any, source: str, shown: str, dtype: str) -
     for c in graded:
         ok, detail = _verdict([f for f in report.findings if f.check == c], forward_raised)
         rows.append(results.Row(rule.name, c, ok, detail))
-        lines.append(f"  {c:<13} {'ok' if ok else 'FAIL':<5} {detail}")
+        mark = "ok" if ok else "n/a" if detail.startswith("not applicable") else "FAIL"
+        lines.append(f"  {c:<13} {mark:<5} {detail}")
     if "adjoint" not in graded:
         lines.append(f"  {'adjoint':<13} -     {rule.name} is linear in no argument: no dot-product test")
     lines.append(f"score: {sum(r.passed for r in rows)}/{len(graded)} checks passed")
@@ -491,6 +493,8 @@ def grade_module(rule: Rule, module: Any, source: str, shown: str, dtype: str) -
     if failures:
         lines.append(f"first failure: {failures[0].describe()}")
         lines.append(f"reread: {_reread(rule)}; and `manualgrad explain {rule.name}` once you have tried again")
+    elif report.not_applicable():
+        lines.append(f"not every check could be graded here: {report.not_applicable()[0].note}")
     else:
         lines.append(
             "all checks passed: compare with the rule's own derivation, `manualgrad explain " + rule.name + "`"
@@ -504,6 +508,8 @@ def _verdict(mine: list[checker.Finding], forward_raised: set[str]) -> tuple[boo
     samples = {f.sample for f in mine}
     if not samples:
         return False, "not run on any sample"
+    if all(f.status == NOT_APPLICABLE for f in mine):  # not graded here, so not passed either
+        return False, f"not applicable here: {mine[0].note}"
     not_run = {f.sample for f in mine if f.where == checker.NOT_RUN}
     failed = {f.sample for f in mine if not f.passed} - not_run
     if not failed and not not_run:
