@@ -25,6 +25,11 @@ def run(path: str | pathlib.Path, name: str) -> types.ModuleType:
     return module
 
 
+def does_not_run(path: str | pathlib.Path, error: BaseException) -> str:
+    """The one sentence for a user's file that raised while it ran: its error's type and first line."""
+    return f"{path} does not run: {type(error).__name__}: {first_line(error)}"
+
+
 def function(target: str, role: str, modules: dict[str, Any]) -> tuple[types.ModuleType, Callable[..., Any]]:
     """The module FILE and its function NAME that ``target``, ``FILE:NAME``, names (``role`` says
     what for, in a refusal); each FILE run once, kept in ``modules``."""
@@ -38,7 +43,7 @@ def function(target: str, role: str, modules: dict[str, Any]) -> tuple[types.Mod
         try:
             modules[key] = run(file, f"manualgrad_loaded_{len(modules)}")
         except Exception as error:  # the user's code: its error in one line
-            raise UserCodeError(f"{file} does not run: {type(error).__name__}: {first_line(error)}") from None
+            raise UserCodeError(does_not_run(file, error)) from None
     fn = getattr(modules[key], name, None)
     if not callable(fn):
         raise UserCodeError(f"{file} defines no function {name} {role}")

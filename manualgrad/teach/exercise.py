@@ -232,7 +232,7 @@ def load_module(path: str | pathlib.Path, title: str) -> types.ModuleType:
 
 
 def _does_not_run(path: str | pathlib.Path, error: Exception) -> ExerciseError:
-    return ExerciseError(f"{path} does not run: {type(error).__name__}: {text.first_line(error)}")
+    return ExerciseError(user_code.does_not_run(path, error))
 
 
 def load(path: str | pathlib.Path) -> tuple[Rule, Rule]:

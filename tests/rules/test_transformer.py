@@ -64,6 +64,22 @@ def _assert_round_off(actual, expected):
     np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-12, atol=1e-12)
 
 
+def _assert_equals_pytorch(q, k, v, causal):
+    """``mg.attention`` and its VJP against PyTorch's ``scaled_dot_product_attention`` to round-off."""
+    import torch.nn.functional as F
+
+    out, g, grads = _pull(lambda q, k, v: mg.attention(q, k, v, causal=causal), q, k, v)
+
+    def theirs(q, k, v):  # PyTorch's layout is (B, N, T, H); is_causal is top-left aligned there too
+        heads_first = [a.permute(0, 2, 1, 3) for a in (q, k, v)]
+        return F.scaled_dot_product_attention(*heads_first, is_causal=causal).permute(0, 2, 1, 3)
+
+    expected, expected_grads = _torch_vjp(theirs, [q, k, v], g)
+    _assert_round_off(out, expected)
+    for mine, reference in zip(grads, expected_grads):
+        _assert_round_off(mine, reference)
+
+
 # --------------------------------------------------------------------------- gelu
 
 
@@ -163,19 +179,7 @@ SIZES = [(4, 4), (6, 3), (3, 6), (1, 5)]
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("t, s", SIZES)
 def test_attention_equals_pytorch(t, s, causal):
-    import torch.nn.functional as F
-
-    q, k, v = _qkv(t, s)
-    out, g, grads = _pull(lambda q, k, v: mg.attention(q, k, v, causal=causal), q, k, v)
-
-    def theirs(q, k, v):  # PyTorch's layout is (B, N, T, H); is_causal is top-left aligned there too
-        heads_first = [a.permute(0, 2, 1, 3) for a in (q, k, v)]
-        return F.scaled_dot_product_attention(*heads_first, is_causal=causal).permute(0, 2, 1, 3)
-
-    expected, expected_grads = _torch_vjp(theirs, [q, k, v], g)
-    _assert_round_off(out, expected)
-    for mine, reference in zip(grads, expected_grads):
-        _assert_round_off(mine, reference)
+    _assert_equals_pytorch(*_qkv(t, s), causal)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -207,21 +211,10 @@ def tiles_of_4(monkeypatch):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("t, s", TILED)
 def test_tiled_attention_equals_pytorch(t, s, causal, tiles_of_4):
-    import torch.nn.functional as F
-
     q, k, v = _qkv(t, s, b=1, n=2, h=3)
     jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention_forward(q, k, v, causal))(q, k, v))
     assert "scan" in jaxpr and ("cond" in jaxpr) == (causal and s > 4)  # tiled; unseen key tiles skipped
-    out, g, grads = _pull(lambda q, k, v: mg.attention(q, k, v, causal=causal), q, k, v)
-
-    def theirs(q, k, v):
-        heads_first = [a.permute(0, 2, 1, 3) for a in (q, k, v)]
-        return F.scaled_dot_product_attention(*heads_first, is_causal=causal).permute(0, 2, 1, 3)
-
-    expected, expected_grads = _torch_vjp(theirs, [q, k, v], g)
-    _assert_round_off(out, expected)
-    for mine, reference in zip(grads, expected_grads):
-        _assert_round_off(mine, reference)
+    _assert_equals_pytorch(q, k, v, causal)
 
 
 @pytest.mark.parametrize("causal", [False, True])
